@@ -1,0 +1,16 @@
+//! The client-facing API: etcd's v3 gRPC services over tonic. Services (and methods) not built
+//! yet answer gRPC `Unimplemented`.
+
+mod kv;
+mod maintenance;
+mod status;
+
+pub use kv::KvService;
+pub use maintenance::MaintenanceService;
+pub use status::to_status;
+
+/// The etcd API version quorumkv speaks, reported by `Maintenance.Status`.
+pub const ETCD_API_VERSION: &str = "3.5.0";
+
+/// Room for gRPC framing above `--max-request-bytes`, as etcd allows.
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;

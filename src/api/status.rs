@@ -1,0 +1,90 @@
+//! Errors to gRPC statuses, with etcd's codes and messages.
+
+use tonic::{Code, Status};
+
+use crate::mvcc::MvccError;
+use crate::raft::NodeError;
+use crate::server::ServerError;
+
+pub fn to_status(error: ServerError) -> Status {
+    let (code, message): (Code, String) = match &error {
+        ServerError::Mvcc(e) => match e {
+            MvccError::Compacted => (
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted".into(),
+            ),
+            MvccError::FutureRev => (
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision is a future revision".into(),
+            ),
+            MvccError::LeaseNotFound => (Code::NotFound, e.to_string()),
+            MvccError::KeyNotFound
+            | MvccError::DuplicateKey
+            | MvccError::TooManyOps
+            | MvccError::EmptyKey
+            | MvccError::ValueProvided
+            | MvccError::LeaseProvided => (Code::InvalidArgument, e.to_string()),
+            MvccError::Corrupt { .. } => (Code::DataLoss, format!("etcdserver: {e}")),
+            MvccError::Backend(_) => (Code::Internal, format!("etcdserver: {e}")),
+        },
+        ServerError::RequestTooLarge => (Code::InvalidArgument, error.to_string()),
+        ServerError::Timeout | ServerError::Stopped => (Code::Unavailable, error.to_string()),
+        ServerError::Node(e) => match e {
+            NodeError::NoLeader | NodeError::Stopped => (Code::Unavailable, e.to_string()),
+            NodeError::Raft(_) => (Code::Internal, e.to_string()),
+        },
+    };
+    Status::new(code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compacted_and_future_revisions_map_to_out_of_range_with_etcd_messages() {
+        let status = to_status(ServerError::Mvcc(MvccError::Compacted));
+        assert_eq!(status.code(), Code::OutOfRange);
+        assert_eq!(
+            status.message(),
+            "etcdserver: mvcc: required revision has been compacted"
+        );
+        let status = to_status(ServerError::Mvcc(MvccError::FutureRev));
+        assert_eq!(
+            status.message(),
+            "etcdserver: mvcc: required revision is a future revision"
+        );
+    }
+
+    #[test]
+    fn input_errors_are_invalid_argument() {
+        for (error, message) in [
+            (
+                ServerError::RequestTooLarge,
+                "etcdserver: request is too large",
+            ),
+            (
+                ServerError::Mvcc(MvccError::EmptyKey),
+                "etcdserver: key is not provided",
+            ),
+            (
+                ServerError::Mvcc(MvccError::TooManyOps),
+                "etcdserver: too many operations in txn request",
+            ),
+            (
+                ServerError::Mvcc(MvccError::DuplicateKey),
+                "etcdserver: duplicate key given in txn request",
+            ),
+        ] {
+            let status = to_status(error);
+            assert_eq!(
+                (status.code(), status.message()),
+                (Code::InvalidArgument, message)
+            );
+        }
+        assert_eq!(
+            to_status(ServerError::Mvcc(MvccError::LeaseNotFound)).code(),
+            Code::NotFound
+        );
+    }
+}

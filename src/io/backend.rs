@@ -1,0 +1,316 @@
+//! The `Backend` port: one ordered key/value tree holding mvcc state and its metadata.
+//!
+//! A handful of methods in the spirit of redb's storage backend: atomic batches, ordered scans,
+//! and an explicit flush that is the only durability point.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend: {0}")]
+    Store(String),
+}
+
+impl From<sled::Error> for BackendError {
+    fn from(e: sled::Error) -> Self {
+        BackendError::Store(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOp {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+/// Writes applied together: all or none.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    pub ops: Vec<BatchOp>,
+}
+
+impl WriteBatch {
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(BatchOp::Put(key, value));
+    }
+
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.ops.push(BatchOp::Delete(key));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Contract:
+/// - `apply` is atomic: after a crash, either every op of a batch is there or none is; batches
+///   become durable in the order they were applied.
+/// - Reads see every applied batch at once, flushed or not.
+/// - Applied data is durable only once a later `flush` returns `Ok`.
+/// - `scan` visits keys in `[start, end)` (no end: to the last key) in ascending byte order,
+///   until the visitor returns `false`.
+pub trait Backend: Send + Sync {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError>;
+    fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), BackendError>;
+    fn apply(&self, batch: WriteBatch) -> Result<(), BackendError>;
+    fn flush(&self) -> Result<(), BackendError>;
+    /// Bytes the store takes on disk (or in memory), roughly.
+    fn size_bytes(&self) -> u64;
+}
+
+/// Production backend on sled.
+pub struct SledBackend {
+    db: sled::Db,
+}
+
+impl SledBackend {
+    pub fn open(path: &Path) -> Result<Self, BackendError> {
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(1000))
+            .cache_capacity(256 << 20)
+            .open()?;
+        Ok(SledBackend { db })
+    }
+}
+
+impl Backend for SledBackend {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), BackendError> {
+        let iter = match end {
+            Some(end) => self.db.range(start..end),
+            None => self.db.range(start..),
+        };
+        for item in iter {
+            let (k, v) = item?;
+            if !visit(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&self, batch: WriteBatch) -> Result<(), BackendError> {
+        let mut sled_batch = sled::Batch::default();
+        for op in batch.ops {
+            match op {
+                BatchOp::Put(k, v) => sled_batch.insert(k, v),
+                BatchOp::Delete(k) => sled_batch.remove(k),
+            }
+        }
+        self.db.apply_batch(sled_batch)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), BackendError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// An in-memory backend: everything applied is kept, and `flush` marks it durable. Used by
+/// tests and by the simulator, which keeps the durable image across simulated crashes.
+#[derive(Clone, Default)]
+pub struct MemBackend {
+    inner: Arc<Mutex<MemImages>>,
+}
+
+#[derive(Default)]
+struct MemImages {
+    live: BTreeMap<Vec<u8>, Vec<u8>>,
+    durable: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl MemBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A backend holding only what this one had flushed: what a crash leaves.
+    pub fn crashed_copy(&self) -> MemBackend {
+        let durable = self.lock().durable.clone();
+        MemBackend {
+            inner: Arc::new(Mutex::new(MemImages {
+                live: durable.clone(),
+                durable,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemImages> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Backend for MemBackend {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
+        Ok(self.lock().live.get(key).cloned())
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), BackendError> {
+        let images = self.lock();
+        let upper = match end {
+            Some(end) => Bound::Excluded(end),
+            None => Bound::Unbounded,
+        };
+        if end.is_some_and(|end| end <= start) {
+            return Ok(());
+        }
+        for (k, v) in images
+            .live
+            .range::<[u8], _>((Bound::Included(start), upper))
+        {
+            if !visit(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&self, batch: WriteBatch) -> Result<(), BackendError> {
+        let mut images = self.lock();
+        for op in batch.ops {
+            match op {
+                BatchOp::Put(k, v) => {
+                    images.live.insert(k, v);
+                }
+                BatchOp::Delete(k) => {
+                    images.live.remove(&k);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), BackendError> {
+        let mut images = self.lock();
+        images.durable = images.live.clone();
+        Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.lock()
+            .live
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum()
+    }
+}
+
+#[doc(hidden)]
+pub mod conformance {
+    use super::*;
+
+    /// `open` opens the same store each time it is called (after the previous handle is
+    /// dropped); the store starts empty.
+    pub fn run_all(open: &dyn Fn() -> Box<dyn Backend>) {
+        let backend = open();
+        let mut batch = WriteBatch::default();
+        for i in [3u8, 1, 2, 5, 4] {
+            batch.put(vec![b'k', i], vec![i; 3]);
+        }
+        backend.apply(batch).expect("apply");
+        assert_eq!(
+            backend.get(&[b'k', 2]).expect("get"),
+            Some(vec![2; 3]),
+            "reads see applied batch"
+        );
+        let mut seen = Vec::new();
+        backend
+            .scan(&[b'k', 2], Some(&[b'k', 5]), &mut |k, _| {
+                seen.push(k[1]);
+                true
+            })
+            .expect("scan");
+        assert_eq!(seen, vec![2, 3, 4], "scan is ordered and half-open");
+        let mut first = Vec::new();
+        backend
+            .scan(b"k", None, &mut |k, _| {
+                first.push(k[1]);
+                first.len() < 2
+            })
+            .expect("scan");
+        assert_eq!(first, vec![1, 2], "scan stops when the visitor says so");
+        let mut batch = WriteBatch::default();
+        batch.delete(vec![b'k', 1]);
+        batch.put(vec![b'k', 9], b"nine".to_vec());
+        backend.apply(batch).expect("apply");
+        assert_eq!(
+            backend.get(&[b'k', 1]).expect("get"),
+            None,
+            "delete in batch"
+        );
+        backend.flush().expect("flush");
+        drop(backend);
+        let reopened = open();
+        assert_eq!(
+            reopened.get(&[b'k', 9]).expect("get"),
+            Some(b"nine".to_vec()),
+            "flushed data survives reopen"
+        );
+        assert_eq!(
+            reopened.get(&[b'k', 1]).expect("get"),
+            None,
+            "flushed delete survives reopen"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sled_backend_passes_conformance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        conformance::run_all(&|| Box::new(SledBackend::open(&path).expect("open sled")));
+    }
+
+    #[test]
+    fn mem_backend_passes_conformance() {
+        let backend = MemBackend::new();
+        conformance::run_all(&|| Box::new(backend.clone()));
+    }
+
+    #[test]
+    fn mem_backend_crash_keeps_only_flushed() {
+        let backend = MemBackend::new();
+        let mut batch = WriteBatch::default();
+        batch.put(b"a".to_vec(), b"1".to_vec());
+        backend.apply(batch).expect("apply");
+        backend.flush().expect("flush");
+        let mut batch = WriteBatch::default();
+        batch.put(b"b".to_vec(), b"2".to_vec());
+        backend.apply(batch).expect("apply");
+        let crashed = backend.crashed_copy();
+        assert_eq!(crashed.get(b"a").expect("get"), Some(b"1".to_vec()));
+        assert_eq!(crashed.get(b"b").expect("get"), None);
+    }
+}

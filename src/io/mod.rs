@@ -1,0 +1,15 @@
+//! The ports: every piece of I/O and time the node, WAL, mvcc and server use crosses one of
+//! these traits, so that the same code runs on tokio/std/sled in production and on simulated
+//! adapters in the simulator.
+
+pub mod backend;
+pub mod clock;
+pub mod disk;
+pub mod rng;
+pub mod transport;
+
+pub use backend::{Backend, BackendError, BatchOp, MemBackend, SledBackend, WriteBatch};
+pub use clock::{Clock, TokioClock};
+pub use disk::{Disk, DiskFile, StdDisk};
+pub use rng::{os_seed, seeded_rng, SeededRng};
+pub use transport::{LocalTransport, Transport};

@@ -1,0 +1,216 @@
+//! Checks on requests that need no state: done before proposing (so a bad request never enters
+//! the log) and again at apply (the log is input too).
+
+use std::collections::HashSet;
+
+use super::error::MvccError;
+use crate::proto::etcdserverpb::{
+    request_op, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
+
+pub fn check_range(req: &RangeRequest) -> Result<(), MvccError> {
+    if req.key.is_empty() {
+        return Err(MvccError::EmptyKey);
+    }
+    Ok(())
+}
+
+pub fn check_put(req: &PutRequest) -> Result<(), MvccError> {
+    if req.key.is_empty() {
+        return Err(MvccError::EmptyKey);
+    }
+    if req.ignore_value && !req.value.is_empty() {
+        return Err(MvccError::ValueProvided);
+    }
+    if req.ignore_lease && req.lease != 0 {
+        return Err(MvccError::LeaseProvided);
+    }
+    Ok(())
+}
+
+pub fn check_delete(req: &DeleteRangeRequest) -> Result<(), MvccError> {
+    if req.key.is_empty() {
+        return Err(MvccError::EmptyKey);
+    }
+    Ok(())
+}
+
+/// Op counts, keys, and no key written twice in one branch (puts, and puts inside deleted
+/// ranges), nested transactions included.
+pub fn check_txn(req: &TxnRequest, max_txn_ops: usize) -> Result<(), MvccError> {
+    check_txn_ops(req, max_txn_ops)?;
+    check_branch(&req.success)?;
+    check_branch(&req.failure)?;
+    Ok(())
+}
+
+fn check_txn_ops(req: &TxnRequest, max_txn_ops: usize) -> Result<(), MvccError> {
+    if req.compare.len() > max_txn_ops
+        || req.success.len() > max_txn_ops
+        || req.failure.len() > max_txn_ops
+    {
+        return Err(MvccError::TooManyOps);
+    }
+    for compare in &req.compare {
+        if compare.key.is_empty() {
+            return Err(MvccError::EmptyKey);
+        }
+    }
+    for op in req.success.iter().chain(&req.failure) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) => check_range(r)?,
+            Some(request_op::Request::RequestPut(r)) => check_put(r)?,
+            Some(request_op::Request::RequestDeleteRange(r)) => check_delete(r)?,
+            Some(request_op::Request::RequestTxn(r)) => check_txn_ops(r, max_txn_ops)?,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// An interval of deleted keys: `end` empty = the single key, `\0` = to the last key.
+struct Deleted {
+    start: Vec<u8>,
+    end: Vec<u8>,
+}
+
+impl Deleted {
+    fn contains(&self, key: &[u8]) -> bool {
+        if self.end.is_empty() {
+            return key == self.start.as_slice();
+        }
+        key >= self.start.as_slice() && (self.end == [0] || key < self.end.as_slice())
+    }
+}
+
+/// Returns the (deletes, puts) of a branch, failing on a key written twice within it.
+fn check_branch(ops: &[RequestOp]) -> Result<(Vec<Deleted>, HashSet<Vec<u8>>), MvccError> {
+    let mut deletes = Vec::new();
+    let mut puts: HashSet<Vec<u8>> = HashSet::new();
+    let mut nested_puts: HashSet<Vec<u8>> = HashSet::new();
+    for op in ops {
+        match &op.request {
+            Some(request_op::Request::RequestPut(put)) => {
+                if !puts.insert(put.key.clone()) {
+                    return Err(MvccError::DuplicateKey);
+                }
+            }
+            Some(request_op::Request::RequestDeleteRange(del)) => deletes.push(Deleted {
+                start: del.key.clone(),
+                end: del.range_end.clone(),
+            }),
+            Some(request_op::Request::RequestTxn(txn)) => {
+                let (success_deletes, success_puts) = check_branch(&txn.success)?;
+                let (failure_deletes, failure_puts) = check_branch(&txn.failure)?;
+                // One of the two nested branches runs: each must not clash with this level.
+                for key in success_puts.iter().chain(&failure_puts) {
+                    if puts.contains(key) || nested_puts.contains(key) {
+                        return Err(MvccError::DuplicateKey);
+                    }
+                }
+                nested_puts.extend(success_puts);
+                nested_puts.extend(failure_puts);
+                deletes.extend(success_deletes);
+                deletes.extend(failure_deletes);
+            }
+            Some(request_op::Request::RequestRange(_)) | None => {}
+        }
+    }
+    for key in &puts {
+        if deletes.iter().any(|d| d.contains(key)) {
+            return Err(MvccError::DuplicateKey);
+        }
+    }
+    puts.extend(nested_puts);
+    Ok((deletes, puts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: key.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn del(key: &str, end: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    key: key.into(),
+                    range_end: end.into(),
+                    ..Default::default()
+                },
+            )),
+        }
+    }
+
+    fn txn(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> TxnRequest {
+        TxnRequest {
+            compare: vec![],
+            success,
+            failure,
+        }
+    }
+
+    #[test]
+    fn two_puts_of_one_key_in_a_branch_are_refused() {
+        let req = txn(vec![put("a"), put("a")], vec![]);
+        assert!(matches!(check_txn(&req, 128), Err(MvccError::DuplicateKey)));
+    }
+
+    #[test]
+    fn same_key_in_then_and_else_is_fine() {
+        let req = txn(vec![put("a")], vec![put("a")]);
+        assert!(check_txn(&req, 128).is_ok());
+    }
+
+    #[test]
+    fn put_inside_a_deleted_range_is_refused() {
+        let req = txn(vec![del("a", "c"), put("b")], vec![]);
+        assert!(matches!(check_txn(&req, 128), Err(MvccError::DuplicateKey)));
+        let req = txn(vec![del("a", "c"), put("c")], vec![]);
+        assert!(check_txn(&req, 128).is_ok(), "range end is exclusive");
+    }
+
+    #[test]
+    fn nested_put_clashing_with_parent_put_is_refused() {
+        let nested = RequestOp {
+            request: Some(request_op::Request::RequestTxn(txn(vec![put("a")], vec![]))),
+        };
+        let req = txn(vec![put("a"), nested], vec![]);
+        assert!(matches!(check_txn(&req, 128), Err(MvccError::DuplicateKey)));
+    }
+
+    #[test]
+    fn too_many_ops_are_refused() {
+        let ops: Vec<_> = (0..5).map(|i| put(&i.to_string())).collect();
+        assert!(matches!(
+            check_txn(&txn(ops.clone(), vec![]), 4),
+            Err(MvccError::TooManyOps)
+        ));
+        assert!(check_txn(&txn(ops, vec![]), 5).is_ok());
+    }
+
+    #[test]
+    fn empty_keys_are_refused_everywhere() {
+        assert!(matches!(
+            check_txn(&txn(vec![put("")], vec![]), 8),
+            Err(MvccError::EmptyKey)
+        ));
+        assert!(matches!(
+            check_put(&PutRequest {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                ignore_value: true,
+                ..Default::default()
+            }),
+            Err(MvccError::ValueProvided)
+        ));
+    }
+}

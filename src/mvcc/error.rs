@@ -1,0 +1,29 @@
+//! Errors of the mvcc layer; the API maps each to etcd's gRPC status and message.
+
+use crate::io::BackendError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MvccError {
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("mvcc: required revision is a future revision")]
+    FutureRev,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("mvcc: corrupt record at revision {main}/{sub}: {reason}")]
+    Corrupt { main: i64, sub: i64, reason: String },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}

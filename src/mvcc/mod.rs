@@ -1,0 +1,19 @@
+//! Multi-version state: every write creates a revision; reads can ask for any revision not yet
+//! compacted. Values live in the `Backend` under revision keys; an in-memory index maps user keys
+//! to their revisions. Applying is deterministic: no clock, no randomness, only the backend.
+
+mod check;
+mod error;
+mod index;
+mod revision;
+mod store;
+mod write;
+
+pub use check::{check_delete, check_put, check_range, check_txn};
+pub use error::MvccError;
+pub use revision::Revision;
+pub use store::MvccStore;
+pub use write::{ApplyOutcome, ApplyResult};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,267 @@
+//! The store: opening from the backend, and reads at any revision.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prost::Message;
+
+use super::error::MvccError;
+use super::index::{KeyAt, TreeIndex};
+use super::revision::{
+    decode_u64, encode_u64, meta_key, parse_rev_key, rev_key, Revision, KEY_PREFIX,
+    META_COMPACT_REV, META_CONSISTENT_INDEX,
+};
+use crate::io::{Backend, WriteBatch};
+use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use crate::proto::etcdserverpb::{RangeRequest, RangeResponse};
+use crate::proto::mvccpb::KeyValue;
+
+pub struct MvccStore {
+    pub(super) backend: Arc<dyn Backend>,
+    pub(super) index: TreeIndex,
+    /// The newest revision; 1 in an empty store, as in etcd.
+    pub(super) current_rev: i64,
+    pub(super) compact_rev: i64,
+    /// The raft index of the last entry whose effects are in the backend (or staged for it).
+    pub(super) consistent_index: u64,
+    /// Writes of applied entries not yet handed to the backend: many entries become one
+    /// backend batch (`flush_staged`), which matters because each batch costs the backend a
+    /// log write. Reads see staged values first.
+    pub(super) staged: WriteBatch,
+    pub(super) staged_values: HashMap<Revision, KeyValue>,
+}
+
+/// Where a range reads values from: the backend, or (inside a write) the revision being written.
+pub(super) trait ValueSource {
+    fn value(&self, rev: Revision) -> Result<KeyValue, MvccError>;
+}
+
+impl ValueSource for MvccStore {
+    fn value(&self, rev: Revision) -> Result<KeyValue, MvccError> {
+        self.read_value(rev)
+    }
+}
+
+impl MvccStore {
+    /// Opens the store kept in `backend`, rebuilding the key index from it.
+    pub fn open(backend: Arc<dyn Backend>) -> Result<Self, MvccError> {
+        let meta = |name: &str| -> Result<u64, MvccError> {
+            Ok(backend
+                .get(&meta_key(name))?
+                .and_then(|bytes| decode_u64(&bytes))
+                .unwrap_or(0))
+        };
+        let consistent_index = meta(META_CONSISTENT_INDEX)?;
+        let compact_rev = meta(META_COMPACT_REV)? as i64;
+        let mut index = TreeIndex::default();
+        let mut current_rev = 1i64;
+        let mut failure = None;
+        backend.scan(&[KEY_PREFIX], Some(&[KEY_PREFIX + 1]), &mut |key, value| {
+            let Some((rev, tombstone)) = parse_rev_key(key) else {
+                failure = Some(MvccError::Corrupt {
+                    main: -1,
+                    sub: -1,
+                    reason: "bad revision key".into(),
+                });
+                return false;
+            };
+            let kv = match KeyValue::decode(value) {
+                Ok(kv) => kv,
+                Err(e) => {
+                    failure = Some(MvccError::Corrupt {
+                        main: rev.main,
+                        sub: rev.sub,
+                        reason: e.to_string(),
+                    });
+                    return false;
+                }
+            };
+            if tombstone {
+                index.tombstone(&kv.key, rev);
+            } else {
+                index.restore(&kv.key, rev, kv.create_revision, kv.version);
+            }
+            current_rev = current_rev.max(rev.main);
+            true
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        // A compaction may have removed every revision up to it.
+        current_rev = current_rev.max(compact_rev);
+        Ok(MvccStore {
+            backend,
+            index,
+            current_rev,
+            compact_rev,
+            consistent_index,
+            staged: WriteBatch::default(),
+            staged_values: HashMap::new(),
+        })
+    }
+
+    pub fn current_rev(&self) -> i64 {
+        self.current_rev
+    }
+
+    pub fn compact_rev(&self) -> i64 {
+        self.compact_rev
+    }
+
+    pub fn consistent_index(&self) -> u64 {
+        self.consistent_index
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Backend writes staged and not yet handed to the backend.
+    pub fn staged_ops(&self) -> usize {
+        self.staged.ops.len()
+    }
+
+    /// Hands every staged write to the backend as one atomic batch (with the consistent index).
+    pub fn flush_staged(&mut self) -> Result<(), MvccError> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let mut batch = std::mem::take(&mut self.staged);
+        batch.put(
+            meta_key(META_CONSISTENT_INDEX),
+            encode_u64(self.consistent_index),
+        );
+        self.backend.apply(batch)?;
+        self.staged_values.clear();
+        Ok(())
+    }
+
+    pub(super) fn read_value(&self, rev: Revision) -> Result<KeyValue, MvccError> {
+        if let Some(kv) = self.staged_values.get(&rev) {
+            return Ok(kv.clone());
+        }
+        let bytes = self
+            .backend
+            .get(&rev_key(rev, false))?
+            .ok_or_else(|| MvccError::Corrupt {
+                main: rev.main,
+                sub: rev.sub,
+                reason: "indexed revision missing from the backend".into(),
+            })?;
+        KeyValue::decode(bytes.as_slice()).map_err(|e| MvccError::Corrupt {
+            main: rev.main,
+            sub: rev.sub,
+            reason: e.to_string(),
+        })
+    }
+
+    /// A Range as etcd answers it (the caller fills the header's other fields).
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
+        self.range_with(req, self.current_rev, self)
+    }
+
+    /// Checks that a read at `rev` (0: the newest) is possible now.
+    pub(super) fn check_read_rev(&self, rev: i64, current: i64) -> Result<i64, MvccError> {
+        if rev > current {
+            return Err(MvccError::FutureRev);
+        }
+        if rev > 0 && rev < self.compact_rev {
+            return Err(MvccError::Compacted);
+        }
+        Ok(if rev <= 0 { current } else { rev })
+    }
+
+    /// Keys of a range request at revision `at`.
+    pub(super) fn range_keys(&self, req: &RangeRequest, at: i64) -> Vec<(Vec<u8>, KeyAt)> {
+        let end = match req.range_end.as_slice() {
+            [] => None,
+            [0] => Some(&[][..]),
+            end => Some(end),
+        };
+        let mut found = Vec::new();
+        self.index.range(&req.key, end, at, &mut |key, key_at| {
+            found.push((key.to_vec(), key_at));
+            true
+        });
+        found
+    }
+
+    pub(super) fn range_with(
+        &self,
+        req: &RangeRequest,
+        current: i64,
+        source: &dyn ValueSource,
+    ) -> Result<RangeResponse, MvccError> {
+        let at = self.check_read_rev(req.revision, current)?;
+        let keys = self.range_keys(req, at);
+        let count = keys.len() as i64;
+        let mut resp = RangeResponse {
+            count,
+            ..Default::default()
+        };
+        if req.count_only {
+            return Ok(resp);
+        }
+        let sort_order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+        let sort_target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+        let filtered = req.min_mod_revision != 0
+            || req.max_mod_revision != 0
+            || req.min_create_revision != 0
+            || req.max_create_revision != 0;
+        // As etcd: fetch everything when sorting or filtering, else one more than the limit.
+        let fetch_limit = if sort_order != SortOrder::None || filtered || req.limit <= 0 {
+            usize::MAX
+        } else {
+            req.limit as usize + 1
+        };
+        let mut kvs = Vec::with_capacity(keys.len().min(fetch_limit).min(4096));
+        for (_, key_at) in keys.iter().take(fetch_limit) {
+            let kv = source.value(key_at.modified)?;
+            debug_assert_eq!(kv.mod_revision, key_at.modified.main);
+            kvs.push(kv);
+        }
+        kvs.retain(|kv| {
+            !(req.max_mod_revision != 0 && kv.mod_revision > req.max_mod_revision
+                || req.min_mod_revision != 0 && kv.mod_revision < req.min_mod_revision
+                || req.max_create_revision != 0 && kv.create_revision > req.max_create_revision
+                || req.min_create_revision != 0 && kv.create_revision < req.min_create_revision)
+        });
+        let order = if sort_target != SortTarget::Key && sort_order == SortOrder::None {
+            SortOrder::Ascend
+        } else {
+            sort_order
+        };
+        if order != SortOrder::None {
+            let compare = |a: &KeyValue, b: &KeyValue| -> Ordering {
+                match sort_target {
+                    SortTarget::Key => a.key.cmp(&b.key),
+                    SortTarget::Version => a.version.cmp(&b.version),
+                    SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+                    SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+                    SortTarget::Value => a.value.cmp(&b.value),
+                }
+            };
+            if order == SortOrder::Descend {
+                kvs.sort_by(|a, b| compare(b, a));
+            } else {
+                kvs.sort_by(compare);
+            }
+        }
+        if req.limit > 0 && kvs.len() > req.limit as usize {
+            kvs.truncate(req.limit as usize);
+            resp.more = true;
+        }
+        if req.keys_only {
+            for kv in &mut kvs {
+                kv.value.clear();
+            }
+        }
+        resp.kvs = kvs;
+        Ok(resp)
+    }
+}

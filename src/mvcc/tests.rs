@@ -1,0 +1,624 @@
+//! Store-level properties on the in-memory backend.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::io::{Backend, MemBackend};
+use crate::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use crate::proto::etcdserverpb::{
+    request_op, response_op, CompactionRequest, Compare, DeleteRangeRequest, PutRequest,
+    RangeRequest, RequestOp, TxnRequest,
+};
+use crate::proto::quorumkvpb::raft_request::Request;
+
+struct Fixture {
+    backend: MemBackend,
+    store: MvccStore,
+    index: u64,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let backend = MemBackend::new();
+        let store = MvccStore::open(Arc::new(backend.clone())).expect("open");
+        Fixture {
+            backend,
+            store,
+            index: 0,
+        }
+    }
+
+    fn apply(&mut self, request: Request) -> ApplyResult {
+        self.index += 1;
+        let result = self.store.apply(self.index, &request);
+        if result.is_err() {
+            self.store.skip(self.index);
+        }
+        self.store.flush_staged().expect("flush staged");
+        result
+    }
+
+    fn put(&mut self, key: &str, value: &str) {
+        self.apply(Request::Put(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        }))
+        .expect("put");
+    }
+
+    fn get(&self, req: RangeRequest) -> Vec<(String, String)> {
+        let resp = self.store.range(&req).expect("range");
+        resp.kvs
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(&kv.key).into(),
+                    String::from_utf8_lossy(&kv.value).into(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn range(key: &str, end: &str) -> RangeRequest {
+    RangeRequest {
+        key: key.into(),
+        range_end: end.into(),
+        ..Default::default()
+    }
+}
+
+fn kv(key: &str, value: &str) -> (String, String) {
+    (key.into(), value.into())
+}
+
+#[test]
+fn revisions_start_at_one_and_count_writes() {
+    let mut f = Fixture::new();
+    assert_eq!(f.store.current_rev(), 1);
+    f.put("a", "1");
+    f.put("a", "2");
+    assert_eq!(f.store.current_rev(), 3);
+    let resp = f.store.range(&range("a", "")).expect("range");
+    let kv = &resp.kvs[0];
+    assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
+}
+
+#[test]
+fn range_reads_old_revisions_and_prefixes() {
+    let mut f = Fixture::new();
+    f.put("foo", "1");
+    f.put("foo/a", "2");
+    f.put("fop", "3");
+    f.put("foo", "4");
+    assert_eq!(
+        f.get(RangeRequest {
+            revision: 2,
+            ..range("foo", "")
+        }),
+        vec![kv("foo", "1")]
+    );
+    assert_eq!(
+        f.get(range("foo", "fop")),
+        vec![kv("foo", "4"), kv("foo/a", "2")]
+    );
+    assert_eq!(f.get(range("\0", "\0")).len(), 3, "\\0 to \\0 is every key");
+    assert_eq!(
+        f.get(range("fo", "\0")).len(),
+        3,
+        "\\0 end means no upper bound"
+    );
+    assert!(f.get(range("zzz", "")).is_empty());
+}
+
+#[test]
+fn limit_sort_count_and_filters_follow_etcd() {
+    let mut f = Fixture::new();
+    f.put("a", "z");
+    f.put("b", "y");
+    f.put("c", "x");
+    f.put("a", "w");
+    let resp = f
+        .store
+        .range(&RangeRequest {
+            limit: 2,
+            ..range("a", "d")
+        })
+        .expect("range");
+    assert_eq!(resp.kvs.len(), 2);
+    assert!(resp.more);
+    assert_eq!(resp.count, 3, "count is every key in the range");
+    let sorted = f.get(RangeRequest {
+        sort_order: SortOrder::Descend as i32,
+        sort_target: SortTarget::Value as i32,
+        ..range("a", "d")
+    });
+    assert_eq!(sorted, vec![kv("b", "y"), kv("c", "x"), kv("a", "w")]);
+    let by_mod = f.get(RangeRequest {
+        sort_target: SortTarget::Mod as i32,
+        ..range("a", "d")
+    });
+    assert_eq!(
+        by_mod[0],
+        kv("b", "y"),
+        "a target without an order sorts ascending"
+    );
+    let filtered = f.get(RangeRequest {
+        min_mod_revision: 4,
+        ..range("a", "d")
+    });
+    assert_eq!(filtered, vec![kv("a", "w"), kv("c", "x")]);
+    let count_only = f
+        .store
+        .range(&RangeRequest {
+            count_only: true,
+            ..range("a", "d")
+        })
+        .expect("range");
+    assert_eq!((count_only.count, count_only.kvs.len()), (3, 0));
+    let keys_only = f
+        .store
+        .range(&RangeRequest {
+            keys_only: true,
+            ..range("a", "")
+        })
+        .expect("range");
+    assert!(keys_only.kvs[0].value.is_empty());
+}
+
+#[test]
+fn future_and_compacted_revisions_are_refused() {
+    let mut f = Fixture::new();
+    for i in 0..5 {
+        f.put("k", &i.to_string());
+    }
+    assert!(matches!(
+        f.store.range(&RangeRequest {
+            revision: 7,
+            ..range("k", "")
+        }),
+        Err(MvccError::FutureRev)
+    ));
+    f.apply(Request::Compaction(CompactionRequest {
+        revision: 4,
+        physical: true,
+    }))
+    .expect("compact");
+    assert!(matches!(
+        f.store.range(&RangeRequest {
+            revision: 3,
+            ..range("k", "")
+        }),
+        Err(MvccError::Compacted)
+    ));
+    assert_eq!(
+        f.get(RangeRequest {
+            revision: 4,
+            ..range("k", "")
+        }),
+        vec![kv("k", "2")]
+    );
+    assert_eq!(f.get(range("k", "")), vec![kv("k", "4")]);
+    assert!(matches!(
+        f.apply(Request::Compaction(CompactionRequest {
+            revision: 4,
+            physical: true
+        })),
+        Err(MvccError::Compacted)
+    ));
+    assert!(matches!(
+        f.apply(Request::Compaction(CompactionRequest {
+            revision: 99,
+            physical: true
+        })),
+        Err(MvccError::FutureRev)
+    ));
+}
+
+#[test]
+fn compaction_removes_old_revisions_from_the_backend() {
+    let mut f = Fixture::new();
+    for i in 0..10 {
+        f.put("k", &i.to_string());
+    }
+    f.apply(Request::DeleteRange(DeleteRangeRequest {
+        key: "k".into(),
+        ..Default::default()
+    }))
+    .expect("del");
+    let count_revs = |backend: &MemBackend| {
+        let mut n = 0;
+        backend
+            .scan(b"k", Some(b"l"), &mut |_, _| {
+                n += 1;
+                true
+            })
+            .expect("scan");
+        n
+    };
+    assert_eq!(count_revs(&f.backend), 11);
+    let rev = f.store.current_rev();
+    f.apply(Request::Compaction(CompactionRequest {
+        revision: rev,
+        physical: true,
+    }))
+    .expect("compact");
+    assert_eq!(
+        count_revs(&f.backend),
+        0,
+        "a deleted key leaves nothing behind"
+    );
+}
+
+#[test]
+fn delete_range_returns_prev_kvs_and_bumps_revision_once() {
+    let mut f = Fixture::new();
+    f.put("a", "1");
+    f.put("b", "2");
+    let rev = f.store.current_rev();
+    let out = f
+        .apply(Request::DeleteRange(DeleteRangeRequest {
+            key: "a".into(),
+            range_end: "c".into(),
+            prev_kv: true,
+        }))
+        .expect("delete");
+    let ApplyOutcome::DeleteRange(resp) = out else {
+        panic!("wrong outcome")
+    };
+    assert_eq!(resp.deleted, 2);
+    assert_eq!(resp.prev_kvs.len(), 2);
+    assert_eq!(f.store.current_rev(), rev + 1);
+    f.apply(Request::DeleteRange(DeleteRangeRequest {
+        key: "a".into(),
+        ..Default::default()
+    }))
+    .expect("delete");
+    assert_eq!(
+        f.store.current_rev(),
+        rev + 1,
+        "deleting nothing writes no revision"
+    );
+    f.put("a", "again");
+    let resp = f.store.range(&range("a", "")).expect("range");
+    assert_eq!(
+        (resp.kvs[0].version, resp.kvs[0].create_revision),
+        (1, rev + 2),
+        "a new life"
+    );
+}
+
+#[test]
+fn put_options_prev_kv_ignore_value_and_lease() {
+    let mut f = Fixture::new();
+    let missing = f.apply(Request::Put(PutRequest {
+        key: "a".into(),
+        ignore_value: true,
+        ..Default::default()
+    }));
+    assert!(matches!(missing, Err(MvccError::KeyNotFound)));
+    let leased = f.apply(Request::Put(PutRequest {
+        key: "a".into(),
+        lease: 5,
+        ..Default::default()
+    }));
+    assert!(matches!(leased, Err(MvccError::LeaseNotFound)));
+    f.put("a", "v1");
+    let out = f
+        .apply(Request::Put(PutRequest {
+            key: "a".into(),
+            ignore_value: true,
+            prev_kv: true,
+            ..Default::default()
+        }))
+        .expect("put");
+    let ApplyOutcome::Put(resp) = out else {
+        panic!("wrong outcome")
+    };
+    assert_eq!(resp.prev_kv.expect("prev").value, b"v1");
+    assert_eq!(
+        f.get(range("a", "")),
+        vec![kv("a", "v1")],
+        "ignore_value keeps the value"
+    );
+}
+
+fn compare(key: &str, target: CompareTarget, result: CompareResult, union: TargetUnion) -> Compare {
+    Compare {
+        key: key.into(),
+        target: target as i32,
+        result: result as i32,
+        target_union: Some(union),
+        range_end: vec![],
+    }
+}
+
+fn put_op(key: &str, value: &str) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn range_op(key: &str) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestRange(range(key, ""))),
+    }
+}
+
+#[test]
+fn txn_compare_and_swap_and_reads_see_earlier_writes() {
+    let mut f = Fixture::new();
+    f.put("k", "old");
+    let cas = |expected: &str, new: &str| TxnRequest {
+        compare: vec![compare(
+            "k",
+            CompareTarget::Value,
+            CompareResult::Equal,
+            TargetUnion::Value(expected.into()),
+        )],
+        success: vec![put_op("k", new), range_op("k")],
+        failure: vec![range_op("k")],
+    };
+    let ApplyOutcome::Txn(resp) = f.apply(Request::Txn(cas("old", "new"))).expect("txn") else {
+        panic!()
+    };
+    assert!(resp.succeeded);
+    let Some(response_op::Response::ResponseRange(read)) = &resp.responses[1].response else {
+        panic!()
+    };
+    assert_eq!(
+        read.kvs[0].value, b"new",
+        "a read after a put in one txn sees the put"
+    );
+    let ApplyOutcome::Txn(resp) = f.apply(Request::Txn(cas("old", "newer"))).expect("txn") else {
+        panic!()
+    };
+    assert!(!resp.succeeded);
+    assert_eq!(f.get(range("k", "")), vec![kv("k", "new")]);
+    let rev = f.store.current_rev();
+    f.apply(Request::Txn(cas("nope", "x"))).expect("txn");
+    assert_eq!(
+        f.store.current_rev(),
+        rev,
+        "a read-only txn writes no revision"
+    );
+}
+
+#[test]
+fn txn_compares_on_missing_keys_and_ranges() {
+    let mut f = Fixture::new();
+    let created_never = compare(
+        "x",
+        CompareTarget::Create,
+        CompareResult::Equal,
+        TargetUnion::CreateRevision(0),
+    );
+    let txn = TxnRequest {
+        compare: vec![created_never],
+        success: vec![put_op("x", "1")],
+        failure: vec![],
+    };
+    let ApplyOutcome::Txn(resp) = f.apply(Request::Txn(txn.clone())).expect("txn") else {
+        panic!()
+    };
+    assert!(resp.succeeded, "a missing key has create_revision 0");
+    let ApplyOutcome::Txn(resp) = f.apply(Request::Txn(txn)).expect("txn") else {
+        panic!()
+    };
+    assert!(!resp.succeeded);
+    f.put("p/1", "1");
+    f.put("p/2", "2");
+    let mut all_small = compare(
+        "p/",
+        CompareTarget::Version,
+        CompareResult::Less,
+        TargetUnion::Version(2),
+    );
+    all_small.range_end = "p0".into();
+    let txn = TxnRequest {
+        compare: vec![all_small],
+        success: vec![],
+        failure: vec![],
+    };
+    let ApplyOutcome::Txn(resp) = f.apply(Request::Txn(txn)).expect("txn") else {
+        panic!()
+    };
+    assert!(resp.succeeded, "every key of the range compares");
+    let value_missing = compare(
+        "none",
+        CompareTarget::Value,
+        CompareResult::NotEqual,
+        TargetUnion::Value("a".into()),
+    );
+    let txn = TxnRequest {
+        compare: vec![value_missing],
+        success: vec![],
+        failure: vec![],
+    };
+    let ApplyOutcome::Txn(resp) = f.apply(Request::Txn(txn)).expect("txn") else {
+        panic!()
+    };
+    assert!(!resp.succeeded, "a value compare on a missing key is false");
+}
+
+#[test]
+fn nested_txn_takes_its_own_branch() {
+    let mut f = Fixture::new();
+    f.put("a", "1");
+    let inner = TxnRequest {
+        compare: vec![compare(
+            "a",
+            CompareTarget::Value,
+            CompareResult::Equal,
+            TargetUnion::Value("2".into()),
+        )],
+        success: vec![put_op("b", "inner-then")],
+        failure: vec![put_op("b", "inner-else")],
+    };
+    let outer = TxnRequest {
+        compare: vec![compare(
+            "a",
+            CompareTarget::Value,
+            CompareResult::Equal,
+            TargetUnion::Value("1".into()),
+        )],
+        success: vec![
+            put_op("c", "outer"),
+            RequestOp {
+                request: Some(request_op::Request::RequestTxn(inner)),
+            },
+        ],
+        failure: vec![],
+    };
+    f.apply(Request::Txn(outer)).expect("txn");
+    assert_eq!(
+        f.get(range("b", "d")),
+        vec![kv("b", "inner-else"), kv("c", "outer")]
+    );
+    let resp = f.store.range(&range("b", "d")).expect("range");
+    assert_eq!(
+        resp.kvs[0].mod_revision, resp.kvs[1].mod_revision,
+        "one revision for the whole txn"
+    );
+}
+
+#[test]
+fn txn_failing_check_writes_nothing() {
+    let mut f = Fixture::new();
+    f.put("a", "1");
+    let rev = f.store.current_rev();
+    let bad_read = RequestOp {
+        request: Some(request_op::Request::RequestRange(RangeRequest {
+            revision: 100,
+            ..range("a", "")
+        })),
+    };
+    let txn = TxnRequest {
+        compare: vec![],
+        success: vec![put_op("b", "x"), bad_read],
+        failure: vec![],
+    };
+    assert!(matches!(
+        f.apply(Request::Txn(txn)),
+        Err(MvccError::FutureRev)
+    ));
+    assert_eq!(f.store.current_rev(), rev);
+    assert!(f.get(range("b", "")).is_empty());
+}
+
+#[test]
+fn reopen_rebuilds_index_and_consistent_index() {
+    let mut f = Fixture::new();
+    f.put("a", "1");
+    f.put("b", "2");
+    f.apply(Request::DeleteRange(DeleteRangeRequest {
+        key: "a".into(),
+        ..Default::default()
+    }))
+    .expect("del");
+    f.put("a", "3");
+    f.apply(Request::Compaction(CompactionRequest {
+        revision: 3,
+        physical: false,
+    }))
+    .expect("compact");
+    let reopened = MvccStore::open(Arc::new(f.backend.clone())).expect("reopen");
+    assert_eq!(reopened.current_rev(), f.store.current_rev());
+    assert_eq!(reopened.compact_rev(), 3);
+    assert_eq!(reopened.consistent_index(), f.index);
+    let resp = reopened.range(&range("a", "")).expect("range");
+    assert_eq!(
+        (resp.kvs[0].version, resp.kvs[0].value.as_slice()),
+        (1, &b"3"[..])
+    );
+}
+
+#[test]
+fn reopen_after_crash_keeps_only_flushed_consistent_state() {
+    let mut f = Fixture::new();
+    f.put("a", "1");
+    f.backend.flush().expect("flush");
+    let flushed_index = f.index;
+    f.put("a", "2");
+    let crashed = MvccStore::open(Arc::new(f.backend.crashed_copy())).expect("reopen");
+    assert_eq!(
+        crashed.consistent_index(),
+        flushed_index,
+        "replay resumes after the flushed entry"
+    );
+    assert_eq!(crashed.current_rev(), 2);
+}
+
+#[test]
+fn reopen_after_compaction_keeps_versions_and_create_revisions() {
+    let mut f = Fixture::new();
+    for i in 0..5 {
+        f.put("k", &i.to_string());
+    }
+    f.apply(Request::Compaction(CompactionRequest {
+        revision: 5,
+        physical: true,
+    }))
+    .expect("compact");
+    f.put("k", "5");
+    let reopened = MvccStore::open(Arc::new(f.backend.clone())).expect("reopen");
+    let resp = reopened.range(&range("k", "")).expect("range");
+    assert_eq!((resp.kvs[0].version, resp.kvs[0].create_revision), (6, 2));
+    let mut f2 = Fixture {
+        store: reopened,
+        backend: f.backend.clone(),
+        index: f.index,
+    };
+    f2.put("k", "6");
+    let resp = f2.store.range(&range("k", "")).expect("range");
+    assert_eq!(
+        (resp.kvs[0].version, resp.kvs[0].create_revision),
+        (7, 2),
+        "puts after reopen continue the count"
+    );
+}
+
+#[test]
+fn staged_writes_are_readable_before_they_reach_the_backend() {
+    let mut f = Fixture::new();
+    f.index += 1;
+    f.store
+        .apply(
+            f.index,
+            &Request::Put(PutRequest {
+                key: "s".into(),
+                value: "1".into(),
+                ..Default::default()
+            }),
+        )
+        .expect("put");
+    assert_eq!(
+        f.get(range("s", "")),
+        vec![kv("s", "1")],
+        "reads see staged writes"
+    );
+    let reopened = MvccStore::open(Arc::new(f.backend.clone())).expect("reopen");
+    assert!(
+        reopened
+            .range(&range("s", ""))
+            .expect("range")
+            .kvs
+            .is_empty(),
+        "not in the backend yet"
+    );
+    assert_eq!(reopened.consistent_index(), 0);
+    f.store.flush_staged().expect("flush");
+    let reopened = MvccStore::open(Arc::new(f.backend.clone())).expect("reopen");
+    assert_eq!(
+        reopened.consistent_index(),
+        f.index,
+        "the batch carries the consistent index"
+    );
+    assert_eq!(reopened.range(&range("s", "")).expect("range").kvs.len(), 1);
+}

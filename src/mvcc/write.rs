@@ -1,0 +1,417 @@
+//! Applying committed requests: Put, DeleteRange, Txn, Compaction. Their writes are staged and
+//! handed to the backend in batches, each carrying the raft index of its last entry (the
+//! consistent index), so that after a crash replay resumes exactly where the backend left off.
+
+use std::collections::HashMap;
+
+use prost::Message;
+
+use super::error::MvccError;
+use super::revision::{
+    encode_u64, meta_key, parse_rev_key, rev_key, rev_key_start, Revision, META_COMPACT_REV,
+};
+use super::store::{MvccStore, ValueSource};
+use crate::io::WriteBatch;
+use crate::proto::etcdserverpb::{
+    compare, request_op, response_op, CompactionRequest, CompactionResponse, Compare,
+    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, ResponseHeader,
+    ResponseOp, TxnRequest, TxnResponse,
+};
+use crate::proto::mvccpb::KeyValue;
+use crate::proto::quorumkvpb::raft_request::Request;
+
+/// What an applied request produced.
+#[derive(Debug, Clone)]
+pub enum ApplyOutcome {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compaction(CompactionResponse),
+}
+
+pub type ApplyResult = Result<ApplyOutcome, MvccError>;
+
+/// The revision being written and what it has written so far.
+struct Pending {
+    main: i64,
+    sub: i64,
+    batch: WriteBatch,
+    values: HashMap<Revision, KeyValue>,
+}
+
+impl Pending {
+    /// The revision reads inside this write see.
+    fn read_rev(&self) -> i64 {
+        if self.sub > 0 {
+            self.main
+        } else {
+            self.main - 1
+        }
+    }
+
+    fn next_rev(&mut self) -> Revision {
+        let rev = Revision::new(self.main, self.sub);
+        self.sub += 1;
+        rev
+    }
+}
+
+struct Overlay<'a> {
+    store: &'a MvccStore,
+    pending: &'a Pending,
+}
+
+impl ValueSource for Overlay<'_> {
+    fn value(&self, rev: Revision) -> Result<KeyValue, MvccError> {
+        match self.pending.values.get(&rev) {
+            Some(kv) => Ok(kv.clone()),
+            None => self.store.read_value(rev),
+        }
+    }
+}
+
+/// Which branch each (nested) transaction takes, decided on the state before the write.
+struct TxnPath {
+    succeeded: bool,
+    nested: Vec<TxnPath>,
+}
+
+impl MvccStore {
+    /// Applies the request of raft entry `index`. The caller skips entries at or below
+    /// `consistent_index()` (already in the backend).
+    pub fn apply(&mut self, index: u64, request: &Request) -> ApplyResult {
+        debug_assert!(index > self.consistent_index, "entry {index} applied twice");
+        let mut pending = Pending {
+            main: self.current_rev + 1,
+            sub: 0,
+            batch: WriteBatch::default(),
+            values: HashMap::new(),
+        };
+        let outcome = match request {
+            Request::Put(req) => {
+                self.check_put_state(req)?;
+                ApplyOutcome::Put(self.put(&mut pending, req)?)
+            }
+            Request::DeleteRange(req) => {
+                ApplyOutcome::DeleteRange(self.delete_range(&mut pending, req)?)
+            }
+            Request::Txn(req) => {
+                let path = self.decide(req, self.current_rev)?;
+                self.check_path(req, &path)?;
+                ApplyOutcome::Txn(self.txn(&mut pending, req, &path)?)
+            }
+            Request::Compaction(req) => ApplyOutcome::Compaction(self.compact(&mut pending, req)?),
+        };
+        self.commit(index, pending)?;
+        Ok(outcome)
+    }
+
+    /// Records that entry `index` was applied without changing state (a failed request, an
+    /// empty entry, a configuration change). Kept in memory only: replaying it is harmless.
+    pub fn skip(&mut self, index: u64) {
+        self.consistent_index = self.consistent_index.max(index);
+    }
+
+    /// Stages the entry's writes; `flush_staged` hands them to the backend.
+    fn commit(&mut self, index: u64, pending: Pending) -> Result<(), MvccError> {
+        self.staged.ops.extend(pending.batch.ops);
+        self.staged_values.extend(pending.values);
+        if pending.sub > 0 {
+            self.current_rev = pending.main;
+        }
+        self.consistent_index = index;
+        Ok(())
+    }
+
+    fn check_put_state(&self, req: &PutRequest) -> Result<(), MvccError> {
+        if req.lease != 0 {
+            // Leases are not served yet: no lease can exist.
+            return Err(MvccError::LeaseNotFound);
+        }
+        if (req.ignore_value || req.ignore_lease)
+            && self.index.get(&req.key, self.current_rev).is_none()
+        {
+            return Err(MvccError::KeyNotFound);
+        }
+        Ok(())
+    }
+
+    fn put(&mut self, pending: &mut Pending, req: &PutRequest) -> Result<PutResponse, MvccError> {
+        let prev = match self.index.get(&req.key, pending.read_rev()) {
+            Some(at) => Some((
+                at,
+                Overlay {
+                    store: self,
+                    pending,
+                }
+                .value(at.modified)?,
+            )),
+            None => None,
+        };
+        let (value, lease) = match &prev {
+            Some((_, kv)) => (
+                if req.ignore_value {
+                    kv.value.clone()
+                } else {
+                    req.value.clone()
+                },
+                if req.ignore_lease {
+                    kv.lease
+                } else {
+                    req.lease
+                },
+            ),
+            None => (req.value.clone(), req.lease),
+        };
+        let rev = pending.next_rev();
+        let kv = KeyValue {
+            key: req.key.clone(),
+            create_revision: prev.as_ref().map_or(rev.main, |(at, _)| at.created.main),
+            mod_revision: rev.main,
+            version: prev.as_ref().map_or(1, |(at, _)| at.version + 1),
+            value,
+            lease,
+        };
+        self.index.put(&req.key, rev);
+        pending.batch.put(rev_key(rev, false), kv.encode_to_vec());
+        pending.values.insert(rev, kv);
+        Ok(PutResponse {
+            header: None,
+            prev_kv: if req.prev_kv {
+                prev.map(|(_, kv)| kv)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn delete_range(
+        &mut self,
+        pending: &mut Pending,
+        req: &DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, MvccError> {
+        let range = RangeRequest {
+            key: req.key.clone(),
+            range_end: req.range_end.clone(),
+            ..Default::default()
+        };
+        let keys = self.range_keys(&range, pending.read_rev());
+        let mut prev_kvs = Vec::new();
+        for (key, at) in &keys {
+            if req.prev_kv {
+                prev_kvs.push(
+                    Overlay {
+                        store: self,
+                        pending,
+                    }
+                    .value(at.modified)?,
+                );
+            }
+            let rev = pending.next_rev();
+            self.index.tombstone(key, rev);
+            let tombstone = KeyValue {
+                key: key.clone(),
+                mod_revision: rev.main,
+                ..Default::default()
+            };
+            pending
+                .batch
+                .put(rev_key(rev, true), tombstone.encode_to_vec());
+        }
+        Ok(DeleteRangeResponse {
+            header: None,
+            deleted: keys.len() as i64,
+            prev_kvs,
+        })
+    }
+
+    fn compare_holds(&self, compare: &Compare, at: i64) -> Result<bool, MvccError> {
+        use compare::{CompareResult, CompareTarget, TargetUnion};
+        let range = RangeRequest {
+            key: compare.key.clone(),
+            range_end: compare.range_end.clone(),
+            ..Default::default()
+        };
+        let keys = self.range_keys(&range, at);
+        let target = CompareTarget::try_from(compare.target).unwrap_or(CompareTarget::Version);
+        let mut kvs = Vec::with_capacity(keys.len().max(1));
+        if keys.is_empty() {
+            if target == CompareTarget::Value {
+                return Ok(false);
+            }
+            kvs.push(KeyValue::default());
+        }
+        for (_, key_at) in &keys {
+            kvs.push(self.read_value(key_at.modified)?);
+        }
+        let result = CompareResult::try_from(compare.result).unwrap_or(CompareResult::Equal);
+        Ok(kvs.iter().all(|kv| {
+            let ordering = match (target, &compare.target_union) {
+                (CompareTarget::Value, Some(TargetUnion::Value(v))) => {
+                    kv.value.as_slice().cmp(v.as_slice())
+                }
+                (CompareTarget::Value, _) => kv.value.as_slice().cmp(&[][..]),
+                (CompareTarget::Version, Some(TargetUnion::Version(v))) => kv.version.cmp(v),
+                (CompareTarget::Create, Some(TargetUnion::CreateRevision(v))) => {
+                    kv.create_revision.cmp(v)
+                }
+                (CompareTarget::Mod, Some(TargetUnion::ModRevision(v))) => kv.mod_revision.cmp(v),
+                (CompareTarget::Lease, Some(TargetUnion::Lease(v))) => kv.lease.cmp(v),
+                (CompareTarget::Version, _) => kv.version.cmp(&0),
+                (CompareTarget::Create, _) => kv.create_revision.cmp(&0),
+                (CompareTarget::Mod, _) => kv.mod_revision.cmp(&0),
+                (CompareTarget::Lease, _) => kv.lease.cmp(&0),
+            };
+            match result {
+                CompareResult::Equal => ordering.is_eq(),
+                CompareResult::Greater => ordering.is_gt(),
+                CompareResult::Less => ordering.is_lt(),
+                CompareResult::NotEqual => ordering.is_ne(),
+            }
+        }))
+    }
+
+    fn decide(&self, req: &TxnRequest, at: i64) -> Result<TxnPath, MvccError> {
+        let mut succeeded = true;
+        for compare in &req.compare {
+            if !self.compare_holds(compare, at)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let branch = if succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
+        let mut nested = Vec::new();
+        for op in branch {
+            if let Some(request_op::Request::RequestTxn(inner)) = &op.request {
+                nested.push(self.decide(inner, at)?);
+            }
+        }
+        Ok(TxnPath { succeeded, nested })
+    }
+
+    /// Everything that could fail on the chosen path fails here, before anything is written.
+    fn check_path(&self, req: &TxnRequest, path: &TxnPath) -> Result<(), MvccError> {
+        let branch = if path.succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
+        let mut nested = path.nested.iter();
+        for op in branch {
+            match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    self.check_read_rev(r.revision, self.current_rev)?;
+                }
+                Some(request_op::Request::RequestPut(r)) => self.check_put_state(r)?,
+                Some(request_op::Request::RequestTxn(inner)) => {
+                    let inner_path = nested.next().expect("a path per nested txn");
+                    self.check_path(inner, inner_path)?;
+                }
+                Some(request_op::Request::RequestDeleteRange(_)) | None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn txn(
+        &mut self,
+        pending: &mut Pending,
+        req: &TxnRequest,
+        path: &TxnPath,
+    ) -> Result<TxnResponse, MvccError> {
+        let branch = if path.succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
+        let mut nested = path.nested.iter();
+        let mut responses = Vec::with_capacity(branch.len());
+        for op in branch {
+            let response = match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    let read_rev = pending.read_rev();
+                    let mut resp = self.range_with(
+                        r,
+                        read_rev,
+                        &Overlay {
+                            store: self,
+                            pending,
+                        },
+                    )?;
+                    resp.header = Some(ResponseHeader {
+                        revision: read_rev,
+                        ..Default::default()
+                    });
+                    Some(response_op::Response::ResponseRange(resp))
+                }
+                Some(request_op::Request::RequestPut(r)) => {
+                    Some(response_op::Response::ResponsePut(self.put(pending, r)?))
+                }
+                Some(request_op::Request::RequestDeleteRange(r)) => Some(
+                    response_op::Response::ResponseDeleteRange(self.delete_range(pending, r)?),
+                ),
+                Some(request_op::Request::RequestTxn(inner)) => {
+                    let inner_path = nested.next().expect("a path per nested txn");
+                    Some(response_op::Response::ResponseTxn(
+                        self.txn(pending, inner, inner_path)?,
+                    ))
+                }
+                None => None,
+            };
+            responses.push(ResponseOp { response });
+        }
+        Ok(TxnResponse {
+            header: None,
+            succeeded: path.succeeded,
+            responses,
+        })
+    }
+
+    fn compact(
+        &mut self,
+        pending: &mut Pending,
+        req: &CompactionRequest,
+    ) -> Result<CompactionResponse, MvccError> {
+        if req.revision <= self.compact_rev {
+            return Err(MvccError::Compacted);
+        }
+        if req.revision > self.current_rev {
+            return Err(MvccError::FutureRev);
+        }
+        // The scan below must see every revision in the backend.
+        self.flush_staged()?;
+        let keep = self.index.compact(req.revision);
+        let mut failure = None;
+        self.backend.scan(
+            &rev_key_start(0),
+            Some(&rev_key_start(req.revision + 1)),
+            &mut |key, _| {
+                match parse_rev_key(key) {
+                    Some((rev, _)) if !keep.contains(&rev) => pending.batch.delete(key.to_vec()),
+                    Some(_) => {}
+                    None => {
+                        failure = Some(MvccError::Corrupt {
+                            main: -1,
+                            sub: -1,
+                            reason: "bad revision key".into(),
+                        });
+                        return false;
+                    }
+                }
+                true
+            },
+        )?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        pending
+            .batch
+            .put(meta_key(META_COMPACT_REV), encode_u64(req.revision as u64));
+        self.compact_rev = req.revision;
+        Ok(CompactionResponse { header: None })
+    }
+}

@@ -1,0 +1,250 @@
+//! The sans-IO raft core: inputs in (tick, message, proposal, read request, ...), work out
+//! (entries and hard state to persist, messages to send before and after persisting, committed
+//! entries to apply, read states). It does no I/O and reads no clock.
+
+use raft::eraftpb::{
+    ConfChangeV2, ConfState, Entry, HardState, Message, Snapshot, SnapshotMetadata,
+};
+use raft::storage::MemStorage;
+use raft::{Config, RawNode, ReadState, StateRole, Storage};
+
+/// Largest append message, in bytes.
+pub const MAX_SIZE_PER_MSG: u64 = 1 << 20;
+/// Append messages in flight to one follower.
+pub const MAX_INFLIGHT_MSGS: usize = 256;
+/// Committed entries handed out per ready, in bytes.
+pub const MAX_COMMITTED_SIZE_PER_READY: u64 = 16 << 20;
+
+#[derive(Debug, Clone)]
+pub struct CoreOptions {
+    pub id: u64,
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// The index up to which committed entries were applied before this start.
+    pub applied: u64,
+}
+
+/// The work one raft `Ready` asks for, in the order the shell must do it: send `messages`,
+/// persist `snapshot`/`entries`/`hard_state` (synced when `must_sync`), then send
+/// `persisted_messages`, then call `RaftCore::persisted`. `committed` can be applied at once.
+#[derive(Debug, Default)]
+pub struct ReadyWork {
+    pub messages: Vec<Message>,
+    pub snapshot: Option<Snapshot>,
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+    pub must_sync: bool,
+    pub persisted_messages: Vec<Message>,
+    pub committed: Vec<Entry>,
+    pub read_states: Vec<ReadState>,
+}
+
+/// What becomes possible once a ready is durable.
+#[derive(Debug, Default)]
+pub struct PersistedWork {
+    pub messages: Vec<Message>,
+    pub committed: Vec<Entry>,
+}
+
+pub struct RaftCore {
+    raw: RawNode<MemStorage>,
+    pending: Option<raft::Ready>,
+}
+
+fn discard_logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+impl RaftCore {
+    /// Builds the core over a log restored from disk: `snapshot` (if any), then `entries`
+    /// after it, then `hard_state`. A brand-new member passes `initial_voters` instead.
+    pub fn new(
+        opts: &CoreOptions,
+        snapshot: Option<Snapshot>,
+        entries: &[Entry],
+        hard_state: HardState,
+        initial_voters: &[u64],
+    ) -> Result<Self, raft::Error> {
+        let storage = MemStorage::new();
+        match snapshot {
+            Some(snap) if snap.get_metadata().index > 0 => storage.wl().apply_snapshot(snap)?,
+            Some(snap) => {
+                storage.initialize_with_conf_state(snap.get_metadata().get_conf_state().clone())
+            }
+            None => storage
+                .initialize_with_conf_state(ConfState::from((initial_voters.to_vec(), vec![]))),
+        }
+        let snapshot_index = storage.wl().hard_state().commit;
+        storage.wl().append(entries)?;
+        if hard_state != HardState::default() {
+            let mut hard_state = hard_state;
+            // The commit index is written lazily; a snapshot proves it was at least this far.
+            hard_state.commit = hard_state.commit.max(snapshot_index);
+            storage.wl().set_hardstate(hard_state);
+        }
+        let config = Config {
+            id: opts.id,
+            election_tick: opts.election_tick,
+            heartbeat_tick: opts.heartbeat_tick,
+            applied: opts.applied,
+            max_size_per_msg: MAX_SIZE_PER_MSG,
+            max_inflight_msgs: MAX_INFLIGHT_MSGS,
+            max_committed_size_per_ready: MAX_COMMITTED_SIZE_PER_READY,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        config.validate()?;
+        let raw = RawNode::new(&config, storage, &discard_logger())?;
+        Ok(RaftCore { raw, pending: None })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.raw.raft.id
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    pub fn step(&mut self, msg: Message) -> Result<(), raft::Error> {
+        self.raw.step(msg)
+    }
+
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<(), raft::Error> {
+        self.raw.propose(vec![], data)
+    }
+
+    pub fn propose_conf_change(
+        &mut self,
+        context: Vec<u8>,
+        change: ConfChangeV2,
+    ) -> Result<(), raft::Error> {
+        self.raw.propose_conf_change(context, change)
+    }
+
+    /// Applies a committed configuration change; returns the new configuration.
+    pub fn apply_conf_change(&mut self, change: &ConfChangeV2) -> Result<ConfState, raft::Error> {
+        let conf_state = self.raw.apply_conf_change(change)?;
+        self.raw.mut_store().wl().set_conf_state(conf_state.clone());
+        Ok(conf_state)
+    }
+
+    pub fn read_index(&mut self, context: Vec<u8>) {
+        self.raw.read_index(context);
+    }
+
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+    }
+
+    /// A single-voter member need not wait an election timeout to lead.
+    pub fn campaign_if_alone(&mut self) -> Result<(), raft::Error> {
+        let voters = self.raw.raft.prs().conf().voters().ids();
+        if voters.len() == 1
+            && voters.contains(self.id())
+            && self.raw.raft.state != StateRole::Leader
+        {
+            self.raw.campaign()?;
+        }
+        Ok(())
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn leader_id(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    pub fn role(&self) -> StateRole {
+        self.raw.raft.state
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
+    }
+
+    pub fn conf_state(&self) -> ConfState {
+        self.raw.raft.prs().conf().to_conf_state()
+    }
+
+    /// Takes the next ready, if any. Its entries and hard state are already in the in-memory
+    /// log (raft reads them from there); the shell makes them durable.
+    pub fn take_ready(&mut self) -> Option<ReadyWork> {
+        assert!(self.pending.is_none(), "a ready is still being persisted");
+        if !self.raw.has_ready() {
+            return None;
+        }
+        let mut ready = self.raw.ready();
+        let mut work = ReadyWork {
+            messages: ready.take_messages(),
+            must_sync: ready.must_sync(),
+            read_states: ready.take_read_states(),
+            committed: ready.take_committed_entries(),
+            ..Default::default()
+        };
+        if !ready.snapshot().is_empty() {
+            let snapshot = ready.snapshot().clone();
+            if let Err(e) = self.raw.mut_store().wl().apply_snapshot(snapshot.clone()) {
+                panic!("raft handed out a snapshot older than the log: {e}");
+            }
+            work.snapshot = Some(snapshot);
+        }
+        work.entries = ready.take_entries();
+        if !work.entries.is_empty() {
+            debug_assert!(work
+                .entries
+                .windows(2)
+                .all(|w| w[1].index == w[0].index + 1));
+            if let Err(e) = self.raw.mut_store().wl().append(&work.entries) {
+                panic!("raft handed out entries that do not fit the log: {e}");
+            }
+        }
+        if let Some(hs) = ready.hs() {
+            self.raw.mut_store().wl().set_hardstate(hs.clone());
+            work.hard_state = Some(hs.clone());
+        }
+        work.persisted_messages = ready.take_persisted_messages();
+        self.pending = Some(ready);
+        Some(work)
+    }
+
+    /// Called once the last taken ready is durable.
+    pub fn persisted(&mut self) -> PersistedWork {
+        let ready = self.pending.take().expect("persisted without a ready");
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().wl().mut_hard_state().commit = commit;
+        }
+        PersistedWork {
+            messages: light.take_messages(),
+            committed: light.take_committed_entries(),
+        }
+    }
+
+    /// Describes a snapshot at `index` (already applied and flushed to the backend) and drops
+    /// the in-memory log before it. Returns `None` when `index` is not in the log.
+    pub fn compact_to(&mut self, index: u64) -> Option<Snapshot> {
+        let store = self.raw.store().clone();
+        let term = store.term(index).ok()?;
+        let mut snapshot = Snapshot::default();
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
+        meta.set_conf_state(self.conf_state());
+        snapshot.set_metadata(meta);
+        if let Err(e) = store.wl().compact(index) {
+            tracing::warn!(index, error = %e, "raft log compaction skipped");
+            return None;
+        }
+        Some(snapshot)
+    }
+}

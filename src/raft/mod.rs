@@ -1,0 +1,10 @@
+//! The node: a sans-IO driver over `raft::RawNode` (`core`) and the async shell that runs it on
+//! the ports (`shell`). The simulator runs the same shell on simulated ports.
+
+mod core;
+mod shell;
+
+pub use self::core::{CoreOptions, RaftCore, ReadyWork};
+pub use shell::{
+    spawn_node, Applied, ApplyBatch, NodeError, NodeHandle, NodeOptions, NodeStatus, StartedNode,
+};

@@ -1,0 +1,453 @@
+//! The async shell: runs a `RaftCore` on the ports. It owns the WAL and the snapshot store,
+//! ticks on the `Clock`, sends through the `Transport`, and hands committed entries to the
+//! apply loop in order. Entries are made durable (one fdatasync per ready: group commit) before
+//! the messages that depend on them are sent.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use raft::eraftpb::{
+    ConfChangeV2, ConfState, Entry, HardState, Message, Snapshot, SnapshotMetadata,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::core::{CoreOptions, RaftCore, ReadyWork};
+use crate::io::transport::Inbox;
+use crate::io::{Clock, Disk, Transport};
+use crate::wal::{SnapStore, Wal, WalError, WalOptions};
+
+/// Commands queued to the node, at most.
+pub const COMMAND_QUEUE: usize = 16 * 1024;
+/// Commands taken in one turn of the loop before raft is driven: the proposal batch size.
+pub const MAX_COMMANDS_PER_TURN: usize = 4096;
+/// Batches of committed entries queued to the apply loop, at most.
+pub const APPLY_QUEUE: usize = 1024;
+/// Snapshot files kept.
+pub const SNAPSHOTS_KEPT: usize = 5;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NodeError {
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    #[error("etcdserver: {0}")]
+    Raft(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub id: u64,
+    /// Voters of a brand-new cluster; ignored when the data dir has state.
+    pub initial_voters: Vec<u64>,
+    pub heartbeat_interval: Duration,
+    pub election_tick: usize,
+    pub wal_dir: PathBuf,
+    pub snap_dir: PathBuf,
+    pub wal: WalOptions,
+}
+
+/// What the apply loop receives, in log order.
+#[derive(Debug)]
+pub enum ApplyBatch {
+    Entries(Vec<Entry>),
+    Snapshot(Snapshot),
+}
+
+/// The node's state, readable by anyone without asking the node.
+#[derive(Debug, Default)]
+pub struct NodeStatus {
+    pub term: AtomicU64,
+    pub leader: AtomicU64,
+    pub commit: AtomicU64,
+    pub last_index: AtomicU64,
+}
+
+/// The highest applied index, published by the apply loop.
+pub type Applied = watch::Receiver<u64>;
+
+enum Command {
+    Propose {
+        data: Vec<u8>,
+        rejected: oneshot::Sender<NodeError>,
+    },
+    ProposeConfChange {
+        change: ConfChangeV2,
+        rejected: oneshot::Sender<NodeError>,
+    },
+    ApplyConfChange {
+        change: ConfChangeV2,
+        reply: oneshot::Sender<Result<ConfState, NodeError>>,
+    },
+    ReadIndex {
+        reply: oneshot::Sender<u64>,
+    },
+    TransferLeader {
+        to: u64,
+    },
+    Snapshot {
+        index: u64,
+    },
+}
+
+/// A cheap handle to a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    id: u64,
+    commands: mpsc::Sender<Command>,
+    status: Arc<NodeStatus>,
+}
+
+impl NodeHandle {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn status(&self) -> &NodeStatus {
+        &self.status
+    }
+
+    async fn send(&self, command: Command) -> Result<(), NodeError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
+    /// Queues a proposal. The returned receiver yields an error if raft refused it; it is
+    /// closed without a value once raft accepted it.
+    pub async fn propose(&self, data: Vec<u8>) -> Result<oneshot::Receiver<NodeError>, NodeError> {
+        let (rejected, on_reject) = oneshot::channel();
+        self.send(Command::Propose { data, rejected }).await?;
+        Ok(on_reject)
+    }
+
+    pub async fn propose_conf_change(
+        &self,
+        change: ConfChangeV2,
+    ) -> Result<oneshot::Receiver<NodeError>, NodeError> {
+        let (rejected, on_reject) = oneshot::channel();
+        self.send(Command::ProposeConfChange { change, rejected })
+            .await?;
+        Ok(on_reject)
+    }
+
+    /// Called by the apply loop for a committed configuration change.
+    pub async fn apply_conf_change(&self, change: ConfChangeV2) -> Result<ConfState, NodeError> {
+        let (reply, response) = oneshot::channel();
+        self.send(Command::ApplyConfChange { change, reply })
+            .await?;
+        response.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// The commit index a linearizable read must wait for (raft's ReadIndex). Concurrent
+    /// requests share one ReadIndex round. Never answers while there is no leader.
+    pub async fn read_index(&self) -> Result<u64, NodeError> {
+        let (reply, response) = oneshot::channel();
+        self.send(Command::ReadIndex { reply }).await?;
+        response.await.map_err(|_| NodeError::Stopped)
+    }
+
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), NodeError> {
+        self.send(Command::TransferLeader { to }).await
+    }
+
+    /// Asks for a snapshot at `index`: everything up to it is applied and flushed.
+    pub async fn snapshot(&self, index: u64) -> Result<(), NodeError> {
+        self.send(Command::Snapshot { index }).await
+    }
+}
+
+pub struct StartedNode {
+    pub handle: NodeHandle,
+    pub apply_rx: mpsc::Receiver<ApplyBatch>,
+    /// Ends with the node: `Err` on a fatal storage error.
+    pub task: tokio::task::JoinHandle<Result<(), WalError>>,
+    /// The index of the snapshot the node started from (the apply loop's replay starts after).
+    pub snapshot_index: u64,
+}
+
+struct Shell {
+    core: RaftCore,
+    wal: Wal,
+    snaps: SnapStore,
+    transport: Arc<dyn Transport>,
+    apply_tx: mpsc::Sender<ApplyBatch>,
+    status: Arc<NodeStatus>,
+    reads_waiting: Vec<oneshot::Sender<u64>>,
+    reads_in_flight: HashMap<u64, Vec<oneshot::Sender<u64>>>,
+    next_read_id: u64,
+}
+
+/// Opens the node's storage, rebuilds raft from it and starts the node task.
+pub fn spawn_node(
+    opts: NodeOptions,
+    disk: Arc<dyn Disk>,
+    transport: Arc<dyn Transport>,
+    inbox: Inbox,
+    clock: Arc<dyn Clock>,
+) -> Result<StartedNode, WalError> {
+    let snaps = SnapStore::new(disk.clone(), &opts.snap_dir)?;
+    let mut snapshot = snaps.load_newest()?;
+    let snapshot_index = snapshot.as_ref().map_or(0, |s| s.get_metadata().index);
+    let (wal, replay) = Wal::open(disk, &opts.wal_dir, opts.wal, snapshot_index)?;
+    if let Some(repair) = &replay.repaired_tail {
+        tracing::warn!(file = %repair.file.display(), offset = repair.offset, dropped_bytes = repair.dropped_bytes,
+            "repaired a torn write at the end of the WAL");
+    }
+    if snapshot.is_none() && replay.entries.is_empty() && replay.hard_state == HardState::default()
+    {
+        // A brand-new member: its first configuration, recorded as a snapshot at index 0.
+        let mut meta = SnapshotMetadata::default();
+        meta.set_conf_state(ConfState::from((opts.initial_voters.clone(), vec![])));
+        let mut bootstrap = Snapshot::default();
+        bootstrap.set_metadata(meta);
+        snaps.save(&bootstrap)?;
+        snapshot = Some(bootstrap);
+    }
+    tracing::info!(
+        id = opts.id,
+        snapshot_index,
+        entries = replay.entries.len(),
+        term = replay.hard_state.term,
+        commit = replay.hard_state.commit,
+        "raft log restored"
+    );
+    let core_opts = CoreOptions {
+        id: opts.id,
+        election_tick: opts.election_tick,
+        heartbeat_tick: 1,
+        applied: snapshot_index,
+    };
+    let mut core = RaftCore::new(
+        &core_opts,
+        snapshot,
+        &replay.entries,
+        replay.hard_state.clone(),
+        &opts.initial_voters,
+    )
+    .map_err(|e| WalError::Invalid {
+        reason: format!("cannot rebuild raft state: {e}"),
+    })?;
+    core.campaign_if_alone().map_err(|e| WalError::Invalid {
+        reason: format!("cannot rebuild raft state: {e}"),
+    })?;
+    let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (apply_tx, apply_rx) = mpsc::channel(APPLY_QUEUE);
+    let status = Arc::new(NodeStatus::default());
+    let handle = NodeHandle {
+        id: opts.id,
+        commands: commands_tx,
+        status: status.clone(),
+    };
+    let shell = Shell {
+        core,
+        wal,
+        snaps,
+        transport,
+        apply_tx,
+        status,
+        reads_waiting: Vec::new(),
+        reads_in_flight: HashMap::new(),
+        next_read_id: 1,
+    };
+    let task = tokio::spawn(shell.run(commands_rx, inbox, clock, opts.heartbeat_interval));
+    Ok(StartedNode {
+        handle,
+        apply_rx,
+        task,
+        snapshot_index,
+    })
+}
+
+impl Shell {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut inbox: Inbox,
+        clock: Arc<dyn Clock>,
+        tick_interval: Duration,
+    ) -> Result<(), WalError> {
+        let mut next_tick = clock.sleep(tick_interval);
+        self.drive().await?;
+        loop {
+            tokio::select! {
+                _ = &mut next_tick => {
+                    self.core.tick();
+                    next_tick = clock.sleep(tick_interval);
+                }
+                batch = inbox.recv() => {
+                    for msg in batch.into_iter().flatten() {
+                        // Messages from stale terms or unknown peers are refused by raft; fine.
+                        let _ = self.core.step(msg);
+                    }
+                }
+                command = commands.recv() => {
+                    let Some(command) = command else { break };
+                    self.handle(command);
+                    for _ in 1..MAX_COMMANDS_PER_TURN {
+                        match commands.try_recv() {
+                            Ok(command) => self.handle(command),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if !self.reads_waiting.is_empty() {
+                let id = self.next_read_id;
+                self.next_read_id += 1;
+                self.reads_in_flight
+                    .insert(id, std::mem::take(&mut self.reads_waiting));
+                self.core.read_index(id.to_be_bytes().to_vec());
+            }
+            self.drive().await?;
+        }
+        self.wal.sync()?;
+        Ok(())
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Propose { data, rejected } => {
+                if let Err(e) = self.core.propose(data) {
+                    let _ = rejected.send(proposal_error(e));
+                }
+            }
+            Command::ProposeConfChange { change, rejected } => {
+                if let Err(e) = self.core.propose_conf_change(vec![], change) {
+                    let _ = rejected.send(proposal_error(e));
+                }
+            }
+            Command::ApplyConfChange { change, reply } => {
+                let _ = reply.send(
+                    self.core
+                        .apply_conf_change(&change)
+                        .map_err(|e| NodeError::Raft(e.to_string())),
+                );
+            }
+            Command::ReadIndex { reply } => self.reads_waiting.push(reply),
+            Command::TransferLeader { to } => self.core.transfer_leader(to),
+            Command::Snapshot { index } => {
+                if let Err(e) = self.snapshot(index) {
+                    tracing::error!(index, error = %e, "snapshot failed");
+                }
+            }
+        }
+    }
+
+    fn snapshot(&mut self, index: u64) -> Result<(), WalError> {
+        let Some(snapshot) = self.core.compact_to(index) else {
+            return Ok(());
+        };
+        let meta = snapshot.get_metadata();
+        self.snaps.save(&snapshot)?;
+        self.wal.save_snapshot_marker(meta.term, meta.index)?;
+        self.wal.release_to(meta.index)?;
+        self.snaps.purge(SNAPSHOTS_KEPT)?;
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            "saved snapshot and released the WAL before it"
+        );
+        Ok(())
+    }
+
+    fn send(&self, messages: Vec<Message>) {
+        if messages.is_empty() {
+            return;
+        }
+        let mut by_peer: HashMap<u64, Vec<Message>> = HashMap::new();
+        for msg in messages {
+            by_peer.entry(msg.to).or_default().push(msg);
+        }
+        for (to, batch) in by_peer {
+            self.transport.send(to, batch);
+        }
+    }
+
+    /// Handles every ready raft has: persist, send, hand committed entries to the apply loop.
+    async fn drive(&mut self) -> Result<(), WalError> {
+        while let Some(work) = self.core.take_ready() {
+            let ReadyWork {
+                messages,
+                snapshot,
+                entries,
+                hard_state,
+                must_sync,
+                persisted_messages,
+                committed,
+                read_states,
+            } = work;
+            // A leader may send appends before its own write is durable (raft counts its own
+            // vote only once persisted).
+            self.send(messages);
+            if let Some(snapshot) = &snapshot {
+                self.snaps.save(snapshot)?;
+                self.wal.save_snapshot_marker(
+                    snapshot.get_metadata().term,
+                    snapshot.get_metadata().index,
+                )?;
+            }
+            if !entries.is_empty() || hard_state.is_some() {
+                self.wal.append(&entries, hard_state.as_ref())?;
+            }
+            if must_sync {
+                self.wal.sync()?;
+            }
+            self.send(persisted_messages);
+            for state in read_states {
+                let id = state
+                    .request_ctx
+                    .as_slice()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                for reply in self.reads_in_flight.remove(&id).unwrap_or_default() {
+                    let _ = reply.send(state.index);
+                }
+            }
+            if let Some(snapshot) = snapshot {
+                self.to_apply(ApplyBatch::Snapshot(snapshot)).await;
+            }
+            if !committed.is_empty() {
+                self.to_apply(ApplyBatch::Entries(committed)).await;
+            }
+            let persisted = self.core.persisted();
+            self.send(persisted.messages);
+            if !persisted.committed.is_empty() {
+                self.to_apply(ApplyBatch::Entries(persisted.committed))
+                    .await;
+            }
+        }
+        self.status.term.store(self.core.term(), Ordering::Relaxed);
+        self.status
+            .leader
+            .store(self.core.leader_id(), Ordering::Relaxed);
+        self.status
+            .commit
+            .store(self.core.commit_index(), Ordering::Relaxed);
+        self.status
+            .last_index
+            .store(self.core.last_index(), Ordering::Relaxed);
+        if self.core.leader_id() == 0 && !self.reads_in_flight.is_empty() {
+            // Read requests in flight died with the leader; their callers time out and retry.
+            self.reads_in_flight.clear();
+        }
+        Ok(())
+    }
+
+    async fn to_apply(&self, batch: ApplyBatch) {
+        // The apply loop only stops when the server does.
+        let _ = self.apply_tx.send(batch).await;
+    }
+}
+
+fn proposal_error(e: raft::Error) -> NodeError {
+    match e {
+        raft::Error::ProposalDropped => NodeError::NoLeader,
+        other => NodeError::Raft(other.to_string()),
+    }
+}

@@ -1,0 +1,177 @@
+//! The apply loop: committed entries, in log order, into mvcc; each result to the request that
+//! waits for it; the applied index published; a snapshot every `snapshot_count` entries.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType};
+use raft_proto::ConfChangeI;
+use tokio::sync::{mpsc, watch};
+
+use super::kv::Waiters;
+use crate::io::Clock;
+use crate::mvcc::{MvccError, MvccStore};
+use crate::proto::quorumkvpb::RaftRequest;
+use crate::raft::{ApplyBatch, NodeHandle};
+
+pub struct ApplyLoop {
+    pub store: Arc<RwLock<MvccStore>>,
+    pub waiters: Waiters,
+    pub node: NodeHandle,
+    pub applied_tx: watch::Sender<u64>,
+    pub snapshot_count: u64,
+    pub last_snapshot_index: u64,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Applied writes are handed to the backend at least this often (etcd's backend batch interval)...
+pub const BACKEND_BATCH_INTERVAL: Duration = Duration::from_millis(100);
+/// ...or once this many writes are staged, whichever comes first. The WAL holds them meanwhile.
+pub const BACKEND_BATCH_LIMIT_OPS: usize = 10_000;
+
+/// Runs until the node stops; `Err` when the backend fails (fatal: the member must stop).
+pub async fn run_apply_loop(
+    mut apply: ApplyLoop,
+    mut batches: mpsc::Receiver<ApplyBatch>,
+) -> Result<(), MvccError> {
+    let mut last_flush_ms = apply.clock.now_ms();
+    loop {
+        let staged = apply.lock().staged_ops();
+        let batch = if staged == 0 {
+            batches.recv().await
+        } else {
+            let due_ms = last_flush_ms + BACKEND_BATCH_INTERVAL.as_millis() as u64;
+            let wait = Duration::from_millis(due_ms.saturating_sub(apply.clock.now_ms()));
+            tokio::select! {
+                batch = batches.recv() => batch,
+                _ = apply.clock.sleep(wait) => {
+                    apply.lock().flush_staged()?;
+                    last_flush_ms = apply.clock.now_ms();
+                    continue;
+                }
+            }
+        };
+        let Some(batch) = batch else { break };
+        match batch {
+            ApplyBatch::Entries(entries) => {
+                let Some(last) = entries.last().map(|e| e.index) else {
+                    continue;
+                };
+                for entry in entries {
+                    apply.entry(entry).await;
+                }
+                let now_ms = apply.clock.now_ms();
+                {
+                    let mut store = apply.lock();
+                    if store.staged_ops() >= BACKEND_BATCH_LIMIT_OPS
+                        || now_ms >= last_flush_ms + BACKEND_BATCH_INTERVAL.as_millis() as u64
+                    {
+                        store.flush_staged()?;
+                        last_flush_ms = now_ms;
+                    }
+                }
+                apply.applied_tx.send_replace(last);
+                apply.maybe_snapshot(last).await;
+            }
+            ApplyBatch::Snapshot(snapshot) => {
+                // Installing a leader's backend snapshot comes with multi-member clusters.
+                tracing::error!(
+                    index = snapshot.get_metadata().index,
+                    "received a raft snapshot from the leader; installing it is not supported yet"
+                );
+            }
+        }
+    }
+    apply.lock().flush_staged()?;
+    Ok(())
+}
+
+impl ApplyLoop {
+    async fn entry(&mut self, entry: Entry) {
+        match entry.get_entry_type() {
+            EntryType::EntryNormal => self.normal(&entry),
+            EntryType::EntryConfChange => match ConfChange::parse_from_bytes(entry.get_data()) {
+                Ok(change) => self.conf_change(entry.index, change.into_v2()).await,
+                Err(e) => self.skip_bad(entry.index, &e.to_string()),
+            },
+            EntryType::EntryConfChangeV2 => {
+                match ConfChangeV2::parse_from_bytes(entry.get_data()) {
+                    Ok(change) => self.conf_change(entry.index, change).await,
+                    Err(e) => self.skip_bad(entry.index, &e.to_string()),
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, MvccStore> {
+        self.store.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn skip_bad(&self, index: u64, why: &str) {
+        tracing::error!(index, error = why, "skipping an undecodable log entry");
+        self.lock().skip(index);
+    }
+
+    fn normal(&self, entry: &Entry) {
+        let mut store = self.lock();
+        if entry.index <= store.consistent_index() {
+            return; // Already in the backend: replay after a restart.
+        }
+        if entry.get_data().is_empty() {
+            store.skip(entry.index); // A new leader's empty entry.
+            return;
+        }
+        let request = match RaftRequest::decode(entry.get_data()) {
+            Ok(request) => request,
+            Err(e) => {
+                drop(store);
+                return self.skip_bad(entry.index, &e.to_string());
+            }
+        };
+        let Some(body) = &request.request else {
+            store.skip(entry.index);
+            return;
+        };
+        let result = store.apply(entry.index, body);
+        if result.is_err() {
+            store.skip(entry.index);
+        }
+        let revision = store.current_rev();
+        drop(store);
+        if let Some(waiter) = self.waiters.take(request.id) {
+            let _ = waiter.send((result, revision));
+        }
+    }
+
+    async fn conf_change(&mut self, index: u64, change: ConfChangeV2) {
+        if let Err(e) = self.node.apply_conf_change(change).await {
+            tracing::error!(index, error = %e, "configuration change not applied");
+        }
+        self.lock().skip(index);
+    }
+
+    async fn maybe_snapshot(&mut self, applied: u64) {
+        if applied < self.last_snapshot_index + self.snapshot_count {
+            return;
+        }
+        // Everything the snapshot covers must be durable in the backend before the WAL that
+        // holds it is released.
+        let flushed = {
+            let mut store = self.lock();
+            store
+                .flush_staged()
+                .map_err(|e| e.to_string())
+                .and_then(|()| store.backend().flush().map_err(|e| e.to_string()))
+        };
+        match flushed {
+            Ok(()) => {
+                if self.node.snapshot(applied).await.is_ok() {
+                    self.last_snapshot_index = applied;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "backend flush failed; snapshot postponed"),
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The request path shared by the gRPC services (and the simulator's clients).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use prost::Message as _;
+use tokio::sync::oneshot;
+
+use super::error::ServerError;
+use crate::mvcc::{self, ApplyOutcome, ApplyResult, MvccStore};
+use crate::proto::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
+};
+use crate::proto::quorumkvpb::{raft_request::Request, RaftRequest};
+use crate::raft::{Applied, NodeHandle};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub cluster_id: u64,
+    pub member_id: u64,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub request_timeout: Duration,
+}
+
+/// What the apply loop sends back: the result and the store's revision after it.
+pub type ApplyReply = (ApplyResult, i64);
+
+/// Requests waiting for their entry to be applied, by request id.
+#[derive(Clone, Default)]
+pub struct Waiters {
+    inner: Arc<Mutex<HashMap<u64, oneshot::Sender<ApplyReply>>>>,
+}
+
+impl Waiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<ApplyReply>>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, id: u64) -> oneshot::Receiver<ApplyReply> {
+        let (tx, rx) = oneshot::channel();
+        let previous = self.lock().insert(id, tx);
+        debug_assert!(previous.is_none(), "request id {id} reused");
+        rx
+    }
+
+    pub fn take(&self, id: u64) -> Option<oneshot::Sender<ApplyReply>> {
+        self.lock().remove(&id)
+    }
+}
+
+/// Numbers for `Maintenance.Status`.
+#[derive(Debug, Clone, Default)]
+pub struct StatusReport {
+    pub leader: u64,
+    pub raft_term: u64,
+    pub raft_index: u64,
+    pub raft_applied_index: u64,
+    pub db_size: i64,
+    pub revision: i64,
+}
+
+#[derive(Clone)]
+pub struct KvServer {
+    config: Arc<ServerConfig>,
+    node: NodeHandle,
+    store: Arc<RwLock<MvccStore>>,
+    waiters: Waiters,
+    applied: Applied,
+    next_id: Arc<AtomicU64>,
+}
+
+impl KvServer {
+    pub fn new(
+        config: ServerConfig,
+        node: NodeHandle,
+        store: Arc<RwLock<MvccStore>>,
+        waiters: Waiters,
+        applied: Applied,
+        id_seed: u64,
+    ) -> Self {
+        // Ids must not collide across members (each applies everyone's entries) nor across
+        // restarts: the member's low 16 bits, then a counter from a random start.
+        let first_id = ((config.member_id & 0xffff) << 48) | (id_seed & ((1 << 47) - 1));
+        KvServer {
+            config: Arc::new(config),
+            node,
+            store,
+            waiters,
+            applied,
+            next_id: Arc::new(AtomicU64::new(first_id)),
+        }
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    fn read_store(&self) -> std::sync::RwLockReadGuard<'_, MvccStore> {
+        self.store.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.config.cluster_id,
+            member_id: self.config.member_id,
+            revision,
+            raft_term: self.node.status().term.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until this member has applied everything committed when the read arrived.
+    pub async fn linearizable_barrier(&self) -> Result<(), ServerError> {
+        let timeout = self.config.request_timeout;
+        let index = tokio::time::timeout(timeout, self.node.read_index())
+            .await
+            .map_err(|_| ServerError::Timeout)??;
+        let mut applied = self.applied.clone();
+        tokio::time::timeout(timeout, applied.wait_for(|a| *a >= index))
+            .await
+            .map_err(|_| ServerError::Timeout)?
+            .map_err(|_| ServerError::Stopped)?;
+        Ok(())
+    }
+
+    pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, ServerError> {
+        mvcc::check_range(&req)?;
+        if !req.serializable {
+            self.linearizable_barrier().await?;
+        }
+        let store = self.read_store();
+        let mut resp = store.range(&req)?;
+        resp.header = Some(self.header(store.current_rev()));
+        Ok(resp)
+    }
+
+    pub async fn put(&self, req: PutRequest) -> Result<PutResponse, ServerError> {
+        mvcc::check_put(&req)?;
+        match self.propose(Request::Put(req)).await? {
+            (ApplyOutcome::Put(mut resp), revision) => {
+                resp.header = Some(self.header(revision));
+                Ok(resp)
+            }
+            _ => unreachable!("a put applies as a put"),
+        }
+    }
+
+    pub async fn delete_range(
+        &self,
+        req: DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, ServerError> {
+        mvcc::check_delete(&req)?;
+        match self.propose(Request::DeleteRange(req)).await? {
+            (ApplyOutcome::DeleteRange(mut resp), revision) => {
+                resp.header = Some(self.header(revision));
+                Ok(resp)
+            }
+            _ => unreachable!("a delete applies as a delete"),
+        }
+    }
+
+    pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, ServerError> {
+        mvcc::check_txn(&req, self.config.max_txn_ops)?;
+        match self.propose(Request::Txn(req)).await? {
+            (ApplyOutcome::Txn(mut resp), revision) => {
+                resp.header = Some(self.header(revision));
+                Ok(resp)
+            }
+            _ => unreachable!("a txn applies as a txn"),
+        }
+    }
+
+    pub async fn compact(&self, req: CompactionRequest) -> Result<CompactionResponse, ServerError> {
+        match self.propose(Request::Compaction(req)).await? {
+            (ApplyOutcome::Compaction(mut resp), revision) => {
+                resp.header = Some(self.header(revision));
+                Ok(resp)
+            }
+            _ => unreachable!("a compaction applies as a compaction"),
+        }
+    }
+
+    async fn propose(&self, request: Request) -> Result<(ApplyOutcome, i64), ServerError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let data = RaftRequest {
+            id,
+            request: Some(request),
+        }
+        .encode_to_vec();
+        if data.len() > self.config.max_request_bytes {
+            return Err(ServerError::RequestTooLarge);
+        }
+        let applied = self.waiters.register(id);
+        let outcome = async {
+            let rejected = self.node.propose(data).await?;
+            tokio::select! {
+                result = applied => result.map_err(|_| ServerError::Stopped),
+                Ok(e) = rejected => Err(ServerError::Node(e)),
+            }
+        };
+        let result = tokio::time::timeout(self.config.request_timeout, outcome).await;
+        match result {
+            Ok(Ok((result, revision))) => Ok((result?, revision)),
+            Ok(Err(e)) => {
+                self.waiters.take(id);
+                Err(e)
+            }
+            Err(_) => {
+                self.waiters.take(id);
+                Err(ServerError::Timeout)
+            }
+        }
+    }
+
+    pub fn status(&self) -> StatusReport {
+        let status = self.node.status();
+        let store = self.read_store();
+        StatusReport {
+            leader: status.leader.load(Ordering::Relaxed),
+            raft_term: status.term.load(Ordering::Relaxed),
+            raft_index: status.commit.load(Ordering::Relaxed),
+            raft_applied_index: *self.applied.borrow(),
+            db_size: store.backend().size_bytes() as i64,
+            revision: store.current_rev(),
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Glue between the API and the node: a request becomes a proposal, waits for its entry to be
+//! applied, and returns what the apply produced; reads go through ReadIndex (linearizable) or
+//! straight to local state (serializable).
+
+mod apply;
+mod error;
+mod kv;
+mod start;
+
+pub use apply::run_apply_loop;
+pub use error::ServerError;
+pub use kv::{KvServer, ServerConfig, StatusReport};
+pub use start::{start_member, MemberConfig, RunningMember};

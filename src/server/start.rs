@@ -1,0 +1,126 @@
+//! Putting a member together from its ports: storage, raft node, apply loop, request path.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::apply::{run_apply_loop, ApplyLoop};
+use super::kv::{KvServer, ServerConfig, Waiters};
+use crate::io::transport::Inbox;
+use crate::io::{Backend, Clock, Disk, Transport};
+use crate::mvcc::MvccStore;
+use crate::raft::{spawn_node, NodeOptions};
+use crate::wal::{WalError, WalOptions};
+
+#[derive(Debug, Clone)]
+pub struct MemberConfig {
+    pub member_id: u64,
+    pub cluster_id: u64,
+    pub initial_voters: Vec<u64>,
+    /// `<data-dir>/member`
+    pub member_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub election_timeout: Duration,
+    pub snapshot_count: u64,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub wal: WalOptions,
+    pub id_seed: u64,
+}
+
+impl MemberConfig {
+    pub fn wal_dir(&self) -> PathBuf {
+        self.member_dir.join("wal")
+    }
+
+    pub fn snap_dir(&self) -> PathBuf {
+        self.member_dir.join("snap")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.member_dir.join("db")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error("mvcc: {0}")]
+    Mvcc(#[from] crate::mvcc::MvccError),
+}
+
+pub struct RunningMember {
+    pub kv: KvServer,
+    /// Ends when the node stops; `Err` on a fatal storage error.
+    pub node_task: tokio::task::JoinHandle<Result<(), WalError>>,
+    /// Ends when the node stops; `Err` when the backend failed.
+    pub apply_task: tokio::task::JoinHandle<Result<(), crate::mvcc::MvccError>>,
+}
+
+pub fn start_member(
+    config: &MemberConfig,
+    disk: Arc<dyn Disk>,
+    backend: Arc<dyn Backend>,
+    transport: Arc<dyn Transport>,
+    inbox: Inbox,
+    clock: Arc<dyn Clock>,
+) -> Result<RunningMember, StartError> {
+    let store = MvccStore::open(backend)?;
+    let consistent_index = store.consistent_index();
+    tracing::info!(
+        revision = store.current_rev(),
+        consistent_index,
+        keys = store.key_count(),
+        "mvcc store opened"
+    );
+    let election_tick = (config.election_timeout.as_millis()
+        / config.heartbeat_interval.as_millis().max(1))
+    .max(2) as usize;
+    let node_options = NodeOptions {
+        id: config.member_id,
+        initial_voters: config.initial_voters.clone(),
+        heartbeat_interval: config.heartbeat_interval,
+        election_tick,
+        wal_dir: config.wal_dir(),
+        snap_dir: config.snap_dir(),
+        wal: config.wal,
+    };
+    let started = spawn_node(node_options, disk, transport, inbox, clock.clone())?;
+    let store = Arc::new(RwLock::new(store));
+    let waiters = Waiters::default();
+    let (applied_tx, applied_rx) = watch::channel(consistent_index.max(started.snapshot_index));
+    let apply = ApplyLoop {
+        store: store.clone(),
+        waiters: waiters.clone(),
+        node: started.handle.clone(),
+        applied_tx,
+        snapshot_count: config.snapshot_count.max(1),
+        last_snapshot_index: started.snapshot_index,
+        clock,
+    };
+    let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
+    let server_config = ServerConfig {
+        cluster_id: config.cluster_id,
+        member_id: config.member_id,
+        max_request_bytes: config.max_request_bytes,
+        max_txn_ops: config.max_txn_ops,
+        // As etcd: 5 s plus two election timeouts.
+        request_timeout: Duration::from_secs(5) + 2 * config.election_timeout,
+    };
+    let kv = KvServer::new(
+        server_config,
+        started.handle,
+        store,
+        waiters,
+        applied_rx,
+        config.id_seed,
+    );
+    Ok(RunningMember {
+        kv,
+        node_task: started.task,
+        apply_task,
+    })
+}

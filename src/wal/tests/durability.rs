@@ -1,0 +1,178 @@
+//! What is synced before what: the orderings crash safety rests on, and sync failures.
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::io::{Disk, DiskFile, StdDisk};
+
+/// `StdDisk` that logs the calls that matter for crash safety and can fail `sync_data`.
+#[derive(Default)]
+struct InstrumentedDisk {
+    fail_sync: Arc<AtomicBool>,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+impl InstrumentedDisk {
+    fn log(events: &Mutex<Vec<String>>, event: String) {
+        events.lock().unwrap().push(event);
+    }
+
+    fn take_events(&self) -> Vec<String> {
+        std::mem::take(&mut *self.events.lock().unwrap())
+    }
+}
+
+struct InstrumentedFile {
+    inner: Box<dyn DiskFile>,
+    name: String,
+    fail_sync: Arc<AtomicBool>,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+impl DiskFile for InstrumentedFile {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write_at(offset, data)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read_at(offset, buf)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        InstrumentedDisk::log(&self.events, format!("sync {}", self.name));
+        if self.fail_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected fdatasync failure"));
+        }
+        self.inner.sync_data()
+    }
+    fn allocate(&mut self, len: u64) -> io::Result<()> {
+        self.inner.allocate(len)
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+}
+
+impl Disk for InstrumentedDisk {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        StdDisk.create_dir_all(dir)
+    }
+    fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>> {
+        if create {
+            Self::log(&self.events, format!("create {}", file_name(path)));
+        }
+        Ok(Box::new(InstrumentedFile {
+            inner: StdDisk.open(path, create)?,
+            name: file_name(path),
+            fail_sync: self.fail_sync.clone(),
+            events: self.events.clone(),
+        }))
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        StdDisk.list(dir)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        StdDisk.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        Self::log(&self.events, format!("remove {}", file_name(path)));
+        StdDisk.remove(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        Self::log(&self.events, "sync dir".to_string());
+        StdDisk.sync_dir(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        StdDisk.exists(path)
+    }
+}
+
+fn segment_file_name(seq: u64, first_index: u64) -> String {
+    SegmentName { seq, first_index }.file_name()
+}
+
+#[test]
+fn rolling_syncs_the_full_segment_before_the_next_one_exists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Arc::new(InstrumentedDisk::default());
+    let options = WalOptions {
+        segment_bytes: TINY_SEGMENT_BYTES,
+    };
+    let (mut wal, _) = Wal::open(disk.clone(), tmp.path(), options, 0).unwrap();
+    let mut index = 0;
+    while wal.segments.len() == 1 {
+        index += 1;
+        disk.take_events();
+        wal.append(&entries(1, index..=index), None).unwrap();
+    }
+    let first = segment_file_name(1, 1);
+    let second = segment_file_name(2, index);
+    assert_eq!(
+        disk.take_events(),
+        [
+            format!("sync {first}"),
+            format!("create {second}"),
+            format!("sync {second}"),
+            "sync dir".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn release_syncs_the_current_segment_before_removing_older_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Arc::new(InstrumentedDisk::default());
+    let options = WalOptions {
+        segment_bytes: TINY_SEGMENT_BYTES,
+    };
+    let (mut wal, _) = Wal::open(disk.clone(), tmp.path(), options, 0).unwrap();
+    while wal.segments.len() < 3 {
+        let index = wal.last_index() + 1;
+        wal.append(&entries(1, index..=index), None).unwrap();
+    }
+    let covered = wal.last_index();
+    wal.save_snapshot_marker(1, covered).unwrap();
+    wal.append(&entries(1, covered + 1..=covered + 1), None)
+        .unwrap();
+    let names: Vec<String> = wal.segments.iter().map(|s| file_name(&s.path)).collect();
+    let (current, older) = names.split_last().unwrap();
+    disk.take_events();
+    wal.release_to(covered + 1).unwrap();
+    let mut expected = vec![format!("sync {current}")];
+    for name in older {
+        expected.extend([format!("remove {name}"), "sync dir".to_string()]);
+    }
+    assert!(older.len() >= 2);
+    assert_eq!(disk.take_events(), expected);
+}
+
+#[test]
+fn failed_sync_poisons_the_log_until_it_is_reopened() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Arc::new(InstrumentedDisk::default());
+    let options = WalOptions {
+        segment_bytes: 4096,
+    };
+    let (mut wal, _) = Wal::open(disk.clone(), tmp.path(), options, 0).unwrap();
+    wal.append(&entries(1, 1..=2), None).unwrap();
+    disk.fail_sync.store(true, Ordering::SeqCst);
+    let err = wal.sync().unwrap_err();
+    assert!(matches!(err, WalError::Io { .. }), "{err}");
+    disk.fail_sync.store(false, Ordering::SeqCst);
+    assert!(matches!(wal.sync(), Err(WalError::Failed)));
+    assert!(matches!(
+        wal.append(&entries(1, 3..=3), None),
+        Err(WalError::Failed)
+    ));
+    drop(wal);
+    let (_, replay) = Wal::open(disk, tmp.path(), options, 0).unwrap();
+    assert_eq!(replay.entries, entries(1, 1..=2));
+}

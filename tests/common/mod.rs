@@ -1,0 +1,199 @@
+//! Helpers for integration tests: a real `quorumkv` process on loopback, etcdctl, a gRPC client.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use quorumkv::proto::etcdserverpb::kv_client::KvClient;
+use tonic::transport::Channel;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub log_path: PathBuf,
+    pub extra_args: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server in a fresh data dir under `root` and waits until it serves.
+    pub fn start(root: &Path, extra_args: &[&str]) -> Server {
+        let mut server = Server {
+            child: None,
+            data_dir: root.join("data"),
+            client_port: free_port(),
+            peer_port: free_port(),
+            log_path: root.join("server.log"),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn();
+        server.wait_ready();
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Starts the process (on the same data dir and ports) without waiting.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_quorumkv"))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen-client-urls")
+            .arg(self.endpoint())
+            .arg("--advertise-client-urls")
+            .arg(self.endpoint())
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn quorumkv");
+        self.child = Some(child);
+    }
+
+    /// Waits until `etcdctl endpoint health` answers, or panics with the server's log.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("server exited early with {status}; log:\n{}", self.log());
+                }
+            }
+            let out = etcdctl(&self.endpoint(), &["endpoint", "health"]);
+            if out.status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not become ready; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        child.wait().expect("wait")
+    }
+
+    /// Runs the server to completion (for start-up failures): returns its exit status.
+    pub fn run_to_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.spawn();
+        let mut child = self.child.take().expect("spawned");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("server did not exit; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn client(&self) -> KvClient<Channel> {
+        KvClient::connect(self.endpoint()).await.expect("connect")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn etcdctl_available() -> bool {
+    Command::new("etcdctl")
+        .arg("version")
+        .env("ETCDCTL_API", "3")
+        .output()
+        .is_ok()
+}
+
+pub fn etcdctl(endpoint: &str, args: &[&str]) -> Output {
+    etcdctl_stdin(endpoint, args, "")
+}
+
+pub fn etcdctl_stdin(endpoint: &str, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoint)
+        .arg("--dial-timeout=2s")
+        .arg("--command-timeout=10s")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("etcdctl is needed: apt-get install etcd-client (ci/test does)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("etcdctl output")
+}
+
+/// etcdctl's stdout; panics with its stderr when it failed.
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "etcdctl failed: {}\nstdout: {}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+/// etcdctl's stderr; panics when it succeeded.
+pub fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "etcdctl unexpectedly succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).expect("utf8")
+}
