@@ -95,6 +95,10 @@ impl KvServer {
         }
     }
 
+    pub fn node(&self) -> &NodeHandle {
+        &self.node
+    }
+
     pub fn config(&self) -> &ServerConfig {
         &self.config
     }

@@ -11,3 +11,6 @@ pub use apply::run_apply_loop;
 pub use error::ServerError;
 pub use kv::{KvServer, ServerConfig, StatusReport};
 pub use start::{start_member, MemberConfig, RunningMember};
+
+#[cfg(test)]
+mod tests;
