@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use mimalloc::MiMalloc;
-use quorumkv::api::{KvService, MaintenanceService, GRPC_OVERHEAD_BYTES};
+use quorumkv::api::{AuthorityFix, KvService, MaintenanceService, GRPC_OVERHEAD_BYTES};
 use quorumkv::io::{os_seed, LocalTransport, SledBackend, StdDisk, TokioClock};
 use quorumkv::proto::etcdserverpb::kv_server::KvServer as KvGrpc;
 use quorumkv::proto::etcdserverpb::maintenance_server::MaintenanceServer as MaintenanceGrpc;
 use quorumkv::server::{start_member, MemberConfig};
 use quorumkv::wal::WalOptions;
+use tonic::codegen::tokio_stream::{wrappers::TcpListenerStream, StreamExt};
 
 /// The request path allocates per request on many threads; glibc's malloc contends there.
 #[global_allocator]
@@ -306,8 +307,12 @@ async fn run(flags: Flags) -> Result<(), String> {
             .max_decoding_message_size(max_decode)
             .max_encoding_message_size(usize::MAX);
         let mut stop = stop_rx.clone();
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        // etcdctl's `endpoint status` sends the endpoint URL as :authority, which h2 refuses.
+        let incoming = TcpListenerStream::new(listener).map(|accepted| {
+            let stream = accepted?;
+            stream.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(AuthorityFix::new(stream))
+        });
         servers.push(tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(kv)

@@ -1,10 +1,12 @@
 //! The client-facing API: etcd's v3 gRPC services over tonic. Services (and methods) not built
 //! yet answer gRPC `Unimplemented`.
 
+mod h2fix;
 mod kv;
 mod maintenance;
 mod status;
 
+pub use h2fix::AuthorityFix;
 pub use kv::KvService;
 pub use maintenance::MaintenanceService;
 pub use status::to_status;
