@@ -137,38 +137,28 @@ impl MvccStore {
     }
 
     fn put(&mut self, pending: &mut Pending, req: &PutRequest) -> Result<PutResponse, MvccError> {
-        let prev = match self.index.get(&req.key, pending.read_rev()) {
-            Some(at) => Some((
-                at,
-                Overlay {
-                    store: self,
-                    pending,
-                }
-                .value(at.modified)?,
-            )),
-            None => None,
+        let prev_at = self.index.get(&req.key, pending.read_rev());
+        // The previous value is read only when the request needs it: most puts don't.
+        let needs_prev = req.prev_kv || req.ignore_value || req.ignore_lease;
+        let prev_kv = match prev_at {
+            Some(at) if needs_prev => Some(Overlay { store: self, pending }.value(at.modified)?),
+            _ => None,
         };
-        let (value, lease) = match &prev {
-            Some((_, kv)) => (
-                if req.ignore_value {
-                    kv.value.clone()
-                } else {
-                    req.value.clone()
-                },
-                if req.ignore_lease {
-                    kv.lease
-                } else {
-                    req.lease
-                },
-            ),
-            None => (req.value.clone(), req.lease),
+        let value = match &prev_kv {
+            Some(kv) if req.ignore_value => kv.value.clone(),
+            _ => req.value.clone(),
         };
+        let lease = match &prev_kv {
+            Some(kv) if req.ignore_lease => kv.lease,
+            _ => req.lease,
+        };
+        let prev = prev_at;
         let rev = pending.next_rev();
         let kv = KeyValue {
             key: req.key.clone(),
-            create_revision: prev.as_ref().map_or(rev.main, |(at, _)| at.created.main),
+            create_revision: prev.map_or(rev.main, |at| at.created.main),
             mod_revision: rev.main,
-            version: prev.as_ref().map_or(1, |(at, _)| at.version + 1),
+            version: prev.map_or(1, |at| at.version + 1),
             value,
             lease,
         };
@@ -177,11 +167,7 @@ impl MvccStore {
         pending.values.insert(rev, kv);
         Ok(PutResponse {
             header: None,
-            prev_kv: if req.prev_kv {
-                prev.map(|(_, kv)| kv)
-            } else {
-                None
-            },
+            prev_kv: if req.prev_kv { prev_kv } else { None },
         })
     }
 
