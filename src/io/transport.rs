@@ -25,6 +25,8 @@ pub type Inbox = mpsc::Receiver<Vec<Message>>;
 #[derive(Clone, Default)]
 pub struct LocalTransport {
     inboxes: Arc<Mutex<HashMap<u64, mpsc::Sender<Vec<Message>>>>>,
+    /// Nodes cut off from everyone: batches to or from them are dropped.
+    isolated: Arc<Mutex<std::collections::HashSet<u64>>>,
 }
 
 impl LocalTransport {
@@ -43,6 +45,21 @@ impl LocalTransport {
         self.lock().remove(&id);
     }
 
+    /// Cuts node `id` off (`true`) or reconnects it (`false`).
+    pub fn set_isolated(&self, id: u64, isolated: bool) {
+        let mut set = self.isolated.lock().unwrap_or_else(|p| p.into_inner());
+        if isolated {
+            set.insert(id);
+        } else {
+            set.remove(&id);
+        }
+    }
+
+    fn is_cut(&self, to: u64, batch: &[Message]) -> bool {
+        let set = self.isolated.lock().unwrap_or_else(|p| p.into_inner());
+        !set.is_empty() && (set.contains(&to) || batch.iter().any(|m| set.contains(&m.from)))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::Sender<Vec<Message>>>> {
         self.inboxes
             .lock()
@@ -52,6 +69,9 @@ impl LocalTransport {
 
 impl Transport for LocalTransport {
     fn send(&self, to: u64, batch: Vec<Message>) {
+        if self.is_cut(to, &batch) {
+            return;
+        }
         let sender = self.lock().get(&to).cloned();
         if let Some(sender) = sender {
             // A full inbox drops the batch; raft retransmits.

@@ -6,6 +6,7 @@ mod check;
 mod error;
 mod index;
 mod revision;
+mod snapshot;
 mod store;
 mod write;
 

@@ -141,7 +141,13 @@ impl MvccStore {
         // The previous value is read only when the request needs it: most puts don't.
         let needs_prev = req.prev_kv || req.ignore_value || req.ignore_lease;
         let prev_kv = match prev_at {
-            Some(at) if needs_prev => Some(Overlay { store: self, pending }.value(at.modified)?),
+            Some(at) if needs_prev => Some(
+                Overlay {
+                    store: self,
+                    pending,
+                }
+                .value(at.modified)?,
+            ),
             _ => None,
         };
         let value = match &prev_kv {

@@ -5,8 +5,10 @@
 use raft::eraftpb::{
     ConfChangeV2, ConfState, Entry, HardState, Message, Snapshot, SnapshotMetadata,
 };
-use raft::storage::MemStorage;
 use raft::{Config, RawNode, ReadState, StateRole, Storage};
+
+use super::storage::{NodeStorage, SnapshotRequests};
+use std::sync::Arc;
 
 /// Largest append message, in bytes.
 pub const MAX_SIZE_PER_MSG: u64 = 1 << 20;
@@ -47,7 +49,7 @@ pub struct PersistedWork {
 }
 
 pub struct RaftCore {
-    raw: RawNode<MemStorage>,
+    raw: RawNode<NodeStorage>,
     pending: Option<raft::Ready>,
 }
 
@@ -64,8 +66,10 @@ impl RaftCore {
         entries: &[Entry],
         hard_state: HardState,
         initial_voters: &[u64],
+        snapshots: Arc<SnapshotRequests>,
     ) -> Result<Self, raft::Error> {
-        let storage = MemStorage::new();
+        let node_storage = NodeStorage::new(snapshots);
+        let storage = node_storage.mem.clone();
         match snapshot {
             Some(snap) if snap.get_metadata().index > 0 => storage.wl().apply_snapshot(snap)?,
             Some(snap) => {
@@ -95,7 +99,7 @@ impl RaftCore {
             ..Default::default()
         };
         config.validate()?;
-        let raw = RawNode::new(&config, storage, &discard_logger())?;
+        let raw = RawNode::new(&config, node_storage, &discard_logger())?;
         Ok(RaftCore { raw, pending: None })
     }
 
@@ -126,7 +130,7 @@ impl RaftCore {
     /// Applies a committed configuration change; returns the new configuration.
     pub fn apply_conf_change(&mut self, change: &ConfChangeV2) -> Result<ConfState, raft::Error> {
         let conf_state = self.raw.apply_conf_change(change)?;
-        self.raw.mut_store().wl().set_conf_state(conf_state.clone());
+        self.raw.store().mem.wl().set_conf_state(conf_state.clone());
         Ok(conf_state)
     }
 
@@ -191,7 +195,7 @@ impl RaftCore {
         };
         if !ready.snapshot().is_empty() {
             let snapshot = ready.snapshot().clone();
-            if let Err(e) = self.raw.mut_store().wl().apply_snapshot(snapshot.clone()) {
+            if let Err(e) = self.raw.store().mem.wl().apply_snapshot(snapshot.clone()) {
                 panic!("raft handed out a snapshot older than the log: {e}");
             }
             work.snapshot = Some(snapshot);
@@ -202,12 +206,12 @@ impl RaftCore {
                 .entries
                 .windows(2)
                 .all(|w| w[1].index == w[0].index + 1));
-            if let Err(e) = self.raw.mut_store().wl().append(&work.entries) {
+            if let Err(e) = self.raw.store().mem.wl().append(&work.entries) {
                 panic!("raft handed out entries that do not fit the log: {e}");
             }
         }
         if let Some(hs) = ready.hs() {
-            self.raw.mut_store().wl().set_hardstate(hs.clone());
+            self.raw.store().mem.wl().set_hardstate(hs.clone());
             work.hard_state = Some(hs.clone());
         }
         work.persisted_messages = ready.take_persisted_messages();
@@ -220,7 +224,7 @@ impl RaftCore {
         let ready = self.pending.take().expect("persisted without a ready");
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
-            self.raw.mut_store().wl().mut_hard_state().commit = commit;
+            self.raw.store().mem.wl().mut_hard_state().commit = commit;
         }
         PersistedWork {
             messages: light.take_messages(),
@@ -228,10 +232,32 @@ impl RaftCore {
         }
     }
 
+    /// Offers a snapshot of the applied state at `index` (`data` from the apply loop) for raft
+    /// to send to followers behind the compacted log.
+    pub fn offer_snapshot(&mut self, index: u64, data: Vec<u8>) {
+        let Ok(term) = self.raw.store().mem.term(index) else {
+            tracing::warn!(
+                index,
+                "snapshot data for an index no longer in the log; dropped"
+            );
+            return;
+        };
+        let mut snapshot = Snapshot::default();
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
+        meta.set_conf_state(self.conf_state());
+        snapshot.set_metadata(meta);
+        snapshot.data = data.into();
+        self.raw.store().set_latest(snapshot);
+    }
+
     /// Describes a snapshot at `index` (already applied and flushed to the backend) and drops
     /// the in-memory log before it. Returns `None` when `index` is not in the log.
     pub fn compact_to(&mut self, index: u64) -> Option<Snapshot> {
-        let store = self.raw.store().clone();
+        let store = self.raw.store().mem.clone();
         let term = store.term(index).ok()?;
         let mut snapshot = Snapshot::default();
         let mut meta = SnapshotMetadata {

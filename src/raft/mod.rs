@@ -3,8 +3,10 @@
 
 mod core;
 mod shell;
+mod storage;
 
 pub use self::core::{CoreOptions, RaftCore, ReadyWork};
 pub use shell::{
     spawn_node, Applied, ApplyBatch, NodeError, NodeHandle, NodeOptions, NodeStatus, StartedNode,
 };
+pub use storage::SnapshotRequests;

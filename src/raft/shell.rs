@@ -15,6 +15,7 @@ use raft::eraftpb::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::core::{CoreOptions, RaftCore, ReadyWork};
+use super::storage::SnapshotRequests;
 use crate::io::transport::Inbox;
 use crate::io::{Clock, Disk, Transport};
 use crate::wal::{SnapStore, Wal, WalError, WalOptions};
@@ -91,6 +92,10 @@ enum Command {
     Snapshot {
         index: u64,
     },
+    OfferSnapshot {
+        index: u64,
+        data: Vec<u8>,
+    },
 }
 
 /// A cheap handle to a running node.
@@ -155,6 +160,11 @@ impl NodeHandle {
         self.send(Command::TransferLeader { to }).await
     }
 
+    /// Hands raft the applied state at `index`, for followers behind the compacted log.
+    pub async fn offer_snapshot(&self, index: u64, data: Vec<u8>) -> Result<(), NodeError> {
+        self.send(Command::OfferSnapshot { index, data }).await
+    }
+
     /// Asks for a snapshot at `index`: everything up to it is applied and flushed.
     pub async fn snapshot(&self, index: u64) -> Result<(), NodeError> {
         self.send(Command::Snapshot { index }).await
@@ -168,6 +178,11 @@ pub struct StartedNode {
     pub task: tokio::task::JoinHandle<Result<(), WalError>>,
     /// The index of the snapshot the node started from (the apply loop's replay starts after).
     pub snapshot_index: u64,
+    /// That snapshot; its data,
+    /// if any, is the state a backend older than it must be restored from.
+    pub snapshot: Option<Snapshot>,
+    /// raft's requests for snapshots with data, served by the apply loop.
+    pub snapshot_requests: Arc<SnapshotRequests>,
 }
 
 struct Shell {
@@ -222,12 +237,14 @@ pub fn spawn_node(
         heartbeat_tick: 1,
         applied: snapshot_index,
     };
+    let snapshot_requests = Arc::new(SnapshotRequests::default());
     let mut core = RaftCore::new(
         &core_opts,
-        snapshot,
+        snapshot.clone(),
         &replay.entries,
         replay.hard_state.clone(),
         &opts.initial_voters,
+        snapshot_requests.clone(),
     )
     .map_err(|e| WalError::Invalid {
         reason: format!("cannot rebuild raft state: {e}"),
@@ -260,6 +277,8 @@ pub fn spawn_node(
         apply_rx,
         task,
         snapshot_index,
+        snapshot,
+        snapshot_requests,
     })
 }
 
@@ -330,6 +349,7 @@ impl Shell {
             }
             Command::ReadIndex { reply } => self.reads_waiting.push(reply),
             Command::TransferLeader { to } => self.core.transfer_leader(to),
+            Command::OfferSnapshot { index, data } => self.core.offer_snapshot(index, data),
             Command::Snapshot { index } => {
                 if let Err(e) = self.snapshot(index) {
                     tracing::error!(index, error = %e, "snapshot failed");

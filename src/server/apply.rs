@@ -14,7 +14,7 @@ use super::kv::Waiters;
 use crate::io::Clock;
 use crate::mvcc::{MvccError, MvccStore};
 use crate::proto::quorumkvpb::RaftRequest;
-use crate::raft::{ApplyBatch, NodeHandle};
+use crate::raft::{ApplyBatch, NodeHandle, SnapshotRequests};
 
 pub struct ApplyLoop {
     pub store: Arc<RwLock<MvccStore>>,
@@ -24,6 +24,9 @@ pub struct ApplyLoop {
     pub snapshot_count: u64,
     pub last_snapshot_index: u64,
     pub clock: Arc<dyn Clock>,
+    /// The last applied raft index.
+    pub applied: u64,
+    pub snapshot_requests: Arc<SnapshotRequests>,
 }
 
 /// Applied writes are handed to the backend at least this often (etcd's backend batch interval)...
@@ -37,20 +40,27 @@ pub async fn run_apply_loop(
     mut batches: mpsc::Receiver<ApplyBatch>,
 ) -> Result<(), MvccError> {
     let mut last_flush_ms = apply.clock.now_ms();
+    let requests = apply.snapshot_requests.clone();
     loop {
         let staged = apply.lock().staged_ops();
-        let batch = if staged == 0 {
-            batches.recv().await
-        } else {
-            let due_ms = last_flush_ms + BACKEND_BATCH_INTERVAL.as_millis() as u64;
-            let wait = Duration::from_millis(due_ms.saturating_sub(apply.clock.now_ms()));
-            tokio::select! {
-                batch = batches.recv() => batch,
-                _ = apply.clock.sleep(wait) => {
-                    apply.lock().flush_staged()?;
-                    last_flush_ms = apply.clock.now_ms();
-                    continue;
-                }
+        let due_ms = last_flush_ms + BACKEND_BATCH_INTERVAL.as_millis() as u64;
+        let flush_wait = Duration::from_millis(due_ms.saturating_sub(apply.clock.now_ms()));
+        let flush_due = async {
+            if staged == 0 {
+                std::future::pending::<()>().await;
+            }
+            apply.clock.sleep(flush_wait).await;
+        };
+        let batch = tokio::select! {
+            batch = batches.recv() => batch,
+            _ = flush_due => {
+                apply.lock().flush_staged()?;
+                last_flush_ms = apply.clock.now_ms();
+                continue;
+            }
+            _ = requests.wanted() => {
+                apply.offer_snapshot().await?;
+                continue;
             }
         };
         let Some(batch) = batch else { break };
@@ -72,15 +82,17 @@ pub async fn run_apply_loop(
                         last_flush_ms = now_ms;
                     }
                 }
+                apply.applied = last;
                 apply.applied_tx.send_replace(last);
                 apply.maybe_snapshot(last).await;
             }
             ApplyBatch::Snapshot(snapshot) => {
-                // Installing a leader's backend snapshot comes with multi-member clusters.
-                tracing::error!(
-                    index = snapshot.get_metadata().index,
-                    "received a raft snapshot from the leader; installing it is not supported yet"
-                );
+                let index = snapshot.get_metadata().index;
+                apply.lock().restore(index, &snapshot.data)?;
+                tracing::info!(index, "restored the state from the leader's snapshot");
+                apply.applied = index;
+                apply.last_snapshot_index = index;
+                apply.applied_tx.send_replace(index);
             }
         }
     }
@@ -150,6 +162,19 @@ impl ApplyLoop {
             tracing::error!(index, error = %e, "configuration change not applied");
         }
         self.lock().skip(index);
+    }
+
+    /// raft wants to send a follower the state: dump it at the applied index.
+    async fn offer_snapshot(&mut self) -> Result<(), MvccError> {
+        let data = self.lock().snapshot_data()?;
+        tracing::info!(
+            index = self.applied,
+            bytes = data.len(),
+            "offering a snapshot for a follower"
+        );
+        // A stopped node needs no snapshot.
+        let _ = self.node.offer_snapshot(self.applied, data).await;
+        Ok(())
     }
 
     async fn maybe_snapshot(&mut self, applied: u64) {

@@ -89,6 +89,16 @@ pub fn start_member(
         wal: config.wal,
     };
     let started = spawn_node(node_options, disk, transport, inbox, clock.clone())?;
+    let mut store = store;
+    if let Some(snapshot) = started.snapshot.as_ref().filter(|s| !s.data.is_empty()) {
+        let index = snapshot.get_metadata().index;
+        if index > store.consistent_index() {
+            // A leader's snapshot was saved but the backend did not take it before a crash.
+            store.restore(index, &snapshot.data)?;
+            tracing::info!(index, "restored the backend from the saved snapshot");
+        }
+    }
+    let consistent_index = store.consistent_index();
     let store = Arc::new(RwLock::new(store));
     let waiters = Waiters::default();
     let (applied_tx, applied_rx) = watch::channel(consistent_index.max(started.snapshot_index));
@@ -100,6 +110,8 @@ pub fn start_member(
         snapshot_count: config.snapshot_count.max(1),
         last_snapshot_index: started.snapshot_index,
         clock,
+        applied: consistent_index.max(started.snapshot_index),
+        snapshot_requests: started.snapshot_requests.clone(),
     };
     let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
     let server_config = ServerConfig {

@@ -194,3 +194,113 @@ async fn single_member_restart_replays_the_wal_past_the_flushed_backend() {
     assert_eq!(resp.kvs[0].value, b"v179");
     assert_eq!(resp.kvs[0].mod_revision, 181);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_behind_the_compacted_log_catches_up_from_a_snapshot_with_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = LocalTransport::new();
+    let voters = [1, 2, 3];
+    let backends: Vec<MemBackend> = voters.iter().map(|_| MemBackend::new()).collect();
+    let members: Vec<RunningMember> = voters
+        .iter()
+        .zip(&backends)
+        .map(|(id, backend)| start(*id, &voters, dir.path(), &transport, backend.clone()))
+        .collect();
+    let refs: Vec<&RunningMember> = members.iter().collect();
+    let leader = wait_leader(&refs).await;
+    let leader_member = members
+        .iter()
+        .find(|m| m.kv.config().member_id == leader)
+        .expect("leader");
+    let lagging = members
+        .iter()
+        .find(|m| m.kv.config().member_id != leader)
+        .expect("follower");
+    let lagging_id = lagging.kv.config().member_id;
+    leader_member
+        .kv
+        .put(put("before", "cut"))
+        .await
+        .expect("put");
+    transport.set_isolated(lagging_id, true);
+    // Far more than --snapshot-count (50): the leader compacts its log past the follower.
+    for i in 0..300 {
+        leader_member
+            .kv
+            .put(put(&format!("k{i}"), &format!("v{i}")))
+            .await
+            .expect("put");
+    }
+    transport.set_isolated(lagging_id, false);
+    let read = RangeRequest {
+        key: b"k299".to_vec(),
+        serializable: true,
+        ..Default::default()
+    };
+    let mut caught_up = false;
+    for _ in 0..500 {
+        if let Ok(resp) = lagging.kv.range(read.clone()).await {
+            if resp.kvs.first().is_some_and(|kv| kv.value == b"v299") {
+                caught_up = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(caught_up, "the lagging follower caught up");
+    let snap_dir = dir.path().join(format!("m{lagging_id}/member/snap"));
+    let biggest = std::fs::read_dir(&snap_dir)
+        .expect("snap dir")
+        .map(|e| e.expect("entry").metadata().expect("metadata").len())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        biggest > 10_000,
+        "it caught up through a snapshot with data ({biggest} bytes)"
+    );
+    let all = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        count_only: true,
+        serializable: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        lagging.kv.range(all).await.expect("range").count,
+        301,
+        "every key, the early one too"
+    );
+    let history = RangeRequest {
+        key: b"k0".to_vec(),
+        revision: 3,
+        serializable: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        lagging.kv.range(history).await.expect("range").kvs[0].value,
+        b"v0",
+        "history came along"
+    );
+    // And it keeps following afterwards.
+    leader_member
+        .kv
+        .put(put("after", "catch-up"))
+        .await
+        .expect("put");
+    for _ in 0..300 {
+        let resp = lagging
+            .kv
+            .range(RangeRequest {
+                key: b"after".to_vec(),
+                serializable: true,
+                ..Default::default()
+            })
+            .await
+            .expect("range");
+        if !resp.kvs.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the follower stopped following after the snapshot");
+}
