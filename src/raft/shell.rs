@@ -213,9 +213,13 @@ pub fn spawn_node(
         tracing::warn!(file = %repair.file.display(), offset = repair.offset, dropped_bytes = repair.dropped_bytes,
             "repaired a torn write at the end of the WAL");
     }
-    if snapshot.is_none() && replay.entries.is_empty() && replay.hard_state == HardState::default()
-    {
-        // A brand-new member: its first configuration, recorded as a snapshot at index 0.
+    let fresh = snapshot.is_none()
+        && replay.entries.is_empty()
+        && replay.hard_state == HardState::default();
+    // A member joining a running cluster (no initial voters) starts empty and learns the
+    // configuration from the leader.
+    if fresh && !opts.initial_voters.is_empty() {
+        // A brand-new cluster's member: its first configuration, as a snapshot at index 0.
         let mut meta = SnapshotMetadata::default();
         meta.set_conf_state(ConfState::from((opts.initial_voters.clone(), vec![])));
         let mut bootstrap = Snapshot::default();

@@ -9,6 +9,7 @@ use super::*;
 use crate::io::{LocalTransport, MemBackend, StdDisk, TokioClock};
 use crate::proto::etcdserverpb::{PutRequest, RangeRequest};
 use crate::wal::WalOptions;
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 
 fn config(id: u64, voters: &[u64], root: &std::path::Path) -> MemberConfig {
     MemberConfig {
@@ -303,4 +304,89 @@ async fn follower_behind_the_compacted_log_catches_up_from_a_snapshot_with_data(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("the follower stopped following after the snapshot");
+}
+
+async fn change(member: &RunningMember, node_id: u64, change_type: ConfChangeType) {
+    let mut single = ConfChangeSingle {
+        node_id,
+        ..Default::default()
+    };
+    single.set_change_type(change_type);
+    let mut change = ConfChangeV2::default();
+    change.set_changes(vec![single].into());
+    let rejected = member
+        .kv
+        .node()
+        .propose_conf_change(change)
+        .await
+        .expect("propose");
+    assert!(rejected.await.is_err(), "raft accepted the change");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learner_added_catches_up_is_promoted_and_a_member_is_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = LocalTransport::new();
+    let voters = [1, 2, 3];
+    let members: Vec<RunningMember> = voters
+        .iter()
+        .map(|id| start(*id, &voters, dir.path(), &transport, MemBackend::new()))
+        .collect();
+    let refs: Vec<&RunningMember> = members.iter().collect();
+    let leader = wait_leader(&refs).await;
+    let leader_member = members
+        .iter()
+        .find(|m| m.kv.config().member_id == leader)
+        .expect("leader");
+    for i in 0..20 {
+        leader_member
+            .kv
+            .put(put(&format!("k{i}"), "v"))
+            .await
+            .expect("put");
+    }
+    // A new member starts with no configuration and joins as a learner.
+    let learner = start(4, &[], dir.path(), &transport, MemBackend::new());
+    change(leader_member, 4, ConfChangeType::AddLearnerNode).await;
+    let read = RangeRequest {
+        key: b"k19".to_vec(),
+        serializable: true,
+        ..Default::default()
+    };
+    let mut caught_up = false;
+    for _ in 0..500 {
+        if learner
+            .kv
+            .range(read.clone())
+            .await
+            .is_ok_and(|r| !r.kvs.is_empty())
+        {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(caught_up, "the learner replicated the log");
+    // Promote it, then remove one of the others: the voters are now the leader, one old
+    // follower and member 4. With that old follower cut off, writes need member 4's vote.
+    change(leader_member, 4, ConfChangeType::AddNode).await;
+    let others: Vec<u64> = voters.iter().copied().filter(|id| *id != leader).collect();
+    change(leader_member, others[0], ConfChangeType::RemoveNode).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    transport.set_isolated(others[1], true);
+    leader_member
+        .kv
+        .put(put("needs", "member 4"))
+        .await
+        .expect("a write commits with the promoted learner's vote");
+    transport.set_isolated(4, true);
+    let stuck = tokio::time::timeout(
+        Duration::from_millis(500),
+        leader_member.kv.put(put("no", "quorum")),
+    )
+    .await;
+    assert!(
+        stuck.is_err() || stuck.is_ok_and(|r| r.is_err()),
+        "without member 4 there is no quorum"
+    );
 }
