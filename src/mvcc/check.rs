@@ -1,5 +1,5 @@
-//! Checks on requests that need no state: done before proposing (so a bad request never enters
-//! the log) and again at apply (the log is input too).
+//! Checks on requests that need no state, done before proposing so that a bad request never
+//! enters the log. (Checks that need state run at apply: `MvccStore::check_path`.)
 
 use std::collections::HashSet;
 
@@ -86,6 +86,7 @@ impl Deleted {
 /// Returns the (deletes, puts) of a branch, failing on a key written twice within it.
 fn check_branch(ops: &[RequestOp]) -> Result<(Vec<Deleted>, HashSet<Vec<u8>>), MvccError> {
     let mut deletes = Vec::new();
+    let mut nested_deletes = Vec::new();
     let mut puts: HashSet<Vec<u8>> = HashSet::new();
     let mut nested_puts: HashSet<Vec<u8>> = HashSet::new();
     for op in ops {
@@ -110,18 +111,29 @@ fn check_branch(ops: &[RequestOp]) -> Result<(Vec<Deleted>, HashSet<Vec<u8>>), M
                 }
                 nested_puts.extend(success_puts);
                 nested_puts.extend(failure_puts);
-                deletes.extend(success_deletes);
-                deletes.extend(failure_deletes);
+                nested_deletes.extend(success_deletes);
+                nested_deletes.extend(failure_deletes);
             }
             Some(request_op::Request::RequestRange(_)) | None => {}
         }
     }
+    // This level's puts clash with any delete of the branch; nested puts with this level's.
     for key in &puts {
+        if deletes
+            .iter()
+            .chain(&nested_deletes)
+            .any(|d| d.contains(key))
+        {
+            return Err(MvccError::DuplicateKey);
+        }
+    }
+    for key in &nested_puts {
         if deletes.iter().any(|d| d.contains(key)) {
             return Err(MvccError::DuplicateKey);
         }
     }
     puts.extend(nested_puts);
+    deletes.extend(nested_deletes);
     Ok((deletes, puts))
 }
 
@@ -184,6 +196,15 @@ mod tests {
             request: Some(request_op::Request::RequestTxn(txn(vec![put("a")], vec![]))),
         };
         let req = txn(vec![put("a"), nested], vec![]);
+        assert!(matches!(check_txn(&req, 128), Err(MvccError::DuplicateKey)));
+    }
+
+    #[test]
+    fn nested_put_inside_a_range_deleted_by_the_parent_is_refused() {
+        let nested = RequestOp {
+            request: Some(request_op::Request::RequestTxn(txn(vec![put("b")], vec![]))),
+        };
+        let req = txn(vec![del("a", "z"), nested], vec![]);
         assert!(matches!(check_txn(&req, 128), Err(MvccError::DuplicateKey)));
     }
 

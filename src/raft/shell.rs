@@ -26,6 +26,10 @@ pub const COMMAND_QUEUE: usize = 16 * 1024;
 pub const MAX_COMMANDS_PER_TURN: usize = 4096;
 /// Batches of committed entries queued to the apply loop, at most.
 pub const APPLY_QUEUE: usize = 1024;
+/// Ticks between two asks for the same unanswered ReadIndex.
+pub const READ_RETRY_TICKS: usize = 5;
+/// Commands from the apply loop queued to the node, at most.
+pub const CONTROL_QUEUE: usize = 64;
 /// Snapshot files kept.
 pub const SNAPSHOTS_KEPT: usize = 5;
 
@@ -49,6 +53,8 @@ pub struct NodeOptions {
     pub wal_dir: PathBuf,
     pub snap_dir: PathBuf,
     pub wal: WalOptions,
+    /// Seeds the ReadIndex context sequence (random in production, from the seed in the sim).
+    pub read_seed: u64,
 }
 
 /// What the apply loop receives, in log order.
@@ -103,6 +109,9 @@ enum Command {
 pub struct NodeHandle {
     id: u64,
     commands: mpsc::Sender<Command>,
+    /// The apply loop's commands: the node takes them even while it waits for the apply loop,
+    /// so the two never wait on each other.
+    control: mpsc::Sender<Command>,
     status: Arc<NodeStatus>,
 }
 
@@ -117,6 +126,13 @@ impl NodeHandle {
 
     async fn send(&self, command: Command) -> Result<(), NodeError> {
         self.commands
+            .send(command)
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
+    async fn send_control(&self, command: Command) -> Result<(), NodeError> {
+        self.control
             .send(command)
             .await
             .map_err(|_| NodeError::Stopped)
@@ -143,7 +159,7 @@ impl NodeHandle {
     /// Called by the apply loop for a committed configuration change.
     pub async fn apply_conf_change(&self, change: ConfChangeV2) -> Result<ConfState, NodeError> {
         let (reply, response) = oneshot::channel();
-        self.send(Command::ApplyConfChange { change, reply })
+        self.send_control(Command::ApplyConfChange { change, reply })
             .await?;
         response.await.map_err(|_| NodeError::Stopped)?
     }
@@ -162,12 +178,13 @@ impl NodeHandle {
 
     /// Hands raft the applied state at `index`, for followers behind the compacted log.
     pub async fn offer_snapshot(&self, index: u64, data: Vec<u8>) -> Result<(), NodeError> {
-        self.send(Command::OfferSnapshot { index, data }).await
+        self.send_control(Command::OfferSnapshot { index, data })
+            .await
     }
 
     /// Asks for a snapshot at `index`: everything up to it is applied and flushed.
     pub async fn snapshot(&self, index: u64) -> Result<(), NodeError> {
-        self.send(Command::Snapshot { index }).await
+        self.send_control(Command::Snapshot { index }).await
     }
 }
 
@@ -193,8 +210,13 @@ struct Shell {
     apply_tx: mpsc::Sender<ApplyBatch>,
     status: Arc<NodeStatus>,
     reads_waiting: Vec<oneshot::Sender<u64>>,
+    /// ReadIndex rounds not answered yet, by sequence number.
     reads_in_flight: HashMap<u64, Vec<oneshot::Sender<u64>>>,
-    next_read_id: u64,
+    /// Starts at a random value: contexts must not repeat across restarts, since a delayed
+    /// answer to an old round would otherwise satisfy a new read with a stale index.
+    next_read_seq: u64,
+    ticks_since_read_retry: usize,
+    control: mpsc::Receiver<Command>,
 }
 
 /// Opens the node's storage, rebuilds raft from it and starts the node task.
@@ -257,11 +279,13 @@ pub fn spawn_node(
         reason: format!("cannot rebuild raft state: {e}"),
     })?;
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (apply_tx, apply_rx) = mpsc::channel(APPLY_QUEUE);
     let status = Arc::new(NodeStatus::default());
     let handle = NodeHandle {
         id: opts.id,
         commands: commands_tx,
+        control: control_tx,
         status: status.clone(),
     };
     let shell = Shell {
@@ -273,7 +297,9 @@ pub fn spawn_node(
         status,
         reads_waiting: Vec::new(),
         reads_in_flight: HashMap::new(),
-        next_read_id: 1,
+        next_read_seq: opts.read_seed,
+        ticks_since_read_retry: 0,
+        control: control_rx,
     };
     let task = tokio::spawn(shell.run(commands_rx, inbox, clock, opts.heartbeat_interval));
     Ok(StartedNode {
@@ -301,7 +327,9 @@ impl Shell {
                 _ = &mut next_tick => {
                     self.core.tick();
                     next_tick = clock.sleep(tick_interval);
+                    self.retry_reads();
                 }
+                Some(command) = self.control.recv() => self.handle(command),
                 batch = inbox.recv() => {
                     for msg in batch.into_iter().flatten() {
                         // Messages from stale terms or unknown peers are refused by raft; fine.
@@ -320,11 +348,12 @@ impl Shell {
                 }
             }
             if !self.reads_waiting.is_empty() {
-                let id = self.next_read_id;
-                self.next_read_id += 1;
+                let seq = self.next_read_seq;
+                self.next_read_seq = self.next_read_seq.wrapping_add(1);
                 self.reads_in_flight
-                    .insert(id, std::mem::take(&mut self.reads_waiting));
-                self.core.read_index(id.to_be_bytes().to_vec());
+                    .insert(seq, std::mem::take(&mut self.reads_waiting));
+                let context = self.read_context(seq);
+                self.core.read_index(context);
             }
             self.drive().await?;
         }
@@ -423,26 +452,23 @@ impl Shell {
             }
             self.send(persisted_messages);
             for state in read_states {
-                let id = state
-                    .request_ctx
-                    .as_slice()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .unwrap_or(0);
-                for reply in self.reads_in_flight.remove(&id).unwrap_or_default() {
+                let Some(seq) = self.own_read_seq(&state.request_ctx) else {
+                    continue;
+                };
+                for reply in self.reads_in_flight.remove(&seq).unwrap_or_default() {
                     let _ = reply.send(state.index);
                 }
             }
             if let Some(snapshot) = snapshot {
-                self.to_apply(ApplyBatch::Snapshot(snapshot)).await;
+                self.hand_to_apply(ApplyBatch::Snapshot(snapshot)).await;
             }
             if !committed.is_empty() {
-                self.to_apply(ApplyBatch::Entries(committed)).await;
+                self.hand_to_apply(ApplyBatch::Entries(committed)).await;
             }
             let persisted = self.core.persisted();
             self.send(persisted.messages);
             if !persisted.committed.is_empty() {
-                self.to_apply(ApplyBatch::Entries(persisted.committed))
+                self.hand_to_apply(ApplyBatch::Entries(persisted.committed))
                     .await;
             }
         }
@@ -456,16 +482,60 @@ impl Shell {
         self.status
             .last_index
             .store(self.core.last_index(), Ordering::Relaxed);
-        if self.core.leader_id() == 0 && !self.reads_in_flight.is_empty() {
-            // Read requests in flight died with the leader; their callers time out and retry.
-            self.reads_in_flight.clear();
-        }
         Ok(())
     }
 
-    async fn to_apply(&self, batch: ApplyBatch) {
-        // The apply loop only stops when the server does.
-        let _ = self.apply_tx.send(batch).await;
+    /// `[member id][sequence]`, both big-endian.
+    fn read_context(&self, seq: u64) -> Vec<u8> {
+        let mut context = self.core.id().to_be_bytes().to_vec();
+        context.extend_from_slice(&seq.to_be_bytes());
+        context
+    }
+
+    fn own_read_seq(&self, context: &[u8]) -> Option<u64> {
+        let (id, seq) = context.split_at_checked(8)?;
+        if id != self.core.id().to_be_bytes() {
+            return None;
+        }
+        Some(u64::from_be_bytes(seq.try_into().ok()?))
+    }
+
+    /// raft drops a ReadIndex it cannot serve yet (no leader, a new leader that has not
+    /// committed in its term, a lost message): ask again every few ticks until answered or
+    /// until every caller has given up.
+    fn retry_reads(&mut self) {
+        self.ticks_since_read_retry += 1;
+        if self.ticks_since_read_retry < READ_RETRY_TICKS || self.reads_in_flight.is_empty() {
+            return;
+        }
+        self.ticks_since_read_retry = 0;
+        self.reads_in_flight.retain(|_, replies| {
+            replies.retain(|reply| !reply.is_closed());
+            !replies.is_empty()
+        });
+        let pending: Vec<u64> = self.reads_in_flight.keys().copied().collect();
+        for seq in pending {
+            let context = self.read_context(seq);
+            self.core.read_index(context);
+        }
+    }
+
+    /// Queues a batch for the apply loop; while its queue is full, serves the apply loop's
+    /// own commands (a configuration change it is applying waits on the node).
+    async fn hand_to_apply(&mut self, batch: ApplyBatch) {
+        let apply_tx = self.apply_tx.clone();
+        loop {
+            tokio::select! {
+                permit = apply_tx.reserve() => {
+                    // Err: the apply loop stopped, and so does the server.
+                    if let Ok(permit) = permit {
+                        permit.send(batch);
+                    }
+                    return;
+                }
+                Some(command) = self.control.recv() => self.handle(command),
+            }
+        }
     }
 }
 

@@ -91,8 +91,10 @@ impl Storage for NodeStorage {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Useful only if it reaches the log we still have: a follower resumes right after it.
+        let needed = request_index.max(self.mem.first_index()?.saturating_sub(1));
         if let Some(snapshot) = self.snapshots.lock().as_ref() {
-            if snapshot.get_metadata().index >= request_index {
+            if snapshot.get_metadata().index >= needed {
                 return Ok(snapshot.clone());
             }
         }

@@ -70,7 +70,7 @@ pub async fn run_apply_loop(
                     continue;
                 };
                 for entry in entries {
-                    apply.entry(entry).await;
+                    apply.entry(entry).await?;
                 }
                 let now_ms = apply.clock.now_ms();
                 {
@@ -82,8 +82,10 @@ pub async fn run_apply_loop(
                         last_flush_ms = now_ms;
                     }
                 }
-                apply.applied = last;
-                apply.applied_tx.send_replace(last);
+                // Replay after a restart re-delivers entries the backend already holds: the
+                // applied index never goes back.
+                apply.applied = apply.applied.max(last);
+                apply.applied_tx.send_replace(apply.applied);
                 apply.maybe_snapshot(last).await;
             }
             ApplyBatch::Snapshot(snapshot) => {
@@ -101,9 +103,11 @@ pub async fn run_apply_loop(
 }
 
 impl ApplyLoop {
-    async fn entry(&mut self, entry: Entry) {
+    /// `Err` only for a backend failure or corruption: the member must stop, since its state
+    /// may now differ from what the log says.
+    async fn entry(&mut self, entry: Entry) -> Result<(), MvccError> {
         match entry.get_entry_type() {
-            EntryType::EntryNormal => self.normal(&entry),
+            EntryType::EntryNormal => return self.normal(&entry),
             EntryType::EntryConfChange => match ConfChange::parse_from_bytes(entry.get_data()) {
                 Ok(change) => self.conf_change(entry.index, change.into_v2()).await,
                 Err(e) => self.skip_bad(entry.index, &e.to_string()),
@@ -115,6 +119,7 @@ impl ApplyLoop {
                 }
             }
         }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::RwLockWriteGuard<'_, MvccStore> {
@@ -126,35 +131,45 @@ impl ApplyLoop {
         self.lock().skip(index);
     }
 
-    fn normal(&self, entry: &Entry) {
+    fn normal(&self, entry: &Entry) -> Result<(), MvccError> {
         let mut store = self.lock();
         if entry.index <= store.consistent_index() {
-            return; // Already in the backend: replay after a restart.
+            return Ok(()); // Already in the backend: replay after a restart.
         }
         if entry.get_data().is_empty() {
             store.skip(entry.index); // A new leader's empty entry.
-            return;
+            return Ok(());
         }
         let request = match RaftRequest::decode(entry.get_data()) {
             Ok(request) => request,
             Err(e) => {
                 drop(store);
-                return self.skip_bad(entry.index, &e.to_string());
+                self.skip_bad(entry.index, &e.to_string());
+                return Ok(());
             }
         };
         let Some(body) = &request.request else {
             store.skip(entry.index);
-            return;
+            return Ok(());
         };
         let result = store.apply(entry.index, body);
+        if matches!(
+            result,
+            Err(MvccError::Backend(_) | MvccError::Corrupt { .. })
+        ) {
+            // The key index may be half-changed: stop rather than serve a state the log
+            // disagrees with.
+            return result.map(drop);
+        }
         if result.is_err() {
-            store.skip(entry.index);
+            store.skip(entry.index); // A refused request: nothing changed.
         }
         let revision = store.current_rev();
         drop(store);
         if let Some(waiter) = self.waiters.take(request.id) {
             let _ = waiter.send((result, revision));
         }
+        Ok(())
     }
 
     async fn conf_change(&mut self, index: u64, change: ConfChangeV2) {
@@ -164,16 +179,21 @@ impl ApplyLoop {
         self.lock().skip(index);
     }
 
-    /// raft wants to send a follower the state: dump it at the applied index.
+    /// raft wants to send a follower the state: dump it, labelled with the index the data
+    /// really reflects (read under the same lock).
     async fn offer_snapshot(&mut self) -> Result<(), MvccError> {
-        let data = self.lock().snapshot_data()?;
+        let (index, data) = {
+            let mut store = self.lock();
+            let data = store.snapshot_data()?;
+            (store.consistent_index().max(self.applied), data)
+        };
         tracing::info!(
-            index = self.applied,
+            index,
             bytes = data.len(),
             "offering a snapshot for a follower"
         );
         // A stopped node needs no snapshot.
-        let _ = self.node.offer_snapshot(self.applied, data).await;
+        let _ = self.node.offer_snapshot(index, data).await;
         Ok(())
     }
 

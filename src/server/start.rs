@@ -87,6 +87,7 @@ pub fn start_member(
         wal_dir: config.wal_dir(),
         snap_dir: config.snap_dir(),
         wal: config.wal,
+        read_seed: config.id_seed.rotate_left(32),
     };
     let started = spawn_node(node_options, disk, transport, inbox, clock.clone())?;
     let mut store = store;
