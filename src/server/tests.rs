@@ -390,3 +390,38 @@ async fn learner_added_catches_up_is_promoted_and_a_member_is_removed() {
         "without member 4 there is no quorum"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_read_during_a_leader_change_is_answered_once_a_new_leader_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = LocalTransport::new();
+    let voters = [1, 2, 3];
+    let members: Vec<RunningMember> = voters
+        .iter()
+        .map(|id| start(*id, &voters, dir.path(), &transport, MemBackend::new()))
+        .collect();
+    let refs: Vec<&RunningMember> = members.iter().collect();
+    let leader = wait_leader(&refs).await;
+    let follower = members
+        .iter()
+        .find(|m| m.kv.config().member_id != leader)
+        .expect("follower");
+    follower.kv.put(put("k", "before")).await.expect("put");
+    // Cut the leader off: the follower's read finds no leader, then a new one that has not yet
+    // committed in its term; raft drops the ReadIndex in both cases and the node must ask again.
+    transport.set_isolated(leader, true);
+    let read = follower.kv.range(RangeRequest {
+        key: b"k".to_vec(),
+        ..Default::default()
+    });
+    let resp = tokio::time::timeout(Duration::from_secs(4), read)
+        .await
+        .expect("answered in time")
+        .expect("range");
+    assert_eq!(resp.kvs[0].value, b"before");
+    let new_leader = follower.kv.status().leader;
+    assert!(
+        new_leader != 0 && new_leader != leader,
+        "a new leader ({new_leader}) served the read"
+    );
+}
