@@ -235,21 +235,13 @@ impl RaftCore {
     /// Offers a snapshot of the applied state at `index` (`data` from the apply loop) for raft
     /// to send to followers behind the compacted log.
     pub fn offer_snapshot(&mut self, index: u64, data: Vec<u8>) {
-        let Ok(term) = self.raw.store().mem.term(index) else {
+        let Some(mut snapshot) = self.describe_snapshot(index) else {
             tracing::warn!(
                 index,
                 "snapshot data for an index no longer in the log; dropped"
             );
             return;
         };
-        let mut snapshot = Snapshot::default();
-        let mut meta = SnapshotMetadata {
-            index,
-            term,
-            ..Default::default()
-        };
-        meta.set_conf_state(self.conf_state());
-        snapshot.set_metadata(meta);
         snapshot.data = data.into();
         self.raw.store().set_latest(snapshot);
     }
@@ -257,20 +249,26 @@ impl RaftCore {
     /// Describes a snapshot at `index` (already applied and flushed to the backend) and drops
     /// the in-memory log before it. Returns `None` when `index` is not in the log.
     pub fn compact_to(&mut self, index: u64) -> Option<Snapshot> {
-        let store = self.raw.store().mem.clone();
-        let term = store.term(index).ok()?;
-        let mut snapshot = Snapshot::default();
+        let snapshot = self.describe_snapshot(index)?;
+        if let Err(e) = self.raw.store().mem.wl().compact(index) {
+            tracing::warn!(index, error = %e, "raft log compaction skipped");
+            return None;
+        }
+        Some(snapshot)
+    }
+
+    /// A snapshot's metadata at `index`: its term and the current configuration (which is
+    /// the configuration at `index`, since both come from the apply loop in order).
+    fn describe_snapshot(&self, index: u64) -> Option<Snapshot> {
+        let term = self.raw.store().mem.term(index).ok()?;
         let mut meta = SnapshotMetadata {
             index,
             term,
             ..Default::default()
         };
         meta.set_conf_state(self.conf_state());
+        let mut snapshot = Snapshot::default();
         snapshot.set_metadata(meta);
-        if let Err(e) = store.wl().compact(index) {
-            tracing::warn!(index, error = %e, "raft log compaction skipped");
-            return None;
-        }
         Some(snapshot)
     }
 }

@@ -330,8 +330,8 @@ impl Shell {
                     self.retry_reads();
                 }
                 Some(command) = self.control.recv() => self.handle(command),
-                batch = inbox.recv() => {
-                    for msg in batch.into_iter().flatten() {
+                Some(batch) = inbox.recv() => {
+                    for msg in batch {
                         // Messages from stale terms or unknown peers are refused by raft; fine.
                         let _ = self.core.step(msg);
                     }

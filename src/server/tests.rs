@@ -59,6 +59,21 @@ async fn wait_leader(members: &[&RunningMember]) -> u64 {
     panic!("no agreed leader");
 }
 
+/// Members 1, 2 and 3 of a new cluster, once they agree on a leader.
+async fn three_members(
+    root: &std::path::Path,
+    transport: &LocalTransport,
+) -> (Vec<RunningMember>, u64) {
+    let voters = [1, 2, 3];
+    let members: Vec<RunningMember> = voters
+        .iter()
+        .map(|id| start(*id, &voters, root, transport, MemBackend::new()))
+        .collect();
+    let refs: Vec<&RunningMember> = members.iter().collect();
+    let leader = wait_leader(&refs).await;
+    (members, leader)
+}
+
 fn put(key: &str, value: &str) -> PutRequest {
     PutRequest {
         key: key.into(),
@@ -71,13 +86,7 @@ fn put(key: &str, value: &str) -> PutRequest {
 async fn three_members_elect_replicate_forward_and_read_linearizably_on_followers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
-    let voters = [1, 2, 3];
-    let members: Vec<RunningMember> = voters
-        .iter()
-        .map(|id| start(*id, &voters, dir.path(), &transport, MemBackend::new()))
-        .collect();
-    let refs: Vec<&RunningMember> = members.iter().collect();
-    let leader = wait_leader(&refs).await;
+    let (members, leader) = three_members(dir.path(), &transport).await;
     let follower = members
         .iter()
         .find(|m| m.kv.config().member_id != leader)
@@ -200,15 +209,7 @@ async fn single_member_restart_replays_the_wal_past_the_flushed_backend() {
 async fn follower_behind_the_compacted_log_catches_up_from_a_snapshot_with_data() {
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
-    let voters = [1, 2, 3];
-    let backends: Vec<MemBackend> = voters.iter().map(|_| MemBackend::new()).collect();
-    let members: Vec<RunningMember> = voters
-        .iter()
-        .zip(&backends)
-        .map(|(id, backend)| start(*id, &voters, dir.path(), &transport, backend.clone()))
-        .collect();
-    let refs: Vec<&RunningMember> = members.iter().collect();
-    let leader = wait_leader(&refs).await;
+    let (members, leader) = three_members(dir.path(), &transport).await;
     let leader_member = members
         .iter()
         .find(|m| m.kv.config().member_id == leader)
@@ -327,13 +328,7 @@ async fn change(member: &RunningMember, node_id: u64, change_type: ConfChangeTyp
 async fn learner_added_catches_up_is_promoted_and_a_member_is_removed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
-    let voters = [1, 2, 3];
-    let members: Vec<RunningMember> = voters
-        .iter()
-        .map(|id| start(*id, &voters, dir.path(), &transport, MemBackend::new()))
-        .collect();
-    let refs: Vec<&RunningMember> = members.iter().collect();
-    let leader = wait_leader(&refs).await;
+    let (members, leader) = three_members(dir.path(), &transport).await;
     let leader_member = members
         .iter()
         .find(|m| m.kv.config().member_id == leader)
@@ -370,7 +365,7 @@ async fn learner_added_catches_up_is_promoted_and_a_member_is_removed() {
     // Promote it, then remove one of the others: the voters are now the leader, one old
     // follower and member 4. With that old follower cut off, writes need member 4's vote.
     change(leader_member, 4, ConfChangeType::AddNode).await;
-    let others: Vec<u64> = voters.iter().copied().filter(|id| *id != leader).collect();
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
     change(leader_member, others[0], ConfChangeType::RemoveNode).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     transport.set_isolated(others[1], true);
@@ -395,13 +390,7 @@ async fn learner_added_catches_up_is_promoted_and_a_member_is_removed() {
 async fn linearizable_read_during_a_leader_change_is_answered_once_a_new_leader_serves() {
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
-    let voters = [1, 2, 3];
-    let members: Vec<RunningMember> = voters
-        .iter()
-        .map(|id| start(*id, &voters, dir.path(), &transport, MemBackend::new()))
-        .collect();
-    let refs: Vec<&RunningMember> = members.iter().collect();
-    let leader = wait_leader(&refs).await;
+    let (members, leader) = three_members(dir.path(), &transport).await;
     let follower = members
         .iter()
         .find(|m| m.kv.config().member_id != leader)
