@@ -65,6 +65,10 @@ impl MvccStore {
             pairs.push((key.to_vec(), value.to_vec()));
         }
         // Checked in full before anything is deleted.
+        assert!(
+            self.writing_values.is_empty(),
+            "restore while a staged batch is being written"
+        );
         self.staged = WriteBatch::default();
         self.staged_values.clear();
         let mut batch = WriteBatch::default();

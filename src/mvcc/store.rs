@@ -30,6 +30,9 @@ pub struct MvccStore {
     /// log write. Reads see staged values first.
     pub(super) staged: WriteBatch,
     pub(super) staged_values: HashMap<Revision, KeyValue>,
+    /// Values of a batch taken by `take_staged` and being written elsewhere: readable here
+    /// until `staged_written` says the backend has them.
+    pub(super) writing_values: HashMap<Revision, KeyValue>,
 }
 
 /// Where a range reads values from: the backend, or (inside a write) the revision being written.
@@ -98,6 +101,7 @@ impl MvccStore {
             consistent_index,
             staged: WriteBatch::default(),
             staged_values: HashMap::new(),
+            writing_values: HashMap::new(),
         })
     }
 
@@ -127,22 +131,46 @@ impl MvccStore {
     }
 
     /// Hands every staged write to the backend as one atomic batch (with the consistent index).
+    /// No batch taken by `take_staged` may still be on its way.
     pub fn flush_staged(&mut self) -> Result<(), MvccError> {
+        if let Some(batch) = self.take_staged() {
+            self.backend.apply(batch)?;
+            self.staged_written();
+        }
+        Ok(())
+    }
+
+    /// Takes the staged writes as one atomic batch (with the consistent index) for the caller
+    /// to apply to the backend, e.g. off the apply path; reads keep seeing its values until
+    /// `staged_written`. One such batch at a time.
+    pub fn take_staged(&mut self) -> Option<WriteBatch> {
+        assert!(
+            self.writing_values.is_empty(),
+            "a staged batch is still being written"
+        );
         if self.staged.is_empty() {
-            return Ok(());
+            return None;
         }
         let mut batch = std::mem::take(&mut self.staged);
         batch.put(
             meta_key(META_CONSISTENT_INDEX),
             encode_u64(self.consistent_index),
         );
-        self.backend.apply(batch)?;
-        self.staged_values.clear();
-        Ok(())
+        self.writing_values = std::mem::take(&mut self.staged_values);
+        Some(batch)
+    }
+
+    /// The batch from `take_staged` is in the backend.
+    pub fn staged_written(&mut self) {
+        self.writing_values.clear();
     }
 
     pub(super) fn read_value(&self, rev: Revision) -> Result<KeyValue, MvccError> {
-        if let Some(kv) = self.staged_values.get(&rev) {
+        if let Some(kv) = self
+            .staged_values
+            .get(&rev)
+            .or_else(|| self.writing_values.get(&rev))
+        {
             return Ok(kv.clone());
         }
         let bytes = self

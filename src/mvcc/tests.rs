@@ -622,3 +622,35 @@ fn staged_writes_are_readable_before_they_reach_the_backend() {
     );
     assert_eq!(reopened.range(&range("s", "")).expect("range").kvs.len(), 1);
 }
+
+#[test]
+fn a_batch_being_written_stays_readable_until_the_backend_has_it() {
+    let mut f = Fixture::new();
+    f.index += 1;
+    let req = PutRequest {
+        key: "w".into(),
+        value: "1".into(),
+        ..Default::default()
+    };
+    f.store.apply(f.index, &Request::Put(req)).expect("put");
+    let batch = f.store.take_staged().expect("a staged batch");
+    assert_eq!(f.store.staged_ops(), 0, "nothing new is staged");
+    assert_eq!(
+        f.get(range("w", "")),
+        vec![kv("w", "1")],
+        "readable while on its way"
+    );
+    f.backend.apply(batch).expect("write");
+    f.store.staged_written();
+    assert_eq!(
+        f.get(range("w", "")),
+        vec![kv("w", "1")],
+        "readable from the backend"
+    );
+    let reopened = MvccStore::open(Arc::new(f.backend.clone())).expect("reopen");
+    assert_eq!(
+        reopened.consistent_index(),
+        f.index,
+        "the batch carried the consistent index"
+    );
+}

@@ -11,8 +11,9 @@ use raft_proto::ConfChangeI;
 use tokio::sync::{mpsc, watch};
 
 use super::kv::Waiters;
-use crate::io::Clock;
+use crate::io::{BackendError, Clock};
 use crate::mvcc::{MvccError, MvccStore};
+use crate::proto::quorumkvpb::raft_request::Request;
 use crate::proto::quorumkvpb::RaftRequest;
 use crate::raft::{ApplyBatch, NodeHandle, SnapshotRequests};
 
@@ -27,6 +28,8 @@ pub struct ApplyLoop {
     /// The last applied raft index.
     pub applied: u64,
     pub snapshot_requests: Arc<SnapshotRequests>,
+    /// The staged batch being written to the backend off the apply path, if any.
+    pub writing: Option<tokio::task::JoinHandle<Result<(), BackendError>>>,
 }
 
 /// Applied writes are handed to the backend at least this often (etcd's backend batch interval)...
@@ -54,7 +57,7 @@ pub async fn run_apply_loop(
         let batch = tokio::select! {
             batch = batches.recv() => batch,
             _ = flush_due => {
-                apply.lock().flush_staged()?;
+                apply.write_staged().await?;
                 last_flush_ms = apply.clock.now_ms();
                 continue;
             }
@@ -73,23 +76,22 @@ pub async fn run_apply_loop(
                     apply.entry(entry).await?;
                 }
                 let now_ms = apply.clock.now_ms();
+                let staged = apply.lock().staged_ops();
+                if staged >= BACKEND_BATCH_LIMIT_OPS
+                    || now_ms >= last_flush_ms + BACKEND_BATCH_INTERVAL.as_millis() as u64
                 {
-                    let mut store = apply.lock();
-                    if store.staged_ops() >= BACKEND_BATCH_LIMIT_OPS
-                        || now_ms >= last_flush_ms + BACKEND_BATCH_INTERVAL.as_millis() as u64
-                    {
-                        store.flush_staged()?;
-                        last_flush_ms = now_ms;
-                    }
+                    apply.write_staged().await?;
+                    last_flush_ms = now_ms;
                 }
                 // Replay after a restart re-delivers entries the backend already holds: the
                 // applied index never goes back.
                 apply.applied = apply.applied.max(last);
                 apply.applied_tx.send_replace(apply.applied);
-                apply.maybe_snapshot(last).await;
+                apply.maybe_snapshot(last).await?;
             }
             ApplyBatch::Snapshot(snapshot) => {
                 let index = snapshot.get_metadata().index;
+                apply.finish_write().await?;
                 apply.lock().restore(index, &snapshot.data)?;
                 tracing::info!(index, "restored the state from the leader's snapshot");
                 apply.applied = index;
@@ -98,16 +100,51 @@ pub async fn run_apply_loop(
             }
         }
     }
+    apply.finish_write().await?;
     apply.lock().flush_staged()?;
     Ok(())
 }
 
 impl ApplyLoop {
+    /// Waits until the batch being written (if any) is in the backend.
+    async fn finish_write(&mut self) -> Result<(), MvccError> {
+        if let Some(writing) = self.writing.take() {
+            writing
+                .await
+                .map_err(|e| BackendError::Store(format!("backend writer failed: {e}")))??;
+            self.lock().staged_written();
+        }
+        Ok(())
+    }
+
+    /// Hands the staged writes to the backend on a blocking thread, so that the backend's
+    /// batch cost (a synchronous log write in sled) does not stall applying. One at a time.
+    async fn write_staged(&mut self) -> Result<(), MvccError> {
+        self.finish_write().await?;
+        let (batch, backend) = {
+            let mut store = self.lock();
+            (store.take_staged(), store.backend().clone())
+        };
+        if let Some(batch) = batch {
+            self.writing = Some(tokio::task::spawn_blocking(move || backend.apply(batch)));
+        }
+        Ok(())
+    }
+
     /// `Err` only for a backend failure or corruption: the member must stop, since its state
     /// may now differ from what the log says.
     async fn entry(&mut self, entry: Entry) -> Result<(), MvccError> {
         match entry.get_entry_type() {
-            EntryType::EntryNormal => return self.normal(&entry),
+            EntryType::EntryNormal => {
+                let Some(request) = self.decode(&entry) else {
+                    return Ok(());
+                };
+                if matches!(request.request, Some(Request::Compaction(_))) {
+                    // Compaction scans the backend: the batch on its way must be there first.
+                    self.finish_write().await?;
+                }
+                return self.normal(entry.index, request);
+            }
             EntryType::EntryConfChange => match ConfChange::parse_from_bytes(entry.get_data()) {
                 Ok(change) => self.conf_change(entry.index, change.into_v2()).await,
                 Err(e) => self.skip_bad(entry.index, &e.to_string()),
@@ -131,28 +168,34 @@ impl ApplyLoop {
         self.lock().skip(index);
     }
 
-    fn normal(&self, entry: &Entry) -> Result<(), MvccError> {
+    /// The request of a normal entry still to apply; `None` for entries already in the
+    /// backend (replay after a restart), a new leader's empty entry, or an undecodable one.
+    fn decode(&self, entry: &Entry) -> Option<RaftRequest> {
         let mut store = self.lock();
         if entry.index <= store.consistent_index() {
-            return Ok(()); // Already in the backend: replay after a restart.
+            return None;
         }
         if entry.get_data().is_empty() {
-            store.skip(entry.index); // A new leader's empty entry.
-            return Ok(());
-        }
-        let request = match RaftRequest::decode(entry.get_data()) {
-            Ok(request) => request,
-            Err(e) => {
-                drop(store);
-                self.skip_bad(entry.index, &e.to_string());
-                return Ok(());
-            }
-        };
-        let Some(body) = &request.request else {
             store.skip(entry.index);
+            return None;
+        }
+        drop(store);
+        match RaftRequest::decode(entry.get_data()) {
+            Ok(request) => Some(request),
+            Err(e) => {
+                self.skip_bad(entry.index, &e.to_string());
+                None
+            }
+        }
+    }
+
+    fn normal(&self, index: u64, request: RaftRequest) -> Result<(), MvccError> {
+        let mut store = self.lock();
+        let Some(body) = &request.request else {
+            store.skip(index);
             return Ok(());
         };
-        let result = store.apply(entry.index, body);
+        let result = store.apply(index, body);
         if matches!(
             result,
             Err(MvccError::Backend(_) | MvccError::Corrupt { .. })
@@ -162,7 +205,7 @@ impl ApplyLoop {
             return result.map(drop);
         }
         if result.is_err() {
-            store.skip(entry.index); // A refused request: nothing changed.
+            store.skip(index); // A refused request: nothing changed.
         }
         let revision = store.current_rev();
         drop(store);
@@ -182,6 +225,7 @@ impl ApplyLoop {
     /// raft wants to send a follower the state: dump it, labelled with the index the data
     /// really reflects (read under the same lock).
     async fn offer_snapshot(&mut self) -> Result<(), MvccError> {
+        self.finish_write().await?;
         let (index, data) = {
             let mut store = self.lock();
             let data = store.snapshot_data()?;
@@ -197,26 +241,22 @@ impl ApplyLoop {
         Ok(())
     }
 
-    async fn maybe_snapshot(&mut self, applied: u64) {
+    /// `Err` when the backend fails: fatal, like any backend failure.
+    async fn maybe_snapshot(&mut self, applied: u64) -> Result<(), MvccError> {
         if applied < self.last_snapshot_index + self.snapshot_count {
-            return;
+            return Ok(());
         }
         // Everything the snapshot covers must be durable in the backend before the WAL that
         // holds it is released.
-        let flushed = {
+        self.finish_write().await?;
+        {
             let mut store = self.lock();
-            store
-                .flush_staged()
-                .map_err(|e| e.to_string())
-                .and_then(|()| store.backend().flush().map_err(|e| e.to_string()))
-        };
-        match flushed {
-            Ok(()) => {
-                if self.node.snapshot(applied).await.is_ok() {
-                    self.last_snapshot_index = applied;
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "backend flush failed; snapshot postponed"),
+            store.flush_staged()?;
+            store.backend().flush()?;
         }
+        if self.node.snapshot(applied).await.is_ok() {
+            self.last_snapshot_index = applied;
+        }
+        Ok(())
     }
 }

@@ -113,6 +113,7 @@ pub fn start_member(
         clock,
         applied: consistent_index.max(started.snapshot_index),
         snapshot_requests: started.snapshot_requests.clone(),
+        writing: None,
     };
     let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
     let server_config = ServerConfig {
