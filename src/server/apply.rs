@@ -21,12 +21,11 @@ pub struct ApplyLoop {
     pub store: Arc<RwLock<MvccStore>>,
     pub waiters: Waiters,
     pub node: NodeHandle,
+    /// The last applied raft index, published to readers waiting for it.
     pub applied_tx: watch::Sender<u64>,
     pub snapshot_count: u64,
     pub last_snapshot_index: u64,
     pub clock: Arc<dyn Clock>,
-    /// The last applied raft index.
-    pub applied: u64,
     pub snapshot_requests: Arc<SnapshotRequests>,
     /// The staged batch being written to the backend off the apply path, if any.
     pub writing: Option<tokio::task::JoinHandle<Result<(), BackendError>>>,
@@ -85,8 +84,11 @@ pub async fn run_apply_loop(
                 }
                 // Replay after a restart re-delivers entries the backend already holds: the
                 // applied index never goes back.
-                apply.applied = apply.applied.max(last);
-                apply.applied_tx.send_replace(apply.applied);
+                apply.applied_tx.send_if_modified(|applied| {
+                    let advanced = last > *applied;
+                    *applied = (*applied).max(last);
+                    advanced
+                });
                 apply.maybe_snapshot(last).await?;
             }
             ApplyBatch::Snapshot(snapshot) => {
@@ -94,7 +96,6 @@ pub async fn run_apply_loop(
                 apply.finish_write().await?;
                 apply.lock().restore(index, &snapshot.data)?;
                 tracing::info!(index, "restored the state from the leader's snapshot");
-                apply.applied = index;
                 apply.last_snapshot_index = index;
                 apply.applied_tx.send_replace(index);
             }
@@ -229,7 +230,10 @@ impl ApplyLoop {
         let (index, data) = {
             let mut store = self.lock();
             let data = store.snapshot_data()?;
-            (store.consistent_index().max(self.applied), data)
+            (
+                store.consistent_index().max(*self.applied_tx.borrow()),
+                data,
+            )
         };
         tracing::info!(
             index,

@@ -111,7 +111,6 @@ pub fn start_member(
         snapshot_count: config.snapshot_count.max(1),
         last_snapshot_index: started.snapshot_index,
         clock,
-        applied: consistent_index.max(started.snapshot_index),
         snapshot_requests: started.snapshot_requests.clone(),
         writing: None,
     };

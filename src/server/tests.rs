@@ -74,6 +74,13 @@ async fn three_members(
     (members, leader)
 }
 
+fn a_follower(members: &[RunningMember], leader: u64) -> &RunningMember {
+    members
+        .iter()
+        .find(|m| m.kv.config().member_id != leader)
+        .expect("a follower")
+}
+
 fn put(key: &str, value: &str) -> PutRequest {
     PutRequest {
         key: key.into(),
@@ -87,10 +94,7 @@ async fn three_members_elect_replicate_forward_and_read_linearizably_on_follower
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
     let (members, leader) = three_members(dir.path(), &transport).await;
-    let follower = members
-        .iter()
-        .find(|m| m.kv.config().member_id != leader)
-        .expect("a follower");
+    let follower = a_follower(&members, leader);
     // A write sent to a follower is forwarded by raft to the leader.
     for i in 0..120 {
         follower
@@ -391,10 +395,7 @@ async fn linearizable_read_during_a_leader_change_is_answered_once_a_new_leader_
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
     let (members, leader) = three_members(dir.path(), &transport).await;
-    let follower = members
-        .iter()
-        .find(|m| m.kv.config().member_id != leader)
-        .expect("follower");
+    let follower = a_follower(&members, leader);
     follower.kv.put(put("k", "before")).await.expect("put");
     // Cut the leader off: the follower's read finds no leader, then a new one that has not yet
     // committed in its term; raft drops the ReadIndex in both cases and the node must ask again.
