@@ -162,16 +162,8 @@ impl RaftCore {
         self.raw.raft.leader_id
     }
 
-    pub fn role(&self) -> StateRole {
-        self.raw.raft.state
-    }
-
     pub fn commit_index(&self) -> u64 {
         self.raw.raft.raft_log.committed
-    }
-
-    pub fn last_index(&self) -> u64 {
-        self.raw.raft.raft_log.last_index()
     }
 
     pub fn conf_state(&self) -> ConfState {

@@ -70,7 +70,6 @@ pub struct NodeStatus {
     pub term: AtomicU64,
     pub leader: AtomicU64,
     pub commit: AtomicU64,
-    pub last_index: AtomicU64,
 }
 
 /// The highest applied index, published by the apply loop.
@@ -479,9 +478,6 @@ impl Shell {
         self.status
             .commit
             .store(self.core.commit_index(), Ordering::Relaxed);
-        self.status
-            .last_index
-            .store(self.core.last_index(), Ordering::Relaxed);
         Ok(())
     }
 

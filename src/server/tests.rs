@@ -74,6 +74,13 @@ async fn three_members(
     (members, leader)
 }
 
+fn the_leader(members: &[RunningMember], leader: u64) -> &RunningMember {
+    members
+        .iter()
+        .find(|m| m.kv.config().member_id == leader)
+        .expect("the leader")
+}
+
 fn a_follower(members: &[RunningMember], leader: u64) -> &RunningMember {
     members
         .iter()
@@ -133,10 +140,7 @@ async fn three_members_elect_replicate_forward_and_read_linearizably_on_follower
         .transfer_leader(target)
         .await
         .expect("transfer");
-    let leader_member = members
-        .iter()
-        .find(|m| m.kv.config().member_id == leader)
-        .expect("leader");
+    let leader_member = the_leader(&members, leader);
     leader_member
         .kv
         .node()
@@ -214,14 +218,8 @@ async fn follower_behind_the_compacted_log_catches_up_from_a_snapshot_with_data(
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
     let (members, leader) = three_members(dir.path(), &transport).await;
-    let leader_member = members
-        .iter()
-        .find(|m| m.kv.config().member_id == leader)
-        .expect("leader");
-    let lagging = members
-        .iter()
-        .find(|m| m.kv.config().member_id != leader)
-        .expect("follower");
+    let leader_member = the_leader(&members, leader);
+    let lagging = a_follower(&members, leader);
     let lagging_id = lagging.kv.config().member_id;
     leader_member
         .kv
@@ -333,10 +331,7 @@ async fn learner_added_catches_up_is_promoted_and_a_member_is_removed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
     let (members, leader) = three_members(dir.path(), &transport).await;
-    let leader_member = members
-        .iter()
-        .find(|m| m.kv.config().member_id == leader)
-        .expect("leader");
+    let leader_member = the_leader(&members, leader);
     for i in 0..20 {
         leader_member
             .kv
