@@ -1,6 +1,9 @@
 //! quorumkv: a Raft key/value store that speaks etcd's v3 API.
 
+/// The gRPC services: not part of the simulated build (the simulator drives `server` directly).
+#[cfg(not(madsim))]
 pub mod api;
+pub mod hooks;
 pub mod io;
 pub mod mvcc;
 pub mod proto;

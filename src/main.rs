@@ -233,6 +233,7 @@ fn member_config(flags: &Flags) -> Result<MemberConfig, String> {
         max_txn_ops: flags.max_txn_ops,
         wal: WalOptions::default(),
         id_seed: os_seed(),
+        snapshot_catch_up_entries: quorumkv::server::SNAPSHOT_CATCH_UP_ENTRIES,
     })
 }
 

@@ -2,10 +2,12 @@
 //! (entries and hard state to persist, messages to send before and after persisting, committed
 //! entries to apply, read states). It does no I/O and reads no clock.
 
+use std::collections::BTreeMap;
+
 use raft::eraftpb::{
-    ConfChangeV2, ConfState, Entry, HardState, Message, Snapshot, SnapshotMetadata,
+    ConfChangeV2, ConfState, Entry, HardState, Message, MessageType, Snapshot, SnapshotMetadata,
 };
-use raft::{Config, RawNode, ReadState, StateRole, Storage};
+use raft::{Config, ProgressState, RawNode, ReadState, SnapshotStatus, StateRole, Storage};
 
 use super::storage::{NodeStorage, SnapshotRequests};
 use std::sync::Arc;
@@ -51,7 +53,14 @@ pub struct PersistedWork {
 pub struct RaftCore {
     raw: RawNode<NodeStorage>,
     pending: Option<raft::Ready>,
+    /// Followers sent a snapshot, with the ticks since: raft waits for a snapshot's outcome
+    /// before it sends that follower anything else, so a lost one is reported as failed.
+    snapshots_in_flight: BTreeMap<u64, usize>,
 }
+
+/// Ticks after which a snapshot the follower has not acknowledged counts as lost (3 s at
+/// etcd's 100 ms heartbeat); raft then probes the follower and sends a new one if needed.
+pub const SNAPSHOT_LOST_TICKS: usize = 30;
 
 fn discard_logger() -> slog::Logger {
     slog::Logger::root(slog::Discard, slog::o!())
@@ -100,7 +109,11 @@ impl RaftCore {
         };
         config.validate()?;
         let raw = RawNode::new(&config, node_storage, &discard_logger())?;
-        Ok(RaftCore { raw, pending: None })
+        Ok(RaftCore {
+            raw,
+            pending: None,
+            snapshots_in_flight: BTreeMap::new(),
+        })
     }
 
     pub fn id(&self) -> u64 {
@@ -109,6 +122,35 @@ impl RaftCore {
 
     pub fn tick(&mut self) {
         self.raw.tick();
+        if self.snapshots_in_flight.is_empty() {
+            return;
+        }
+        let mut lost = Vec::new();
+        for (to, ticks) in self.snapshots_in_flight.iter_mut() {
+            *ticks += 1;
+            let waiting = self
+                .raw
+                .raft
+                .prs()
+                .get(*to)
+                .is_some_and(|pr| pr.state == ProgressState::Snapshot);
+            if !waiting || *ticks >= SNAPSHOT_LOST_TICKS {
+                lost.push((*to, waiting));
+            }
+        }
+        for (to, waiting) in lost {
+            self.snapshots_in_flight.remove(&to);
+            if waiting {
+                self.raw.report_snapshot(to, SnapshotStatus::Failure);
+            }
+        }
+    }
+
+    /// The shell sent `msg`: a snapshot starts its clock.
+    pub fn sent(&mut self, msg: &Message) {
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            self.snapshots_in_flight.insert(msg.to, 0);
+        }
     }
 
     pub fn step(&mut self, msg: Message) -> Result<(), raft::Error> {
@@ -131,6 +173,12 @@ impl RaftCore {
     pub fn apply_conf_change(&mut self, change: &ConfChangeV2) -> Result<ConfState, raft::Error> {
         let conf_state = self.raw.apply_conf_change(change)?;
         self.raw.store().mem.wl().set_conf_state(conf_state.clone());
+        if !is_member(&conf_state, self.id()) && self.raw.raft.state == StateRole::Leader {
+            // A leader removed from the configuration steps down (raft-rs would otherwise
+            // look for its own progress, which is gone); the others elect a new one.
+            let term = self.raw.raft.term;
+            self.raw.raft.become_follower(term + 1, raft::INVALID_ID);
+        }
         Ok(conf_state)
     }
 
@@ -156,6 +204,10 @@ impl RaftCore {
 
     pub fn term(&self) -> u64 {
         self.raw.raft.term
+    }
+
+    pub fn role(&self) -> StateRole {
+        self.raw.raft.state
     }
 
     pub fn leader_id(&self) -> u64 {
@@ -239,10 +291,17 @@ impl RaftCore {
     }
 
     /// Describes a snapshot at `index` (already applied and flushed to the backend) and drops
-    /// the in-memory log before it. Returns `None` when `index` is not in the log.
-    pub fn compact_to(&mut self, index: u64) -> Option<Snapshot> {
+    /// the in-memory log before it, but for the last `keep` entries (so that a follower a little
+    /// behind catches up from the log, not from a whole snapshot). Returns `None` when `index`
+    /// is not in the log.
+    pub fn compact_to(&mut self, index: u64, keep: u64) -> Option<Snapshot> {
         let snapshot = self.describe_snapshot(index)?;
-        if let Err(e) = self.raw.store().mem.wl().compact(index) {
+        let first_kept = index.saturating_sub(keep);
+        let first_index = self.raw.store().mem.first_index().unwrap_or(0);
+        if first_kept <= first_index {
+            return Some(snapshot);
+        }
+        if let Err(e) = self.raw.store().mem.wl().compact(first_kept) {
             tracing::warn!(index, error = %e, "raft log compaction skipped");
             return None;
         }
@@ -263,4 +322,12 @@ impl RaftCore {
         snapshot.set_metadata(meta);
         Some(snapshot)
     }
+}
+
+/// Is `id` a voter or a learner (in either half of a joint configuration)?
+pub fn is_member(conf_state: &ConfState, id: u64) -> bool {
+    conf_state.voters.contains(&id)
+        || conf_state.learners.contains(&id)
+        || conf_state.voters_outgoing.contains(&id)
+        || conf_state.learners_next.contains(&id)
 }

@@ -2,6 +2,7 @@
 //! the ports (`shell`). The simulator runs the same shell on simulated ports.
 
 mod core;
+mod dedupe;
 mod shell;
 mod storage;
 

@@ -3,19 +3,21 @@
 //! apply loop in order. Entries are made durable (one fdatasync per ready: group commit) before
 //! the messages that depend on them are sent.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use raft::eraftpb::{
-    ConfChangeV2, ConfState, Entry, HardState, Message, Snapshot, SnapshotMetadata,
+    ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot, SnapshotMetadata,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::core::{CoreOptions, RaftCore, ReadyWork};
+use super::core::{is_member, CoreOptions, RaftCore, ReadyWork};
+use super::dedupe::ForwardedProposals;
 use super::storage::SnapshotRequests;
+use crate::hooks::{self, Bug, Observation};
 use crate::io::transport::Inbox;
 use crate::io::{Clock, Disk, Transport};
 use crate::wal::{SnapStore, Wal, WalError, WalOptions};
@@ -30,6 +32,9 @@ pub const APPLY_QUEUE: usize = 1024;
 pub const READ_RETRY_TICKS: usize = 5;
 /// Commands from the apply loop queued to the node, at most.
 pub const CONTROL_QUEUE: usize = 64;
+/// Where a new cluster's first configuration sits in every initial member's log.
+pub const BOOTSTRAP_INDEX: u64 = 1;
+pub const BOOTSTRAP_TERM: u64 = 1;
 /// Snapshot files kept.
 pub const SNAPSHOTS_KEPT: usize = 5;
 
@@ -55,6 +60,8 @@ pub struct NodeOptions {
     pub wal: WalOptions,
     /// Seeds the ReadIndex context sequence (random in production, from the seed in the sim).
     pub read_seed: u64,
+    /// Log entries kept in memory behind a snapshot (etcd: 5000).
+    pub snapshot_catch_up_entries: u64,
 }
 
 /// What the apply loop receives, in log order.
@@ -210,12 +217,17 @@ struct Shell {
     status: Arc<NodeStatus>,
     reads_waiting: Vec<oneshot::Sender<u64>>,
     /// ReadIndex rounds not answered yet, by sequence number.
-    reads_in_flight: HashMap<u64, Vec<oneshot::Sender<u64>>>,
+    reads_in_flight: BTreeMap<u64, Vec<oneshot::Sender<u64>>>,
     /// Starts at a random value: contexts must not repeat across restarts, since a delayed
     /// answer to an old round would otherwise satisfy a new read with a stale index.
     next_read_seq: u64,
     ticks_since_read_retry: usize,
     control: mpsc::Receiver<Command>,
+    forwarded: ForwardedProposals,
+    /// In-memory log entries kept before a snapshot, for followers a little behind.
+    catch_up_entries: u64,
+    /// This member was removed from the configuration: it stops.
+    removed: bool,
 }
 
 /// Opens the node's storage, rebuilds raft from it and starts the node task.
@@ -239,14 +251,23 @@ pub fn spawn_node(
         && replay.hard_state == HardState::default();
     // A member joining a running cluster (no initial voters) starts empty and learns the
     // configuration from the leader.
+    let mut wal = wal;
+    let mut snapshot_index = snapshot_index;
     if fresh && !opts.initial_voters.is_empty() {
-        // A brand-new cluster's member: its first configuration, as a snapshot at index 0.
+        // A brand-new cluster's member: its first configuration, as the same snapshot on every
+        // initial member. It sits at index 1, not 0, so that a member added later (whose log is
+        // empty) cannot be sent entries from index 1 without the configuration: it must
+        // install a snapshot, which carries it.
         let mut meta = SnapshotMetadata::default();
         meta.set_conf_state(ConfState::from((opts.initial_voters.clone(), vec![])));
+        meta.index = BOOTSTRAP_INDEX;
+        meta.term = BOOTSTRAP_TERM;
         let mut bootstrap = Snapshot::default();
         bootstrap.set_metadata(meta);
         snaps.save(&bootstrap)?;
+        wal.save_snapshot_marker(BOOTSTRAP_TERM, BOOTSTRAP_INDEX)?;
         snapshot = Some(bootstrap);
+        snapshot_index = BOOTSTRAP_INDEX;
     }
     tracing::info!(
         id = opts.id,
@@ -295,10 +316,13 @@ pub fn spawn_node(
         apply_tx,
         status,
         reads_waiting: Vec::new(),
-        reads_in_flight: HashMap::new(),
+        reads_in_flight: BTreeMap::new(),
         next_read_seq: opts.read_seed,
         ticks_since_read_retry: 0,
         control: control_rx,
+        forwarded: ForwardedProposals::default(),
+        catch_up_entries: opts.snapshot_catch_up_entries,
+        removed: false,
     };
     let task = tokio::spawn(shell.run(commands_rx, inbox, clock, opts.heartbeat_interval));
     Ok(StartedNode {
@@ -331,6 +355,9 @@ impl Shell {
                 Some(command) = self.control.recv() => self.handle(command),
                 Some(batch) = inbox.recv() => {
                     for msg in batch {
+                        if self.removed || !self.forwarded.first_time(&msg) {
+                            continue;
+                        }
                         // Messages from stale terms or unknown peers are refused by raft; fine.
                         let _ = self.core.step(msg);
                     }
@@ -355,6 +382,13 @@ impl Shell {
                 self.core.read_index(context);
             }
             self.drive().await?;
+            if self.removed {
+                tracing::warn!(
+                    id = self.core.id(),
+                    "this member was removed from the cluster; stopping"
+                );
+                break;
+            }
         }
         self.wal.sync()?;
         Ok(())
@@ -373,11 +407,11 @@ impl Shell {
                 }
             }
             Command::ApplyConfChange { change, reply } => {
-                let _ = reply.send(
-                    self.core
-                        .apply_conf_change(&change)
-                        .map_err(|e| NodeError::Raft(e.to_string())),
-                );
+                let applied = self.core.apply_conf_change(&change);
+                if let Ok(conf_state) = &applied {
+                    self.removed |= !is_member(conf_state, self.core.id());
+                }
+                let _ = reply.send(applied.map_err(|e| NodeError::Raft(e.to_string())));
             }
             Command::ReadIndex { reply } => self.reads_waiting.push(reply),
             Command::TransferLeader { to } => self.core.transfer_leader(to),
@@ -391,7 +425,7 @@ impl Shell {
     }
 
     fn snapshot(&mut self, index: u64) -> Result<(), WalError> {
-        let Some(snapshot) = self.core.compact_to(index) else {
+        let Some(snapshot) = self.core.compact_to(index, self.catch_up_entries) else {
             return Ok(());
         };
         let meta = snapshot.get_metadata();
@@ -407,12 +441,13 @@ impl Shell {
         Ok(())
     }
 
-    fn send(&self, messages: Vec<Message>) {
+    fn send(&mut self, messages: Vec<Message>) {
         if messages.is_empty() {
             return;
         }
-        let mut by_peer: HashMap<u64, Vec<Message>> = HashMap::new();
+        let mut by_peer: BTreeMap<u64, Vec<Message>> = BTreeMap::new();
         for msg in messages {
+            self.core.sent(&msg);
             by_peer.entry(msg.to).or_default().push(msg);
         }
         for (to, batch) in by_peer {
@@ -443,11 +478,27 @@ impl Shell {
                     snapshot.get_metadata().index,
                 )?;
             }
+            let hard_state = hard_state.map(|mut hs| {
+                if hooks::injected(Bug::ForgetVote) {
+                    hs.vote = 0;
+                }
+                hs
+            });
             if !entries.is_empty() || hard_state.is_some() {
                 self.wal.append(&entries, hard_state.as_ref())?;
             }
-            if must_sync {
+            if must_sync && !hooks::injected(Bug::AckBeforeFsync) {
                 self.wal.sync()?;
+            }
+            if hooks::injected(Bug::ApplyBeforeCommit) {
+                let uncommitted: Vec<Entry> = entries
+                    .iter()
+                    .filter(|e| e.get_entry_type() == EntryType::EntryNormal)
+                    .cloned()
+                    .collect();
+                if !uncommitted.is_empty() {
+                    self.hand_to_apply(ApplyBatch::Entries(uncommitted)).await;
+                }
             }
             self.send(persisted_messages);
             for state in read_states {
@@ -471,7 +522,13 @@ impl Shell {
                     .await;
             }
         }
-        self.status.term.store(self.core.term(), Ordering::Relaxed);
+        let (term, role) = (self.core.term(), self.core.role() as u8);
+        hooks::observe(|| Observation::Role {
+            node: self.core.id(),
+            term,
+            role,
+        });
+        self.status.term.store(term, Ordering::Relaxed);
         self.status
             .leader
             .store(self.core.leader_id(), Ordering::Relaxed);

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use raft::eraftpb::{Entry, Snapshot};
+
+use super::core::is_member;
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use tokio::sync::Notify;
@@ -90,11 +92,15 @@ impl Storage for NodeStorage {
         self.mem.last_index()
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         // Useful only if it reaches the log we still have: a follower resumes right after it.
+        // And only if its configuration has the follower: one made before the follower was
+        // added would be ignored by it (raft-rs does not restore a snapshot that leaves it
+        // out), and the leader would wait for it forever.
         let needed = request_index.max(self.mem.first_index()?.saturating_sub(1));
         if let Some(snapshot) = self.snapshots.lock().as_ref() {
-            if snapshot.get_metadata().index >= needed {
+            let metadata = snapshot.get_metadata();
+            if metadata.index >= needed && is_member(metadata.get_conf_state(), to) {
                 return Ok(snapshot.clone());
             }
         }

@@ -11,6 +11,7 @@ use raft_proto::ConfChangeI;
 use tokio::sync::{mpsc, watch};
 
 use super::kv::Waiters;
+use crate::hooks::{self, Observation};
 use crate::io::{BackendError, Clock};
 use crate::mvcc::{MvccError, MvccStore};
 use crate::proto::quorumkvpb::raft_request::Request;
@@ -72,7 +73,13 @@ pub async fn run_apply_loop(
                     continue;
                 };
                 for entry in entries {
+                    let index = entry.index;
+                    hooks::observe(|| Observation::Applied {
+                        node: apply.node.id(),
+                        entry: &entry,
+                    });
                     apply.entry(entry).await?;
+                    apply.observe_state(index);
                 }
                 let now_ms = apply.clock.now_ms();
                 let staged = apply.lock().staged_ops();
@@ -95,6 +102,7 @@ pub async fn run_apply_loop(
                 let index = snapshot.get_metadata().index;
                 apply.finish_write().await?;
                 apply.lock().restore(index, &snapshot.data)?;
+                apply.observe_state(index);
                 tracing::info!(index, "restored the state from the leader's snapshot");
                 apply.last_snapshot_index = index;
                 apply.applied_tx.send_replace(index);
@@ -107,6 +115,22 @@ pub async fn run_apply_loop(
 }
 
 impl ApplyLoop {
+    /// Tells the simulator the state right after `index` was applied (not when the entry was
+    /// skipped as already in the backend: the state then is a later one).
+    fn observe_state(&self, index: u64) {
+        if !hooks::observing() {
+            return;
+        }
+        let store = self.lock();
+        if store.consistent_index() == index {
+            hooks::observe(|| Observation::State {
+                node: self.node.id(),
+                index,
+                store: &store,
+            });
+        }
+    }
+
     /// Waits until the batch being written (if any) is in the backend.
     async fn finish_write(&mut self) -> Result<(), MvccError> {
         if let Some(writing) = self.writing.take() {
@@ -127,7 +151,10 @@ impl ApplyLoop {
             (store.take_staged(), store.backend().clone())
         };
         if let Some(batch) = batch {
-            self.writing = Some(tokio::task::spawn_blocking(move || backend.apply(batch)));
+            // Under the simulator this is an ordinary task (madsim marks it deprecated).
+            #[allow(deprecated)]
+            let writing = tokio::task::spawn_blocking(move || backend.apply(batch));
+            self.writing = Some(writing);
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use prost::Message as _;
 use tokio::sync::oneshot;
 
 use super::error::ServerError;
+use crate::hooks::{self, Bug};
 use crate::mvcc::{self, ApplyOutcome, ApplyResult, MvccStore};
 use crate::proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
@@ -118,6 +119,9 @@ impl KvServer {
 
     /// Waits until this member has applied everything committed when the read arrived.
     pub async fn linearizable_barrier(&self) -> Result<(), ServerError> {
+        if hooks::injected(Bug::ServeStaleRead) {
+            return Ok(());
+        }
         let timeout = self.config.request_timeout;
         let index = tokio::time::timeout(timeout, self.node.read_index())
             .await

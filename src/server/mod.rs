@@ -10,7 +10,7 @@ mod start;
 pub use apply::run_apply_loop;
 pub use error::ServerError;
 pub use kv::{KvServer, ServerConfig, StatusReport};
-pub use start::{start_member, MemberConfig, RunningMember};
+pub use start::{start_member, MemberConfig, RunningMember, SNAPSHOT_CATCH_UP_ENTRIES};
 
 #[cfg(test)]
 mod tests;

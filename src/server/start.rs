@@ -14,6 +14,9 @@ use crate::mvcc::MvccStore;
 use crate::raft::{spawn_node, NodeOptions};
 use crate::wal::{WalError, WalOptions};
 
+/// etcd's default for the entries kept behind a snapshot.
+pub const SNAPSHOT_CATCH_UP_ENTRIES: u64 = 5000;
+
 #[derive(Debug, Clone)]
 pub struct MemberConfig {
     pub member_id: u64,
@@ -28,6 +31,8 @@ pub struct MemberConfig {
     pub max_txn_ops: usize,
     pub wal: WalOptions,
     pub id_seed: u64,
+    /// Log entries kept in memory behind a snapshot, for slow followers (etcd: 5000).
+    pub snapshot_catch_up_entries: u64,
 }
 
 impl MemberConfig {
@@ -88,6 +93,7 @@ pub fn start_member(
         snap_dir: config.snap_dir(),
         wal: config.wal,
         read_seed: config.id_seed.rotate_left(32),
+        snapshot_catch_up_entries: config.snapshot_catch_up_entries,
     };
     let started = spawn_node(node_options, disk, transport, inbox, clock.clone())?;
     let mut store = store;

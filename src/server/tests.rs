@@ -26,6 +26,7 @@ fn config(id: u64, voters: &[u64], root: &std::path::Path) -> MemberConfig {
             segment_bytes: 1 << 20,
         },
         id_seed: id * 1000,
+        snapshot_catch_up_entries: 10,
     }
 }
 

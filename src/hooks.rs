@@ -1,0 +1,129 @@
+//! Hooks for the deterministic simulator (sim/): bugs that can be planted in the real code
+//! path, and observations of the node's internals that the checkers need. Built without
+//! `--cfg madsim` (every production build), `injected` is the constant `false` and `observe`
+//! is empty, so the switches cost nothing.
+
+/// A known bug the simulator can plant, to prove its checkers catch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Bug {
+    /// Acknowledge appended entries (vote for commit) without fdatasync.
+    AckBeforeFsync,
+    /// Apply entries as soon as they are appended, before they are committed.
+    ApplyBeforeCommit,
+    /// Serve linearizable reads from local state without a ReadIndex round.
+    ServeStaleRead,
+    /// Persist the hard state without the vote.
+    ForgetVote,
+    /// Leave the last revision out of the snapshot data sent to followers.
+    LoseSnapshotTail,
+}
+
+impl Bug {
+    pub const ALL: [Bug; 5] = [
+        Bug::AckBeforeFsync,
+        Bug::ApplyBeforeCommit,
+        Bug::ServeStaleRead,
+        Bug::ForgetVote,
+        Bug::LoseSnapshotTail,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::AckBeforeFsync => "ack-before-fsync",
+            Bug::ApplyBeforeCommit => "apply-before-commit",
+            Bug::ServeStaleRead => "serve-stale-read",
+            Bug::ForgetVote => "forget-vote",
+            Bug::LoseSnapshotTail => "lose-snapshot-tail",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Bug::AckBeforeFsync => "acknowledge appended entries before they are fsynced",
+            Bug::ApplyBeforeCommit => "apply entries when appended, before commit",
+            Bug::ServeStaleRead => "answer linearizable reads without ReadIndex",
+            Bug::ForgetVote => "do not persist the vote in the hard state",
+            Bug::LoseSnapshotTail => "snapshot data sent to followers lacks the last revision",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Bug> {
+        Bug::ALL.into_iter().find(|bug| bug.name() == name)
+    }
+}
+
+/// What the node tells the simulator.
+pub enum Observation<'a> {
+    /// After a ready was handled: the node's term and raft role (`raft::StateRole as u8`:
+    /// 0 follower, 1 candidate, 2 leader, 3 pre-candidate).
+    Role { node: u64, term: u64, role: u8 },
+    /// The apply loop took this committed entry (also when it was already in the backend).
+    Applied {
+        node: u64,
+        entry: &'a raft::eraftpb::Entry,
+    },
+    /// The store's state right after applying `index` (or restoring a snapshot at `index`).
+    State {
+        node: u64,
+        index: u64,
+        store: &'a crate::mvcc::MvccStore,
+    },
+}
+
+#[cfg(madsim)]
+mod switch {
+    use super::{Bug, Observation};
+    use std::cell::{Cell, RefCell};
+    use std::rc::Rc;
+
+    type Observer = Rc<dyn Fn(&Observation)>;
+
+    thread_local! {
+        static BUG: Cell<Option<Bug>> = const { Cell::new(None) };
+        static OBSERVER: RefCell<Option<Observer>> = const { RefCell::new(None) };
+    }
+
+    pub fn injected(bug: Bug) -> bool {
+        BUG.with(|b| b.get() == Some(bug))
+    }
+
+    pub fn observing() -> bool {
+        OBSERVER.with(|o| o.borrow().is_some())
+    }
+
+    pub fn observe<'a>(what: impl FnOnce() -> Observation<'a>) {
+        let observer = OBSERVER.with(|o| o.borrow().clone());
+        if let Some(observer) = observer {
+            observer(&what());
+        }
+    }
+
+    /// The simulator runs one seed per thread: both settings are per thread.
+    pub fn plant(bug: Option<Bug>) {
+        BUG.with(|b| b.set(bug));
+    }
+
+    pub fn set_observer(observer: Option<Observer>) {
+        OBSERVER.with(|o| *o.borrow_mut() = observer);
+    }
+}
+
+#[cfg(not(madsim))]
+mod switch {
+    use super::{Bug, Observation};
+
+    #[inline(always)]
+    pub fn injected(_bug: Bug) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    pub fn observing() -> bool {
+        false
+    }
+
+    #[inline(always)]
+    pub fn observe<'a>(_what: impl FnOnce() -> Observation<'a>) {}
+}
+
+pub use switch::*;

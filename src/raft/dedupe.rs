@@ -1,0 +1,100 @@
+//! Forwarded proposals are the one raft message that is not idempotent: a follower forwards a
+//! client's proposal to the leader as `MsgPropose`, and a copy delivered twice (a network that
+//! duplicates, a retransmit after a reconnect) would be appended, committed and applied twice.
+//! Every proposal carries a unique request id, so a node drops a forwarded proposal whose
+//! bytes it has already taken recently.
+
+use std::collections::{HashSet, VecDeque};
+
+use raft::eraftpb::{Message, MessageType};
+
+/// Forwarded proposals remembered, at most (several seconds of forwarded writes).
+pub const REMEMBERED_PROPOSALS: usize = 16 * 1024;
+
+#[derive(Default)]
+pub struct ForwardedProposals {
+    seen: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+impl ForwardedProposals {
+    /// `false` when `msg` is a forwarded proposal already taken: drop it.
+    pub fn first_time(&mut self, msg: &Message) -> bool {
+        if msg.get_msg_type() != MessageType::MsgPropose || msg.entries.is_empty() {
+            return true;
+        }
+        let fingerprint = fingerprint(msg);
+        if !self.seen.insert(fingerprint) {
+            return false;
+        }
+        self.order.push_back(fingerprint);
+        if self.order.len() > REMEMBERED_PROPOSALS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.seen.remove(&oldest);
+            }
+        }
+        true
+    }
+}
+
+/// FNV-1a over the entries' types and data (the data holds the unique request id).
+fn fingerprint(msg: &Message) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for entry in msg.entries.iter() {
+        for byte in [entry.get_entry_type() as u8]
+            .iter()
+            .chain((entry.data.len() as u64).to_le_bytes().iter())
+            .chain(entry.data.iter())
+        {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::eraftpb::Entry;
+
+    fn proposal(data: &[u8]) -> Message {
+        let mut msg = Message::default();
+        msg.set_msg_type(MessageType::MsgPropose);
+        let entry = Entry {
+            data: data.to_vec().into(),
+            ..Default::default()
+        };
+        msg.set_entries(vec![entry].into());
+        msg
+    }
+
+    #[test]
+    fn a_duplicated_forwarded_proposal_is_taken_once() {
+        let mut seen = ForwardedProposals::default();
+        assert!(seen.first_time(&proposal(b"request 1")));
+        assert!(seen.first_time(&proposal(b"request 2")));
+        assert!(!seen.first_time(&proposal(b"request 1")));
+    }
+
+    #[test]
+    fn other_messages_are_never_dropped() {
+        let mut seen = ForwardedProposals::default();
+        let mut append = proposal(b"x");
+        append.set_msg_type(MessageType::MsgAppend);
+        assert!(seen.first_time(&append));
+        assert!(seen.first_time(&append));
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let mut seen = ForwardedProposals::default();
+        for i in 0..(REMEMBERED_PROPOSALS + 10) {
+            assert!(seen.first_time(&proposal(&i.to_le_bytes())));
+        }
+        assert_eq!(seen.order.len(), REMEMBERED_PROPOSALS);
+        assert_eq!(seen.seen.len(), REMEMBERED_PROPOSALS);
+        // The oldest was forgotten.
+        assert!(seen.first_time(&proposal(&0usize.to_le_bytes())));
+    }
+}
