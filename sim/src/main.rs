@@ -80,7 +80,7 @@ impl Args {
             Some(n) => return Err(format!("--nodes: 3, 4 or 5, not {n}")),
             None if self.command == "run" => 3,
             None => {
-                if seed % 2 == 0 {
+                if seed.is_multiple_of(2) {
                     3
                 } else {
                     5

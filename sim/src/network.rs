@@ -25,6 +25,8 @@ pub struct LinkFaults {
     pub reorder: bool,
 }
 
+type Delivery = (tokio::time::Instant, String, Vec<Message>);
+
 #[derive(Default)]
 struct Net {
     /// Who listens on each peer URL now.
@@ -33,8 +35,8 @@ struct Net {
     addresses: BTreeMap<u64, String>,
     blocked: BTreeSet<(u64, u64)>,
     faults: LinkFaults,
-    /// Per directed link, the last scheduled delivery (keeps FIFO when not reordering).
-    last_delivery: HashMap<(u64, u64), tokio::time::Instant>,
+    /// Per directed link, the queue its in-order deliveries go through.
+    links: HashMap<(u64, u64), mpsc::UnboundedSender<Delivery>>,
     stats: NetStats,
     /// Votes granted are reported here (the raft-safety checker's one-vote-per-term rule).
     recorder: Option<Recorder>,
@@ -159,19 +161,39 @@ impl SimNetwork {
             } else {
                 faults.delay_min
             };
-            let mut at = tokio::time::Instant::now() + delay;
-            if !faults.reorder {
-                let last = net.last_delivery.entry((from, to)).or_insert(at);
-                at = at.max(*last);
-                *last = at;
-            }
+            let at = tokio::time::Instant::now() + delay;
             let batch = batch.clone();
-            let network = self.clone();
-            let url = url.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep_until(at).await;
-                network.deliver(from, to, &url, batch);
-            });
+            if faults.reorder {
+                let network = self.clone();
+                let url = url.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    network.deliver(from, to, &url, batch);
+                });
+                continue;
+            }
+            // In order: one task per link delivers its batches one after another.
+            let link = net
+                .links
+                .get(&(from, to))
+                .filter(|l| !l.is_closed())
+                .cloned();
+            let link = match link {
+                Some(link) => link,
+                None => {
+                    let (link, mut queued) = mpsc::unbounded_channel::<Delivery>();
+                    let network = self.clone();
+                    tokio::spawn(async move {
+                        while let Some((at, url, batch)) = queued.recv().await {
+                            tokio::time::sleep_until(at).await;
+                            network.deliver(from, to, &url, batch);
+                        }
+                    });
+                    net.links.insert((from, to), link.clone());
+                    link
+                }
+            };
+            let _ = link.send((at, url.clone(), batch));
         }
     }
 
