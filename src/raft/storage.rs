@@ -97,7 +97,17 @@ impl Storage for NodeStorage {
         // And only if its configuration has the follower: one made before the follower was
         // added would be ignored by it (raft-rs does not restore a snapshot that leaves it
         // out), and the leader would wait for it forever.
-        let needed = request_index.max(self.mem.first_index()?.saturating_sub(1));
+        // The log resumes at `first_index`; raft also needs the term of the entry before it,
+        // which compaction forgets (only a snapshot's own index keeps its term). A snapshot
+        // that leaves the follower there would be sent again and again.
+        let first_index = self.mem.first_index()?;
+        let resumable_from = first_index.saturating_sub(1);
+        let floor = if self.mem.term(resumable_from).is_ok() {
+            resumable_from
+        } else {
+            first_index
+        };
+        let needed = request_index.max(floor);
         if let Some(snapshot) = self.snapshots.lock().as_ref() {
             let metadata = snapshot.get_metadata();
             if metadata.index >= needed && is_member(metadata.get_conf_state(), to) {
@@ -108,5 +118,78 @@ impl Storage for NodeStorage {
         Err(raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::eraftpb::{ConfState, SnapshotMetadata};
+
+    fn snapshot_at(index: u64, voters: Vec<u64>) -> Snapshot {
+        let mut meta = SnapshotMetadata {
+            index,
+            term: 1,
+            ..Default::default()
+        };
+        meta.set_conf_state(ConfState::from((voters, vec![])));
+        let mut snapshot = Snapshot::default();
+        snapshot.set_metadata(meta);
+        snapshot
+    }
+
+    /// Entries 1..=20 in term 1, compacted so that the log starts at 11.
+    fn compacted_storage() -> NodeStorage {
+        let storage = NodeStorage::new(Arc::new(SnapshotRequests::default()));
+        storage
+            .mem
+            .initialize_with_conf_state(ConfState::from((vec![1, 2], vec![])));
+        let entries: Vec<Entry> = (1..=20)
+            .map(|index| Entry {
+                index,
+                term: 1,
+                ..Default::default()
+            })
+            .collect();
+        storage.mem.wl().append(&entries).expect("append");
+        storage.mem.wl().compact(11).expect("compact");
+        storage
+    }
+
+    fn unavailable(result: raft::Result<Snapshot>) -> bool {
+        matches!(
+            result,
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
+        )
+    }
+
+    #[test]
+    fn a_snapshot_must_reach_past_the_entry_whose_term_compaction_forgot() {
+        let storage = compacted_storage();
+        // The log resumes at 11 but the term of 10 is gone: a snapshot at 10 would leave the
+        // follower where it cannot be sent entries, and would be sent forever.
+        storage.set_latest(snapshot_at(10, vec![1, 2]));
+        assert!(unavailable(storage.snapshot(0, 2)));
+        assert!(storage.snapshots.wanted.load(Ordering::Acquire));
+        storage.set_latest(snapshot_at(11, vec![1, 2]));
+        assert_eq!(
+            storage
+                .snapshot(0, 2)
+                .expect("snapshot")
+                .get_metadata()
+                .index,
+            11
+        );
+    }
+
+    #[test]
+    fn a_snapshot_without_the_follower_in_its_configuration_is_not_sent() {
+        let storage = compacted_storage();
+        storage.set_latest(snapshot_at(15, vec![1, 2]));
+        assert!(unavailable(storage.snapshot(0, 3)), "3 would ignore it");
+        storage.set_latest(snapshot_at(15, vec![1, 2, 3]));
+        assert!(storage.snapshot(0, 3).is_ok());
     }
 }
