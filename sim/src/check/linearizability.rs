@@ -1,28 +1,30 @@
-//! Linearizability checker for simulation histories. It decides, key by key, whether every
-//! result the clients saw could come from one register per key that changes atomically at some
-//! instant inside each operation's call/return interval: a Wing–Gong search with Lowe's
-//! memoization (the approach Porcupine popularised). Serializable reads are not checked.
+//! Linearizability checker for simulation histories: decides, key by key, whether the results
+//! clients saw could come from one register per key that changes atomically at some instant
+//! inside each op's call/return interval. A Wing–Gong search with Lowe's memoization (as in
+//! Porcupine), plus prunings that keep failing searches of busy histories tractable.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Bound;
 
 use crate::history::{Op, OpKind, OpResult};
 
-/// Search steps allowed per key (and per minimization trial) by [`check`].
+/// Search steps allowed per key by [`check`]. A step is one iteration of the search: placing,
+/// trying or undoing one op.
 pub const DEFAULT_BUDGET_STEPS: u64 = 2_000_000;
-/// Minimizing a failure stops after this many trial searches...
+/// Minimizing a failure stops after this many trial searches, or after this many budgets'
+/// worth of steps in total.
 const MINIMIZE_MAX_TRIALS: usize = 2_000;
-/// ...or after this many budgets' worth of steps in total.
 const MINIMIZE_BUDGETS: u64 = 4;
+/// Explaining first tries a search without the fast prunings, as they blur which op is stuck.
+const EXPLAIN_PLAIN_STEPS: u64 = 100_000;
 /// At most this many possible states are named in an explanation.
 const MAX_REPORTED_STATES: usize = 8;
-/// Return time of a write whose outcome is unknown: it may take effect at any time after its call.
+/// Return time of a write whose outcome is unknown: it may take effect any time after its call.
 const NEVER_RETURNED_US: u64 = u64::MAX;
 /// Register state "the key does not exist"; other states are interned value ids.
 const ABSENT: u32 = 0;
-/// One state for every value that no op reads or compares against: such values are
-/// indistinguishable, and merging them lets the memo recognise more configurations.
+/// One state for all values no op reads or compares against: they are indistinguishable, and
+/// merging them lets the memo recognise more configurations.
 const UNREAD: u32 = u32::MAX;
 const NIL: usize = usize::MAX;
 
@@ -46,26 +48,23 @@ pub struct LinFailure {
     pub explanation: String,
 }
 
-/// Checks every key with [`DEFAULT_BUDGET_STEPS`].
 pub fn check(history: &[Op]) -> LinReport {
     check_with_budget(history, DEFAULT_BUDGET_STEPS)
 }
 
-/// Checks every key, allowing `budget` search steps per key. Only the first failing key (in key
-/// order) is minimized and explained; other failing keys are named in its explanation.
+/// Same with an explicit budget of search steps per key. Only the first failing key (in key
+/// order) is minimized (within a few budgets more) and explained; other failing keys are named.
 pub fn check_with_budget(history: &[Op], budget: u64) -> LinReport {
-    let universe = key_universe(history);
     let mut values = Values::default();
-    let per_key = project(history, &universe, &mut values);
+    let per_key = project(history, &mut values);
     let mut report = LinReport {
         keys_checked: per_key.len(),
-        ops_checked: 0,
+        ops_checked: per_key.values().map(Vec::len).sum(),
         failure: None,
         inconclusive: Vec::new(),
     };
     let mut other_failing_keys = Vec::new();
     for (key, key_ops) in &per_key {
-        report.ops_checked += key_ops.len();
         match search(key_ops, budget, true).verdict {
             Verdict::Linearizable => {}
             Verdict::Inconclusive => report.inconclusive.push(key.clone()),
@@ -75,21 +74,17 @@ pub fn check_with_budget(history: &[Op], budget: u64) -> LinReport {
             Verdict::Violation(_) => other_failing_keys.push(key.as_str()),
         }
     }
-    if let Some(failure) = report.failure.as_mut() {
-        if !other_failing_keys.is_empty() {
-            failure.explanation += &format!(
-                "\nalso not linearizable: keys {}",
-                other_failing_keys.join(", ")
-            );
-        }
+    if let (Some(failure), false) = (report.failure.as_mut(), other_failing_keys.is_empty()) {
+        failure.explanation +=
+            &format!("\nalso not linearizable: {}", other_failing_keys.join(", "));
     }
     report
 }
 
-/// What one operation does to one key's register, with the result it claims.
+/// What one op does to one key's register, with the result it claims.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Action {
-    /// A Get, or a linearizable Range projected onto one key.
+    /// A get, or a linearizable range projected onto one key.
     Read {
         observed: u32,
     },
@@ -100,7 +95,7 @@ enum Action {
     Delete {
         deleted: Option<i64>,
     },
-    /// `succeeded == None`: outcome unknown, the swap happens iff the state matches.
+    /// `succeeded == None`: outcome unknown, it swaps iff the state matches.
     Cas {
         expect: u32,
         value: u32,
@@ -115,20 +110,17 @@ impl Action {
             Action::Read { observed } => (observed == state).then_some(state),
             Action::Put { value } => Some(value),
             Action::Delete { deleted: None } => Some(ABSENT),
-            Action::Delete {
-                deleted: Some(count),
-            } => (count == i64::from(state != ABSENT)).then_some(ABSENT),
+            Action::Delete { deleted: Some(n) } => {
+                (n == i64::from(state != ABSENT)).then_some(ABSENT)
+            }
             Action::Cas {
                 expect,
                 value,
                 succeeded,
-            } => {
-                let swaps = state == expect;
-                match succeeded {
-                    Some(claimed) if claimed != swaps => None,
-                    _ => Some(if swaps { value } else { state }),
-                }
-            }
+            } => match succeeded {
+                Some(claimed) if claimed != (state == expect) => None,
+                _ => Some(if state == expect { value } else { state }),
+            },
         }
     }
 
@@ -139,6 +131,28 @@ impl Action {
             Action::Cas {
                 value, succeeded, ..
             } if succeeded != Some(false) => Some(value),
+            _ => None,
+        }
+    }
+
+    /// The state it may leave behind, whatever the state before.
+    fn produces(self) -> Option<u32> {
+        match self {
+            Action::Delete { deleted } => (deleted != Some(0)).then_some(ABSENT),
+            _ => self.written(),
+        }
+    }
+
+    /// The state its definite result says it found, if that pins one down.
+    fn needs(self) -> Option<u32> {
+        match self {
+            Action::Read { observed } => Some(observed),
+            Action::Cas {
+                expect,
+                succeeded: Some(true),
+                ..
+            } => Some(expect),
+            Action::Delete { deleted: Some(0) } => Some(ABSENT),
             _ => None,
         }
     }
@@ -155,19 +169,9 @@ impl Action {
                 | Action::Delete { deleted: Some(0) }
         )
     }
-
-    /// Does a definite result reveal something about the state before it?
-    fn observes(self) -> bool {
-        match self {
-            Action::Read { .. } => true,
-            Action::Put { .. } => false,
-            Action::Delete { deleted } => deleted.is_some(),
-            Action::Cas { succeeded, .. } => succeeded.is_some(),
-        }
-    }
 }
 
-/// One operation as seen by one key.
+/// One op as seen by one key.
 #[derive(Clone, Copy, Debug)]
 struct KeyOp {
     /// Index into the checked history slice.
@@ -178,7 +182,13 @@ struct KeyOp {
     return_us: u64,
 }
 
-/// Interns values so a register state is a `u32` ([`ABSENT`] or 1 + index into `names`).
+impl KeyOp {
+    fn is_unknown(&self) -> bool {
+        self.return_us == NEVER_RETURNED_US
+    }
+}
+
+/// Interns values so a register state is a `u32` ([`ABSENT`], or 1 + index into `names`).
 #[derive(Default)]
 struct Values {
     ids: HashMap<String, u32>,
@@ -191,46 +201,38 @@ impl Values {
             return id;
         }
         self.names.push(value.to_string());
-        let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+        let id = u32::try_from(self.names.len()).unwrap_or(UNREAD - 1);
         self.ids.insert(value.to_string(), id);
         id
     }
 
     fn name(&self, id: u32) -> &str {
-        match id.checked_sub(1) {
-            None => "<absent>",
-            Some(_) if id == UNREAD => "<a value no op reads>",
-            Some(index) => self.names.get(index as usize).map_or("?", String::as_str),
+        match id {
+            ABSENT => "<absent>",
+            UNREAD => "<a value no op reads>",
+            _ => self.names.get(id as usize - 1).map_or("?", String::as_str),
         }
     }
 }
 
-fn key_universe(history: &[Op]) -> BTreeSet<String> {
-    let mut keys = BTreeSet::new();
+/// Splits the history into per-key ops for every key any op mentions or any range returned,
+/// dropping what the model does not constrain: serializable reads, failed ops, reads without
+/// a definite result. A write whose result is missing or of the wrong kind may or may not
+/// have taken effect.
+fn project(history: &[Op], values: &mut Values) -> BTreeMap<String, Vec<KeyOp>> {
+    let mut universe = BTreeSet::new();
     for op in history {
-        match &op.kind {
-            OpKind::Put { key, .. }
-            | OpKind::Get { key, .. }
-            | OpKind::Delete { key }
-            | OpKind::Cas { key, .. } => {
-                keys.insert(key.clone());
-            }
-            OpKind::Range { .. } => {}
+        if let OpKind::Put { key, .. }
+        | OpKind::Get { key, .. }
+        | OpKind::Delete { key }
+        | OpKind::Cas { key, .. } = &op.kind
+        {
+            universe.insert(key.clone());
         }
         if let OpResult::Range { kvs, .. } = &op.result {
-            keys.extend(kvs.iter().map(|kv| kv.key.clone()));
+            universe.extend(kvs.iter().map(|kv| kv.key.clone()));
         }
     }
-    keys
-}
-
-/// Splits the history into per-key operations, dropping what the model does not constrain:
-/// serializable reads, failed ops, reads without a definite result.
-fn project(
-    history: &[Op],
-    universe: &BTreeSet<String>,
-    values: &mut Values,
-) -> BTreeMap<String, Vec<KeyOp>> {
     let mut per_key: BTreeMap<String, Vec<KeyOp>> = universe
         .iter()
         .map(|key| (key.clone(), Vec::new()))
@@ -239,14 +241,16 @@ fn project(
         if op.is_serializable_read() || matches!(op.result, OpResult::Failed(_)) {
             continue;
         }
-        // A definite return time; clamped so a malformed history still orders call before return.
+        // Clamped so that even a malformed op returns after its call.
         let returned_us = op
             .return_us
             .filter(|_| !matches!(op.result, OpResult::Unknown(_)))
-            .map(|ret| ret.clamp(op.call_us, NEVER_RETURNED_US - 1));
-        let mut add = |key: &str, action: Action, return_us: Option<u64>| {
+            .map(|ret| ret.max(op.call_us).min(NEVER_RETURNED_US - 1));
+        let mut add = |key: &str, action: Action, definite: bool| {
+            let return_us = returned_us
+                .filter(|_| definite)
+                .unwrap_or(NEVER_RETURNED_US);
             if let Some(ops) = per_key.get_mut(key) {
-                let return_us = return_us.unwrap_or(NEVER_RETURNED_US);
                 ops.push(KeyOp {
                     op_index,
                     action,
@@ -255,14 +259,14 @@ fn project(
                 });
             }
         };
-        // A write whose result is missing or of the wrong kind may or may not have happened.
+        let returned = returned_us.is_some();
         match (&op.kind, &op.result) {
-            (OpKind::Get { key, .. }, OpResult::Get { kv, .. }) if returned_us.is_some() => {
+            (OpKind::Get { key, .. }, OpResult::Get { kv, .. }) if returned => {
                 let observed = kv.as_ref().map_or(ABSENT, |kv| values.id(&kv.value));
-                add(key, Action::Read { observed }, returned_us);
+                add(key, Action::Read { observed }, true);
             }
             (OpKind::Range { start, end, .. }, OpResult::Range { kvs, .. })
-                if returned_us.is_some() && start < end =>
+                if returned && start < end =>
             {
                 let bounds = (
                     Bound::Included(start.as_str()),
@@ -271,29 +275,30 @@ fn project(
                 for key in universe.range::<str, _>(bounds) {
                     let found = kvs.iter().find(|kv| &kv.key == key);
                     let observed = found.map_or(ABSENT, |kv| values.id(&kv.value));
-                    add(key, Action::Read { observed }, returned_us);
+                    add(key, Action::Read { observed }, true);
                 }
             }
             (OpKind::Get { .. } | OpKind::Range { .. }, _) => {}
             (OpKind::Put { key, value }, result) => {
-                let definite = matches!(result, OpResult::Put { .. });
-                let value = values.id(value);
-                add(key, Action::Put { value }, returned_us.filter(|_| definite));
+                let definite = returned && matches!(result, OpResult::Put { .. });
+                add(
+                    key,
+                    Action::Put {
+                        value: values.id(value),
+                    },
+                    definite,
+                );
             }
             (OpKind::Delete { key }, result) => {
                 let deleted = match result {
-                    OpResult::Delete { deleted, .. } if returned_us.is_some() => Some(*deleted),
+                    OpResult::Delete { deleted, .. } if returned => Some(*deleted),
                     _ => None,
                 };
-                add(
-                    key,
-                    Action::Delete { deleted },
-                    returned_us.filter(|_| deleted.is_some()),
-                );
+                add(key, Action::Delete { deleted }, deleted.is_some());
             }
             (OpKind::Cas { key, expect, value }, result) => {
                 let succeeded = match result {
-                    OpResult::Cas { succeeded, .. } if returned_us.is_some() => Some(*succeeded),
+                    OpResult::Cas { succeeded, .. } if returned => Some(*succeeded),
                     _ => None,
                 };
                 let expect = expect.as_deref().map_or(ABSENT, |v| values.id(v));
@@ -302,7 +307,7 @@ fn project(
                     value: values.id(value),
                     succeeded,
                 };
-                add(key, action, returned_us.filter(|_| succeeded.is_some()));
+                add(key, action, succeeded.is_some());
             }
         }
     }
@@ -315,10 +320,10 @@ enum Verdict {
     Inconclusive,
 }
 
-/// Where the search got furthest before failing: the op whose return could not be passed.
+/// Where a failed search got furthest: the op whose return it could not get past.
 struct Stuck {
     key_op: KeyOp,
-    /// States the register was in, in explored orders, when that op had to take effect.
+    /// States the register was in, in the orders explored, when that op had to take effect.
     states: Vec<u32>,
 }
 
@@ -359,8 +364,7 @@ impl EventList {
             is_call: vec![false; nodes],
             return_node: vec![NIL; ops.len()],
         };
-        for (position, &(_, is_return, op)) in events.iter().enumerate() {
-            let node = position + 1;
+        for (node, &(_, is_return, op)) in (1..).zip(&events) {
             list.op_of[node] = op;
             list.is_call[node] = !is_return;
             if is_return {
@@ -397,64 +401,43 @@ impl EventList {
     }
 }
 
-/// The keys are already well mixed (see [`mix64`]); hashing them again would only cost time.
-#[derive(Default)]
-struct PremixedHasher(u64);
-
-impl Hasher for PremixedHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = mix64(self.0 ^ u64::from(byte));
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
 fn mix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
 }
 
-/// Lowe's memo of configurations already explored (so failed): the set of linearized ops
-/// other than twins, the state, and how many twins of each class were used.
+/// Lowe's memo of configurations already explored (hence failed): the set of linearized ops
+/// with a definite result, the state, and the set of linearized unknown-outcome ops.
 #[derive(Default)]
 struct Memo {
-    buckets: HashMap<u64, Vec<MemoEntry>, BuildHasherDefault<PremixedHasher>>,
+    buckets: HashMap<(u64, u32), Vec<SeenSets>>,
 }
 
-type MemoEntry = (Box<[u64]>, u32, Box<[usize]>);
+/// The definite and the unknown linearized sets of one configuration seen.
+type SeenSets = (Box<[u64]>, Box<[u64]>);
 
 impl Memo {
-    /// Records the configuration; false if it, or one with the same set and state but no more
-    /// twins used, was seen: having fewer twins left cannot help, so that one fails too.
-    fn insert(&mut self, set_hash: u64, set: &[u64], state: u32, twins_used: &[usize]) -> bool {
-        let bucket = self
-            .buckets
-            .entry(set_hash ^ mix64(u64::from(state) << 32))
-            .or_default();
-        let seen = bucket.iter().any(|(seen_set, seen_state, seen_used)| {
-            *seen_state == state
-                && **seen_set == *set
-                && seen_used
+    /// Records a configuration; false if it, or one with the same definite set and state but
+    /// fewer unknown ops placed, was seen. Unknown ops can always go last instead, so having
+    /// placed more of them never helps: this one fails too.
+    fn insert(&mut self, hash: u64, definite: &[u64], state: u32, unknown: &[u64]) -> bool {
+        let bucket = self.buckets.entry((hash, state)).or_default();
+        let seen = bucket.iter().any(|(seen_definite, seen_unknown)| {
+            **seen_definite == *definite
+                && seen_unknown
                     .iter()
-                    .zip(twins_used)
-                    .all(|(seen, used)| seen <= used)
+                    .zip(unknown)
+                    .all(|(seen, now)| seen & !now == 0)
         });
         if !seen {
-            bucket.push((set.into(), state, twins_used.into()));
+            bucket.push((definite.into(), unknown.into()));
         }
         !seen
     }
 }
 
-/// One key's ops rewritten for the search, without changing whether they linearize.
+/// One key's ops prepared for a search.
 struct Prepared {
     ops: Vec<KeyOp>,
     /// For unknown-outcome ops with identical actions (e.g. unknown deletes): (class, rank by
@@ -462,84 +445,73 @@ struct Prepared {
     /// may take effect; otherwise every subset of them would be searched.
     twins: Vec<Option<(usize, usize)>>,
     classes: usize,
-    /// Per op: the value it needs to be current (a read of it, a successful CAS from it), if
-    /// exactly one op writes that value; once overwritten, such a value can never return.
-    needs: Vec<Option<u32>>,
+    /// Per state: the ops that need to find it, by return time, and the ops that may produce
+    /// it, by call time (empty unless searching fast).
+    needers: HashMap<u32, Vec<usize>>,
+    producers: HashMap<u32, Vec<usize>>,
+    /// An op that needs a value nothing produces before it returns.
+    hopeless: Option<usize>,
 }
 
 fn prepare(key_ops: &[KeyOp], fast: bool) -> Prepared {
     let mut ops = key_ops.to_vec();
-    let mut compared = HashSet::new();
-    // Per value: the earliest return of an op that needs it to be the current value.
-    let mut needed_by_us: HashMap<u32, u64> = HashMap::new();
-    let mut writers: HashMap<u32, usize> = HashMap::new();
-    for op in &ops {
-        match op.action {
-            Action::Read { observed: value }
-            | Action::Cas {
-                expect: value,
-                succeeded: Some(true),
-                ..
-            } => {
-                let need_us = needed_by_us.entry(value).or_insert(op.return_us);
-                *need_us = (*need_us).min(op.return_us);
-            }
-            Action::Cas { expect, .. } => {
-                compared.insert(expect);
-            }
-            _ => {}
-        }
-        if let Some(value) = op.action.written() {
-            *writers.entry(value).or_default() += 1;
-        }
-    }
-    for op in &mut ops {
-        let Some(value) = op.action.written() else {
-            continue;
-        };
-        // A value written once must be written before anyone needs it: tightening the return
-        // lets the search see sooner that a branch is dead.
-        match needed_by_us.get(&value) {
-            Some(&need_us) if writers.get(&value) == Some(&1) && need_us >= op.call_us => {
-                op.return_us = op.return_us.min(need_us);
-            }
-            _ => {}
-        }
-        if fast && !needed_by_us.contains_key(&value) && !compared.contains(&value) {
+    if fast {
+        let looked_at: HashSet<u32> = (ops.iter())
+            .filter_map(|op| match op.action {
+                Action::Read { observed } => Some(observed),
+                Action::Cas { expect, .. } => Some(expect),
+                _ => None,
+            })
+            .collect();
+        for op in &mut ops {
             if let Action::Put { value } | Action::Cas { value, .. } = &mut op.action {
-                *value = UNREAD;
+                if !looked_at.contains(value) {
+                    *value = UNREAD;
+                }
             }
         }
     }
-    let mut unknown: Vec<usize> = (0..ops.len())
-        .filter(|&i| ops[i].return_us == NEVER_RETURNED_US)
-        .collect();
-    unknown.sort_by_key(|&i| (ops[i].call_us, i));
+    let mut by_call: Vec<usize> = (0..ops.len()).collect();
+    by_call.sort_by_key(|&i| (ops[i].call_us, i));
     let mut twins = vec![None; ops.len()];
-    let mut class_of: HashMap<Action, (usize, usize)> = HashMap::new();
-    for i in unknown {
-        let next_class = class_of.len();
-        let (class, next_rank) = class_of.entry(ops[i].action).or_insert((next_class, 0));
+    let mut classes: HashMap<Action, (usize, usize)> = HashMap::new();
+    for &i in by_call.iter().filter(|&&i| ops[i].is_unknown()) {
+        let next_class = classes.len();
+        let (class, next_rank) = classes.entry(ops[i].action).or_insert((next_class, 0));
         twins[i] = Some((*class, *next_rank));
         *next_rank += 1;
     }
-    let needs = ops
-        .iter()
-        .map(|op| match op.action {
-            Action::Read { observed: value }
-            | Action::Cas {
-                expect: value,
-                succeeded: Some(true),
-                ..
-            } => Some(value).filter(|value| fast && writers.get(value) == Some(&1)),
-            _ => None,
-        })
-        .collect();
+    let (mut needers, mut producers) = (HashMap::new(), HashMap::new());
+    for &i in &by_call {
+        if let Some(state) = ops[i].action.produces() {
+            producers.entry(state).or_insert_with(Vec::new).push(i);
+        }
+    }
+    let mut by_return = by_call;
+    by_return.sort_by_key(|&i| (ops[i].return_us, i));
+    for &i in &by_return {
+        if let Some(state) = ops[i].action.needs() {
+            needers.entry(state).or_insert_with(Vec::new).push(i);
+        }
+    }
+    let hopeless = by_return
+        .into_iter()
+        .find(|&i| match ops[i].action.needs() {
+            Some(ABSENT) | None => false,
+            Some(value) => !producers.get(&value).is_some_and(|p: &Vec<usize>| {
+                p.iter().any(|&w| ops[w].call_us <= ops[i].return_us)
+            }),
+        });
+    if !fast {
+        (needers, producers) = (HashMap::new(), HashMap::new());
+    }
     Prepared {
         ops,
         twins,
-        classes: class_of.len(),
-        needs,
+        classes: classes.len(),
+        needers,
+        producers,
+        hopeless,
     }
 }
 
@@ -547,19 +519,19 @@ fn prepare(key_ops: &[KeyOp], fast: bool) -> Prepared {
 struct Search<'a> {
     ops: &'a [KeyOp],
     twins: &'a [Option<(usize, usize)>],
-    needs: &'a [Option<u32>],
-    /// Per uniquely written value: how many unplaced ops still need it.
-    needs_left: HashMap<u32, usize>,
+    needers: &'a HashMap<u32, Vec<usize>>,
+    producers: &'a HashMap<u32, Vec<usize>>,
     list: EventList,
-    linearized: Vec<u64>,
-    linearized_hash: u64,
+    /// Linearized ops with a definite result (and a hash of that set), and unknown ones.
+    definite: Vec<u64>,
+    definite_hash: u64,
+    unknown: Vec<u64>,
     memo: Memo,
     /// Per linearized op: its call node, the state before it, whether it was forced.
     stack: Vec<(usize, u32, bool)>,
     twins_used: Vec<usize>,
     state: u32,
-    /// Ops that must be linearized; unknown writes may take effect after all of them, where
-    /// they are always allowed.
+    /// Definite ops not linearized yet; unknown ones may all take effect last.
     definite_left: usize,
 }
 
@@ -573,15 +545,44 @@ enum Mode {
 }
 
 impl Search<'_> {
-    /// Places the op whose call node is `node`, unless the resulting configuration was seen.
+    fn is_linearized(&self, op: usize) -> bool {
+        let set = if self.ops[op].is_unknown() {
+            &self.unknown
+        } else {
+            &self.definite
+        };
+        set[op / 64] & (1 << (op % 64)) != 0
+    }
+
+    /// Toggles whether `op` counts as linearized.
+    fn mark(&mut self, op: usize) {
+        match self.twins[op] {
+            Some((class, rank)) if self.twins_used[class] == rank => self.twins_used[class] += 1,
+            Some((class, _)) => self.twins_used[class] -= 1,
+            None => {}
+        }
+        if self.ops[op].is_unknown() {
+            self.unknown[op / 64] ^= 1 << (op % 64);
+        } else {
+            self.definite[op / 64] ^= 1 << (op % 64);
+            self.definite_hash ^= mix64(op as u64 + 1);
+            if self.is_linearized(op) {
+                self.definite_left -= 1;
+            } else {
+                self.definite_left += 1;
+            }
+        }
+    }
+
+    /// Places the op whose call node is `node`, unless the configuration reached was seen.
     fn linearize(&mut self, node: usize, next_state: u32, forced: bool) -> bool {
         let op = self.list.op_of[node];
         self.mark(op);
         if !self.memo.insert(
-            self.linearized_hash,
-            &self.linearized,
+            self.definite_hash,
+            &self.definite,
             next_state,
-            &self.twins_used,
+            &self.unknown,
         ) {
             self.mark(op);
             return false;
@@ -589,40 +590,15 @@ impl Search<'_> {
         self.stack.push((node, self.state, forced));
         self.state = next_state;
         self.list.lift(node);
-        if let Some(count) = self.needs[op].and_then(|value| self.needs_left.get_mut(&value)) {
-            *count -= 1;
-        }
-        if self.ops[op].return_us != NEVER_RETURNED_US {
-            self.definite_left -= 1;
-        }
         true
-    }
-
-    /// Toggles whether `op` counts as linearized (a twin only counts towards its class).
-    fn mark(&mut self, op: usize) {
-        match self.twins[op] {
-            Some((class, rank)) if self.twins_used[class] == rank => self.twins_used[class] += 1,
-            Some((class, _)) => self.twins_used[class] -= 1,
-            None => {
-                self.linearized[op / 64] ^= 1 << (op % 64);
-                self.linearized_hash ^= mix64(op as u64);
-            }
-        }
     }
 
     /// Undoes the last placement: its call node and whether it was forced.
     fn undo(&mut self) -> Option<(usize, bool)> {
         let (node, previous_state, forced) = self.stack.pop()?;
-        let op = self.list.op_of[node];
-        self.mark(op);
+        self.mark(self.list.op_of[node]);
         self.state = previous_state;
         self.list.unlift(node);
-        if let Some(count) = self.needs[op].and_then(|value| self.needs_left.get_mut(&value)) {
-            *count += 1;
-        }
-        if self.ops[op].return_us != NEVER_RETURNED_US {
-            self.definite_left += 1;
-        }
         Some((node, forced))
     }
 
@@ -639,12 +615,31 @@ impl Search<'_> {
         None
     }
 
-    /// The state after a branching op at `node`, if the search should try it now.
+    /// Must the current state stay until an unplaced op other than `op` has seen it? True if
+    /// the first such op to return has nothing left that could bring the state back in time.
+    fn needed_later(&self, op: usize) -> bool {
+        let Some(needers) = self.needers.get(&self.state) else {
+            return false;
+        };
+        let Some(&needer) = needers.iter().find(|&&n| n != op && !self.is_linearized(n)) else {
+            return false;
+        };
+        let deadline_us = self.ops[needer].return_us;
+        let producers = self
+            .producers
+            .get(&self.state)
+            .map_or(&[][..], Vec::as_slice);
+        !(producers.iter())
+            .take_while(|&&p| self.ops[p].call_us <= deadline_us)
+            .any(|&p| p != op && !self.is_linearized(p))
+    }
+
+    /// The state after the (not state-keeping) op at `node`, if the search should try it now.
     fn branch_state(&self, node: usize) -> Option<u32> {
         let op = self.list.op_of[node];
         let action = self.ops[op].action;
         if action.keeps_state() {
-            return None; // Enter tried it in this same state.
+            return None; // `Enter` found it impossible in this same state.
         }
         if let Some((class, rank)) = self.twins[op] {
             if self.twins_used[class] != rank {
@@ -652,61 +647,63 @@ impl Search<'_> {
             }
         }
         let next_state = action.apply(self.state)?;
-        // A value written once cannot come back: do not overwrite it while an unplaced op
-        // (other than this one) still needs to see it.
-        let needed_later = self.needs_left.get(&self.state).copied().unwrap_or(0)
-            > usize::from(self.needs[op] == Some(self.state));
-        if next_state != self.state && needed_later {
+        if next_state != self.state && self.needed_later(op) {
             return None;
         }
-        // An unknown write placed right before a put (or an unknown delete), or last, changes
-        // nothing that anyone sees; it can always be moved after every other op instead. So it
-        // is only tried when something that may come next accepts the state it leaves.
-        let useful = self.ops[op].return_us != NEVER_RETURNED_US
-            || self
-                .find_callable(|other, follower| {
-                    other != node
-                        && !matches!(
-                            follower,
-                            Action::Put { .. } | Action::Delete { deleted: None }
-                        )
-                        && follower.apply(next_state).is_some()
-                })
-                .is_some();
+        // An unknown write placed right before a put or an unknown delete changes nothing
+        // anyone sees: it could as well go last. So it is only tried when something that may
+        // come next accepts the state it leaves.
+        let useful = !self.ops[op].is_unknown()
+            || (self.find_callable(|other, follower| {
+                other != node
+                    && !matches!(
+                        follower,
+                        Action::Put { .. } | Action::Delete { deleted: None }
+                    )
+                    && follower.apply(next_state).is_some()
+            }))
+            .is_some();
         useful.then_some(next_state)
     }
 }
 
 /// Searches for a linearization of one key's ops within `budget` steps. `fast` merges values
-/// nobody reads into one state and refuses to overwrite a value still needed: the verdict is
-/// the same either way, but without them the op reported stuck is the one that tells more.
+/// nobody looks at into one state and refuses to move away from a state some op still needs
+/// to find: the verdict is the same either way, but without them the op reported stuck is
+/// more telling.
 fn search(key_ops: &[KeyOp], budget: u64, fast: bool) -> SearchResult {
     let Prepared {
         ops,
         twins,
         classes,
-        needs,
+        needers,
+        producers,
+        hopeless,
     } = prepare(key_ops, fast);
-    let mut needs_left = HashMap::new();
-    for &value in needs.iter().flatten() {
-        *needs_left.entry(value).or_insert(0) += 1;
+    if let Some(op) = hopeless {
+        let stuck = Stuck {
+            key_op: ops[op],
+            states: Vec::new(),
+        };
+        return SearchResult {
+            verdict: Verdict::Violation(stuck),
+            steps: 0,
+        };
     }
     let mut search = Search {
         ops: &ops,
         twins: &twins,
-        needs: &needs,
-        needs_left,
+        needers: &needers,
+        producers: &producers,
         list: EventList::new(&ops),
-        linearized: vec![0u64; ops.len().div_ceil(64)],
-        linearized_hash: 0,
+        definite: vec![0; ops.len().div_ceil(64)],
+        definite_hash: 0,
+        unknown: vec![0; ops.len().div_ceil(64)],
         memo: Memo::default(),
         stack: Vec::new(),
         twins_used: vec![0; classes],
         state: ABSENT,
-        definite_left: ops
-            .iter()
-            .filter(|op| op.return_us != NEVER_RETURNED_US)
-            .count(),
+        definite_left: ops.iter().filter(|op| !op.is_unknown()).count(),
     };
     let mut deepest: Option<(usize, usize)> = None; // (linearized count, op)
     let mut stuck_states: Vec<Vec<u32>> = vec![Vec::new(); ops.len()];
@@ -735,7 +732,7 @@ fn search(key_ops: &[KeyOp], budget: u64, fast: bool) -> SearchResult {
                     action.keeps_state() && action.apply(state).is_some()
                 });
                 match keeper {
-                    Some(node) if search.linearize(node, search.state, true) => Mode::Enter,
+                    Some(node) if search.linearize(node, state, true) => Mode::Enter,
                     Some(_) => Mode::Backtrack,
                     None => Mode::Branch(search.list.next[0]),
                 }
@@ -749,8 +746,7 @@ fn search(key_ops: &[KeyOp], budget: u64, fast: bool) -> SearchResult {
             Mode::Branch(node) => {
                 // A return: the op it ends cannot be linearized after what is placed so far.
                 if node != NIL {
-                    let op = search.list.op_of[node];
-                    let depth = search.stack.len();
+                    let (op, depth) = (search.list.op_of[node], search.stack.len());
                     if deepest.is_none_or(|(deepest_depth, _)| depth > deepest_depth) {
                         deepest = Some((depth, op));
                     }
@@ -765,10 +761,9 @@ fn search(key_ops: &[KeyOp], budget: u64, fast: bool) -> SearchResult {
                 Some((_, true)) => Mode::Backtrack,
                 Some((node, false)) => Mode::Branch(search.list.next[node]),
                 None => {
-                    let (_, op) = deepest.unwrap_or((0, 0));
-                    let verdict = match ops.get(op) {
-                        Some(&key_op) => Verdict::Violation(Stuck {
-                            key_op,
+                    let verdict = match deepest {
+                        Some((_, op)) => Verdict::Violation(Stuck {
+                            key_op: ops[op],
                             states: std::mem::take(&mut stuck_states[op]),
                         }),
                         None => Verdict::Inconclusive,
@@ -780,96 +775,61 @@ fn search(key_ops: &[KeyOp], budget: u64, fast: bool) -> SearchResult {
     }
 }
 
-fn selected(key_ops: &[KeyOp], keep: &[bool]) -> Vec<KeyOp> {
-    key_ops
-        .iter()
-        .zip(keep)
-        .filter(|(_, &k)| k)
-        .map(|(op, _)| *op)
-        .collect()
-}
-
-/// What a kept op's definite result relies on, for minimizing without inventing failures.
-enum Reliance {
-    Nothing,
-    /// The write of this value.
-    Value(u32),
-    /// The key being absent: whichever delete came last before it.
-    Absent,
-    /// The key being present or not some value: whichever change came last before it.
-    Change,
-}
-
-impl Action {
-    fn reliance(self) -> Reliance {
-        match self {
+/// Per op, the ops its definite result may rely on: the write of a value it reads or compares
+/// against, and each change (of the kind it needs) that could be the last one before it in
+/// some order, i.e. was called before it returned and did not return before a definite
+/// overwrite that itself returned before the op was called. Minimizing keeps these with the
+/// op, which makes it sound: if such a closed sub-history cannot be linearized, neither can the
+/// whole history, as dropping an unkept change alters only states no kept definite op sees.
+fn reliance_graph(key_ops: &[KeyOp]) -> Vec<Vec<usize>> {
+    let overwrites: Vec<&KeyOp> = (key_ops.iter())
+        .filter(|op| {
+            let overwrite = matches!(
+                op.action,
+                Action::Put { .. }
+                    | Action::Delete { .. }
+                    | Action::Cas {
+                        succeeded: Some(true),
+                        ..
+                    }
+            );
+            overwrite && !op.is_unknown()
+        })
+        .collect();
+    let relies = |op: &KeyOp, other: &KeyOp| {
+        let horizon_us = (overwrites.iter())
+            .filter(|o| o.return_us < op.call_us)
+            .map(|o| o.call_us)
+            .max()
+            .unwrap_or(0);
+        let may_be_last = other.call_us <= op.return_us && other.return_us >= horizon_us;
+        let deletes = matches!(other.action, Action::Delete { .. });
+        match op.action {
+            // Needs the key absent: on the last delete.
             Action::Read { observed: ABSENT }
             | Action::Delete { deleted: Some(0) }
             | Action::Cas {
                 expect: ABSENT,
                 succeeded: None | Some(true),
                 ..
-            } => Reliance::Absent,
+            } => deletes && may_be_last,
+            // Needs the key present, or not holding some value: on the last change.
             Action::Delete { deleted: Some(_) }
             | Action::Cas {
                 succeeded: Some(false),
                 ..
-            } => Reliance::Change,
+            } => (deletes || other.action.written().is_some()) && may_be_last,
             Action::Read { observed: value } | Action::Cas { expect: value, .. } => {
-                Reliance::Value(value)
+                other.action.written() == Some(value)
             }
-            Action::Put { .. } | Action::Delete { deleted: None } => Reliance::Nothing,
+            Action::Put { .. } | Action::Delete { deleted: None } => false,
         }
-    }
-}
-
-/// Per op, the ops it may rely on: the write of a value it reads or compares against, and each
-/// change (of the kind it needs) that could be the last one before it in some order, i.e. was
-/// called before it returned and did not return before a definite overwrite (put, delete,
-/// successful CAS) that itself returned before the op was called. Keeping these whenever the
-/// op is kept makes minimizing sound: if such a closed sub-history cannot be linearized,
-/// neither can the whole history, since a dropped change alters only states that no kept op
-/// with a definite result sees.
-fn reliance_graph(key_ops: &[KeyOp]) -> Vec<Vec<usize>> {
-    let overwrites: Vec<&KeyOp> = key_ops
-        .iter()
-        .filter(|op| {
-            op.return_us != NEVER_RETURNED_US
-                && matches!(
-                    op.action,
-                    Action::Put { .. }
-                        | Action::Delete { .. }
-                        | Action::Cas {
-                            succeeded: Some(true),
-                            ..
-                        }
-                )
-        })
-        .collect();
-    key_ops
-        .iter()
+    };
+    let others = |op: usize| (0..key_ops.len()).filter(move |&other| other != op);
+    (0..key_ops.len())
         .map(|op| {
-            let horizon_us = overwrites
-                .iter()
-                .filter(|o| o.return_us < op.call_us)
-                .map(|o| o.call_us)
-                .max()
-                .unwrap_or(0);
-            let reliance = op.action.reliance();
-            let relied_on = |other: &KeyOp| {
-                let is_delete = matches!(other.action, Action::Delete { .. });
-                let may_be_last = other.call_us <= op.return_us && other.return_us >= horizon_us;
-                match reliance {
-                    Reliance::Nothing => false,
-                    Reliance::Value(value) => other.action.written() == Some(value),
-                    Reliance::Absent => is_delete && may_be_last,
-                    Reliance::Change => {
-                        (is_delete || other.action.written().is_some()) && may_be_last
-                    }
-                }
-            };
-            (0..key_ops.len())
-                .filter(|&i| relied_on(&key_ops[i]))
+            others(op)
+                .filter(|&other| relies(&key_ops[op], &key_ops[other]))
                 .collect()
         })
         .collect()
@@ -893,34 +853,19 @@ impl Minimizer<'_> {
                 relied_on_by[other].push(op);
             }
         }
+        let (trials_left, steps_left) =
+            (MINIMIZE_MAX_TRIALS, budget.saturating_mul(MINIMIZE_BUDGETS));
         Minimizer {
             key_ops,
             relied_on_by,
             budget,
-            trials_left: MINIMIZE_MAX_TRIALS,
-            steps_left: budget.saturating_mul(MINIMIZE_BUDGETS),
+            trials_left,
+            steps_left,
         }
     }
 
-    /// Does this sub-history fail? Exhausted limits or budgets count as "no".
-    fn fails(&mut self, keep: &[bool]) -> bool {
-        if self.trials_left == 0 || self.steps_left == 0 {
-            return false;
-        }
-        self.trials_left -= 1;
-        let budget = self.budget.min(self.steps_left);
-        let result = search(&selected(self.key_ops, keep), budget, true);
-        eprintln!(
-            "trial {} ops -> steps {} violation {}",
-            keep.iter().filter(|k| **k).count(),
-            result.steps,
-            matches!(result.verdict, Verdict::Violation(_))
-        );
-        self.steps_left = self.steps_left.saturating_sub(result.steps);
-        matches!(result.verdict, Verdict::Violation(_))
-    }
-
-    /// Drops `dropped` and whatever relies on them from `keep` if the rest still fails.
+    /// Drops `dropped`, and whatever relies on them, from `keep` if the rest still fails
+    /// (running out of trials or steps counts as "no").
     fn try_drop(&mut self, keep: &mut Vec<bool>, dropped: &[usize]) -> bool {
         let mut candidate = keep.clone();
         let mut pending = dropped.to_vec();
@@ -929,11 +874,21 @@ impl Minimizer<'_> {
                 pending.extend(&self.relied_on_by[i]);
             }
         }
-        if candidate == *keep || !self.fails(&candidate) {
+        if candidate == *keep || self.trials_left == 0 || self.steps_left == 0 {
             return false;
         }
-        *keep = candidate;
-        true
+        self.trials_left -= 1;
+        let result = search(
+            &selected(self.key_ops, &candidate),
+            self.budget.min(self.steps_left),
+            true,
+        );
+        self.steps_left = self.steps_left.saturating_sub(result.steps);
+        let fails = matches!(result.verdict, Verdict::Violation(_));
+        if fails {
+            *keep = candidate;
+        }
+        fails
     }
 
     /// Drops the longest run from the front of `order` that keeps the failure, by bisection
@@ -950,25 +905,21 @@ impl Minimizer<'_> {
         }
     }
 
-    /// Later calls first, then earlier returns, then ever smaller groups: observers (reads,
-    /// CAS and deletes with a result) before writes, later ops first.
+    /// Earlier returns first (cutting the start makes later trials cheap), then later calls,
+    /// then ever smaller groups: ops with a definite result other than puts before the rest,
+    /// later ops first.
     fn run(mut self) -> Vec<bool> {
         let ops = self.key_ops;
         let mut keep = vec![true; ops.len()];
         let mut order: Vec<usize> = (0..ops.len()).collect();
+        order.sort_by_key(|&i| (ops[i].return_us, i));
+        self.drop_run(&mut keep, &order);
+        order.retain(|&i| keep[i]);
         order.sort_by_key(|&i| std::cmp::Reverse((ops[i].call_us, i)));
         self.drop_run(&mut keep, &order);
         order.retain(|&i| keep[i]);
-        order.sort_by_key(|&i| (ops[i].return_us, i));
-        self.drop_run(&mut keep, &order);
-
-        order.retain(|&i| keep[i]);
-        order.sort_by_key(|&i| {
-            (
-                !ops[i].action.observes(),
-                std::cmp::Reverse((ops[i].call_us, i)),
-            )
-        });
+        let writes = |op: &KeyOp| op.is_unknown() || matches!(op.action, Action::Put { .. });
+        order.sort_by_key(|&i| (writes(&ops[i]), std::cmp::Reverse((ops[i].call_us, i))));
         let mut group_len = (order.len() / 2).max(1);
         loop {
             order.retain(|&i| keep[i]);
@@ -984,6 +935,15 @@ impl Minimizer<'_> {
     }
 }
 
+fn selected(key_ops: &[KeyOp], keep: &[bool]) -> Vec<KeyOp> {
+    key_ops
+        .iter()
+        .zip(keep)
+        .filter(|(_, &kept)| kept)
+        .map(|(op, _)| *op)
+        .collect()
+}
+
 fn explain(
     history: &[Op],
     key: &str,
@@ -991,72 +951,84 @@ fn explain(
     budget: u64,
     values: &Values,
 ) -> LinFailure {
-    let keep = Minimizer::new(key_ops, budget).run();
-    let subset = selected(key_ops, &keep);
+    let subset = selected(key_ops, &Minimizer::new(key_ops, budget).run());
     let mut ops: Vec<Op> = subset
         .iter()
         .filter_map(|k| history.get(k.op_index).cloned())
         .collect();
     ops.sort_by_key(|op| (op.call_us, op.id));
-    let mut explanation = format!(
-        "key {key:?}: no order of these {} ops respects real time and one register's semantics",
-        ops.len()
-    );
-    let stuck = [false, true]
-        .into_iter()
-        .find_map(|fast| match search(&subset, budget, fast) {
-            SearchResult {
-                verdict: Verdict::Violation(stuck),
-                ..
-            } => Some(stuck),
-            _ => None,
-        });
-    if let Some(stuck) = stuck {
-        let described = history
-            .get(stuck.key_op.op_index)
-            .map_or_else(String::new, Op::describe);
-        let needs = match stuck.key_op.action {
-            Action::Read { observed: ABSENT } => "the key absent".to_string(),
-            Action::Read { observed } => {
-                let written = key_ops
-                    .iter()
-                    .any(|op| op.action.written() == Some(observed));
-                let never = if written { "" } else { " (no op writes it)" };
-                format!("the value {}{never}", values.name(observed))
-            }
-            Action::Cas {
-                expect,
-                succeeded: Some(true),
-                ..
-            } => {
-                format!("the value {}", values.name(expect))
-            }
-            Action::Cas {
-                expect,
-                succeeded: Some(false),
-                ..
-            } => {
-                format!("a value other than {}", values.name(expect))
-            }
-            Action::Delete { deleted: Some(0) } => "the key absent".to_string(),
-            Action::Delete { deleted: Some(1) } => "the key present".to_string(),
-            Action::Delete { deleted: Some(n) } => format!("a state where deleted={n}: none is"),
-            _ => "a place where the ops after it still fit".to_string(),
-        };
-        let mut states: Vec<&str> = stuck.states.iter().map(|&s| values.name(s)).collect();
-        if states.len() >= MAX_REPORTED_STATES {
-            states.push("...");
-        }
-        explanation += &format!(
-            "\ncannot place {described}\n  it needs {needs}, but every order explored left the key at {} before it returned",
-            states.join(" or ")
-        );
-    }
+    let plain = search(&subset, budget.min(EXPLAIN_PLAIN_STEPS), false).verdict;
+    let verdict = match plain {
+        Verdict::Violation(_) => plain,
+        _ => search(&subset, budget, true).verdict,
+    };
+    let explanation = match verdict {
+        Verdict::Violation(stuck) => describe_stuck(history, key_ops, &stuck, values),
+        _ => "no order of these ops fits both real time and one register".to_string(),
+    };
     LinFailure {
         key: key.to_string(),
         ops,
         explanation,
     }
+}
+
+/// Two lines: the op that could not be placed, what it needed and what the search found.
+fn describe_stuck(history: &[Op], key_ops: &[KeyOp], stuck: &Stuck, values: &Values) -> String {
+    let needs = match stuck.key_op.action {
+        Action::Cas {
+            expect,
+            succeeded: Some(false),
+            ..
+        } => {
+            format!("a value other than {}", values.name(expect))
+        }
+        Action::Delete { deleted: Some(n) } if n != 0 => format!("the key present (deleted={n})"),
+        action => match action.needs() {
+            Some(ABSENT) => "the key absent".to_string(),
+            Some(value) => {
+                let writer = key_ops.iter().find(|op| match op.action {
+                    Action::Put { value: v } | Action::Cas { value: v, .. } => v == value,
+                    _ => false,
+                });
+                let note = match writer {
+                    None => " (no op writes it)".to_string(),
+                    Some(
+                        op @ KeyOp {
+                            action:
+                                Action::Cas {
+                                    succeeded: Some(false),
+                                    ..
+                                },
+                            ..
+                        },
+                    ) => {
+                        let id = history.get(op.op_index).map_or(op.op_index, |op| op.id);
+                        format!(" (only #{id} writes it, a CAS that reported no swap)")
+                    }
+                    Some(_) => String::new(),
+                };
+                format!("the value {}{note}", values.name(value))
+            }
+            None => "a place where the ops after it still fit".to_string(),
+        },
+    };
+    let mut states: Vec<&str> = stuck.states.iter().map(|&s| values.name(s)).collect();
+    if states.len() >= MAX_REPORTED_STATES {
+        states.push("...");
+    }
+    let found = if states.is_empty() {
+        "nothing that could produce it was called before it returned".to_string()
+    } else {
+        format!(
+            "every order explored left the key at {} before it returned",
+            states.join(" or ")
+        )
+    };
+    let described = history
+        .get(stuck.key_op.op_index)
+        .map_or_else(String::new, Op::describe);
+    format!("cannot place {described}\n  it needs {needs}, but {found}")
 }
 
 #[cfg(test)]
@@ -1380,13 +1352,13 @@ mod tests {
     }
 
     /// A history of one key from a register that really is linearizable: each op takes effect
-    /// at a random instant inside its interval. `unknown_puts` puts time out (every other one
-    /// still takes effect); `mixed` adds CAS and delete to puts and gets.
+    /// at a random instant inside its interval. `unknown_writes` writes time out (every other
+    /// one still takes effect); `mixed` adds CAS and delete to puts and gets.
     fn generated(
         seed: u64,
         total: usize,
         clients: u64,
-        unknown_puts: usize,
+        unknown_writes: usize,
         mixed: bool,
     ) -> Vec<Op> {
         let mut rng = Rng(seed | 1);
@@ -1438,33 +1410,24 @@ mod tests {
             };
             planned.push((op, call_us + rng.below(duration_us + 1), false));
         }
-        let puts: Vec<usize> = (0..total)
-            .filter(|&i| matches!(planned[i].0.kind, OpKind::Put { .. }))
-            .collect();
+        let writes: Vec<usize> = (0..total).filter(|&i| !planned[i].0.is_read()).collect();
         assert!(
-            puts.len() >= unknown_puts * 2,
-            "too few puts for {unknown_puts} unknown"
+            writes.len() >= unknown_writes * 2,
+            "too few writes for {unknown_writes} unknown"
         );
-        for slot in 0..unknown_puts {
-            planned[puts[slot * puts.len() / unknown_puts]].2 = true;
+        for slot in 0..unknown_writes {
+            planned[writes[slot * writes.len() / unknown_writes]].2 = true;
         }
         planned.sort_by_key(|(op, effect_us, _)| (*effect_us, op.id));
         let mut state: Option<String> = None;
         let mut written: Vec<String> = Vec::new();
         for (n, (op, _, times_out)) in planned.iter_mut().enumerate() {
+            let state_before = state.clone();
             op.result = match &mut op.kind {
                 OpKind::Put { value, .. } => {
                     written.push(value.clone());
-                    if *times_out {
-                        op.return_us = None;
-                        if n % 2 == 0 {
-                            state = Some(value.clone());
-                        }
-                        OpResult::Unknown("timeout".into())
-                    } else {
-                        state = Some(value.clone());
-                        OpResult::Put { revision: 1 }
-                    }
+                    state = Some(value.clone());
+                    OpResult::Put { revision: 1 }
                 }
                 OpKind::Get { key, .. } => {
                     let kv = state.as_ref().map(|v| kv(key, v));
@@ -1495,6 +1458,14 @@ mod tests {
                 }
                 OpKind::Range { .. } => OpResult::Failed(String::new()),
             };
+            // A timed-out write: every other one still takes effect.
+            if *times_out {
+                op.return_us = None;
+                op.result = OpResult::Unknown("timeout".into());
+                if n % 2 == 1 {
+                    state = state_before;
+                }
+            }
         }
         let mut history: Vec<Op> = planned.into_iter().map(|(op, _, _)| op).collect();
         history.sort_by_key(|op| op.id);
@@ -1542,7 +1513,8 @@ mod tests {
     #[test]
     fn generated_histories_are_linearizable() {
         for seed in 1..20 {
-            let history = generated(seed, 120, 6, 5, seed % 2 == 0);
+            let clients = [3, 6, 16][seed as usize % 3];
+            let history = generated(seed, 150, clients, 8, seed % 2 == 0);
             let report = check(&history);
             assert_eq!(report.failure, None, "seed {seed}");
             assert!(report.inconclusive.is_empty(), "seed {seed}");
@@ -1566,6 +1538,70 @@ mod tests {
             .failure
             .expect("the sub-history fails on its own");
         assert_eq!(again.ops.len(), failure.ops.len());
+    }
+
+    #[test]
+    fn stale_read_in_a_busy_history_is_found_and_minimized() {
+        // 16 clients, CAS, deletes, 30 unknown writes; then a get in the middle is made to
+        // return a value overwritten by a put that completed before the get was called.
+        let mut history = generated(11, 400, 16, 30, true);
+        let definite_put = |op: &Op| match (&op.kind, &op.result) {
+            (OpKind::Put { value, .. }, OpResult::Put { .. }) => Some(value.clone()),
+            _ => None,
+        };
+        let is_get = |op: &Op| matches!(op.result, OpResult::Get { .. });
+        let get = (200..).find(|&i| is_get(&history[i])).expect("a get");
+        let before = |i: usize, j: usize| history[i].return_us < Some(history[j].call_us);
+        let newer = (0..get)
+            .rev()
+            .find(|&i| definite_put(&history[i]).is_some() && before(i, get));
+        let newer = newer.expect("a put before the get");
+        let older = (0..newer)
+            .rev()
+            .find(|&i| definite_put(&history[i]).is_some() && before(i, newer));
+        let stale = older
+            .and_then(|i| definite_put(&history[i]))
+            .expect("an older put");
+        history[get].result = OpResult::Get {
+            kv: Some(kv("k", &stale)),
+            revision: 1,
+        };
+
+        let failure = check(&history).failure.expect("the stale read must fail");
+        assert!(failure.ops.len() <= 4, "{:#?}", failure.ops);
+        assert!(
+            failure.ops.iter().any(|op| op.id == get),
+            "{}",
+            failure.explanation
+        );
+        assert!(
+            check(&failure.ops).failure.is_some(),
+            "the sub-history fails on its own"
+        );
+    }
+
+    #[test]
+    fn minimizing_keeps_the_changes_a_kept_result_may_rely_on() {
+        let mut h = Hist::default();
+        h.put("k", "a", 0, 10);
+        h.delete("k", 1, 20, 30);
+        h.put("k", "b", 40, 50);
+        h.delete("k", 1, 60, 70);
+        h.get("k", None, 80, 90);
+        h.get("k", Some("b"), 45, 55);
+        let mut values = Values::default();
+        let key_ops = &project(&h.0, &mut values)["k"];
+        let relies = reliance_graph(key_ops);
+        // The absent read can only follow the last delete; the earlier one was overwritten by
+        // put b, which returned before the read was called.
+        assert_eq!(relies[4], [3]);
+        assert_eq!(relies[5], [2], "a read relies on the write of its value");
+        assert_eq!(
+            relies[3],
+            [2],
+            "a delete that found the key relies on the last change"
+        );
+        assert!(relies[0].is_empty() && relies[2].is_empty());
     }
 
     #[test]
@@ -1611,134 +1647,17 @@ mod tests {
     }
 
     #[test]
-    fn checks_400_ops_8_clients_20_unknown_puts_within_default_budget() {
+    fn checks_400_ops_8_clients_20_unknown_writes_within_default_budget() {
         let history = generated(42, 400, 8, 20, true);
         let started = std::time::Instant::now();
         let report = check(&history);
         let elapsed = started.elapsed();
-        println!("400-op history checked in {elapsed:?}");
+        println!("400 ops, 8 clients, 20 unknown writes: checked in {elapsed:?}");
         assert!(
             report.inconclusive.is_empty(),
             "inconclusive within the default budget"
         );
         assert_eq!(report.failure, None);
         assert_eq!(report.ops_checked, 400);
-    }
-    #[test]
-    fn zz_mutants() {
-        let mut worst = std::time::Duration::ZERO;
-        let mut sizes = std::collections::BTreeMap::new();
-        let mut inconclusive = 0;
-        let mut passes = 0;
-        for seed in [42u64] {
-            for (n, c, u) in [(400usize, 16u64, 30usize)] {
-                let mixed = seed % 2 == 0;
-                let mut history = generated(seed * 7 + 3, n, c, u, mixed);
-                let mut rng = Rng(seed * 31 + 17);
-                let values: Vec<String> = history
-                    .iter()
-                    .filter_map(|op| match &op.kind {
-                        OpKind::Put { value, .. } => Some(value.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                // mutate one op in the middle third
-                let kind_pick = seed % 4;
-                let mut done = false;
-                for _ in 0..1000 {
-                    let i = (n / 3) + rng.below((n / 3) as u64) as usize;
-                    let op = &mut history[i];
-                    match (&op.kind, &mut op.result, kind_pick) {
-                        (OpKind::Get { key, .. }, OpResult::Get { kv, .. }, 0) => {
-                            let v = &values[rng.below(values.len() as u64 / 2) as usize];
-                            *kv = Some(kv_of(key, v));
-                            done = true;
-                        }
-                        (OpKind::Get { .. }, OpResult::Get { kv, .. }, 1) if kv.is_some() => {
-                            *kv = None;
-                            done = true;
-                        }
-                        (OpKind::Cas { .. }, OpResult::Cas { succeeded, .. }, 2) => {
-                            *succeeded = !*succeeded;
-                            done = true;
-                        }
-                        (OpKind::Delete { .. }, OpResult::Delete { deleted, .. }, 3) => {
-                            *deleted = 1 - *deleted;
-                            done = true;
-                        }
-                        (OpKind::Put { .. }, OpResult::Put { .. }, 3) if !mixed => {
-                            op.result = OpResult::Get {
-                                kv: None,
-                                revision: 1,
-                            };
-                            done = true;
-                        }
-                        _ => {}
-                    }
-                    if done {
-                        break;
-                    }
-                }
-                {
-                    let mut values = Values::default();
-                    let universe = key_universe(&history);
-                    let per_key = project(&history, &universe, &mut values);
-                    for fast in [true, false] {
-                        let t = std::time::Instant::now();
-                        let res = search(&per_key["k"], 200_000_000, fast);
-                        println!(
-                            "fast {fast}: steps {} violation {} in {:?}",
-                            res.steps,
-                            matches!(res.verdict, Verdict::Violation(_)),
-                            t.elapsed()
-                        );
-                    }
-                }
-                let t = std::time::Instant::now();
-                let r = check(&history);
-                let e = t.elapsed();
-                if !r.inconclusive.is_empty() {
-                    let mut values = Values::default();
-                    let universe = key_universe(&history);
-                    let per_key = project(&history, &universe, &mut values);
-                    let t = std::time::Instant::now();
-                    let res = search(&per_key["k"], 200_000_000, true);
-                    println!(
-                        "unbounded: steps {} linearizable {} violation {} in {:?}",
-                        res.steps,
-                        matches!(res.verdict, Verdict::Linearizable),
-                        matches!(res.verdict, Verdict::Violation(_)),
-                        t.elapsed()
-                    );
-                }
-                if e > worst {
-                    worst = e;
-                    println!("new worst {e:?} seed {seed} n {n} c {c} kind {kind_pick} mixed {mixed} size {:?} inc {:?}", r.failure.as_ref().map(|f| f.ops.len()), r.inconclusive);
-                }
-                if !r.inconclusive.is_empty() {
-                    inconclusive += 1;
-                    println!("inconclusive: seed {seed} n {n} c {c} kind {kind_pick} mixed {mixed} {e:?}");
-                }
-                match r.failure {
-                    Some(f) => {
-                        *sizes.entry(f.ops.len()).or_insert(0) += 1;
-                        if f.ops.len() < 3 || f.ops.len() > 4 {
-                            println!(
-                                "big: seed {seed} n {n} c {c} kind {kind_pick} mixed {mixed}: {}",
-                                f.explanation
-                            );
-                            for op in &f.ops {
-                                println!("  {}", op.describe());
-                            }
-                        }
-                    }
-                    None => passes += 1,
-                }
-            }
-        }
-        println!("sizes {sizes:?} passes {passes} inconclusive {inconclusive} worst {worst:?}");
-    }
-    fn kv_of(key: &str, value: &str) -> ReadKv {
-        kv(key, value)
     }
 }
