@@ -141,10 +141,6 @@ impl Cluster {
         self.lock().get(&id).and_then(|m| m.kv.clone())
     }
 
-    pub fn is_removed(&self, id: u64) -> bool {
-        self.lock().get(&id).is_some_and(|m| m.removed)
-    }
-
     /// The leader most running members agree on, if any.
     pub fn leader(&self) -> Option<u64> {
         let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
@@ -359,6 +355,8 @@ impl Cluster {
         let mut conf_change = ConfChangeV2::default();
         conf_change.set_changes(vec![single].into());
         match kv.node().propose_conf_change(conf_change).await {
+            // The receiver closes without a value once raft took the proposal, and yields an
+            // error if raft refused it; no answer yet counts as taken.
             Ok(rejected) => {
                 matches!(
                     tokio::time::timeout(Duration::from_millis(100), rejected).await,

@@ -34,8 +34,6 @@ struct Fs {
     dirs: BTreeSet<PathBuf>,
     inodes: HashMap<Ino, Inode>,
     next_ino: Ino,
-    /// Writes synced, for the statistics line.
-    syncs: u64,
 }
 
 /// What a crash did to one node's disk.
@@ -82,10 +80,6 @@ impl SimDisk {
         self.fs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn syncs(&self) -> u64 {
-        self.lock().syncs
-    }
-
     /// A power loss: every file keeps its durable image plus a random prefix of the changes
     /// made since its last sync, the last kept write possibly cut short (`tear`); names go
     /// back to their durable state.
@@ -130,19 +124,6 @@ impl SimDisk {
         fs.inodes.retain(|ino, _| referenced.contains(ino));
         report
     }
-
-    /// Every name and byte, live, for comparing two runs.
-    pub fn fingerprint(&self) -> u64 {
-        let fs = self.lock();
-        let mut hash = crate::trace::Fnv::default();
-        for (name, ino) in &fs.live_names {
-            hash.write(name.to_string_lossy().as_bytes());
-            if let Some(inode) = fs.inodes.get(ino) {
-                hash.write(&inode.live);
-            }
-        }
-        hash.finish()
-    }
 }
 
 struct SimFile {
@@ -151,20 +132,19 @@ struct SimFile {
 }
 
 impl SimFile {
-    fn with<T>(&self, f: impl FnOnce(&mut Inode, &mut u64) -> T) -> io::Result<T> {
+    fn with<T>(&self, f: impl FnOnce(&mut Inode) -> T) -> io::Result<T> {
         let mut fs = self.fs.lock().unwrap_or_else(|p| p.into_inner());
-        let fs = &mut *fs;
         let inode = fs
             .inodes
             .get_mut(&self.ino)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "file lost in a crash"))?;
-        Ok(f(inode, &mut fs.syncs))
+        Ok(f(inode))
     }
 }
 
 impl DiskFile for SimFile {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.with(|inode, _| {
+        self.with(|inode| {
             let change = Pending::Write {
                 offset,
                 data: data.to_vec(),
@@ -175,7 +155,7 @@ impl DiskFile for SimFile {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        self.with(|inode, _| {
+        self.with(|inode| {
             let start = (offset as usize).min(inode.live.len());
             let n = buf.len().min(inode.live.len() - start);
             buf[..n].copy_from_slice(&inode.live[start..start + n]);
@@ -184,17 +164,16 @@ impl DiskFile for SimFile {
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
-        self.with(|inode, syncs| {
+        self.with(|inode| {
             for change in std::mem::take(&mut inode.pending) {
                 apply(&mut inode.durable, &change);
             }
             debug_assert!(inode.durable == inode.live);
-            *syncs += 1;
         })
     }
 
     fn allocate(&mut self, len: u64) -> io::Result<()> {
-        self.with(|inode, _| {
+        self.with(|inode| {
             if (inode.live.len() as u64) < len {
                 let change = Pending::SetLen(len);
                 apply(&mut inode.live, &change);
@@ -204,7 +183,7 @@ impl DiskFile for SimFile {
     }
 
     fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.with(|inode, _| {
+        self.with(|inode| {
             let change = Pending::SetLen(len);
             apply(&mut inode.live, &change);
             inode.pending.push(change);
@@ -212,7 +191,7 @@ impl DiskFile for SimFile {
     }
 
     fn len(&self) -> io::Result<u64> {
-        self.with(|inode, _| inode.live.len() as u64)
+        self.with(|inode| inode.live.len() as u64)
     }
 }
 

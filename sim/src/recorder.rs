@@ -39,7 +39,6 @@ pub struct Facts {
     pub applied: HashMap<u64, AppliedEntry>,
     /// Index → (state fingerprint, first node).
     pub states: HashMap<u64, (u64, u64)>,
-    pub applied_index: HashMap<u64, u64>,
     pub changes: Vec<AppliedChange>,
     /// Raft-safety violations, in the order found (kept short).
     pub violations: Vec<String>,
@@ -158,8 +157,6 @@ impl Recorder {
                     node: *node,
                 };
                 facts.entries_applied += 1;
-                let last = facts.applied_index.entry(*node).or_insert(0);
-                *last = (*last).max(entry.index);
                 match facts.applied.get(&entry.index).copied() {
                     None => {
                         facts.applied.insert(entry.index, seen);
