@@ -144,8 +144,12 @@ pub fn run(options: &RunOptions) -> RunReport {
     let outcome = match joined {
         Ok(thread) => thread
             .join()
-            .unwrap_or_else(|panic| Err((panic_message(&panic), vec![]))),
-        Err(e) => Err((format!("cannot start the seed's thread: {e}"), vec![])),
+            .unwrap_or_else(|panic| Err((panic_message(&panic), vec![], vec![]))),
+        Err(e) => Err((
+            format!("cannot start the seed's thread: {e}"),
+            vec![],
+            vec![],
+        )),
     };
     match outcome {
         Ok(simulated) => {
@@ -153,17 +157,10 @@ pub fn run(options: &RunOptions) -> RunReport {
             let lin = check::linearizability::check(&simulated.ops);
             verdicts.push(lin_verdict(&lin));
             let passed = verdicts.iter().all(|v| v.ok);
-            let mut hash = Fnv::default();
-            for event in &simulated.events {
-                hash.write(format!("{event:?}").as_bytes());
-            }
-            for op in &simulated.ops {
-                hash.write(op.describe().as_bytes());
-            }
             RunReport {
                 options: options.clone(),
                 passed,
-                trace_hash: hash.finish(),
+                trace_hash: trace_hash(&simulated.events, &simulated.ops),
                 verdicts,
                 events: simulated.events,
                 ops: simulated.ops,
@@ -174,19 +171,19 @@ pub fn run(options: &RunOptions) -> RunReport {
                 panic: None,
             }
         }
-        Err((panic, events)) => RunReport {
+        Err((panic, events, ops)) => RunReport {
             options: options.clone(),
             passed: false,
-            trace_hash: 0,
+            trace_hash: trace_hash(&events, &ops),
             verdicts: vec![Verdict {
                 name: "no-panic",
                 ok: false,
                 detail: panic.clone(),
             }],
             end_us: events.last().map_or(0, |e| e.at_us),
+            nodes: node_ids(&events),
             events,
-            ops: vec![],
-            nodes: vec![],
+            ops,
             faults: String::new(),
             stats: String::new(),
             panic: Some(panic),
@@ -241,20 +238,27 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-fn run_here(options: RunOptions) -> Result<Simulated, (String, Vec<Event>)> {
+/// A run that panicked: the message, and what was recorded up to the panic.
+type Panicked = (String, Vec<Event>, Vec<Op>);
+
+fn run_here(options: RunOptions) -> Result<Simulated, Panicked> {
     hooks::plant(options.bug);
     let runtime =
         madsim::runtime::Runtime::with_seed_and_config(options.seed, madsim::Config::default());
     let recorder = runtime.block_on(async { Recorder::new() });
+    let history = History::default();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime.block_on(simulate(options, recorder.clone()))
+        runtime.block_on(simulate(options, recorder.clone(), history.clone()))
     }));
     hooks::set_observer(None);
     hooks::plant(None);
-    result.map_err(|panic| (panic_message(&panic), recorder.lock().events.clone()))
+    result.map_err(|panic| {
+        let events = recorder.lock().events.clone();
+        (panic_message(&panic), events, history.ops())
+    })
 }
 
-async fn simulate(options: RunOptions, recorder: Recorder) -> Simulated {
+async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> Simulated {
     {
         let recorder = recorder.clone();
         hooks::set_observer(Some(Rc::new(move |o: &hooks::Observation| {
@@ -293,7 +297,6 @@ async fn simulate(options: RunOptions, recorder: Recorder) -> Simulated {
     recorder.event(EventKind::Phase {
         name: "safety".into(),
     });
-    let history = History::default();
     let stop = Arc::new(AtomicBool::new(false));
     let clients_node = Handle::current().create_node().name("clients").build();
     let mut clients = Vec::new();
@@ -436,4 +439,34 @@ async fn final_durability(cluster: &Cluster, ops: &[Op]) -> Verdict {
         }
     }
     durability::check(ops, &reads, final_revision)
+}
+
+/// The members named in a run's events, for the picture of a run that panicked.
+fn node_ids(events: &[Event]) -> Vec<u64> {
+    let mut ids = std::collections::BTreeSet::new();
+    for event in events {
+        match &event.kind {
+            EventKind::Role { node, .. }
+            | EventKind::Crash { node, .. }
+            | EventKind::Restart { node }
+            | EventKind::Pause { node }
+            | EventKind::Resume { node } => {
+                ids.insert(*node);
+            }
+            _ => {}
+        }
+    }
+    ids.into_iter().collect()
+}
+
+/// The run's fingerprint: every cluster event and every operation with its result.
+fn trace_hash(events: &[Event], ops: &[Op]) -> u64 {
+    let mut hash = Fnv::default();
+    for event in events {
+        hash.write(format!("{event:?}").as_bytes());
+    }
+    for op in ops {
+        hash.write(op.describe().as_bytes());
+    }
+    hash.finish()
 }
