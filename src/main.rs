@@ -9,7 +9,9 @@ use std::time::Duration;
 use clap::Parser;
 use mimalloc::MiMalloc;
 use quorumkv::api::{AuthorityFix, KvService, MaintenanceService, GRPC_OVERHEAD_BYTES};
-use quorumkv::io::{os_seed, LocalTransport, SledBackend, StdDisk, TokioClock};
+use quorumkv::io::tcp::serve_peers;
+use quorumkv::io::transport::INBOX_BATCHES;
+use quorumkv::io::{os_seed, SledBackend, StdDisk, TcpTransport, TokioClock};
 use quorumkv::proto::etcdserverpb::kv_server::KvServer as KvGrpc;
 use quorumkv::proto::etcdserverpb::maintenance_server::MaintenanceServer as MaintenanceGrpc;
 use quorumkv::server::{start_member, MemberConfig};
@@ -162,7 +164,10 @@ fn fnv1a(parts: &[&str]) -> u64 {
     hash.max(1)
 }
 
-fn member_config(flags: &Flags) -> Result<MemberConfig, String> {
+/// The other members of a new cluster: id and peer URLs.
+type Peers = Vec<(u64, Vec<String>)>;
+
+fn member_config(flags: &Flags) -> Result<(MemberConfig, Peers), String> {
     if flags.initial_cluster_state != "new" && flags.initial_cluster_state != "existing" {
         return Err(format!(
             "invalid --initial-cluster-state {:?} (want 'new' or 'existing')",
@@ -193,8 +198,8 @@ fn member_config(flags: &Flags) -> Result<MemberConfig, String> {
             flags.name
         ));
     }
-    if members.len() > 1 {
-        return Err("multi-member clusters are not supported yet: --initial-cluster must name only this member".into());
+    if members.len() > 1 && flags.initial_cluster_state == "existing" {
+        return Err("joining a running cluster (--initial-cluster-state existing) is not supported yet: it needs the Cluster service (MemberAdd)".into());
     }
     let ids: Vec<u64> = members
         .iter()
@@ -221,7 +226,13 @@ fn member_config(flags: &Flags) -> Result<MemberConfig, String> {
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.quorumkv", flags.name)));
-    Ok(MemberConfig {
+    let peers: Peers = ids
+        .iter()
+        .zip(&members)
+        .filter(|(id, _)| **id != member_id)
+        .map(|(id, (_, urls))| (*id, urls.clone()))
+        .collect();
+    let config = MemberConfig {
         member_id,
         cluster_id,
         initial_voters: ids,
@@ -234,7 +245,8 @@ fn member_config(flags: &Flags) -> Result<MemberConfig, String> {
         wal: WalOptions::default(),
         id_seed: os_seed(),
         snapshot_catch_up_entries: quorumkv::server::SNAPSHOT_CATCH_UP_ENTRIES,
-    })
+    };
+    Ok((config, peers))
 }
 
 async fn shutdown_signal() {
@@ -263,7 +275,11 @@ async fn shutdown_signal() {
 }
 
 async fn run(flags: Flags) -> Result<(), String> {
-    let config = member_config(&flags)?;
+    let (config, peers) = member_config(&flags)?;
+    let peer_addrs = split_urls(&flags.listen_peer_urls)
+        .iter()
+        .map(|u| parse_listen_url(u))
+        .collect::<Result<Vec<_>, _>>()?;
     let client_addrs = split_urls(&flags.listen_client_urls)
         .iter()
         .map(|u| parse_listen_url(u))
@@ -279,8 +295,28 @@ async fn run(flags: Flags) -> Result<(), String> {
         SledBackend::open(&config.db_path())
             .map_err(|e| format!("cannot open backend {}: {e}", config.db_path().display()))?,
     );
-    let transport = LocalTransport::new();
-    let inbox = transport.register(config.member_id);
+    // Peers: batches from members of this cluster reach the node's inbox.
+    let (inbox_tx, inbox) = tokio::sync::mpsc::channel(INBOX_BATCHES);
+    for addr in peer_addrs {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen for peers on {addr}: {e}"))?;
+        tracing::info!(%addr, "serving peers");
+        let inbox_tx = inbox_tx.clone();
+        let cluster_id = config.cluster_id;
+        tokio::spawn(async move {
+            if let Err(e) = serve_peers(listener, cluster_id, inbox_tx).await {
+                tracing::error!(%addr, error = %e, "peer listener failed");
+            }
+        });
+    }
+    drop(inbox_tx);
+    let transport = TcpTransport::new(config.cluster_id, config.member_id);
+    for (id, urls) in &peers {
+        if let Some(url) = urls.first() {
+            transport.set_peer(*id, url);
+        }
+    }
     let member = start_member(
         &config,
         disk,

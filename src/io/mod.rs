@@ -6,10 +6,14 @@ pub mod backend;
 pub mod clock;
 pub mod disk;
 pub mod rng;
+#[cfg(not(madsim))]
+pub mod tcp;
 pub mod transport;
 
 pub use backend::{Backend, BackendError, BatchOp, MemBackend, SledBackend, WriteBatch};
 pub use clock::{Clock, TokioClock};
 pub use disk::{Disk, DiskFile, StdDisk};
 pub use rng::{os_seed, seeded_rng, SeededRng};
+#[cfg(not(madsim))]
+pub use tcp::TcpTransport;
 pub use transport::{LocalTransport, Transport};

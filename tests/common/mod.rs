@@ -30,17 +30,26 @@ pub struct Server {
 impl Server {
     /// Starts a server in a fresh data dir under `root` and waits until it serves.
     pub fn start(root: &Path, extra_args: &[&str]) -> Server {
-        let mut server = Server {
+        let mut server = Server::new(root, extra_args);
+        server.spawn();
+        server.wait_ready();
+        server
+    }
+
+    /// A server with its ports chosen, not started.
+    pub fn new(root: &Path, extra_args: &[&str]) -> Server {
+        Server {
             child: None,
             data_dir: root.join("data"),
             client_port: free_port(),
             peer_port: free_port(),
             log_path: root.join("server.log"),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-        };
-        server.spawn();
-        server.wait_ready();
-        server
+        }
+    }
+
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
     }
 
     pub fn endpoint(&self) -> String {

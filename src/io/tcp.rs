@@ -1,0 +1,410 @@
+//! The production `Transport`: raft message batches to peers over TCP, one long-lived
+//! connection per peer, as etcd's peer streams are.
+//!
+//! Each peer has a bounded queue and a task that connects (retrying with backoff), says who it
+//! is, and writes frames; a batch that cannot be written is dropped, and raft retransmits. The
+//! listener checks each connection's cluster id (a member of another cluster is refused) and
+//! hands decoded batches to the node's inbox.
+//!
+//! Connection preamble: `QKVPEER1`, cluster id, sender member id (u64 LE each). Then frames:
+//! `[payload length u32 LE][CRC32C of payload u32 LE][payload]`, where the payload is a batch:
+//! `[message count u32 LE]` then per message `[length u32 LE][protobuf bytes]`. A batch larger
+//! than one frame (a snapshot) is split into chunks: a chunk frame's length has the top bit set
+//! when more chunks follow.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::transport::Transport;
+
+const MAGIC: &[u8; 8] = b"QKVPEER1";
+/// Batches queued to one peer, at most; more are dropped (raft retransmits).
+pub const PEER_QUEUE_BATCHES: usize = 4096;
+/// Largest frame payload; bigger batches go in chunks.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// Largest batch accepted from a peer (a whole snapshot), bytes.
+pub const MAX_BATCH_BYTES: usize = 1 << 31;
+const MORE_CHUNKS: u32 = 1 << 31;
+/// Reconnect backoff, first and largest.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Encodes a batch (the frame payload before chunking).
+pub fn encode_batch(batch: &[Message]) -> Vec<u8> {
+    // Encoding a proto3 message does not fail; one that did would be left out (raft resends).
+    let encoded: Vec<Vec<u8>> = batch
+        .iter()
+        .filter_map(|msg| msg.write_to_bytes().ok())
+        .collect();
+    let mut out = (encoded.len() as u32).to_le_bytes().to_vec();
+    for bytes in encoded {
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+/// Decodes a batch; `None` when the bytes are not one.
+pub fn decode_batch(mut data: &[u8]) -> Option<Vec<Message>> {
+    fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if data.len() < n {
+            return None;
+        }
+        let (head, rest) = data.split_at(n);
+        *data = rest;
+        Some(head)
+    }
+    let count = u32::from_le_bytes(take(&mut data, 4)?.try_into().ok()?) as usize;
+    let mut batch = Vec::with_capacity(count.min(4096));
+    for _ in 0..count {
+        let len = u32::from_le_bytes(take(&mut data, 4)?.try_into().ok()?) as usize;
+        batch.push(Message::parse_from_bytes(take(&mut data, len)?).ok()?);
+    }
+    data.is_empty().then_some(batch)
+}
+
+/// Splits an encoded batch into frames.
+fn frames(payload: &[u8]) -> Vec<Vec<u8>> {
+    let chunks: Vec<&[u8]> = if payload.is_empty() {
+        vec![payload]
+    } else {
+        payload.chunks(CHUNK_BYTES).collect()
+    };
+    let last = chunks.len() - 1;
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut len = chunk.len() as u32;
+            if i < last {
+                len |= MORE_CHUNKS;
+            }
+            let mut frame = Vec::with_capacity(chunk.len() + 8);
+            frame.extend_from_slice(&len.to_le_bytes());
+            frame.extend_from_slice(&crc32c::crc32c(chunk).to_le_bytes());
+            frame.extend_from_slice(chunk);
+            frame
+        })
+        .collect()
+}
+
+/// Reads one batch (all its chunks); `Ok(None)` at a clean end of stream.
+async fn read_batch(stream: &mut TcpStream) -> std::io::Result<Option<Vec<Message>>> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut payload = Vec::new();
+    loop {
+        let mut header = [0u8; 8];
+        match stream.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && payload.is_empty() => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        }
+        let word = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let len = (word & !MORE_CHUNKS) as usize;
+        if len > CHUNK_BYTES || payload.len() + len > MAX_BATCH_BYTES {
+            return Err(bad("peer frame too large"));
+        }
+        let start = payload.len();
+        payload.resize(start + len, 0);
+        stream.read_exact(&mut payload[start..]).await?;
+        if crc32c::crc32c(&payload[start..]) != crc {
+            return Err(bad("peer frame checksum mismatch"));
+        }
+        if word & MORE_CHUNKS == 0 {
+            break;
+        }
+    }
+    decode_batch(&payload)
+        .map(Some)
+        .ok_or_else(|| bad("peer frame is not a message batch"))
+}
+
+/// Serves peer connections on `listener`: batches from members of cluster `cluster_id` go to
+/// `inbox`. Runs until the listener fails.
+pub async fn serve_peers(
+    listener: TcpListener,
+    cluster_id: u64,
+    inbox: mpsc::Sender<Vec<Message>>,
+) -> std::io::Result<()> {
+    loop {
+        let (mut stream, from_addr) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let inbox = inbox.clone();
+        tokio::spawn(async move {
+            let mut preamble = [0u8; 24];
+            if stream.read_exact(&mut preamble).await.is_err() || &preamble[..8] != MAGIC {
+                tracing::warn!(peer = %from_addr, "refused a peer connection without our preamble");
+                return;
+            }
+            let their_cluster = u64::from_le_bytes(preamble[8..16].try_into().unwrap_or_default());
+            let member = u64::from_le_bytes(preamble[16..24].try_into().unwrap_or_default());
+            if their_cluster != cluster_id {
+                tracing::warn!(peer = %from_addr, member = format!("{member:x}"),
+                    local_cluster = format!("{cluster_id:x}"), remote_cluster = format!("{their_cluster:x}"),
+                    "refused a peer of another cluster (cluster ID mismatch)");
+                return;
+            }
+            loop {
+                match read_batch(&mut stream).await {
+                    Ok(Some(batch)) => {
+                        // A full inbox drops the batch; raft retransmits.
+                        if inbox.try_send(batch).is_err() && inbox.is_closed() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(peer = %from_addr, error = %e, "peer stream broken");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// `host:port` of a peer URL such as `http://10.0.0.2:2380`.
+pub fn peer_address(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    Some(format!(
+        "{}:{}",
+        parsed.host_str()?,
+        parsed.port_or_known_default()?
+    ))
+}
+
+struct Peer {
+    address: String,
+    queue: mpsc::Sender<Vec<Message>>,
+}
+
+/// The sending side: one queue and one connection task per peer.
+#[derive(Clone)]
+pub struct TcpTransport {
+    cluster_id: u64,
+    member_id: u64,
+    peers: Arc<Mutex<HashMap<u64, Peer>>>,
+}
+
+impl TcpTransport {
+    pub fn new(cluster_id: u64, member_id: u64) -> Self {
+        TcpTransport {
+            cluster_id,
+            member_id,
+            peers: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Peer>> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds peer `id` at `url` (or moves it there). Call inside the runtime.
+    pub fn set_peer(&self, id: u64, url: &str) {
+        let Some(address) = peer_address(url) else {
+            tracing::warn!(
+                peer = id,
+                url,
+                "peer URL has no host and port; not reachable"
+            );
+            return;
+        };
+        let mut peers = self.lock();
+        if peers.get(&id).is_some_and(|p| p.address == address) {
+            return;
+        }
+        let (queue, batches) = mpsc::channel(PEER_QUEUE_BATCHES);
+        tokio::spawn(stream_to_peer(
+            address.clone(),
+            self.cluster_id,
+            self.member_id,
+            batches,
+        ));
+        // Replacing the entry closes the old queue, which ends the old task.
+        peers.insert(id, Peer { address, queue });
+    }
+
+    pub fn remove_peer(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send(&self, to: u64, batch: Vec<Message>) {
+        if let Some(peer) = self.lock().get(&to) {
+            // A full queue drops the batch; raft retransmits.
+            let _ = peer.queue.try_send(batch);
+        }
+    }
+}
+
+/// Keeps a connection to one peer and writes its batches, until the queue closes.
+async fn stream_to_peer(
+    address: String,
+    cluster_id: u64,
+    member_id: u64,
+    mut batches: mpsc::Receiver<Vec<Message>>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut connection: Option<BufWriter<TcpStream>> = None;
+    while let Some(batch) = batches.recv().await {
+        if connection.is_none() {
+            match connect(&address, cluster_id, member_id).await {
+                Ok(stream) => {
+                    backoff = BACKOFF_MIN;
+                    connection = Some(stream);
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %address, error = %e, "cannot reach peer");
+                    // Batches queued meanwhile are stale: raft will send again.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    while batches.try_recv().is_ok() {}
+                    continue;
+                }
+            }
+        }
+        let Some(stream) = connection.as_mut() else {
+            continue;
+        };
+        let mut result = write_batch(stream, &batch).await;
+        // Pipelining: write whatever else is queued before flushing once.
+        while result.is_ok() {
+            match batches.try_recv() {
+                Ok(more) => result = write_batch(stream, &more).await,
+                Err(_) => break,
+            }
+        }
+        if result.is_ok() {
+            result = stream.flush().await;
+        }
+        if let Err(e) = result {
+            tracing::debug!(peer = %address, error = %e, "peer stream broken; reconnecting");
+            connection = None;
+        }
+    }
+}
+
+async fn connect(
+    address: &str,
+    cluster_id: u64,
+    member_id: u64,
+) -> std::io::Result<BufWriter<TcpStream>> {
+    let stream = TcpStream::connect(address).await?;
+    let _ = stream.set_nodelay(true);
+    let mut stream = BufWriter::with_capacity(64 * 1024, stream);
+    let mut preamble = MAGIC.to_vec();
+    preamble.extend_from_slice(&cluster_id.to_le_bytes());
+    preamble.extend_from_slice(&member_id.to_le_bytes());
+    stream.write_all(&preamble).await?;
+    Ok(stream)
+}
+
+async fn write_batch(stream: &mut BufWriter<TcpStream>, batch: &[Message]) -> std::io::Result<()> {
+    for frame in frames(&encode_batch(batch)) {
+        stream.write_all(&frame).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::eraftpb::{MessageType, Snapshot};
+
+    async fn listener() -> (TcpListener, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        (listener, url)
+    }
+
+    #[tokio::test]
+    async fn tcp_transport_passes_conformance() {
+        let (listener, url) = listener().await;
+        let (tx, mut inbox) = mpsc::channel(16);
+        tokio::spawn(serve_peers(listener, 7, tx));
+        let transport = TcpTransport::new(7, 1);
+        transport.set_peer(2, &url);
+        crate::io::transport::conformance::run_all(&transport, &mut inbox).await;
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_larger_than_a_frame_arrives_whole() {
+        let (listener, url) = listener().await;
+        let (tx, mut inbox) = mpsc::channel(16);
+        tokio::spawn(serve_peers(listener, 7, tx));
+        let transport = TcpTransport::new(7, 1);
+        transport.set_peer(2, &url);
+        let mut msg = Message::default();
+        msg.set_msg_type(MessageType::MsgSnapshot);
+        let mut snapshot = Snapshot::default();
+        let data: Vec<u8> = (0..3 * CHUNK_BYTES + 17).map(|i| (i % 251) as u8).collect();
+        snapshot.data = data.clone().into();
+        msg.set_snapshot(snapshot);
+        transport.send(2, vec![msg]);
+        let batch = inbox.recv().await.expect("batch");
+        assert_eq!(batch[0].get_snapshot().data.as_ref(), &data[..]);
+    }
+
+    #[tokio::test]
+    async fn a_peer_of_another_cluster_is_refused() {
+        let (listener, url) = listener().await;
+        let (tx, mut inbox) = mpsc::channel(16);
+        tokio::spawn(serve_peers(listener, 7, tx));
+        let stranger = TcpTransport::new(8, 1);
+        stranger.set_peer(2, &url);
+        stranger.send(2, vec![Message::default()]);
+        let got = tokio::time::timeout(Duration::from_millis(300), inbox.recv()).await;
+        assert!(got.is_err(), "a batch from another cluster was delivered");
+    }
+
+    #[tokio::test]
+    async fn the_sender_reconnects_after_the_peer_restarts() {
+        let (listener, url) = listener().await;
+        let address = peer_address(&url).expect("address");
+        let transport = TcpTransport::new(7, 1);
+        transport.set_peer(2, &url);
+        // No one listens for a while: batches are dropped, the sender backs off.
+        drop(listener);
+        transport.send(2, vec![Message::default()]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let listener = TcpListener::bind(&address).await.expect("rebind");
+        let (tx, mut inbox) = mpsc::channel(16);
+        tokio::spawn(serve_peers(listener, 7, tx));
+        let mut delivered = false;
+        for i in 0..40u64 {
+            transport.send(
+                2,
+                vec![Message {
+                    index: i,
+                    ..Default::default()
+                }],
+            );
+            if let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(100), inbox.recv()).await
+            {
+                delivered = true;
+                break;
+            }
+        }
+        assert!(delivered, "no batch arrived after the peer came back");
+    }
+
+    #[test]
+    fn a_corrupt_batch_does_not_decode() {
+        let mut bytes = encode_batch(&[Message::default(), Message::default()]);
+        assert_eq!(decode_batch(&bytes).map(|b| b.len()), Some(2));
+        bytes.pop();
+        assert!(decode_batch(&bytes).is_none());
+    }
+}
