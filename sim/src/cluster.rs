@@ -10,9 +10,10 @@ use std::time::Duration;
 use madsim::rand::Rng;
 use madsim::runtime::{Handle, NodeHandle as SimNode};
 use quorumkv::io::MemBackend;
+use quorumkv::raft::single_change;
 use quorumkv::server::{start_member, KvServer, MemberConfig};
 use quorumkv::wal::WalOptions;
-use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
+use raft::eraftpb::ConfChangeType;
 
 use crate::clock::SimClock;
 use crate::disk::SimDisk;
@@ -347,14 +348,11 @@ impl Cluster {
         let Some(kv) = self.kv(via) else {
             return false;
         };
-        let mut single = ConfChangeSingle {
-            node_id,
-            ..Default::default()
-        };
-        single.set_change_type(change);
-        let mut conf_change = ConfChangeV2::default();
-        conf_change.set_changes(vec![single].into());
-        match kv.node().propose_conf_change(conf_change).await {
+        match kv
+            .node()
+            .propose_conf_change(single_change(node_id, change))
+            .await
+        {
             // The receiver closes without a value once raft took the proposal, and yields an
             // error if raft refused it; no answer yet counts as taken.
             Ok(rejected) => {

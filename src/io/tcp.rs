@@ -328,11 +328,17 @@ mod tests {
         (listener, url)
     }
 
+    /// A member of cluster 7 listening for peers: its URL and inbox.
+    async fn listening_peer() -> (String, mpsc::Receiver<Vec<Message>>) {
+        let (listener, url) = listener().await;
+        let (tx, inbox) = mpsc::channel(16);
+        tokio::spawn(serve_peers(listener, 7, tx));
+        (url, inbox)
+    }
+
     #[tokio::test]
     async fn tcp_transport_passes_conformance() {
-        let (listener, url) = listener().await;
-        let (tx, mut inbox) = mpsc::channel(16);
-        tokio::spawn(serve_peers(listener, 7, tx));
+        let (url, mut inbox) = listening_peer().await;
         let transport = TcpTransport::new(7, 1);
         transport.set_peer(2, &url);
         crate::io::transport::conformance::run_all(&transport, &mut inbox).await;
@@ -340,9 +346,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_snapshot_larger_than_a_frame_arrives_whole() {
-        let (listener, url) = listener().await;
-        let (tx, mut inbox) = mpsc::channel(16);
-        tokio::spawn(serve_peers(listener, 7, tx));
+        let (url, mut inbox) = listening_peer().await;
         let transport = TcpTransport::new(7, 1);
         transport.set_peer(2, &url);
         let mut msg = Message::default();
@@ -358,9 +362,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_of_another_cluster_is_refused() {
-        let (listener, url) = listener().await;
-        let (tx, mut inbox) = mpsc::channel(16);
-        tokio::spawn(serve_peers(listener, 7, tx));
+        let (url, mut inbox) = listening_peer().await;
         let stranger = TcpTransport::new(8, 1);
         stranger.set_peer(2, &url);
         stranger.send(2, vec![Message::default()]);

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use raft::eraftpb::{
-    ConfChangeV2, ConfState, Entry, HardState, Message, MessageType, Snapshot, SnapshotMetadata,
+    ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, HardState, Message,
+    MessageType, Snapshot, SnapshotMetadata,
 };
 use raft::{Config, ProgressState, RawNode, ReadState, SnapshotStatus, StateRole, Storage};
 
@@ -330,4 +331,16 @@ pub fn is_member(conf_state: &ConfState, id: u64) -> bool {
         || conf_state.learners.contains(&id)
         || conf_state.voters_outgoing.contains(&id)
         || conf_state.learners_next.contains(&id)
+}
+
+/// A configuration change of one member (add a voter, add a learner, remove).
+pub fn single_change(node_id: u64, change_type: ConfChangeType) -> ConfChangeV2 {
+    let mut single = ConfChangeSingle {
+        node_id,
+        ..Default::default()
+    };
+    single.set_change_type(change_type);
+    let mut change = ConfChangeV2::default();
+    change.set_changes(vec![single].into());
+    change
 }

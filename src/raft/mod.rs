@@ -6,7 +6,7 @@ mod dedupe;
 mod shell;
 mod storage;
 
-pub use self::core::{CoreOptions, RaftCore, ReadyWork};
+pub use self::core::{single_change, CoreOptions, RaftCore, ReadyWork};
 pub use shell::{
     spawn_node, Applied, ApplyBatch, NodeError, NodeHandle, NodeOptions, NodeStatus, StartedNode,
 };

@@ -8,8 +8,9 @@ use std::time::Duration;
 use super::*;
 use crate::io::{LocalTransport, MemBackend, StdDisk, TokioClock};
 use crate::proto::etcdserverpb::{PutRequest, RangeRequest};
+use crate::raft::single_change;
 use crate::wal::WalOptions;
-use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
+use raft::eraftpb::ConfChangeType;
 
 fn config(id: u64, voters: &[u64], root: &std::path::Path) -> MemberConfig {
     MemberConfig {
@@ -311,17 +312,10 @@ async fn follower_behind_the_compacted_log_catches_up_from_a_snapshot_with_data(
 }
 
 async fn change(member: &RunningMember, node_id: u64, change_type: ConfChangeType) {
-    let mut single = ConfChangeSingle {
-        node_id,
-        ..Default::default()
-    };
-    single.set_change_type(change_type);
-    let mut change = ConfChangeV2::default();
-    change.set_changes(vec![single].into());
     let rejected = member
         .kv
         .node()
-        .propose_conf_change(change)
+        .propose_conf_change(single_change(node_id, change_type))
         .await
         .expect("propose");
     assert!(rejected.await.is_err(), "raft accepted the change");
