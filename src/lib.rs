@@ -3,6 +3,7 @@
 /// The gRPC services: not part of the simulated build (the simulator drives `server` directly).
 #[cfg(not(madsim))]
 pub mod api;
+pub mod cluster;
 pub mod hooks;
 pub mod io;
 pub mod mvcc;

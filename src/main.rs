@@ -1,22 +1,32 @@
 //! The `quorumkv` server: etcd's flags (each also from `QUORUMKV_<FLAG>`), etcd's ports.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use mimalloc::MiMalloc;
-use quorumkv::api::{AuthorityFix, KvService, MaintenanceService, GRPC_OVERHEAD_BYTES};
-use quorumkv::io::tcp::serve_peers;
+use prost::Message as _;
+use quorumkv::api::{
+    AuthorityFix, ClusterService, KvService, MaintenanceService, GRPC_OVERHEAD_BYTES,
+};
+use quorumkv::cluster::Members;
+use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
 use quorumkv::io::transport::INBOX_BATCHES;
 use quorumkv::io::{os_seed, SledBackend, StdDisk, TcpTransport, TokioClock};
+use quorumkv::proto::etcdserverpb::cluster_server::ClusterServer as ClusterGrpc;
 use quorumkv::proto::etcdserverpb::kv_server::KvServer as KvGrpc;
 use quorumkv::proto::etcdserverpb::maintenance_server::MaintenanceServer as MaintenanceGrpc;
-use quorumkv::server::{start_member, MemberConfig};
+use quorumkv::proto::etcdserverpb::Member;
+use quorumkv::proto::quorumkvpb::ClusterMembers;
+use quorumkv::server::{start_member, KvServer, MemberConfig};
 use quorumkv::wal::WalOptions;
 use tonic::codegen::tokio_stream::{wrappers::TcpListenerStream, StreamExt};
+
+/// How often the leader looks for learners to promote (`--auto-promote-learners`).
+const AUTO_PROMOTE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The request path allocates per request on many threads; glibc's malloc contends there.
 #[global_allocator]
@@ -95,6 +105,20 @@ struct Flags {
     /// Accepted for compatibility; the quota is not enforced yet.
     #[arg(long, env = "QUORUMKV_QUOTA_BACKEND_BYTES", default_value_t = 0)]
     quota_backend_bytes: u64,
+    /// Log entries kept behind a snapshot for slow followers (etcd 3.5's experimental flag).
+    #[arg(
+        long,
+        env = "QUORUMKV_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES",
+        default_value_t = quorumkv::server::SNAPSHOT_CATCH_UP_ENTRIES
+    )]
+    experimental_snapshot_catchup_entries: u64,
+    /// Reject reconfiguration requests that would cause quorum loss.
+    #[arg(long, env = "QUORUMKV_STRICT_RECONFIG_CHECK", default_value_t = true, action = clap::ArgAction::Set)]
+    strict_reconfig_check: bool,
+    /// Promote a learner to a voting member as soon as it has caught up with the leader
+    /// (not in etcd).
+    #[arg(long, env = "QUORUMKV_AUTO_PROMOTE_LEARNERS", default_value_t = false)]
+    auto_promote_learners: bool,
     /// Log level: debug, info, warn, error.
     #[arg(long, env = "QUORUMKV_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -164,16 +188,11 @@ fn fnv1a(parts: &[&str]) -> u64 {
     hash.max(1)
 }
 
-/// The other members of a new cluster: id and peer URLs.
+/// The other members this member starts talking to: id and peer URLs.
 type Peers = Vec<(u64, Vec<String>)>;
 
-fn member_config(flags: &Flags) -> Result<(MemberConfig, Peers), String> {
-    if flags.initial_cluster_state != "new" && flags.initial_cluster_state != "existing" {
-        return Err(format!(
-            "invalid --initial-cluster-state {:?} (want 'new' or 'existing')",
-            flags.initial_cluster_state
-        ));
-    }
+/// `--initial-cluster` as (name, peer URLs), in the order given.
+fn initial_cluster(flags: &Flags) -> Result<Vec<(String, Vec<String>)>, String> {
     let initial_cluster = flags
         .initial_cluster
         .clone()
@@ -198,16 +217,26 @@ fn member_config(flags: &Flags) -> Result<(MemberConfig, Peers), String> {
             flags.name
         ));
     }
-    if members.len() > 1 && flags.initial_cluster_state == "existing" {
-        return Err("joining a running cluster (--initial-cluster-state existing) is not supported yet: it needs the Cluster service (MemberAdd)".into());
-    }
+    Ok(members)
+}
+
+/// Who this member is: its id, its cluster's id, and (for a brand-new cluster) the initial
+/// members.
+struct Identity {
+    member_id: u64,
+    cluster_id: u64,
+    initial_members: Vec<Member>,
+    peers: Peers,
+}
+
+/// A new cluster: every member derives the same ids from --initial-cluster and the token.
+fn new_cluster(flags: &Flags, members: &[(String, Vec<String>)]) -> Identity {
     let ids: Vec<u64> = members
         .iter()
         .map(|(_, urls)| {
             let mut urls = urls.clone();
             urls.sort();
-            let joined = urls.join(",");
-            fnv1a(&[&joined, &flags.initial_cluster_token])
+            fnv1a(&[&urls.join(","), &flags.initial_cluster_token])
         })
         .collect();
     let member_id = ids[members
@@ -218,35 +247,290 @@ fn member_config(flags: &Flags) -> Result<(MemberConfig, Peers), String> {
     sorted_ids.sort_unstable();
     let id_strings: Vec<String> = sorted_ids.iter().map(|id| format!("{id:x}")).collect();
     let id_refs: Vec<&str> = id_strings.iter().map(String::as_str).collect();
-    let cluster_id = fnv1a(&id_refs);
+    let initial_members: Vec<Member> = ids
+        .iter()
+        .zip(members)
+        .map(|(id, (name, urls))| Member {
+            id: *id,
+            name: name.clone(),
+            peer_ur_ls: urls.clone(),
+            ..Default::default()
+        })
+        .collect();
+    Identity {
+        member_id,
+        cluster_id: fnv1a(&id_refs),
+        peers: peers_of(&initial_members, member_id),
+        initial_members,
+    }
+}
+
+fn peers_of(members: &[Member], member_id: u64) -> Peers {
+    members
+        .iter()
+        .filter(|m| m.id != member_id && !m.peer_ur_ls.is_empty())
+        .map(|m| (m.id, m.peer_ur_ls.clone()))
+        .collect()
+}
+
+/// Joining a running cluster (--initial-cluster-state existing): ask the other members listed
+/// in --initial-cluster who is in the cluster; this member must have been added already
+/// (`etcdctl member add`), under its --initial-advertise-peer-urls.
+async fn join_cluster(
+    flags: &Flags,
+    members: &[(String, Vec<String>)],
+) -> Result<Identity, String> {
+    let mut own_urls = split_urls(&flags.initial_advertise_peer_urls);
+    own_urls.sort();
+    let mut errors = Vec::new();
+    for (_, urls) in members.iter().filter(|(name, _)| *name != flags.name) {
+        for url in urls {
+            let answer = match fetch_directory(url).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    errors.push(format!("{url}: {e}"));
+                    continue;
+                }
+            };
+            let directory = ClusterMembers::decode(answer.as_slice())
+                .map_err(|e| format!("peer {url} sent an unreadable member list: {e}"))?;
+            let me = directory.members.iter().find(|m| {
+                let mut urls = m.peer_ur_ls.clone();
+                urls.sort();
+                urls == own_urls
+            });
+            let Some(me) = me else {
+                return Err(format!(
+                    "this member (peer URLs {}) is not a member of the cluster at {url}: add it first with `etcdctl member add {} --peer-urls={}`",
+                    own_urls.join(","),
+                    flags.name,
+                    own_urls.join(",")
+                ));
+            };
+            if !me.name.is_empty() {
+                return Err(format!(
+                    "member {:x} (peer URLs {}) has already been bootstrapped as {:?}; start it from its own data dir",
+                    me.id,
+                    own_urls.join(","),
+                    me.name
+                ));
+            }
+            return Ok(Identity {
+                member_id: me.id,
+                cluster_id: directory.cluster_id,
+                initial_members: vec![],
+                peers: peers_of(&directory.members, me.id),
+            });
+        }
+    }
+    Err(format!(
+        "cannot join the cluster: no member listed in --initial-cluster answered ({})",
+        errors.join("; ")
+    ))
+}
+
+/// The identity a member keeps in its data dir (`member/identity`): restarts use it and
+/// ignore the --initial-* flags, as etcd does.
+fn read_identity(path: &Path) -> Result<Option<(u64, u64)>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .ok_or_else(|| format!("{} has no valid {name}", path.display()))
+    };
+    Ok(Some((field("member-id=")?, field("cluster-id=")?)))
+}
+
+fn write_identity(path: &Path, member_id: u64, cluster_id: u64) -> Result<(), String> {
+    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    let tmp = path.with_extension("tmp");
+    {
+        let mut file = std::fs::File::create(&tmp).map_err(fail)?;
+        std::io::Write::write_all(
+            &mut file,
+            format!("member-id={member_id:x}\ncluster-id={cluster_id:x}\n").as_bytes(),
+        )
+        .map_err(fail)?;
+        file.sync_all().map_err(fail)?;
+    }
+    std::fs::rename(&tmp, path).map_err(fail)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(fail)?;
+    }
+    Ok(())
+}
+
+async fn identity(flags: &Flags, member_dir: &Path) -> Result<Identity, String> {
+    if flags.initial_cluster_state != "new" && flags.initial_cluster_state != "existing" {
+        return Err(format!(
+            "invalid --initial-cluster-state {:?} (want 'new' or 'existing')",
+            flags.initial_cluster_state
+        ));
+    }
+    let path = member_dir.join("identity");
+    if let Some((member_id, cluster_id)) = read_identity(&path)? {
+        tracing::info!(
+            member_id = format!("{member_id:x}"),
+            "restarting from the data dir; --initial-cluster flags are ignored"
+        );
+        return Ok(Identity {
+            member_id,
+            cluster_id,
+            initial_members: vec![],
+            peers: vec![], // from the membership kept in the data dir
+        });
+    }
+    let members = initial_cluster(flags)?;
+    let has_wal = std::fs::read_dir(member_dir.join("wal"))
+        .map(|mut entries| entries.next().is_some())
+        .unwrap_or(false);
+    let identity = if flags.initial_cluster_state == "existing" && !has_wal {
+        join_cluster(flags, &members).await?
+    } else {
+        new_cluster(flags, &members)
+    };
+    write_identity(&path, identity.member_id, identity.cluster_id)?;
+    Ok(identity)
+}
+
+fn member_config(
+    flags: &Flags,
+    identity: &Identity,
+    data_dir: &Path,
+) -> Result<MemberConfig, String> {
     if flags.heartbeat_interval == 0 || flags.election_timeout < 5 * flags.heartbeat_interval {
         return Err("--election-timeout should be at least 5 times --heartbeat-interval".into());
     }
-    let data_dir = flags
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{}.quorumkv", flags.name)));
-    let peers: Peers = ids
-        .iter()
-        .zip(&members)
-        .filter(|(id, _)| **id != member_id)
-        .map(|(id, (_, urls))| (*id, urls.clone()))
-        .collect();
-    let config = MemberConfig {
-        member_id,
-        cluster_id,
-        initial_voters: ids,
+    Ok(MemberConfig {
+        member_id: identity.member_id,
+        cluster_id: identity.cluster_id,
+        initial_voters: identity.initial_members.iter().map(|m| m.id).collect(),
         member_dir: data_dir.join("member"),
         heartbeat_interval: Duration::from_millis(flags.heartbeat_interval),
         election_timeout: Duration::from_millis(flags.election_timeout),
         snapshot_count: flags.snapshot_count,
         max_request_bytes: flags.max_request_bytes,
         max_txn_ops: flags.max_txn_ops,
+        strict_reconfig_check: flags.strict_reconfig_check,
         wal: WalOptions::default(),
         id_seed: os_seed(),
-        snapshot_catch_up_entries: quorumkv::server::SNAPSHOT_CATCH_UP_ENTRIES,
-    };
-    Ok((config, peers))
+        snapshot_catch_up_entries: flags.experimental_snapshot_catchup_entries,
+        initial_members: identity.initial_members.clone(),
+    })
+}
+
+/// What this member answers a peer asking who is in the cluster.
+fn directory_of(kv: &KvServer, cluster_id: u64) -> ClusterMembers {
+    ClusterMembers {
+        cluster_id,
+        members: kv.members(),
+        applied_index: kv.status().raft_applied_index,
+    }
+}
+
+/// A member removed while it could not hear about it (the leader stops sending to it) finds
+/// out from its peers: when one has applied more of the log than this member and no longer
+/// lists it, it was removed in between. It then stops, as etcd's removed members do.
+async fn notice_removal(
+    kv: KvServer,
+    cluster_id: u64,
+    election_timeout: Duration,
+    removed: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut leaderless = Duration::ZERO;
+    let step = election_timeout.max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(step).await;
+        if kv.status().leader != 0 {
+            leaderless = Duration::ZERO;
+            continue;
+        }
+        leaderless += step;
+        if leaderless < 3 * step {
+            continue;
+        }
+        let me = kv.member_id();
+        let applied = kv.status().raft_applied_index;
+        let members = kv.members();
+        if !members.iter().any(|m| m.id == me) {
+            continue; // not joined yet
+        }
+        for peer in members.iter().filter(|m| m.id != me) {
+            for url in &peer.peer_ur_ls {
+                let Ok(answer) = fetch_directory(url).await else {
+                    continue;
+                };
+                let Ok(directory) = ClusterMembers::decode(answer.as_slice()) else {
+                    continue;
+                };
+                if directory.cluster_id == cluster_id
+                    && directory.applied_index > applied
+                    && !directory.members.iter().any(|m| m.id == me)
+                {
+                    let _ = removed.send(());
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the peer transport in step with the membership the apply loop keeps.
+async fn follow_members(
+    mut members: tokio::sync::watch::Receiver<Members>,
+    transport: TcpTransport,
+    member_id: u64,
+) {
+    let mut known: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    loop {
+        let list = members.borrow_and_update().list();
+        let now: std::collections::BTreeSet<u64> = list.iter().map(|m| m.id).collect();
+        for member in list.iter().filter(|m| m.id != member_id) {
+            if let Some(url) = member.peer_ur_ls.first() {
+                transport.set_peer(member.id, url);
+            }
+        }
+        for gone in known.difference(&now) {
+            transport.remove_peer(*gone);
+        }
+        known = now;
+        if members.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Announces this member's name and client URLs until they are in the membership.
+async fn publish(kv: KvServer, name: String, client_urls: Vec<String>) {
+    while !kv.published(&name, &client_urls) {
+        match kv.publish(&name, &client_urls).await {
+            Ok(()) => tracing::info!(
+                name,
+                ?client_urls,
+                "published this member's name and client URLs"
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot publish this member's attributes yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// `--auto-promote-learners`: the leader promotes each learner once it has caught up.
+async fn auto_promote(kv: KvServer) {
+    let mut every = tokio::time::interval(AUTO_PROMOTE_INTERVAL);
+    loop {
+        every.tick().await;
+        kv.promote_ready_learners().await;
+    }
 }
 
 async fn shutdown_signal() {
@@ -275,7 +559,15 @@ async fn shutdown_signal() {
 }
 
 async fn run(flags: Flags) -> Result<(), String> {
-    let (config, peers) = member_config(&flags)?;
+    let data_dir = flags
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.quorumkv", flags.name)));
+    let member_dir = data_dir.join("member");
+    std::fs::create_dir_all(&member_dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", member_dir.display()))?;
+    let identity = identity(&flags, &member_dir).await?;
+    let config = member_config(&flags, &identity, &data_dir)?;
     let peer_addrs = split_urls(&flags.listen_peer_urls)
         .iter()
         .map(|u| parse_listen_url(u))
@@ -285,18 +577,24 @@ async fn run(flags: Flags) -> Result<(), String> {
         .map(|u| parse_listen_url(u))
         .collect::<Result<Vec<_>, _>>()?;
     let disk = StdDisk::shared();
-    disk.create_dir_all(&config.member_dir).map_err(|e| {
-        format!(
-            "cannot create data dir {}: {e}",
-            config.member_dir.display()
-        )
-    })?;
     let backend = Arc::new(
         SledBackend::open(&config.db_path())
             .map_err(|e| format!("cannot open backend {}: {e}", config.db_path().display()))?,
     );
     // Peers: batches from members of this cluster reach the node's inbox.
     let (inbox_tx, inbox) = tokio::sync::mpsc::channel(INBOX_BATCHES);
+    // Filled in once the member runs; until then a peer asking gets an empty answer.
+    let running: Arc<std::sync::OnceLock<KvServer>> = Arc::default();
+    let directory: Directory = {
+        let running = running.clone();
+        let cluster_id = config.cluster_id;
+        Arc::new(move || {
+            running
+                .get()
+                .map(|kv| directory_of(kv, cluster_id).encode_to_vec())
+                .unwrap_or_default()
+        })
+    };
     for addr in peer_addrs {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -304,15 +602,16 @@ async fn run(flags: Flags) -> Result<(), String> {
         tracing::info!(%addr, "serving peers");
         let inbox_tx = inbox_tx.clone();
         let cluster_id = config.cluster_id;
+        let directory = directory.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_peers(listener, cluster_id, inbox_tx).await {
+            if let Err(e) = serve_peers(listener, cluster_id, inbox_tx, directory).await {
                 tracing::error!(%addr, error = %e, "peer listener failed");
             }
         });
     }
     drop(inbox_tx);
     let transport = TcpTransport::new(config.cluster_id, config.member_id);
-    for (id, urls) in &peers {
+    for (id, urls) in &identity.peers {
         if let Some(url) = urls.first() {
             transport.set_peer(*id, url);
         }
@@ -321,13 +620,34 @@ async fn run(flags: Flags) -> Result<(), String> {
         &config,
         disk,
         backend.clone(),
-        Arc::new(transport),
+        Arc::new(transport.clone()),
         inbox,
         Arc::new(TokioClock::new()),
     )
     .map_err(|e| e.to_string())?;
     tracing::info!(name = %flags.name, member_id = format!("{:x}", config.member_id),
         cluster_id = format!("{:x}", config.cluster_id), data_dir = %config.member_dir.display(), "member started");
+    let _ = running.set(member.kv.clone());
+    tokio::spawn(follow_members(
+        member.kv.members_watch(),
+        transport,
+        config.member_id,
+    ));
+    let (removed_tx, mut removed) = tokio::sync::oneshot::channel();
+    tokio::spawn(notice_removal(
+        member.kv.clone(),
+        config.cluster_id,
+        Duration::from_millis(flags.election_timeout),
+        removed_tx,
+    ));
+    tokio::spawn(publish(
+        member.kv.clone(),
+        flags.name.clone(),
+        split_urls(&flags.advertise_client_urls),
+    ));
+    if flags.auto_promote_learners {
+        tokio::spawn(auto_promote(member.kv.clone()));
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
@@ -343,6 +663,9 @@ async fn run(flags: Flags) -> Result<(), String> {
         let maintenance = MaintenanceGrpc::new(MaintenanceService::new(member.kv.clone()))
             .max_decoding_message_size(max_decode)
             .max_encoding_message_size(usize::MAX);
+        let cluster = ClusterGrpc::new(ClusterService::new(member.kv.clone()))
+            .max_decoding_message_size(max_decode)
+            .max_encoding_message_size(usize::MAX);
         let mut stop = stop_rx.clone();
         // etcdctl's `endpoint status` sends the endpoint URL as :authority, which h2 refuses.
         let incoming = TcpListenerStream::new(listener).map(|accepted| {
@@ -354,6 +677,7 @@ async fn run(flags: Flags) -> Result<(), String> {
             tonic::transport::Server::builder()
                 .add_service(kv)
                 .add_service(maintenance)
+                .add_service(cluster)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 }),
@@ -364,13 +688,18 @@ async fn run(flags: Flags) -> Result<(), String> {
     let mut apply_task = member.apply_task;
     let outcome = tokio::select! {
         _ = shutdown_signal() => Ok(()),
+        Ok(()) = &mut removed => {
+            tracing::warn!("this member was removed from the cluster; stopping");
+            Ok(())
+        }
         ended = &mut apply_task => match ended {
             Ok(Ok(())) => Err("apply loop stopped".to_string()),
             Ok(Err(e)) => Err(format!("fatal backend error: {e}")),
             Err(e) => Err(format!("apply loop crashed: {e}")),
         },
         ended = &mut node_task => match ended {
-            Ok(Ok(())) => Err("raft node stopped".to_string()),
+            // The node stops by itself only when it applied its own removal.
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("fatal storage error: {e}")),
             Err(e) => Err(format!("raft node crashed: {e}")),
         },

@@ -8,52 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Members a, b and c of one new cluster, started together (none is ready alone).
-fn three_members(root: &std::path::Path) -> Vec<Server> {
-    let mut servers: Vec<Server> = ["a", "b", "c"]
-        .iter()
-        .map(|name| {
-            let dir = root.join(name);
-            std::fs::create_dir_all(&dir).expect("dir");
-            Server::new(&dir, &[])
-        })
-        .collect();
-    let initial_cluster = ["a", "b", "c"]
-        .iter()
-        .zip(&servers)
-        .map(|(name, s)| format!("{name}={}", s.peer_url()))
-        .collect::<Vec<_>>()
-        .join(",");
-    for (name, server) in ["a", "b", "c"].iter().zip(servers.iter_mut()) {
-        server.extra_args = vec![
-            "--name".into(),
-            name.to_string(),
-            "--initial-cluster".into(),
-            initial_cluster.clone(),
-        ];
-        server.spawn();
-    }
-    for server in servers.iter_mut() {
-        server.wait_ready();
-    }
-    servers
-}
-
-/// The index of the member that says it leads, from `etcdctl endpoint status`.
-fn leader(servers: &[Server]) -> Option<usize> {
-    servers.iter().position(|s| {
-        if s.child.is_none() {
-            return false;
-        }
-        let out = etcdctl(&s.endpoint(), &["endpoint", "status"]);
-        // endpoint, id, version, db size, is leader, ...
-        String::from_utf8_lossy(&out.stdout)
-            .split(", ")
-            .nth(4)
-            .is_some_and(|is_leader| is_leader.trim() == "true")
-    })
-}
-
 #[test]
 fn three_members_replicate_survive_a_killed_leader_and_catch_it_up() {
     if !etcdctl_available() {
@@ -61,7 +15,7 @@ fn three_members_replicate_survive_a_killed_leader_and_catch_it_up() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut servers = three_members(dir.path());
+    let mut servers = start_cluster(dir.path(), &["a", "b", "c"], &[]);
     ok(etcdctl(&servers[0].endpoint(), &["put", "k0", "v0"]));
     for server in &servers {
         assert_eq!(

@@ -11,6 +11,7 @@ use madsim::rand::Rng;
 use madsim::runtime::{Handle, NodeHandle as SimNode};
 use quorumkv::io::MemBackend;
 use quorumkv::raft::single_change;
+use quorumkv::proto::etcdserverpb::Member;
 use quorumkv::server::{start_member, KvServer, MemberConfig};
 use quorumkv::wal::WalOptions;
 use raft::eraftpb::ConfChangeType;
@@ -181,11 +182,23 @@ impl Cluster {
                 snapshot_count: self.settings.snapshot_count,
                 max_request_bytes: 1536 * 1024,
                 max_txn_ops: 128,
+                strict_reconfig_check: true,
                 wal: WalOptions {
                     segment_bytes: self.settings.segment_bytes,
                 },
                 id_seed: madsim::rand::thread_rng().gen(),
                 snapshot_catch_up_entries: self.settings.catch_up_entries,
+                // The names and URLs `add` gives every member.
+                initial_members: member
+                    .initial_voters
+                    .iter()
+                    .map(|voter| Member {
+                        id: *voter,
+                        name: format!("n{voter}"),
+                        peer_ur_ls: vec![peer_url(*voter)],
+                        ..Default::default()
+                    })
+                    .collect(),
             };
             (
                 config,

@@ -1,11 +1,14 @@
-//! The `etcdserverpb.Maintenance` service: `Status` so far; the other methods answer
-//! `Unimplemented` (the generated defaults).
+//! The `etcdserverpb.Maintenance` service: `Status` and `MoveLeader` so far; the other methods
+//! answer `Unimplemented` (the generated defaults).
 
 use tonic::{Request, Response, Status};
 
+use super::to_status;
 use super::ETCD_API_VERSION;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
-use crate::proto::etcdserverpb::{StatusRequest, StatusResponse};
+use crate::proto::etcdserverpb::{
+    MoveLeaderRequest, MoveLeaderResponse, StatusRequest, StatusResponse,
+};
 use crate::server::KvServer;
 
 pub struct MaintenanceService {
@@ -35,7 +38,21 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: report.raft_applied_index,
             errors: vec![],
             db_size_in_use: report.db_size,
-            is_learner: false,
+            is_learner: self.server.refuse_learner().is_err(),
+        }))
+    }
+
+    /// Must be sent to the leader (etcdctl finds it), as with etcd.
+    async fn move_leader(
+        &self,
+        request: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.server
+            .move_leader(request.get_ref().target_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(MoveLeaderResponse {
+            header: Some(self.server.header(self.server.status().revision)),
         }))
     }
 }

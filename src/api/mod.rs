@@ -1,11 +1,13 @@
 //! The client-facing API: etcd's v3 gRPC services over tonic. Services (and methods) not built
 //! yet answer gRPC `Unimplemented`.
 
+mod cluster;
 mod h2fix;
 mod kv;
 mod maintenance;
 mod status;
 
+pub use cluster::ClusterService;
 pub use h2fix::AuthorityFix;
 pub use kv::KvService;
 pub use maintenance::MaintenanceService;

@@ -24,11 +24,25 @@ pub fn to_status(error: ServerError) -> Status {
             | MvccError::EmptyKey
             | MvccError::ValueProvided
             | MvccError::LeaseProvided => (Code::InvalidArgument, e.to_string()),
+            MvccError::NotKeyValue => (Code::Internal, e.to_string()),
             MvccError::Corrupt { .. } => (Code::DataLoss, format!("etcdserver: {e}")),
             MvccError::Backend(_) => (Code::Internal, format!("etcdserver: {e}")),
         },
         ServerError::RequestTooLarge => (Code::InvalidArgument, error.to_string()),
-        ServerError::Timeout | ServerError::Stopped => (Code::Unavailable, error.to_string()),
+        ServerError::Timeout
+        | ServerError::Stopped
+        | ServerError::LeaderTransferTimeout
+        | ServerError::NotSupportedForLearner => (Code::Unavailable, error.to_string()),
+        ServerError::MemberNotFound => (Code::NotFound, error.to_string()),
+        ServerError::BadMemberUrls => (Code::InvalidArgument, error.to_string()),
+        ServerError::NotLeader
+        | ServerError::MemberNotLearner
+        | ServerError::LearnerNotReady
+        | ServerError::TooManyLearners
+        | ServerError::PeerUrlExists
+        | ServerError::NotEnoughStartedMembers
+        | ServerError::Unhealthy
+        | ServerError::BadLeaderTransferee => (Code::FailedPrecondition, error.to_string()),
         ServerError::Node(e) => match e {
             NodeError::NoLeader | NodeError::Stopped => (Code::Unavailable, e.to_string()),
             NodeError::Raft(_) => (Code::Internal, e.to_string()),

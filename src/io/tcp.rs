@@ -25,6 +25,11 @@ use tokio::sync::mpsc;
 use super::transport::Transport;
 
 const MAGIC: &[u8; 8] = b"QKVPEER1";
+/// A member joining a running cluster asks a peer for the cluster's members: it sends this,
+/// and gets one frame back (the directory, encoded by the caller) before the peer closes.
+const DIRECTORY_MAGIC: &[u8; 8] = b"QKVMEMB1";
+/// How long asking a peer for the directory may take.
+pub const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Batches queued to one peer, at most; more are dropped (raft retransmits).
 pub const PEER_QUEUE_BATCHES: usize = 4096;
 /// Largest frame payload; bigger batches go in chunks.
@@ -95,9 +100,37 @@ fn frames(payload: &[u8]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+fn bad_data(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string())
+}
+
 /// Reads one batch (all its chunks); `Ok(None)` at a clean end of stream.
 async fn read_batch(stream: &mut TcpStream) -> std::io::Result<Option<Vec<Message>>> {
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let Some(payload) = read_payload(stream).await? else {
+        return Ok(None);
+    };
+    decode_batch(&payload)
+        .map(Some)
+        .ok_or_else(|| bad_data("peer frame is not a message batch"))
+}
+
+/// Asks the peer at `url` for its directory (see `DIRECTORY_MAGIC`).
+pub async fn fetch_directory(url: &str) -> std::io::Result<Vec<u8>> {
+    let address = peer_address(url).ok_or_else(|| bad_data("peer URL has no host and port"))?;
+    tokio::time::timeout(DIRECTORY_TIMEOUT, async {
+        let mut stream = TcpStream::connect(&address).await?;
+        stream.write_all(DIRECTORY_MAGIC).await?;
+        read_payload(&mut stream)
+            .await?
+            .ok_or_else(|| bad_data("peer closed without an answer"))
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "peer did not answer"))?
+}
+
+/// Reads one payload (all its chunks); `Ok(None)` at a clean end of stream.
+async fn read_payload(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let bad = bad_data;
     let mut payload = Vec::new();
     loop {
         let mut header = [0u8; 8];
@@ -124,25 +157,42 @@ async fn read_batch(stream: &mut TcpStream) -> std::io::Result<Option<Vec<Messag
             break;
         }
     }
-    decode_batch(&payload)
-        .map(Some)
-        .ok_or_else(|| bad("peer frame is not a message batch"))
+    Ok(Some(payload))
 }
 
+/// Answers a joining (or a removed) member's question: who is in the cluster, encoded.
+pub type Directory = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
 /// Serves peer connections on `listener`: batches from members of cluster `cluster_id` go to
-/// `inbox`. Runs until the listener fails.
+/// `inbox`; a joining member asking for the directory gets `directory`'s current value.
+/// Runs until the listener fails.
 pub async fn serve_peers(
     listener: TcpListener,
     cluster_id: u64,
     inbox: mpsc::Sender<Vec<Message>>,
+    directory: Directory,
 ) -> std::io::Result<()> {
     loop {
         let (mut stream, from_addr) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let inbox = inbox.clone();
+        let directory = directory.clone();
         tokio::spawn(async move {
             let mut preamble = [0u8; 24];
-            if stream.read_exact(&mut preamble).await.is_err() || &preamble[..8] != MAGIC {
+            if stream.read_exact(&mut preamble[..8]).await.is_err() {
+                return;
+            }
+            if &preamble[..8] == DIRECTORY_MAGIC {
+                let answer = directory();
+                let mut out = Vec::new();
+                for frame in frames(&answer) {
+                    out.extend_from_slice(&frame);
+                }
+                let _ = stream.write_all(&out).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+            if &preamble[..8] != MAGIC || stream.read_exact(&mut preamble[8..]).await.is_err() {
                 tracing::warn!(peer = %from_addr, "refused a peer connection without our preamble");
                 return;
             }
@@ -328,12 +378,32 @@ mod tests {
         (listener, url)
     }
 
+    /// Serves peers of cluster 7 on `listener`, with directory `b"members"`.
+    fn serve(listener: TcpListener) -> mpsc::Receiver<Vec<Message>> {
+        let (tx, inbox) = mpsc::channel(16);
+        tokio::spawn(serve_peers(
+            listener,
+            7,
+            tx,
+            Arc::new(|| b"members".to_vec()),
+        ));
+        inbox
+    }
+
     /// A member of cluster 7 listening for peers: its URL and inbox.
     async fn listening_peer() -> (String, mpsc::Receiver<Vec<Message>>) {
         let (listener, url) = listener().await;
-        let (tx, inbox) = mpsc::channel(16);
-        tokio::spawn(serve_peers(listener, 7, tx));
-        (url, inbox)
+        (url, serve(listener))
+    }
+
+    #[tokio::test]
+    async fn a_joining_member_gets_the_directory() {
+        let (url, _inbox) = listening_peer().await;
+        let directory = fetch_directory(&url).await.expect("directory");
+        assert_eq!(directory, b"members");
+        let (listener, silent) = listener().await;
+        drop(listener);
+        assert!(fetch_directory(&silent).await.is_err());
     }
 
     #[tokio::test]
@@ -381,8 +451,7 @@ mod tests {
         transport.send(2, vec![Message::default()]);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let listener = TcpListener::bind(&address).await.expect("rebind");
-        let (tx, mut inbox) = mpsc::channel(16);
-        tokio::spawn(serve_peers(listener, 7, tx));
+        let mut inbox = serve(listener);
         let mut delivered = false;
         for i in 0..40u64 {
             transport.send(

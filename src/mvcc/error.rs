@@ -22,6 +22,9 @@ pub enum MvccError {
     ValueProvided,
     #[error("etcdserver: lease is provided")]
     LeaseProvided,
+    /// A log request that is not about keys (membership): the apply loop handles those.
+    #[error("etcdserver: not a key-value request")]
+    NotKeyValue,
     #[error("mvcc: corrupt record at revision {main}/{sub}: {reason}")]
     Corrupt { main: i64, sub: i64, reason: String },
     #[error(transparent)]

@@ -293,3 +293,36 @@ impl MvccStore {
         Ok(resp)
     }
 }
+
+/// Records kept beside the key space (membership, ...): `m` + name in the backend, so that
+/// snapshots carry them.
+impl MvccStore {
+    /// Stages entry `index`'s write of the record `name` (`None` deletes it), in the same
+    /// backend batch as the entries around it.
+    pub fn stage_record(&mut self, index: u64, name: &str, value: Option<Vec<u8>>) {
+        match value {
+            Some(value) => self.staged.put(meta_key(name), value),
+            None => self.staged.delete(meta_key(name)),
+        }
+        self.consistent_index = self.consistent_index.max(index);
+    }
+
+    /// The records whose names start with `prefix`, from the backend (nothing may be staged:
+    /// call it right after opening or restoring).
+    pub fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MvccError> {
+        debug_assert!(
+            self.staged.is_empty(),
+            "records read while writes are staged"
+        );
+        let start = meta_key(prefix);
+        let mut end = start.clone();
+        end.push(0xff);
+        let mut out = Vec::new();
+        self.backend.scan(&start, Some(&end), &mut |key, value| {
+            let name = String::from_utf8_lossy(&key[1..]).into_owned();
+            out.push((name, value.to_vec()));
+            true
+        })?;
+        Ok(out)
+    }
+}

@@ -101,6 +101,9 @@ impl MvccStore {
                 ApplyOutcome::Txn(self.txn(&mut pending, req, &path)?)
             }
             Request::Compaction(req) => ApplyOutcome::Compaction(self.compact(&mut pending, req)?),
+            Request::MemberAttributes(_) | Request::MemberPeerUrls(_) => {
+                return Err(MvccError::NotKeyValue)
+            }
         };
         self.commit(index, pending)?;
         Ok(outcome)

@@ -51,6 +51,17 @@ pub struct PersistedWork {
     pub committed: Vec<Entry>,
 }
 
+/// One member's log as the leader sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerProgress {
+    pub id: u64,
+    /// The highest index known to be in its log.
+    pub matched: u64,
+    /// Heard from within the last election timeout (always true for the leader itself).
+    pub active: bool,
+    pub learner: bool,
+}
+
 pub struct RaftCore {
     raw: RawNode<NodeStorage>,
     pending: Option<raft::Ready>,
@@ -217,6 +228,28 @@ impl RaftCore {
 
     pub fn commit_index(&self) -> u64 {
         self.raw.raft.raft_log.committed
+    }
+
+    /// The leader's view of every member's log (`None` on a follower).
+    pub fn progress(&self) -> Option<Vec<PeerProgress>> {
+        if self.raw.raft.state != StateRole::Leader {
+            return None;
+        }
+        let conf = self.raw.raft.prs().conf();
+        let learners = conf.learners();
+        Some(
+            self.raw
+                .raft
+                .prs()
+                .iter()
+                .map(|(id, pr)| PeerProgress {
+                    id: *id,
+                    matched: pr.matched,
+                    active: *id == self.id() || pr.recent_active,
+                    learner: learners.contains(id),
+                })
+                .collect(),
+        )
     }
 
     pub fn conf_state(&self) -> ConfState {

@@ -14,7 +14,7 @@ use raft::eraftpb::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::core::{is_member, CoreOptions, RaftCore, ReadyWork};
+use super::core::{is_member, CoreOptions, PeerProgress, RaftCore, ReadyWork};
 use super::dedupe::ForwardedProposals;
 use super::storage::SnapshotRequests;
 use crate::hooks::{self, Bug, Observation};
@@ -101,6 +101,9 @@ enum Command {
     TransferLeader {
         to: u64,
     },
+    Progress {
+        reply: oneshot::Sender<Option<Vec<PeerProgress>>>,
+    },
     Snapshot {
         index: u64,
     },
@@ -180,6 +183,13 @@ impl NodeHandle {
 
     pub async fn transfer_leader(&self, to: u64) -> Result<(), NodeError> {
         self.send(Command::TransferLeader { to }).await
+    }
+
+    /// The leader's view of every member's log; `None` when this member is not the leader.
+    pub async fn progress(&self) -> Result<Option<Vec<PeerProgress>>, NodeError> {
+        let (reply, response) = oneshot::channel();
+        self.send(Command::Progress { reply }).await?;
+        response.await.map_err(|_| NodeError::Stopped)
     }
 
     /// Hands raft the applied state at `index`, for followers behind the compacted log.
@@ -415,6 +425,9 @@ impl Shell {
             }
             Command::ReadIndex { reply } => self.reads_waiting.push(reply),
             Command::TransferLeader { to } => self.core.transfer_leader(to),
+            Command::Progress { reply } => {
+                let _ = reply.send(self.core.progress());
+            }
             Command::OfferSnapshot { index, data } => self.core.offer_snapshot(index, data),
             Command::Snapshot { index } => {
                 if let Err(e) = self.snapshot(index) {

@@ -1,6 +1,7 @@
 //! The apply loop: committed entries, in log order, into mvcc; each result to the request that
 //! waits for it; the applied index published; a snapshot every `snapshot_count` entries.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -10,11 +11,13 @@ use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType};
 use raft_proto::ConfChangeI;
 use tokio::sync::{mpsc, watch};
 
-use super::kv::Waiters;
+use super::kv::{MemberReply, Waiters};
+use crate::cluster::{Members, RecordChange};
 use crate::hooks::{self, Observation};
 use crate::io::{BackendError, Clock};
 use crate::mvcc::{MvccError, MvccStore};
 use crate::proto::quorumkvpb::raft_request::Request;
+use crate::proto::quorumkvpb::ConfChangeContext;
 use crate::proto::quorumkvpb::RaftRequest;
 use crate::raft::{ApplyBatch, NodeHandle, SnapshotRequests};
 
@@ -30,6 +33,11 @@ pub struct ApplyLoop {
     pub snapshot_requests: Arc<SnapshotRequests>,
     /// The staged batch being written to the backend off the apply path, if any.
     pub writing: Option<tokio::task::JoinHandle<Result<(), BackendError>>>,
+    /// The membership table, published to the request path and the peer transport.
+    pub members: watch::Sender<Members>,
+    pub member_waiters: Waiters<MemberReply>,
+    /// Is this member a learner (it then refuses writes and linearizable reads, as etcd does)?
+    pub learner: Arc<AtomicBool>,
 }
 
 /// Applied writes are handed to the backend at least this often (etcd's backend batch interval)...
@@ -102,6 +110,8 @@ pub async fn run_apply_loop(
                 let index = snapshot.get_metadata().index;
                 apply.finish_write().await?;
                 apply.lock().restore(index, &snapshot.data)?;
+                let members = Members::load(&apply.lock())?;
+                apply.publish_members(members);
                 apply.observe_state(index);
                 tracing::info!(index, "restored the state from the leader's snapshot");
                 apply.last_snapshot_index = index;
@@ -218,6 +228,12 @@ impl ApplyLoop {
     }
 
     fn normal(&self, index: u64, request: RaftRequest) -> Result<(), MvccError> {
+        if let Some(body @ (Request::MemberAttributes(_) | Request::MemberPeerUrls(_))) =
+            &request.request
+        {
+            self.member_request(index, request.id, body);
+            return Ok(());
+        }
         let mut store = self.lock();
         let Some(body) = &request.request else {
             store.skip(index);
@@ -243,11 +259,65 @@ impl ApplyLoop {
         Ok(())
     }
 
+    /// raft's configuration and the membership table change together; the member that
+    /// proposed the change (if it is this one) is told the outcome.
     async fn conf_change(&mut self, index: u64, change: ConfChangeV2) {
-        if let Err(e) = self.node.apply_conf_change(change).await {
-            tracing::error!(index, error = %e, "configuration change not applied");
+        let context = ConfChangeContext::decode(change.get_context()).unwrap_or_default();
+        let outcome = self.node.apply_conf_change(change.clone()).await;
+        let already_applied = index <= self.lock().consistent_index();
+        let reply = match outcome {
+            Ok(_) if already_applied => Ok(self.members.borrow().list()),
+            Ok(_) => {
+                let mut members = self.members.borrow().clone();
+                let records = members.apply_conf_change(&change, context.member.as_ref());
+                self.stage_records(index, records);
+                let list = members.list();
+                self.publish_members(members);
+                Ok(list)
+            }
+            Err(e) => {
+                tracing::error!(index, error = %e, "configuration change not applied");
+                self.lock().skip(index);
+                Err(e)
+            }
+        };
+        if let Some(waiter) = self.member_waiters.take(context.request_id) {
+            let _ = waiter.send(reply);
         }
-        self.lock().skip(index);
+    }
+
+    /// A membership request in a normal entry (published attributes, new peer URLs).
+    fn member_request(&self, index: u64, id: u64, request: &Request) {
+        let mut members = self.members.borrow().clone();
+        let records = match request {
+            Request::MemberAttributes(attributes) => members.set_attributes(attributes),
+            Request::MemberPeerUrls(update) => members.set_peer_urls(update),
+            _ => return,
+        };
+        self.stage_records(index, records);
+        let list = members.list();
+        self.publish_members(members);
+        if let Some(waiter) = self.member_waiters.take(id) {
+            let _ = waiter.send(Ok(list));
+        }
+    }
+
+    fn stage_records(&self, index: u64, records: Vec<RecordChange>) {
+        let mut store = self.lock();
+        store.skip(index);
+        for (name, value) in records {
+            store.stage_record(index, &name, value);
+        }
+    }
+
+    fn publish_members(&self, members: Members) {
+        let learner = members.get(self.node.id()).is_some_and(|m| m.is_learner);
+        self.learner.store(learner, Ordering::Relaxed);
+        self.members.send_if_modified(|current| {
+            let changed = *current != members;
+            *current = members;
+            changed
+        });
     }
 
     /// raft wants to send a follower the state: dump it, labelled with the index the data

@@ -1,22 +1,24 @@
 //! The request path shared by the gRPC services (and the simulator's clients).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use prost::Message as _;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::error::ServerError;
+use crate::cluster::Members;
 use crate::hooks::{self, Bug};
 use crate::mvcc::{self, ApplyOutcome, ApplyResult, MvccStore};
+use crate::proto::etcdserverpb::Member;
 use crate::proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
 };
 use crate::proto::quorumkvpb::{raft_request::Request, RaftRequest};
-use crate::raft::{Applied, NodeHandle};
+use crate::raft::{Applied, NodeError, NodeHandle};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -25,30 +27,58 @@ pub struct ServerConfig {
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
     pub request_timeout: Duration,
+    /// Refuse membership changes that could cost the cluster its quorum (etcd's default).
+    pub strict_reconfig_check: bool,
 }
 
 /// What the apply loop sends back: the result and the store's revision after it.
 pub type ApplyReply = (ApplyResult, i64);
 
-/// Requests waiting for their entry to be applied, by request id.
-#[derive(Clone, Default)]
-pub struct Waiters {
-    inner: Arc<Mutex<HashMap<u64, oneshot::Sender<ApplyReply>>>>,
+/// What a membership request gets back once applied: the members after it.
+pub type MemberReply = Result<Vec<Member>, NodeError>;
+
+/// Membership as the request path sees it (the apply loop keeps it).
+#[derive(Clone)]
+pub struct MembershipView {
+    pub members: watch::Receiver<Members>,
+    pub waiters: Waiters<MemberReply>,
+    pub learner: Arc<AtomicBool>,
 }
 
-impl Waiters {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<ApplyReply>>> {
+/// Requests waiting for their entry to be applied, by request id.
+pub struct Waiters<T = ApplyReply> {
+    inner: Arc<Mutex<HashMap<u64, oneshot::Sender<T>>>>,
+}
+
+impl<T> Clone for Waiters<T> {
+    fn clone(&self) -> Self {
+        Waiters {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> Default for Waiters<T> {
+    fn default() -> Self {
+        Waiters {
+            inner: Arc::default(),
+        }
+    }
+}
+
+impl<T> Waiters<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<T>>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn register(&self, id: u64) -> oneshot::Receiver<ApplyReply> {
+    pub(super) fn register(&self, id: u64) -> oneshot::Receiver<T> {
         let (tx, rx) = oneshot::channel();
         let previous = self.lock().insert(id, tx);
         debug_assert!(previous.is_none(), "request id {id} reused");
         rx
     }
 
-    pub fn take(&self, id: u64) -> Option<oneshot::Sender<ApplyReply>> {
+    pub fn take(&self, id: u64) -> Option<oneshot::Sender<T>> {
         self.lock().remove(&id)
     }
 }
@@ -72,6 +102,7 @@ pub struct KvServer {
     waiters: Waiters,
     applied: Applied,
     next_id: Arc<AtomicU64>,
+    pub(super) membership: MembershipView,
 }
 
 impl KvServer {
@@ -81,6 +112,7 @@ impl KvServer {
         store: Arc<RwLock<MvccStore>>,
         waiters: Waiters,
         applied: Applied,
+        membership: MembershipView,
         id_seed: u64,
     ) -> Self {
         // Ids must not collide across members (each applies everyone's entries) nor across
@@ -93,6 +125,7 @@ impl KvServer {
             waiters,
             applied,
             next_id: Arc::new(AtomicU64::new(first_id)),
+            membership,
         }
     }
 
@@ -119,6 +152,7 @@ impl KvServer {
 
     /// Waits until this member has applied everything committed when the read arrived.
     pub async fn linearizable_barrier(&self) -> Result<(), ServerError> {
+        self.refuse_learner()?;
         if hooks::injected(Bug::ServeStaleRead) {
             return Ok(());
         }
@@ -191,8 +225,21 @@ impl KvServer {
         }
     }
 
+    /// A learner serves serializable reads and status only, as etcd's do.
+    pub fn refuse_learner(&self) -> Result<(), ServerError> {
+        if self.membership.learner.load(Ordering::Relaxed) {
+            return Err(ServerError::NotSupportedForLearner);
+        }
+        Ok(())
+    }
+
+    pub(super) fn next_request_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     async fn propose(&self, request: Request) -> Result<(ApplyOutcome, i64), ServerError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.refuse_learner()?;
+        let id = self.next_request_id();
         let data = RaftRequest {
             id,
             request: Some(request),

@@ -3,11 +3,13 @@
 //! straight to local state (serializable).
 
 mod apply;
+mod cluster;
 mod error;
 mod kv;
 mod start;
 
 pub use apply::run_apply_loop;
+pub use cluster::valid_peer_urls;
 pub use error::ServerError;
 pub use kv::{KvServer, ServerConfig, StatusReport};
 pub use start::{start_member, MemberConfig, RunningMember, SNAPSHOT_CATCH_UP_ENTRIES};

@@ -1,16 +1,20 @@
 //! Putting a member together from its ports: storage, raft node, apply loop, request path.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::apply::{run_apply_loop, ApplyLoop};
-use super::kv::{KvServer, ServerConfig, Waiters};
+use super::kv::{KvServer, MembershipView, ServerConfig, Waiters};
+use crate::cluster::Members;
 use crate::io::transport::Inbox;
 use crate::io::{Backend, Clock, Disk, Transport};
 use crate::mvcc::MvccStore;
+use crate::proto::etcdserverpb::Member;
+use crate::raft::BOOTSTRAP_INDEX;
 use crate::raft::{spawn_node, NodeOptions};
 use crate::wal::{WalError, WalOptions};
 
@@ -29,10 +33,14 @@ pub struct MemberConfig {
     pub snapshot_count: u64,
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
+    pub strict_reconfig_check: bool,
     pub wal: WalOptions,
     pub id_seed: u64,
     /// Log entries kept in memory behind a snapshot, for slow followers (etcd: 5000).
     pub snapshot_catch_up_entries: u64,
+    /// A new cluster's members (id, name, peer URLs), from --initial-cluster; written once,
+    /// into an empty store. A member joining a running cluster learns them by snapshot.
+    pub initial_members: Vec<Member>,
 }
 
 impl MemberConfig {
@@ -105,6 +113,27 @@ pub fn start_member(
             tracing::info!(index, "restored the backend from the saved snapshot");
         }
     }
+    let mut members = Members::load(&store)?;
+    if members.is_empty()
+        && !config.initial_members.is_empty()
+        && store.consistent_index() <= BOOTSTRAP_INDEX
+    {
+        // A new cluster's first start: its members as --initial-cluster names them.
+        members = Members::new(config.initial_members.iter().cloned());
+        for (name, value) in members.records() {
+            store.stage_record(BOOTSTRAP_INDEX, &name, value);
+        }
+        store.flush_staged()?;
+        store
+            .backend()
+            .flush()
+            .map_err(crate::mvcc::MvccError::from)?;
+    }
+    let learner = Arc::new(AtomicBool::new(
+        members.get(config.member_id).is_some_and(|m| m.is_learner),
+    ));
+    let (members_tx, members_rx) = watch::channel(members);
+    let member_waiters = Waiters::default();
     let consistent_index = store.consistent_index();
     let store = Arc::new(RwLock::new(store));
     let waiters = Waiters::default();
@@ -119,6 +148,9 @@ pub fn start_member(
         clock,
         snapshot_requests: started.snapshot_requests.clone(),
         writing: None,
+        members: members_tx,
+        member_waiters: member_waiters.clone(),
+        learner: learner.clone(),
     };
     let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
     let server_config = ServerConfig {
@@ -126,6 +158,7 @@ pub fn start_member(
         member_id: config.member_id,
         max_request_bytes: config.max_request_bytes,
         max_txn_ops: config.max_txn_ops,
+        strict_reconfig_check: config.strict_reconfig_check,
         // As etcd: 5 s plus two election timeouts.
         request_timeout: Duration::from_secs(5) + 2 * config.election_timeout,
     };
@@ -135,6 +168,11 @@ pub fn start_member(
         store,
         waiters,
         applied_rx,
+        MembershipView {
+            members: members_rx,
+            waiters: member_waiters,
+            learner,
+        },
         config.id_seed,
     );
     Ok(RunningMember {

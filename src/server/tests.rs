@@ -23,11 +23,13 @@ fn config(id: u64, voters: &[u64], root: &std::path::Path) -> MemberConfig {
         snapshot_count: 50,
         max_request_bytes: 1 << 20,
         max_txn_ops: 128,
+        strict_reconfig_check: true,
         wal: WalOptions {
             segment_bytes: 1 << 20,
         },
         id_seed: id * 1000,
         snapshot_catch_up_entries: 10,
+        initial_members: vec![],
     }
 }
 

@@ -105,6 +105,26 @@ impl Server {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Sends `signal` (e.g. "STOP", "CONT") to the running process.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// The member id `etcdctl endpoint status` reports.
+    pub fn member_id(&self) -> String {
+        let out = ok(etcdctl(&self.endpoint(), &["endpoint", "status"]));
+        out.split(", ")
+            .nth(1)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -205,4 +225,54 @@ pub fn fails(out: Output) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8(out.stderr).expect("utf8")
+}
+
+/// The members `names` of one new cluster, each with `extra` flags, started together (none
+/// is ready alone).
+pub fn start_cluster(root: &Path, names: &[&str], extra: &[&str]) -> Vec<Server> {
+    let mut servers: Vec<Server> = names
+        .iter()
+        .map(|name| {
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir).expect("dir");
+            Server::new(&dir, &[])
+        })
+        .collect();
+    let initial_cluster = names
+        .iter()
+        .zip(&servers)
+        .map(|(name, s)| format!("{name}={}", s.peer_url()))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (name, server) in names.iter().zip(servers.iter_mut()) {
+        server.extra_args = vec![
+            "--name".into(),
+            name.to_string(),
+            "--initial-cluster".into(),
+            initial_cluster.clone(),
+        ];
+        server
+            .extra_args
+            .extend(extra.iter().map(|s| s.to_string()));
+        server.spawn();
+    }
+    for server in servers.iter_mut() {
+        server.wait_ready();
+    }
+    servers
+}
+
+/// The index of the member that says it leads, from `etcdctl endpoint status`.
+pub fn leader(servers: &[Server]) -> Option<usize> {
+    servers.iter().position(|s| {
+        if s.child.is_none() {
+            return false;
+        }
+        let out = etcdctl(&s.endpoint(), &["endpoint", "status"]);
+        // endpoint, id, version, db size, is leader, ...
+        String::from_utf8_lossy(&out.stdout)
+            .split(", ")
+            .nth(4)
+            .is_some_and(|is_leader| is_leader.trim() == "true")
+    })
 }
