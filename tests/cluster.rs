@@ -132,3 +132,168 @@ fn a_member_of_another_cluster_is_refused() {
     other.kill9();
     one.kill9();
 }
+
+/// Puts `count` keys `prefix{i}` through `endpoint` over a few concurrent gRPC streams.
+async fn put_many(endpoint: &str, prefix: &str, count: usize) {
+    use quorumkv::proto::etcdserverpb::kv_client::KvClient;
+    use quorumkv::proto::etcdserverpb::PutRequest;
+    let client = KvClient::connect(endpoint.to_string())
+        .await
+        .expect("connect");
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let mut client = client.clone();
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            for i in (worker..count).step_by(8) {
+                client
+                    .put(PutRequest {
+                        key: format!("{prefix}{i}").into_bytes(),
+                        value: b"v".to_vec(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("put");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_restarted_after_compaction_catches_up_by_snapshot() {
+    if !etcdctl_available() {
+        eprintln!("etcdctl not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut servers = start_cluster(
+        dir.path(),
+        &["a", "b", "c"],
+        &[
+            "--snapshot-count",
+            "200",
+            "--experimental-snapshot-catchup-entries",
+            "50",
+        ],
+    );
+    let leader_index = leader(&servers).expect("a leader");
+    let down = (leader_index + 1) % 3;
+    servers[down].kill9();
+    // Far more entries than the leader keeps behind its snapshots.
+    put_many(&servers[leader_index].endpoint(), "k", 1500).await;
+    servers[down].spawn();
+    let endpoint = servers[down].endpoint();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = etcdctl(
+            &endpoint,
+            &[
+                "get",
+                "k",
+                "--prefix",
+                "--limit=1",
+                "--consistency=s",
+                "-w",
+                "json",
+            ],
+        );
+        let answer = String::from_utf8_lossy(&out.stdout).to_string();
+        if answer.contains("\"count\":1500") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower did not catch up ({answer}); log:\n{}",
+            servers[down].log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        servers[down]
+            .log()
+            .contains("restored the state from the leader's snapshot"),
+        "the follower caught up without a snapshot; log:\n{}",
+        servers[down].log()
+    );
+    // It is a full member again: a write through it reaches everyone.
+    ok(etcdctl(&endpoint, &["put", "after", "1"]));
+    for server in &servers {
+        let got = ok(etcdctl(
+            &server.endpoint(),
+            &["get", "after", "--print-value-only"],
+        ));
+        assert_eq!(got.trim(), "1");
+    }
+}
+
+#[test]
+fn a_paused_leader_steps_down_serves_no_stale_read_and_loses_no_write() {
+    if !etcdctl_available() {
+        eprintln!("etcdctl not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = start_cluster(dir.path(), &["a", "b", "c"], &[]);
+    ok(etcdctl(&servers[0].endpoint(), &["put", "x", "before"]));
+    let old = leader(&servers).expect("a leader");
+    // Paused for three election timeouts.
+    servers[old].signal("STOP");
+    let others: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    let paused_at = Instant::now();
+    let mut written = false;
+    while paused_at.elapsed() < Duration::from_secs(3) || !written {
+        assert!(
+            paused_at.elapsed() < Duration::from_secs(15),
+            "no write succeeded while the leader was paused"
+        );
+        if !written {
+            written = etcdctl(
+                &servers[others[0]].endpoint(),
+                &["--command-timeout=2s", "put", "x", "after"],
+            )
+            .status
+            .success();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        others.iter().any(|i| is_leader(&servers[*i])),
+        "no new leader while the old one was paused"
+    );
+    servers[old].signal("CONT");
+    // The resumed member's first linearizable read must not be the old value.
+    let out = etcdctl(
+        &servers[old].endpoint(),
+        &["--command-timeout=5s", "get", "x", "--print-value-only"],
+    );
+    if out.status.success() {
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "after",
+            "stale read"
+        );
+    }
+    // It no longer leads, and every member holds the write.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = etcdctl(&servers[old].endpoint(), &["endpoint", "status"]);
+        if status.status.success() && !is_leader(&servers[old]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resumed leader did not step down"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for server in &servers {
+        let got = ok(etcdctl(
+            &server.endpoint(),
+            &["get", "x", "--print-value-only"],
+        ));
+        assert_eq!(got.trim(), "after", "member {}", server.endpoint());
+    }
+}

@@ -264,15 +264,17 @@ pub fn start_cluster(root: &Path, names: &[&str], extra: &[&str]) -> Vec<Server>
 
 /// The index of the member that says it leads, from `etcdctl endpoint status`.
 pub fn leader(servers: &[Server]) -> Option<usize> {
-    servers.iter().position(|s| {
-        if s.child.is_none() {
-            return false;
-        }
-        let out = etcdctl(&s.endpoint(), &["endpoint", "status"]);
-        // endpoint, id, version, db size, is leader, ...
-        String::from_utf8_lossy(&out.stdout)
-            .split(", ")
-            .nth(4)
-            .is_some_and(|is_leader| is_leader.trim() == "true")
-    })
+    servers
+        .iter()
+        .position(|s| s.child.is_some() && is_leader(s))
+}
+
+/// Does the member say it leads (`etcdctl endpoint status`)?
+pub fn is_leader(server: &Server) -> bool {
+    let out = etcdctl(&server.endpoint(), &["endpoint", "status"]);
+    // endpoint, id, version, db size, is leader, ...
+    String::from_utf8_lossy(&out.stdout)
+        .split(", ")
+        .nth(4)
+        .is_some_and(|is_leader| is_leader.trim() == "true")
 }
