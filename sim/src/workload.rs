@@ -55,6 +55,9 @@ impl History {
     }
 }
 
+/// How long a client waits after a failed request before the next one.
+pub const FAILURE_BACKOFF: Duration = Duration::from_millis(10);
+
 pub fn key_name(i: usize) -> String {
     format!("k{i}")
 }
@@ -280,6 +283,9 @@ pub async fn client(
         let result = record(&cluster, &history, client, node, kind).await;
         if matches!(result, OpResult::Failed(_) | OpResult::Unknown(_)) {
             node = 0; // try another member next time
+            // As real clients do: a member that refuses at once (a learner, no leader) must
+            // not be asked again in the same instant, forever.
+            tokio::time::sleep(FAILURE_BACKOFF).await;
         }
         tokio::time::sleep(Duration::from_micros(think_us)).await;
     }

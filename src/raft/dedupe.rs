@@ -3,6 +3,11 @@
 //! duplicates, a retransmit after a reconnect) would be appended, committed and applied twice.
 //! Every proposal carries a unique request id, so a node drops a forwarded proposal whose
 //! bytes it has already taken recently.
+//!
+//! A forwarded `MsgReadIndex` is the other: raft matches heartbeat acks to read rounds by
+//! context, and a copy queued again after its round completed could be completed by a stale
+//! ack to the first copy, taking every round queued before it along. Read contexts are unique
+//! per attempt, so the same rule applies.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -20,7 +25,11 @@ pub struct ForwardedProposals {
 impl ForwardedProposals {
     /// `false` when `msg` is a forwarded proposal already taken: drop it.
     pub fn first_time(&mut self, msg: &Message) -> bool {
-        if msg.get_msg_type() != MessageType::MsgPropose || msg.entries.is_empty() {
+        let forwarded = matches!(
+            msg.get_msg_type(),
+            MessageType::MsgPropose | MessageType::MsgReadIndex
+        );
+        if !forwarded || msg.entries.is_empty() {
             return true;
         }
         let fingerprint = fingerprint(msg);
@@ -37,9 +46,10 @@ impl ForwardedProposals {
     }
 }
 
-/// FNV-1a over the entries' types and data (the data holds the unique request id).
+/// FNV-1a over the message type and the entries' types and data (the data holds the unique
+/// request id, or the read context).
 fn fingerprint(msg: &Message) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ (msg.get_msg_type() as u64);
     for entry in msg.entries.iter() {
         for byte in [entry.get_entry_type() as u8]
             .iter()
@@ -75,6 +85,16 @@ mod tests {
         assert!(seen.first_time(&proposal(b"request 1")));
         assert!(seen.first_time(&proposal(b"request 2")));
         assert!(!seen.first_time(&proposal(b"request 1")));
+    }
+
+    #[test]
+    fn a_duplicated_forwarded_read_is_taken_once_and_is_not_a_proposal() {
+        let mut seen = ForwardedProposals::default();
+        let mut read = proposal(b"context 1");
+        read.set_msg_type(MessageType::MsgReadIndex);
+        assert!(seen.first_time(&read));
+        assert!(!seen.first_time(&read));
+        assert!(seen.first_time(&proposal(b"context 1")));
     }
 
     #[test]

@@ -579,8 +579,15 @@ impl Shell {
             replies.retain(|reply| !reply.is_closed());
             !replies.is_empty()
         });
-        let pending: Vec<u64> = self.reads_in_flight.keys().copied().collect();
-        for seq in pending {
+        // Each retry is a new round with a new context. raft matches heartbeat acks to
+        // rounds by context and completes every round queued before the one acked, so an
+        // ack to an old round (delayed, or queued while this member was paused) must never
+        // match a round queued later: reusing a context lets it, and serves a stale read.
+        let pending = std::mem::take(&mut self.reads_in_flight);
+        for (_, replies) in pending {
+            let seq = self.next_read_seq;
+            self.next_read_seq = self.next_read_seq.wrapping_add(1);
+            self.reads_in_flight.insert(seq, replies);
             let context = self.read_context(seq);
             self.core.read_index(context);
         }
