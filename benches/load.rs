@@ -1,5 +1,6 @@
 //! The load tool: concurrent clients sending Puts (or linearizable Ranges) over gRPC to any
-//! etcd v3 endpoint — quorumkv or etcd itself — for side-by-side numbers.
+//! etcd v3 endpoint — quorumkv or etcd itself — for side-by-side numbers. `--endpoint` takes
+//! several URLs, comma-separated (a cluster): connections are spread over them.
 //!
 //! cargo bench --bench load -- --endpoint http://127.0.0.1:2379 --clients 64 --seconds 10
 //!
@@ -124,13 +125,16 @@ async fn client_loop(
 async fn run(args: Args) -> Result<(), String> {
     let args = std::sync::Arc::new(args);
     let mut channels = Vec::new();
-    for _ in 0..args.conns {
-        let channel = Endpoint::from_shared(args.endpoint.clone())
+    // Several endpoints (comma-separated): connections go round-robin over them.
+    let endpoints: Vec<&str> = args.endpoint.split(',').map(str::trim).collect();
+    for conn in 0..args.conns.max(endpoints.len()) {
+        let endpoint = endpoints[conn % endpoints.len()];
+        let channel = Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| e.to_string())?
             .tcp_nodelay(true)
             .connect()
             .await
-            .map_err(|e| format!("connect {}: {e}", args.endpoint))?;
+            .map_err(|e| format!("connect {endpoint}: {e}"))?;
         channels.push(channel);
     }
     let budget = args.max_requests / args.clients as u64;
