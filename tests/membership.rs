@@ -73,10 +73,17 @@ fn a_learner_joins_is_promoted_leads_and_a_removed_follower_stops() {
     };
 
     // Every member has published its name and client URL.
-    wait_until("three started members", Duration::from_secs(10), || {
-        let rows = member_list(&servers[0].endpoint());
-        rows.len() == 3 && rows.iter().all(|r| r[1] == "started" && r[5] == "false")
-    });
+    wait_until(
+        "three members that published their client URLs",
+        Duration::from_secs(10),
+        || {
+            let rows = member_list(&servers[1].endpoint());
+            rows.len() == 3
+                && rows
+                    .iter()
+                    .all(|r| r[1] == "started" && !r[4].is_empty() && r[5] == "false")
+        },
+    );
     let rows = member_list(&servers[1].endpoint());
     let names: Vec<&str> = rows.iter().map(|r| r[2].as_str()).collect();
     assert!(names.contains(&"a") && names.contains(&"b") && names.contains(&"c"));

@@ -14,7 +14,7 @@ use crate::proto::etcdserverpb::Member;
 use crate::proto::quorumkvpb::{
     raft_request::Request, ConfChangeContext, MemberAttributes, MemberPeerUrls, RaftRequest,
 };
-use crate::raft::{single_change, PeerProgress};
+use crate::raft::{single_change, NodeError, PeerProgress};
 
 /// How often a leader transfer checks whether the new leader took over.
 const TRANSFER_POLL: Duration = Duration::from_millis(20);
@@ -187,15 +187,18 @@ impl KvServer {
         }
     }
 
-    pub async fn member_remove(&self, id: u64) -> Result<Vec<Member>, ServerError> {
-        let progress = self.leader_progress().await?;
-        let member = self
-            .membership
+    fn member(&self, id: u64) -> Result<Member, ServerError> {
+        self.membership
             .members
             .borrow()
             .get(id)
             .cloned()
-            .ok_or(ServerError::MemberNotFound)?;
+            .ok_or(ServerError::MemberNotFound)
+    }
+
+    pub async fn member_remove(&self, id: u64) -> Result<Vec<Member>, ServerError> {
+        let progress = self.leader_progress().await?;
+        let member = self.member(id)?;
         if !member.is_learner {
             let voters: Vec<u64> = Self::voters(&progress)
                 .into_iter()
@@ -209,13 +212,7 @@ impl KvServer {
 
     pub async fn member_promote(&self, id: u64) -> Result<Vec<Member>, ServerError> {
         let progress = self.leader_progress().await?;
-        let member = self
-            .membership
-            .members
-            .borrow()
-            .get(id)
-            .cloned()
-            .ok_or(ServerError::MemberNotFound)?;
+        let member = self.member(id)?;
         if !member.is_learner {
             return Err(ServerError::MemberNotLearner);
         }
@@ -344,15 +341,8 @@ impl KvServer {
         change.context = ConfChangeContext { request_id, member }
             .encode_to_vec()
             .into();
-        let applied = self.membership.waiters.register(request_id);
-        let outcome = async {
-            let rejected = self.node().propose_conf_change(change).await?;
-            tokio::select! {
-                reply = applied => reply.map_err(|_| ServerError::Stopped),
-                Ok(e) = rejected => Err(ServerError::Node(e)),
-            }
-        };
-        self.finish_member_request(request_id, outcome).await
+        self.await_member_request(request_id, self.node().propose_conf_change(change))
+            .await
     }
 
     async fn propose_member_request(&self, request: Request) -> Result<Vec<Member>, ServerError> {
@@ -362,33 +352,36 @@ impl KvServer {
             request: Some(request),
         }
         .encode_to_vec();
+        self.await_member_request(request_id, self.node().propose(data))
+            .await
+    }
+
+    /// Waits (up to the request timeout) until the apply loop answers request `request_id`,
+    /// proposed by `propose`.
+    async fn await_member_request(
+        &self,
+        request_id: u64,
+        propose: impl std::future::Future<
+            Output = Result<tokio::sync::oneshot::Receiver<NodeError>, NodeError>,
+        >,
+    ) -> Result<Vec<Member>, ServerError> {
         let applied = self.membership.waiters.register(request_id);
         let outcome = async {
-            let rejected = self.node().propose(data).await?;
+            let rejected = propose.await?;
             tokio::select! {
                 reply = applied => reply.map_err(|_| ServerError::Stopped),
                 Ok(e) = rejected => Err(ServerError::Node(e)),
             }
         };
-        self.finish_member_request(request_id, outcome).await
-    }
-
-    async fn finish_member_request(
-        &self,
-        request_id: u64,
-        outcome: impl std::future::Future<Output = Result<MemberReply, ServerError>>,
-    ) -> Result<Vec<Member>, ServerError> {
-        match tokio::time::timeout(self.config().request_timeout, outcome).await {
-            Ok(Ok(reply)) => Ok(reply?),
-            Ok(Err(e)) => {
-                self.membership.waiters.take(request_id);
-                Err(e)
-            }
-            Err(_) => {
-                self.membership.waiters.take(request_id);
-                Err(ServerError::Timeout)
-            }
+        let result: Result<MemberReply, ServerError> =
+            match tokio::time::timeout(self.config().request_timeout, outcome).await {
+                Ok(result) => result,
+                Err(_) => Err(ServerError::Timeout),
+            };
+        if result.is_err() {
+            self.membership.waiters.take(request_id);
         }
+        Ok(result??)
     }
 }
 
