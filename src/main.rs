@@ -25,6 +25,9 @@ use quorumkv::server::{start_member, KvServer, MemberConfig};
 use quorumkv::wal::WalOptions;
 use tonic::codegen::tokio_stream::{wrappers::TcpListenerStream, StreamExt};
 
+/// How long a member waits before announcing its name and client URLs again.
+const PUBLISH_RETRY: Duration = Duration::from_millis(500);
+
 /// How often the leader looks for learners to promote (`--auto-promote-learners`).
 const AUTO_PROMOTE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -511,14 +514,18 @@ async fn follow_members(
 async fn publish(kv: KvServer, name: String, client_urls: Vec<String>) {
     while !kv.published(&name, &client_urls) {
         match kv.publish(&name, &client_urls).await {
-            Ok(()) => tracing::info!(
-                name,
-                ?client_urls,
-                "published this member's name and client URLs"
-            ),
+            Ok(()) if kv.published(&name, &client_urls) => {
+                tracing::info!(
+                    name,
+                    ?client_urls,
+                    "published this member's name and client URLs"
+                )
+            }
+            // Applied, but this member is not (or no longer) in the membership.
+            Ok(()) => tokio::time::sleep(PUBLISH_RETRY).await,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot publish this member's attributes yet");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(PUBLISH_RETRY).await;
             }
         }
     }

@@ -283,8 +283,8 @@ pub async fn client(
         let result = record(&cluster, &history, client, node, kind).await;
         if matches!(result, OpResult::Failed(_) | OpResult::Unknown(_)) {
             node = 0; // try another member next time
-            // As real clients do: a member that refuses at once (a learner, no leader) must
-            // not be asked again in the same instant, forever.
+                      // As real clients do: a member that refuses at once (a learner, no leader) must
+                      // not be asked again in the same instant, forever.
             tokio::time::sleep(FAILURE_BACKOFF).await;
         }
         tokio::time::sleep(Duration::from_micros(think_us)).await;
