@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::eraftpb::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -32,6 +32,8 @@ const DIRECTORY_MAGIC: &[u8; 8] = b"QKVMEMB1";
 pub const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Batches queued to one peer, at most; more are dropped (raft retransmits).
 pub const PEER_QUEUE_BATCHES: usize = 4096;
+/// Read buffer per inbound peer stream.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Largest frame payload; bigger batches go in chunks.
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// Largest batch accepted from a peer (a whole snapshot), bytes.
@@ -105,7 +107,9 @@ fn bad_data(what: &str) -> std::io::Error {
 }
 
 /// Reads one batch (all its chunks); `Ok(None)` at a clean end of stream.
-async fn read_batch(stream: &mut TcpStream) -> std::io::Result<Option<Vec<Message>>> {
+async fn read_batch(
+    stream: &mut (impl AsyncRead + Unpin),
+) -> std::io::Result<Option<Vec<Message>>> {
     let Some(payload) = read_payload(stream).await? else {
         return Ok(None);
     };
@@ -129,7 +133,7 @@ pub async fn fetch_directory(url: &str) -> std::io::Result<Vec<u8>> {
 }
 
 /// Reads one payload (all its chunks); `Ok(None)` at a clean end of stream.
-async fn read_payload(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+async fn read_payload(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Option<Vec<u8>>> {
     let bad = bad_data;
     let mut payload = Vec::new();
     loop {
@@ -204,8 +208,10 @@ pub async fn serve_peers(
                     "refused a peer of another cluster (cluster ID mismatch)");
                 return;
             }
+            // Buffered: a burst of small frames costs one read, not two per frame.
+            let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
             loop {
-                match read_batch(&mut stream).await {
+                match read_batch(&mut reader).await {
                     Ok(Some(batch)) => {
                         // A full inbox drops the batch; raft retransmits.
                         if inbox.try_send(batch).is_err() && inbox.is_closed() {
