@@ -230,6 +230,9 @@ struct Identity {
     cluster_id: u64,
     initial_members: Vec<Member>,
     peers: Peers,
+    /// Not kept in the data dir yet: written once the member has started, so that a start
+    /// that fails (a bad flag, a port in use) leaves nothing that a corrected retry would obey.
+    unsaved: bool,
 }
 
 /// A new cluster: every member derives the same ids from --initial-cluster and the token.
@@ -265,6 +268,7 @@ fn new_cluster(flags: &Flags, members: &[(String, Vec<String>)]) -> Identity {
         cluster_id: fnv1a(&id_refs),
         peers: peers_of(&initial_members, member_id),
         initial_members,
+        unsaved: true,
     }
 }
 
@@ -323,6 +327,7 @@ async fn join_cluster(
                 cluster_id: directory.cluster_id,
                 initial_members: vec![],
                 peers: peers_of(&directory.members, me.id),
+                unsaved: true,
             });
         }
     }
@@ -388,19 +393,22 @@ async fn identity(flags: &Flags, member_dir: &Path) -> Result<Identity, String> 
             cluster_id,
             initial_members: vec![],
             peers: vec![], // from the membership kept in the data dir
+            unsaved: false,
         });
     }
     let members = initial_cluster(flags)?;
     let has_wal = std::fs::read_dir(member_dir.join("wal"))
         .map(|mut entries| entries.next().is_some())
         .unwrap_or(false);
-    let identity = if flags.initial_cluster_state == "existing" && !has_wal {
-        join_cluster(flags, &members).await?
-    } else {
-        new_cluster(flags, &members)
-    };
-    write_identity(&path, identity.member_id, identity.cluster_id)?;
-    Ok(identity)
+    match (flags.initial_cluster_state.as_str(), has_wal) {
+        ("existing", false) => join_cluster(flags, &members).await,
+        ("existing", true) => Err(format!(
+            "{} has a WAL but no identity file: this member stopped while joining; remove the data dir and start it again to join",
+            member_dir.display()
+        )),
+        // A new cluster's ids follow from the flags, the same on every start.
+        _ => Ok(new_cluster(flags, &members)),
+    }
 }
 
 fn member_config(
@@ -634,6 +642,13 @@ async fn run(flags: Flags) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     tracing::info!(name = %flags.name, member_id = format!("{:x}", config.member_id),
         cluster_id = format!("{:x}", config.cluster_id), data_dir = %config.member_dir.display(), "member started");
+    if identity.unsaved {
+        write_identity(
+            &member_dir.join("identity"),
+            config.member_id,
+            config.cluster_id,
+        )?;
+    }
     let _ = running.set(member.kv.clone());
     tokio::spawn(follow_members(
         member.kv.members_watch(),

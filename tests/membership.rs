@@ -319,3 +319,29 @@ fn auto_promote_learners_promotes_a_learner_once_it_caught_up() {
     ));
     assert_eq!(got.trim(), "1");
 }
+
+#[test]
+fn a_start_that_fails_leaves_no_identity_for_a_corrected_retry_to_obey() {
+    if !etcdctl_available() {
+        eprintln!("etcdctl not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    // An election timeout under 5 heartbeats is refused at start.
+    let mut server = Server::new(dir.path(), &["--election-timeout", "100"]);
+    let status = server.run_to_exit(Duration::from_secs(10));
+    assert!(!status.success());
+    let identity = server.data_dir.join("member").join("identity");
+    assert!(!identity.exists(), "a failed start saved an identity");
+    server.extra_args.clear();
+    server.spawn();
+    server.wait_ready();
+    let saved = std::fs::read_to_string(&identity).expect("identity saved once started");
+    assert!(saved.contains("member-id=") && saved.contains("cluster-id="));
+    let listed = member_list(&server.endpoint());
+    assert_eq!(listed.len(), 1);
+    assert!(
+        saved.contains(&format!("member-id={}", listed[0][0])),
+        "{saved} vs {listed:?}"
+    );
+}
