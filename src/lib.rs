@@ -4,6 +4,7 @@
 #[cfg(not(madsim))]
 pub mod api;
 pub mod cluster;
+pub mod hash;
 pub mod hooks;
 pub mod io;
 pub mod mvcc;

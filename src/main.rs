@@ -181,14 +181,12 @@ fn split_urls(urls: &str) -> Vec<String> {
 
 /// FNV-1a: stable member and cluster ids derived from names, URLs and the cluster token.
 fn fnv1a(parts: &[&str]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for byte in part.bytes().chain(std::iter::once(0)) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    hash.max(1)
+    quorumkv::hash::fnv1a(
+        parts
+            .iter()
+            .flat_map(|part| part.bytes().chain(std::iter::once(0))),
+    )
+    .max(1)
 }
 
 /// The other members this member starts talking to: id and peer URLs.

@@ -221,11 +221,7 @@ async fn a_follower_restarted_after_compaction_catches_up_by_snapshot() {
     // It is a full member again: a write through it reaches everyone.
     ok(etcdctl(&endpoint, &["put", "after", "1"]));
     for server in &servers {
-        let got = ok(etcdctl(
-            &server.endpoint(),
-            &["get", "after", "--print-value-only"],
-        ));
-        assert_eq!(got.trim(), "1");
+        assert_eq!(value_of(&server.endpoint(), "after"), "1");
     }
 }
 
@@ -290,10 +286,11 @@ fn a_paused_leader_steps_down_serves_no_stale_read_and_loses_no_write() {
         std::thread::sleep(Duration::from_millis(100));
     }
     for server in &servers {
-        let got = ok(etcdctl(
-            &server.endpoint(),
-            &["get", "x", "--print-value-only"],
-        ));
-        assert_eq!(got.trim(), "after", "member {}", server.endpoint());
+        assert_eq!(
+            value_of(&server.endpoint(), "x"),
+            "after",
+            "member {}",
+            server.endpoint()
+        );
     }
 }

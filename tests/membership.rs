@@ -5,17 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// `etcdctl member list` rows: (id, status, name, peer URLs, client URLs, is learner).
 fn member_list(endpoint: &str) -> Vec<Vec<String>> {
@@ -36,8 +28,7 @@ fn initial_cluster(names: &[&str], servers: &[&Server]) -> String {
 
 /// A member that joins the running cluster, as `etcdctl member add` tells the operator to
 /// start it. Not waited for.
-fn joining_member(root: &Path, name: &str, initial_cluster: &str, server: &mut Server) {
-    let _ = root;
+fn joining_member(name: &str, initial_cluster: &str, server: &mut Server) {
     server.extra_args = vec![
         "--name".into(),
         name.into(),
@@ -113,7 +104,7 @@ fn a_learner_joins_is_promoted_leads_and_a_removed_follower_stops() {
         initial_cluster(&["a"], &[&servers[0]]),
         stranger.peer_url()
     );
-    joining_member(dir.path(), "x", &stranger_cluster, &mut stranger);
+    joining_member("x", &stranger_cluster, &mut stranger);
     let code = {
         let mut child = stranger.child.take().expect("spawned");
         child.wait().expect("wait")
@@ -176,7 +167,7 @@ fn a_learner_joins_is_promoted_leads_and_a_removed_follower_stops() {
         &["a", "b", "c", "d"],
         &[&servers[0], &servers[1], &servers[2], &d],
     );
-    joining_member(dir.path(), "d", &all, &mut d);
+    joining_member("d", &all, &mut d);
     // The learner catches up (by snapshot: its log is empty) and serves serializable reads;
     // it refuses linearizable ones and writes, as etcd's learners do.
     wait_until("the learner has every key", Duration::from_secs(20), || {
@@ -256,21 +247,13 @@ fn a_learner_joins_is_promoted_leads_and_a_removed_follower_stops() {
         &servers[1].endpoint(),
         &["put", "after-remove", "1"],
     ));
-    let got = ok(etcdctl(
-        &servers[3].endpoint(),
-        &["get", "after-remove", "--print-value-only"],
-    ));
-    assert_eq!(got.trim(), "1");
+    assert_eq!(value_of(&servers[3].endpoint(), "after-remove"), "1");
 
     // A restart ignores --initial-cluster-state existing: the member comes back from its data dir.
     servers[3].kill9();
     servers[3].spawn();
     servers[3].wait_ready();
-    let got = ok(etcdctl(
-        &servers[3].endpoint(),
-        &["get", "after-move", "--print-value-only"],
-    ));
-    assert_eq!(got.trim(), "1");
+    assert_eq!(value_of(&servers[3].endpoint(), "after-move"), "1");
 }
 
 #[test]
@@ -299,7 +282,7 @@ fn auto_promote_learners_promotes_a_learner_once_it_caught_up() {
         ],
     ));
     let all = initial_cluster(&["a", "b"], &[&servers[0], &b]);
-    joining_member(dir.path(), "b", &all, &mut b);
+    joining_member("b", &all, &mut b);
     wait_until(
         "b promoted without being asked",
         Duration::from_secs(20),
@@ -313,11 +296,7 @@ fn auto_promote_learners_promotes_a_learner_once_it_caught_up() {
         .contains("promoted a learner that caught up"));
     // A two-voter cluster: writes need both, and work.
     ok(etcdctl(&b.endpoint(), &["put", "both", "1"]));
-    let got = ok(etcdctl(
-        &servers[0].endpoint(),
-        &["get", "both", "--print-value-only"],
-    ));
-    assert_eq!(got.trim(), "1");
+    assert_eq!(value_of(&servers[0].endpoint(), "both"), "1");
 }
 
 #[test]

@@ -5,9 +5,9 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{etcdctl_available, free_port};
+use common::{etcdctl_available, free_port, wait_until};
 
 fn ip(args: &[&str]) -> bool {
     Command::new("ip")
@@ -159,15 +159,6 @@ fn value(out: std::process::Output) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < timeout, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
 }
 
 #[test]

@@ -38,7 +38,7 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: report.raft_applied_index,
             errors: vec![],
             db_size_in_use: report.db_size,
-            is_learner: self.server.refuse_learner().is_err(),
+            is_learner: self.server.is_learner(),
         }))
     }
 

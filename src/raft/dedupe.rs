@@ -13,6 +13,8 @@ use std::collections::{HashSet, VecDeque};
 
 use raft::eraftpb::{Message, MessageType};
 
+use crate::hash::fnv1a;
+
 /// Forwarded proposals remembered, at most (several seconds of forwarded writes).
 pub const REMEMBERED_PROPOSALS: usize = 16 * 1024;
 
@@ -49,18 +51,13 @@ impl ForwardedProposals {
 /// FNV-1a over the message type and the entries' types and data (the data holds the unique
 /// request id, or the read context).
 fn fingerprint(msg: &Message) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ (msg.get_msg_type() as u64);
-    for entry in msg.entries.iter() {
-        for byte in [entry.get_entry_type() as u8]
-            .iter()
-            .chain((entry.data.len() as u64).to_le_bytes().iter())
-            .chain(entry.data.iter())
-        {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    hash
+    fnv1a(
+        std::iter::once(msg.get_msg_type() as u8).chain(msg.entries.iter().flat_map(|entry| {
+            std::iter::once(entry.get_entry_type() as u8)
+                .chain((entry.data.len() as u64).to_le_bytes())
+                .chain(entry.data.iter().copied())
+        })),
+    )
 }
 
 #[cfg(test)]

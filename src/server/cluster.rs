@@ -10,6 +10,7 @@ use raft::eraftpb::ConfChangeType;
 use super::error::ServerError;
 use super::kv::{KvServer, MemberReply};
 use crate::cluster::{learner_ready, MAX_LEARNERS};
+use crate::hash::fnv1a;
 use crate::proto::etcdserverpb::Member;
 use crate::proto::quorumkvpb::{
     raft_request::Request, ConfChangeContext, MemberAttributes, MemberPeerUrls, RaftRequest,
@@ -170,17 +171,14 @@ impl KvServer {
         let mut sorted = peer_urls.to_vec();
         sorted.sort();
         loop {
-            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
             let salt = self.next_request_id();
-            for byte in sorted
-                .join(",")
-                .bytes()
-                .chain(self.config().cluster_id.to_le_bytes())
-                .chain(salt.to_le_bytes())
-            {
-                hash ^= u64::from(byte);
-                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-            }
+            let hash = fnv1a(
+                sorted
+                    .join(",")
+                    .bytes()
+                    .chain(self.config().cluster_id.to_le_bytes())
+                    .chain(salt.to_le_bytes()),
+            );
             if hash != 0 && !taken(hash) {
                 return hash;
             }

@@ -225,9 +225,13 @@ impl KvServer {
         }
     }
 
+    pub fn is_learner(&self) -> bool {
+        self.membership.learner.load(Ordering::Relaxed)
+    }
+
     /// A learner serves serializable reads and status only, as etcd's do.
     pub fn refuse_learner(&self) -> Result<(), ServerError> {
-        if self.membership.learner.load(Ordering::Relaxed) {
+        if self.is_learner() {
             return Err(ServerError::NotSupportedForLearner);
         }
         Ok(())

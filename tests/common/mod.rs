@@ -278,3 +278,20 @@ pub fn is_leader(server: &Server) -> bool {
         .nth(4)
         .is_some_and(|is_leader| is_leader.trim() == "true")
 }
+
+/// Polls `done` every 100 ms until it holds (returns how long that took), or panics naming `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+/// The value of `key` by a linearizable `etcdctl get`; panics when etcdctl fails.
+pub fn value_of(endpoint: &str, key: &str) -> String {
+    ok(etcdctl(endpoint, &["get", key, "--print-value-only"]))
+        .trim()
+        .to_string()
+}
