@@ -16,15 +16,18 @@ pub enum Bug {
     ForgetVote,
     /// Leave the last revision out of the snapshot data sent to followers.
     LoseSnapshotTail,
+    /// Answer lease keep-alives without extending the lease.
+    LeaseIgnoresKeepAlive,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 5] = [
+    pub const ALL: [Bug; 6] = [
         Bug::AckBeforeFsync,
         Bug::ApplyBeforeCommit,
         Bug::ServeStaleRead,
         Bug::ForgetVote,
         Bug::LoseSnapshotTail,
+        Bug::LeaseIgnoresKeepAlive,
     ];
 
     pub fn name(self) -> &'static str {
@@ -34,6 +37,7 @@ impl Bug {
             Bug::ServeStaleRead => "serve-stale-read",
             Bug::ForgetVote => "forget-vote",
             Bug::LoseSnapshotTail => "lose-snapshot-tail",
+            Bug::LeaseIgnoresKeepAlive => "lease-ignores-keepalive",
         }
     }
 
@@ -44,6 +48,7 @@ impl Bug {
             Bug::ServeStaleRead => "answer linearizable reads without ReadIndex",
             Bug::ForgetVote => "do not persist the vote in the hard state",
             Bug::LoseSnapshotTail => "snapshot data sent to followers lacks the last revision",
+            Bug::LeaseIgnoresKeepAlive => "answer lease keep-alives without extending the lease",
         }
     }
 

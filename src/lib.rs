@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod hash;
 pub mod hooks;
 pub mod io;
+pub mod lease;
 pub mod mvcc;
 pub mod proto;
 pub mod raft;

@@ -12,6 +12,7 @@ pub mod disk;
 pub mod faults;
 pub mod history;
 pub mod html;
+pub mod leases;
 pub mod network;
 pub mod operator;
 pub mod recorder;

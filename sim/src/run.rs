@@ -309,6 +309,16 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
             stop.clone(),
         )));
     }
+    let lease_log = crate::leases::LeaseLog::default();
+    let lease_clients = rng.gen_range(1..=2u64);
+    for client in 1..=lease_clients {
+        clients.push(clients_node.spawn(crate::leases::lease_client(
+            cluster.clone(),
+            lease_log.clone(),
+            shape.clients + client,
+            stop.clone(),
+        )));
+    }
     let faults_node = Handle::current().create_node().name("operator").build();
     match options.scenario {
         Some(scenario) => {
@@ -367,6 +377,10 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
     let mut verdicts = vec![liveness.clone()];
     verdicts.push(check::raft_safety::check(&recorder.lock()));
     verdicts.push(final_durability(&cluster, &ops).await);
+    verdicts.push(check::leases::check(
+        &lease_log.ops(),
+        settings.max_skew_ppm,
+    ));
     for verdict in &verdicts {
         recorder.event(EventKind::Check {
             name: verdict.name.to_string(),

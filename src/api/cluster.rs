@@ -1,11 +1,9 @@
 //! The `etcdserverpb.Cluster` service. Membership changes are decided by the leader (it knows
 //! how far each member's log is); a follower forwards them to the leader's client URL once.
 
-use std::time::Duration;
-
-use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
+use super::forward::{forwarded, ToLeader};
 use super::to_status;
 use crate::proto::etcdserverpb::cluster_client::ClusterClient;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
@@ -16,56 +14,29 @@ use crate::proto::etcdserverpb::{
 };
 use crate::server::{KvServer, ServerError};
 
-/// Marks a request a follower forwarded: the receiver does not forward it again.
-const FORWARDED: &str = "x-quorumkv-forwarded";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
 pub struct ClusterService {
     server: KvServer,
+    to_leader: ToLeader,
 }
 
 impl ClusterService {
     pub fn new(server: KvServer) -> Self {
-        ClusterService { server }
+        ClusterService {
+            to_leader: ToLeader::new(server.clone()),
+            server,
+        }
     }
 
-    /// A client of the leader, for a request this member cannot decide; `None` when the
-    /// request was itself forwarded (the leader changed meanwhile).
     async fn leader<T>(
         &self,
         request: &Request<T>,
     ) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
-        if request.metadata().contains_key(FORWARDED) {
-            return Err(Status::unavailable("etcdserver: leader changed"));
-        }
-        let Some((leader, urls)) = self.server.leader_client_urls() else {
-            return Err(Status::unavailable("etcdserver: no leader"));
-        };
-        for url in &urls {
-            let Ok(endpoint) = Endpoint::from_shared(url.clone()) else {
-                continue;
-            };
-            match endpoint.connect_timeout(CONNECT_TIMEOUT).connect().await {
-                Ok(channel) => return Ok(ClusterClient::new(channel)),
-                Err(e) => {
-                    tracing::warn!(leader = format!("{leader:x}"), url, error = %e, "cannot reach the leader to forward a membership change")
-                }
-            }
-        }
-        Err(Status::unavailable("etcdserver: leader changed"))
+        Ok(ClusterClient::new(self.to_leader.channel(request).await?))
     }
 
     fn members_response_header(&self) -> crate::proto::etcdserverpb::ResponseHeader {
         self.server.header(self.server.status().revision)
     }
-}
-
-fn forwarded<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    request
 }
 
 #[tonic::async_trait]

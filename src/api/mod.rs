@@ -2,14 +2,17 @@
 //! yet answer gRPC `Unimplemented`.
 
 mod cluster;
+mod forward;
 mod h2fix;
 mod kv;
+mod lease;
 mod maintenance;
 mod status;
 
 pub use cluster::ClusterService;
 pub use h2fix::AuthorityFix;
 pub use kv::KvService;
+pub use lease::LeaseService;
 pub use maintenance::MaintenanceService;
 pub use status::to_status;
 

@@ -18,6 +18,8 @@ pub fn to_status(error: ServerError) -> Status {
                 "etcdserver: mvcc: required revision is a future revision".into(),
             ),
             MvccError::LeaseNotFound => (Code::NotFound, e.to_string()),
+            MvccError::LeaseExists => (Code::FailedPrecondition, e.to_string()),
+            MvccError::LeaseTtlTooLarge => (Code::OutOfRange, e.to_string()),
             MvccError::KeyNotFound
             | MvccError::DuplicateKey
             | MvccError::TooManyOps

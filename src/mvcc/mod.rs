@@ -17,4 +17,6 @@ pub use store::MvccStore;
 pub use write::{ApplyOutcome, ApplyResult};
 
 #[cfg(test)]
+mod lease_tests;
+#[cfg(test)]
 mod tests;

@@ -89,7 +89,9 @@ impl MvccStore {
         self.backend.apply(batch)?;
         self.backend.flush()?;
         let backend: Arc<dyn Backend> = self.backend.clone();
+        let min_lease_ttl = self.leases.min_ttl();
         *self = MvccStore::open(backend)?;
+        self.leases.set_min_ttl(min_lease_ttl);
         debug_assert_eq!(self.consistent_index, index);
         Ok(())
     }

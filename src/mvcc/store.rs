@@ -13,6 +13,7 @@ use super::revision::{
     META_COMPACT_REV, META_CONSISTENT_INDEX,
 };
 use crate::io::{Backend, WriteBatch};
+use crate::lease::{LeaseTable, LEASE_RECORD_PREFIX};
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::{RangeRequest, RangeResponse};
 use crate::proto::mvccpb::KeyValue;
@@ -33,6 +34,8 @@ pub struct MvccStore {
     /// Values of a batch taken by `take_staged` and being written elsewhere: readable here
     /// until `staged_written` says the backend has them.
     pub(super) writing_values: HashMap<Revision, KeyValue>,
+    /// The leases and the keys attached to them: applied with the keys, in the same batches.
+    pub(super) leases: LeaseTable,
 }
 
 /// Where a range reads values from: the backend, or (inside a write) the revision being written.
@@ -60,6 +63,8 @@ impl MvccStore {
         let mut index = TreeIndex::default();
         let mut current_rev = 1i64;
         let mut failure = None;
+        // Each key's lease as of its newest revision (the scan goes in revision order).
+        let mut key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
         backend.scan(&[KEY_PREFIX], Some(&[KEY_PREFIX + 1]), &mut |key, value| {
             let Some((rev, tombstone)) = parse_rev_key(key) else {
                 failure = Some(MvccError::Corrupt {
@@ -82,8 +87,14 @@ impl MvccStore {
             };
             if tombstone {
                 index.tombstone(&kv.key, rev);
+                key_lease.remove(&kv.key);
             } else {
                 index.restore(&kv.key, rev, kv.create_revision, kv.version);
+                if kv.lease != 0 {
+                    key_lease.insert(kv.key.clone(), kv.lease);
+                } else {
+                    key_lease.remove(&kv.key);
+                }
             }
             current_rev = current_rev.max(rev.main);
             true
@@ -93,7 +104,7 @@ impl MvccStore {
         }
         // A compaction may have removed every revision up to it.
         current_rev = current_rev.max(compact_rev);
-        Ok(MvccStore {
+        let mut store = MvccStore {
             backend,
             index,
             current_rev,
@@ -102,7 +113,27 @@ impl MvccStore {
             staged: WriteBatch::default(),
             staged_values: HashMap::new(),
             writing_values: HashMap::new(),
-        })
+            leases: LeaseTable::default(),
+        };
+        store.leases =
+            LeaseTable::load(store.records(LEASE_RECORD_PREFIX)?, key_lease).map_err(|e| {
+                MvccError::Corrupt {
+                    main: -1,
+                    sub: -1,
+                    reason: e.to_string(),
+                }
+            })?;
+        Ok(store)
+    }
+
+    pub fn leases(&self) -> &LeaseTable {
+        &self.leases
+    }
+
+    /// TTLs granted below this (seconds) are raised to it, as etcd does (1.5 election
+    /// timeouts). Every member must use the same value: grants apply it.
+    pub fn set_min_lease_ttl(&mut self, seconds: i64) {
+        self.leases.set_min_ttl(seconds);
     }
 
     pub fn current_rev(&self) -> i64 {

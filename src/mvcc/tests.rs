@@ -12,14 +12,14 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::quorumkvpb::raft_request::Request;
 
-struct Fixture {
-    backend: MemBackend,
-    store: MvccStore,
-    index: u64,
+pub(super) struct Fixture {
+    pub(super) backend: MemBackend,
+    pub(super) store: MvccStore,
+    pub(super) index: u64,
 }
 
 impl Fixture {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let backend = MemBackend::new();
         let store = MvccStore::open(Arc::new(backend.clone())).expect("open");
         Fixture {
@@ -29,7 +29,7 @@ impl Fixture {
         }
     }
 
-    fn apply(&mut self, request: Request) -> ApplyResult {
+    pub(super) fn apply(&mut self, request: Request) -> ApplyResult {
         self.index += 1;
         let result = self.store.apply(self.index, &request);
         if result.is_err() {
@@ -39,7 +39,7 @@ impl Fixture {
         result
     }
 
-    fn put(&mut self, key: &str, value: &str) {
+    pub(super) fn put(&mut self, key: &str, value: &str) {
         self.apply(Request::Put(PutRequest {
             key: key.into(),
             value: value.into(),
@@ -48,7 +48,7 @@ impl Fixture {
         .expect("put");
     }
 
-    fn get(&self, req: RangeRequest) -> Vec<(String, String)> {
+    pub(super) fn get(&self, req: RangeRequest) -> Vec<(String, String)> {
         let resp = self.store.range(&req).expect("range");
         resp.kvs
             .iter()
@@ -62,7 +62,7 @@ impl Fixture {
     }
 }
 
-fn range(key: &str, end: &str) -> RangeRequest {
+pub(super) fn range(key: &str, end: &str) -> RangeRequest {
     RangeRequest {
         key: key.into(),
         range_end: end.into(),

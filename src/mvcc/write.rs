@@ -12,10 +12,12 @@ use super::revision::{
 };
 use super::store::{MvccStore, ValueSource};
 use crate::io::WriteBatch;
+use crate::lease::{record_name, MAX_LEASE_TTL};
 use crate::proto::etcdserverpb::{
     compare, request_op, response_op, CompactionRequest, CompactionResponse, Compare,
-    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, ResponseHeader,
-    ResponseOp, TxnRequest, TxnResponse,
+    DeleteRangeRequest, DeleteRangeResponse, LeaseCheckpointRequest, LeaseCheckpointResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
+    PutResponse, RangeRequest, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::proto::mvccpb::KeyValue;
 use crate::proto::quorumkvpb::raft_request::Request;
@@ -27,6 +29,9 @@ pub enum ApplyOutcome {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compaction(CompactionResponse),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
+    LeaseCheckpoint(LeaseCheckpointResponse),
 }
 
 pub type ApplyResult = Result<ApplyOutcome, MvccError>;
@@ -101,6 +106,11 @@ impl MvccStore {
                 ApplyOutcome::Txn(self.txn(&mut pending, req, &path)?)
             }
             Request::Compaction(req) => ApplyOutcome::Compaction(self.compact(&mut pending, req)?),
+            Request::LeaseGrant(req) => ApplyOutcome::LeaseGrant(self.grant(&mut pending, req)?),
+            Request::LeaseRevoke(req) => ApplyOutcome::LeaseRevoke(self.revoke(&mut pending, req)?),
+            Request::LeaseCheckpoint(req) => {
+                ApplyOutcome::LeaseCheckpoint(self.checkpoint(&mut pending, req))
+            }
             Request::MemberAttributes(_) | Request::MemberPeerUrls(_) => {
                 return Err(MvccError::NotKeyValue)
             }
@@ -127,8 +137,7 @@ impl MvccStore {
     }
 
     fn check_put_state(&self, req: &PutRequest) -> Result<(), MvccError> {
-        if req.lease != 0 {
-            // Leases are not served yet: no lease can exist.
+        if req.lease != 0 && !self.leases.contains(req.lease) {
             return Err(MvccError::LeaseNotFound);
         }
         if (req.ignore_value || req.ignore_lease)
@@ -172,6 +181,7 @@ impl MvccStore {
             lease,
         };
         self.index.put(&req.key, rev);
+        self.leases.attach(&req.key, lease);
         pending.batch.put(rev_key(rev, false), kv.encode_to_vec());
         pending.values.insert(rev, kv);
         Ok(PutResponse {
@@ -202,22 +212,90 @@ impl MvccStore {
                     .value(at.modified)?,
                 );
             }
-            let rev = pending.next_rev();
-            self.index.tombstone(key, rev);
-            let tombstone = KeyValue {
-                key: key.clone(),
-                mod_revision: rev.main,
-                ..Default::default()
-            };
-            pending
-                .batch
-                .put(rev_key(rev, true), tombstone.encode_to_vec());
+            self.delete_key(pending, key);
         }
         Ok(DeleteRangeResponse {
             header: None,
             deleted: keys.len() as i64,
             prev_kvs,
         })
+    }
+
+    /// Writes the tombstone of `key` (which exists) at the next revision.
+    fn delete_key(&mut self, pending: &mut Pending, key: &[u8]) {
+        let rev = pending.next_rev();
+        self.index.tombstone(key, rev);
+        self.leases.attach(key, 0);
+        let tombstone = KeyValue {
+            key: key.to_vec(),
+            mod_revision: rev.main,
+            ..Default::default()
+        };
+        pending
+            .batch
+            .put(rev_key(rev, true), tombstone.encode_to_vec());
+    }
+
+    fn grant(
+        &mut self,
+        pending: &mut Pending,
+        req: &LeaseGrantRequest,
+    ) -> Result<LeaseGrantResponse, MvccError> {
+        // The request path checks these too; an entry from elsewhere is checked again here.
+        if req.ttl > MAX_LEASE_TTL {
+            return Err(MvccError::LeaseTtlTooLarge);
+        }
+        if req.id == 0 {
+            return Err(MvccError::LeaseNotFound); // The proposer picks an id for 0.
+        }
+        let lease = self
+            .leases
+            .grant(req.id, req.ttl)
+            .ok_or(MvccError::LeaseExists)?;
+        let (id, ttl, record) = (lease.id, lease.ttl, lease.record());
+        pending.batch.put(meta_key(&record_name(id)), record);
+        Ok(LeaseGrantResponse {
+            header: None,
+            id,
+            ttl,
+            error: String::new(),
+        })
+    }
+
+    /// Deletes the lease's keys, all in one revision, and the lease.
+    fn revoke(
+        &mut self,
+        pending: &mut Pending,
+        req: &LeaseRevokeRequest,
+    ) -> Result<LeaseRevokeResponse, MvccError> {
+        let lease = self.leases.revoke(req.id).ok_or(MvccError::LeaseNotFound)?;
+        for key in &lease.keys {
+            debug_assert!(self.index.get(key, pending.read_rev()).is_some());
+            self.delete_key(pending, key);
+        }
+        pending.batch.delete(meta_key(&record_name(req.id)));
+        Ok(LeaseRevokeResponse { header: None })
+    }
+
+    /// Records remaining TTLs (of leases that still exist).
+    fn checkpoint(
+        &mut self,
+        pending: &mut Pending,
+        req: &LeaseCheckpointRequest,
+    ) -> LeaseCheckpointResponse {
+        for checkpoint in &req.checkpoints {
+            if self
+                .leases
+                .checkpoint(checkpoint.id, checkpoint.remaining_ttl)
+            {
+                if let Some(lease) = self.leases.get(checkpoint.id) {
+                    pending
+                        .batch
+                        .put(meta_key(&record_name(lease.id)), lease.record());
+                }
+            }
+        }
+        LeaseCheckpointResponse { header: None }
     }
 
     fn compare_holds(&self, compare: &Compare, at: i64) -> Result<bool, MvccError> {

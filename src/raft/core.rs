@@ -330,7 +330,11 @@ impl RaftCore {
     /// is not in the log.
     pub fn compact_to(&mut self, index: u64, keep: u64) -> Option<Snapshot> {
         let snapshot = self.describe_snapshot(index)?;
-        let first_kept = index.saturating_sub(keep);
+        // raft's own applied index lags the apply loop's by up to a ready: it still reads the
+        // entries after it (for pending configuration changes when it campaigns).
+        let first_kept = index
+            .saturating_sub(keep)
+            .min(self.raw.raft.raft_log.applied + 1);
         let first_index = self.raw.store().mem.first_index().unwrap_or(0);
         if first_kept <= first_index {
             return Some(snapshot);

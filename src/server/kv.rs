@@ -9,6 +9,7 @@ use prost::Message as _;
 use tokio::sync::{oneshot, watch};
 
 use super::error::ServerError;
+use super::lease::LeaseClock;
 use crate::cluster::Members;
 use crate::hooks::{self, Bug};
 use crate::mvcc::{self, ApplyOutcome, ApplyResult, MvccStore};
@@ -29,6 +30,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Refuse membership changes that could cost the cluster its quorum (etcd's default).
     pub strict_reconfig_check: bool,
+    /// Random bits that start this run's request ids (ids must not repeat across restarts).
+    pub id_seed: u64,
 }
 
 /// What the apply loop sends back: the result and the store's revision after it.
@@ -103,6 +106,7 @@ pub struct KvServer {
     applied: Applied,
     next_id: Arc<AtomicU64>,
     pub(super) membership: MembershipView,
+    pub(super) lease_clock: LeaseClock,
 }
 
 impl KvServer {
@@ -113,11 +117,11 @@ impl KvServer {
         waiters: Waiters,
         applied: Applied,
         membership: MembershipView,
-        id_seed: u64,
+        lease_clock: LeaseClock,
     ) -> Self {
         // Ids must not collide across members (each applies everyone's entries) nor across
         // restarts: the member's low 16 bits, then a counter from a random start.
-        let first_id = ((config.member_id & 0xffff) << 48) | (id_seed & ((1 << 47) - 1));
+        let first_id = ((config.member_id & 0xffff) << 48) | (config.id_seed & ((1 << 47) - 1));
         KvServer {
             config: Arc::new(config),
             node,
@@ -126,6 +130,7 @@ impl KvServer {
             applied,
             next_id: Arc::new(AtomicU64::new(first_id)),
             membership,
+            lease_clock,
         }
     }
 
@@ -137,7 +142,7 @@ impl KvServer {
         &self.config
     }
 
-    fn read_store(&self) -> std::sync::RwLockReadGuard<'_, MvccStore> {
+    pub(super) fn read_store(&self) -> std::sync::RwLockReadGuard<'_, MvccStore> {
         self.store.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -241,7 +246,15 @@ impl KvServer {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    async fn propose(&self, request: Request) -> Result<(ApplyOutcome, i64), ServerError> {
+    /// Has the member stopped (its apply loop is gone)?
+    pub fn stopped(&self) -> bool {
+        self.applied.has_changed().is_err()
+    }
+
+    pub(super) async fn propose(
+        &self,
+        request: Request,
+    ) -> Result<(ApplyOutcome, i64), ServerError> {
         self.refuse_learner()?;
         let id = self.next_request_id();
         let data = RaftRequest {

@@ -6,12 +6,14 @@ mod apply;
 mod cluster;
 mod error;
 mod kv;
+mod lease;
 mod start;
 
 pub use apply::run_apply_loop;
 pub use cluster::valid_peer_urls;
 pub use error::ServerError;
 pub use kv::{KvServer, ServerConfig, StatusReport};
+pub use lease::LeaseClock;
 pub use start::{start_member, MemberConfig, RunningMember, SNAPSHOT_CATCH_UP_ENTRIES};
 
 #[cfg(test)]

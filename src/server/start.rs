@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use super::apply::{run_apply_loop, ApplyLoop};
 use super::kv::{KvServer, MembershipView, ServerConfig, Waiters};
+use super::lease::LeaseClock;
 use crate::cluster::Members;
 use crate::io::transport::Inbox;
 use crate::io::{Backend, Clock, Disk, Transport};
@@ -105,6 +106,9 @@ pub fn start_member(
     };
     let started = spawn_node(node_options, disk, transport, inbox, clock.clone())?;
     let mut store = store;
+    // As etcd: 1.5 election timeouts, rounded up to whole seconds.
+    let min_lease_ttl = (config.election_timeout.as_millis() as i64 * 3 / 2 + 999) / 1000;
+    store.set_min_lease_ttl(min_lease_ttl);
     if let Some(snapshot) = started.snapshot.as_ref().filter(|s| !s.data.is_empty()) {
         let index = snapshot.get_metadata().index;
         if index > store.consistent_index() {
@@ -145,7 +149,7 @@ pub fn start_member(
         applied_tx,
         snapshot_count: config.snapshot_count.max(1),
         last_snapshot_index: started.snapshot_index,
-        clock,
+        clock: clock.clone(),
         snapshot_requests: started.snapshot_requests.clone(),
         writing: None,
         members: members_tx,
@@ -159,6 +163,7 @@ pub fn start_member(
         max_request_bytes: config.max_request_bytes,
         max_txn_ops: config.max_txn_ops,
         strict_reconfig_check: config.strict_reconfig_check,
+        id_seed: config.id_seed,
         // As etcd: 5 s plus two election timeouts.
         request_timeout: Duration::from_secs(5) + 2 * config.election_timeout,
     };
@@ -173,8 +178,9 @@ pub fn start_member(
             waiters: member_waiters,
             learner,
         },
-        config.id_seed,
+        LeaseClock::new(clock, config.election_timeout),
     );
+    tokio::spawn(kv.clone().run_lease_expiry());
     Ok(RunningMember {
         kv,
         node_task: started.task,

@@ -2,6 +2,7 @@
 //! fails the seed.
 
 pub mod durability;
+pub mod leases;
 pub mod linearizability;
 pub mod liveness;
 pub mod raft_safety;

@@ -1,0 +1,147 @@
+//! Leases as the store applies them: grant, attach by put, revoke (the keys go in one
+//! revision), checkpoint, and the table rebuilt on reopen and carried by snapshots.
+
+use std::sync::Arc;
+
+use super::tests::{range, Fixture};
+use super::*;
+use crate::io::MemBackend;
+use crate::proto::etcdserverpb::{
+    request_op, DeleteRangeRequest, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest,
+    LeaseRevokeRequest, PutRequest, RequestOp, TxnRequest,
+};
+use crate::proto::quorumkvpb::raft_request::Request;
+
+fn grant(f: &mut Fixture, id: i64, ttl: i64) -> ApplyResult {
+    f.apply(Request::LeaseGrant(LeaseGrantRequest { ttl, id }))
+}
+
+fn put_leased(f: &mut Fixture, key: &str, lease: i64) -> ApplyResult {
+    f.apply(Request::Put(PutRequest {
+        key: key.into(),
+        value: b"v".to_vec(),
+        lease,
+        ..Default::default()
+    }))
+}
+
+fn revoke(f: &mut Fixture, id: i64) -> ApplyResult {
+    f.apply(Request::LeaseRevoke(LeaseRevokeRequest { id }))
+}
+
+fn keys_of(store: &MvccStore, lease: i64) -> Vec<String> {
+    store
+        .leases()
+        .get(lease)
+        .expect("lease")
+        .keys
+        .iter()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect()
+}
+
+#[test]
+fn revoke_deletes_the_attached_keys_in_one_revision_and_only_those() {
+    let mut f = Fixture::new();
+    grant(&mut f, 7, 30).expect("grant");
+    assert_eq!(f.store.current_rev(), 1, "a grant writes no revision");
+    put_leased(&mut f, "a", 7).expect("put a");
+    put_leased(&mut f, "b", 7).expect("put b");
+    f.put("c", "plain");
+    assert_eq!(keys_of(&f.store, 7), vec!["a", "b"]);
+    let before = f.store.current_rev();
+    revoke(&mut f, 7).expect("revoke");
+    assert_eq!(f.store.current_rev(), before + 1);
+    assert_eq!(f.get(range("a", "z")), vec![("c".into(), "plain".into())]);
+    assert!(f.store.leases().get(7).is_none());
+    assert!(matches!(revoke(&mut f, 7), Err(MvccError::LeaseNotFound)));
+    // A lease without keys goes without a revision.
+    grant(&mut f, 8, 30).expect("grant");
+    let before = f.store.current_rev();
+    revoke(&mut f, 8).expect("revoke");
+    assert_eq!(f.store.current_rev(), before);
+}
+
+#[test]
+fn keys_leave_their_lease_when_rewritten_deleted_or_moved_and_ignore_lease_keeps_it() {
+    let mut f = Fixture::new();
+    grant(&mut f, 1, 30).expect("grant");
+    grant(&mut f, 2, 30).expect("grant");
+    for key in ["x", "y", "z", "w"] {
+        put_leased(&mut f, key, 1).expect("put");
+    }
+    f.put("x", "no lease now");
+    put_leased(&mut f, "y", 2).expect("move");
+    f.apply(Request::DeleteRange(DeleteRangeRequest {
+        key: "z".into(),
+        ..Default::default()
+    }))
+    .expect("delete");
+    f.apply(Request::Put(PutRequest {
+        key: "w".into(),
+        value: b"new".to_vec(),
+        ignore_lease: true,
+        ..Default::default()
+    }))
+    .expect("ignore_lease");
+    assert_eq!(keys_of(&f.store, 1), vec!["w"]);
+    assert_eq!(keys_of(&f.store, 2), vec!["y"]);
+    // A txn put on an unknown lease fails whole.
+    let txn = f.apply(Request::Txn(TxnRequest {
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: "t".into(),
+                lease: 99,
+                ..Default::default()
+            })),
+        }],
+        ..Default::default()
+    }));
+    assert!(matches!(txn, Err(MvccError::LeaseNotFound)));
+}
+
+#[test]
+fn grant_refuses_a_taken_id_and_applies_the_minimum_ttl() {
+    let mut f = Fixture::new();
+    f.store.set_min_lease_ttl(2);
+    let ApplyOutcome::LeaseGrant(resp) = grant(&mut f, 3, 1).expect("grant") else {
+        panic!("wrong outcome");
+    };
+    assert_eq!((resp.id, resp.ttl), (3, 2));
+    assert!(matches!(grant(&mut f, 3, 10), Err(MvccError::LeaseExists)));
+    assert!(matches!(
+        grant(&mut f, 4, crate::lease::MAX_LEASE_TTL + 1),
+        Err(MvccError::LeaseTtlTooLarge)
+    ));
+}
+
+#[test]
+fn reopen_and_snapshots_rebuild_leases_their_checkpoints_and_attached_keys() {
+    let mut f = Fixture::new();
+    grant(&mut f, 5, 600).expect("grant");
+    grant(&mut f, 6, 60).expect("grant");
+    put_leased(&mut f, "k1", 5).expect("put");
+    put_leased(&mut f, "k2", 6).expect("put");
+    put_leased(&mut f, "k2", 5).expect("move");
+    f.apply(Request::LeaseCheckpoint(LeaseCheckpointRequest {
+        checkpoints: vec![LeaseCheckpoint {
+            id: 5,
+            remaining_ttl: 250,
+        }],
+    }))
+    .expect("checkpoint");
+    revoke(&mut f, 6).expect("revoke");
+    let check = |store: &MvccStore| {
+        assert_eq!(store.leases().len(), 1);
+        let lease = store.leases().get(5).expect("lease 5");
+        assert_eq!((lease.ttl, lease.remaining_ttl), (600, 250));
+        assert_eq!(keys_of(store, 5), vec!["k1", "k2"]);
+    };
+    check(&f.store);
+    let reopened = MvccStore::open(Arc::new(f.backend.clone())).expect("reopen");
+    check(&reopened);
+    let data = f.store.snapshot_data().expect("snapshot");
+    let mut follower = MvccStore::open(Arc::new(MemBackend::new())).expect("open");
+    follower.restore(f.index, &data).expect("restore");
+    check(&follower);
+}
