@@ -18,16 +18,19 @@ pub enum Bug {
     LoseSnapshotTail,
     /// Answer lease keep-alives without extending the lease.
     LeaseIgnoresKeepAlive,
+    /// Send a watcher catching up from history its events newest first.
+    WatchOutOfOrder,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 6] = [
+    pub const ALL: [Bug; 7] = [
         Bug::AckBeforeFsync,
         Bug::ApplyBeforeCommit,
         Bug::ServeStaleRead,
         Bug::ForgetVote,
         Bug::LoseSnapshotTail,
         Bug::LeaseIgnoresKeepAlive,
+        Bug::WatchOutOfOrder,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,6 +41,7 @@ impl Bug {
             Bug::ForgetVote => "forget-vote",
             Bug::LoseSnapshotTail => "lose-snapshot-tail",
             Bug::LeaseIgnoresKeepAlive => "lease-ignores-keepalive",
+            Bug::WatchOutOfOrder => "watch-out-of-order",
         }
     }
 
@@ -49,6 +53,9 @@ impl Bug {
             Bug::ForgetVote => "do not persist the vote in the hard state",
             Bug::LoseSnapshotTail => "snapshot data sent to followers lacks the last revision",
             Bug::LeaseIgnoresKeepAlive => "answer lease keep-alives without extending the lease",
+            Bug::WatchOutOfOrder => {
+                "send watchers catching up from history their events newest first"
+            }
         }
     }
 

@@ -13,3 +13,4 @@ pub mod proto;
 pub mod raft;
 pub mod server;
 pub mod wal;
+pub mod watch;

@@ -10,7 +10,8 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 use prost::Message as _;
 use quorumkv::api::{
-    AuthorityFix, ClusterService, KvService, LeaseService, MaintenanceService, GRPC_OVERHEAD_BYTES,
+    AuthorityFix, ClusterService, KvService, LeaseService, MaintenanceService, WatchService,
+    GRPC_OVERHEAD_BYTES,
 };
 use quorumkv::cluster::Members;
 use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
@@ -20,6 +21,7 @@ use quorumkv::proto::etcdserverpb::cluster_server::ClusterServer as ClusterGrpc;
 use quorumkv::proto::etcdserverpb::kv_server::KvServer as KvGrpc;
 use quorumkv::proto::etcdserverpb::lease_server::LeaseServer as LeaseGrpc;
 use quorumkv::proto::etcdserverpb::maintenance_server::MaintenanceServer as MaintenanceGrpc;
+use quorumkv::proto::etcdserverpb::watch_server::WatchServer as WatchGrpc;
 use quorumkv::proto::etcdserverpb::Member;
 use quorumkv::proto::quorumkvpb::ClusterMembers;
 use quorumkv::server::{start_member, KvServer, MemberConfig};
@@ -690,6 +692,9 @@ async fn run(flags: Flags) -> Result<(), String> {
         let lease = LeaseGrpc::new(LeaseService::new(member.kv.clone()))
             .max_decoding_message_size(max_decode)
             .max_encoding_message_size(usize::MAX);
+        let watch = WatchGrpc::new(WatchService::new(member.kv.clone()))
+            .max_decoding_message_size(max_decode)
+            .max_encoding_message_size(usize::MAX);
         let mut stop = stop_rx.clone();
         // etcdctl's `endpoint status` sends the endpoint URL as :authority, which h2 refuses.
         let incoming = TcpListenerStream::new(listener).map(|accepted| {
@@ -703,6 +708,7 @@ async fn run(flags: Flags) -> Result<(), String> {
                 .add_service(maintenance)
                 .add_service(cluster)
                 .add_service(lease)
+                .add_service(watch)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 }),

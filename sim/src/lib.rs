@@ -19,4 +19,5 @@ pub mod recorder;
 pub mod run;
 pub mod scenario;
 pub mod trace;
+pub mod watches;
 pub mod workload;

@@ -319,6 +319,16 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
             stop.clone(),
         )));
     }
+    let watch_log = crate::watches::WatchLog::default();
+    let watchers = rng.gen_range(1..=3u64);
+    for watcher in 1..=watchers {
+        clients.push(clients_node.spawn(crate::watches::watch_client(
+            cluster.clone(),
+            watch_log.clone(),
+            watcher,
+            stop.clone(),
+        )));
+    }
     let faults_node = Handle::current().create_node().name("operator").build();
     match options.scenario {
         Some(scenario) => {
@@ -381,6 +391,7 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
         &lease_log.ops(),
         settings.max_skew_ppm,
     ));
+    verdicts.push(final_watches(&cluster, &watch_log.sessions()));
     for verdict in &verdicts {
         recorder.event(EventKind::Check {
             name: verdict.name.to_string(),
@@ -453,6 +464,37 @@ async fn final_durability(cluster: &Cluster, ops: &[Op]) -> Verdict {
         }
     }
     durability::check(ops, &reads, final_revision)
+}
+
+/// Judges what the watchers saw against the history of a converged member.
+fn final_watches(cluster: &Cluster, sessions: &[crate::watches::Session]) -> Verdict {
+    let reader = cluster
+        .leader()
+        .or_else(|| cluster.up_ids().first().copied())
+        .and_then(|id| cluster.kv(id));
+    let history = reader.map(|kv| {
+        kv.history(
+            1,
+            crate::watches::WATCHED_START,
+            crate::watches::WATCHED_END,
+        )
+    });
+    match history {
+        Some(Ok(events)) => {
+            let changes: Vec<_> = events.iter().map(crate::watches::Change::of).collect();
+            check::watches::check(sessions, &changes)
+        }
+        Some(Err(e)) => Verdict {
+            name: "watches",
+            ok: false,
+            detail: format!("the final history is unreadable: {e}"),
+        },
+        None => Verdict {
+            name: "watches",
+            ok: false,
+            detail: "no member up to read the final history from".into(),
+        },
+    }
 }
 
 /// The members named in a run's events, for the picture of a run that panicked.

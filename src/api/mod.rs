@@ -8,6 +8,7 @@ mod kv;
 mod lease;
 mod maintenance;
 mod status;
+mod watch;
 
 pub use cluster::ClusterService;
 pub use h2fix::AuthorityFix;
@@ -15,6 +16,7 @@ pub use kv::KvService;
 pub use lease::LeaseService;
 pub use maintenance::MaintenanceService;
 pub use status::to_status;
+pub use watch::WatchService;
 
 /// The etcd API version quorumkv speaks, reported by `Maintenance.Status`.
 pub const ETCD_API_VERSION: &str = "3.5.0";

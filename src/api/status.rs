@@ -27,6 +27,7 @@ pub fn to_status(error: ServerError) -> Status {
             | MvccError::ValueProvided
             | MvccError::LeaseProvided => (Code::InvalidArgument, e.to_string()),
             MvccError::NotKeyValue => (Code::Internal, e.to_string()),
+            MvccError::LeaderChanged => (Code::Unavailable, e.to_string()),
             MvccError::Corrupt { .. } => (Code::DataLoss, format!("etcdserver: {e}")),
             MvccError::Backend(_) => (Code::Internal, format!("etcdserver: {e}")),
         },

@@ -26,6 +26,9 @@ pub enum MvccError {
     ValueProvided,
     #[error("etcdserver: lease is provided")]
     LeaseProvided,
+    /// A request only a leader may make, appended in a later term than it was made in.
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
     /// A log request that is not about keys (membership): the apply loop handles those.
     #[error("etcdserver: not a key-value request")]
     NotKeyValue,

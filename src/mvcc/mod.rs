@@ -4,6 +4,7 @@
 
 mod check;
 mod error;
+mod history;
 mod index;
 mod revision;
 mod snapshot;
@@ -12,6 +13,7 @@ mod write;
 
 pub use check::{check_delete, check_put, check_range, check_txn};
 pub use error::MvccError;
+pub use history::in_range;
 pub use revision::Revision;
 pub use store::MvccStore;
 pub use write::{ApplyOutcome, ApplyResult};

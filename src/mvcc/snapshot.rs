@@ -90,8 +90,10 @@ impl MvccStore {
         self.backend.flush()?;
         let backend: Arc<dyn Backend> = self.backend.clone();
         let min_lease_ttl = self.leases.min_ttl();
+        let publish_events = self.publish_events;
         *self = MvccStore::open(backend)?;
         self.leases.set_min_ttl(min_lease_ttl);
+        self.publish_events = publish_events;
         debug_assert_eq!(self.consistent_index, index);
         Ok(())
     }

@@ -16,7 +16,7 @@ use crate::io::{Backend, WriteBatch};
 use crate::lease::{LeaseTable, LEASE_RECORD_PREFIX};
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::{RangeRequest, RangeResponse};
-use crate::proto::mvccpb::KeyValue;
+use crate::proto::mvccpb::{Event, KeyValue};
 
 pub struct MvccStore {
     pub(super) backend: Arc<dyn Backend>,
@@ -36,6 +36,9 @@ pub struct MvccStore {
     pub(super) writing_values: HashMap<Revision, KeyValue>,
     /// The leases and the keys attached to them: applied with the keys, in the same batches.
     pub(super) leases: LeaseTable,
+    /// Collect each applied write's events for `take_published` (someone watches).
+    pub(super) publish_events: bool,
+    pub(super) published: Vec<Event>,
 }
 
 /// Where a range reads values from: the backend, or (inside a write) the revision being written.
@@ -114,6 +117,8 @@ impl MvccStore {
             staged_values: HashMap::new(),
             writing_values: HashMap::new(),
             leases: LeaseTable::default(),
+            publish_events: false,
+            published: Vec::new(),
         };
         store.leases =
             LeaseTable::load(store.records(LEASE_RECORD_PREFIX)?, key_lease).map_err(|e| {

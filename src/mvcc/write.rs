@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use prost::Message;
 
 use super::error::MvccError;
+use super::history::event_of;
 use super::revision::{
     encode_u64, meta_key, parse_rev_key, rev_key, rev_key_start, Revision, META_COMPACT_REV,
 };
@@ -127,6 +128,12 @@ impl MvccStore {
 
     /// Stages the entry's writes; `flush_staged` hands them to the backend.
     fn commit(&mut self, index: u64, pending: Pending) -> Result<(), MvccError> {
+        if self.publish_events && !pending.values.is_empty() {
+            let mut changes: Vec<_> = pending.values.iter().collect();
+            changes.sort_unstable_by_key(|(rev, _)| **rev);
+            self.published
+                .extend(changes.into_iter().map(|(_, kv)| event_of(kv.clone())));
+        }
         self.staged.ops.extend(pending.batch.ops);
         self.staged_values.extend(pending.values);
         if pending.sub > 0 {
@@ -234,6 +241,9 @@ impl MvccStore {
         pending
             .batch
             .put(rev_key(rev, true), tombstone.encode_to_vec());
+        // Kept with the puts (a tombstone has version 0), so history reads see it before the
+        // backend has it.
+        pending.values.insert(rev, tombstone);
     }
 
     fn grant(

@@ -20,6 +20,7 @@ use crate::proto::quorumkvpb::raft_request::Request;
 use crate::proto::quorumkvpb::ConfChangeContext;
 use crate::proto::quorumkvpb::RaftRequest;
 use crate::raft::{ApplyBatch, NodeHandle, SnapshotRequests};
+use crate::watch::WatchHub;
 
 pub struct ApplyLoop {
     pub store: Arc<RwLock<MvccStore>>,
@@ -38,6 +39,8 @@ pub struct ApplyLoop {
     pub member_waiters: Waiters<MemberReply>,
     /// Is this member a learner (it then refuses writes and linearizable reads, as etcd does)?
     pub learner: Arc<AtomicBool>,
+    /// Watchers, told each applied revision's events.
+    pub watches: WatchHub,
 }
 
 /// Applied writes are handed to the backend at least this often (etcd's backend batch interval)...
@@ -110,6 +113,7 @@ pub async fn run_apply_loop(
                 let index = snapshot.get_metadata().index;
                 apply.finish_write().await?;
                 apply.lock().restore(index, &snapshot.data)?;
+                apply.watches.resync_all();
                 let members = Members::load(&apply.lock())?;
                 apply.publish_members(members);
                 apply.observe_state(index);
@@ -181,6 +185,20 @@ impl ApplyLoop {
                     // Compaction scans the backend: the batch on its way must be there first.
                     self.finish_write().await?;
                 }
+                if request.leader_term != 0 && request.leader_term != entry.term {
+                    tracing::debug!(
+                        index = entry.index,
+                        proposed_in = request.leader_term,
+                        appended_in = entry.term,
+                        "dropping a deposed leader's request"
+                    );
+                    self.lock().skip(entry.index);
+                    if let Some(waiter) = self.waiters.take(request.id) {
+                        let revision = self.lock().current_rev();
+                        let _ = waiter.send((Err(MvccError::LeaderChanged), revision));
+                    }
+                    return Ok(());
+                }
                 return self.normal(entry.index, request);
             }
             EntryType::EntryConfChange => match ConfChange::parse_from_bytes(entry.get_data()) {
@@ -240,6 +258,7 @@ impl ApplyLoop {
             return Ok(());
         };
         let result = store.apply(index, body);
+        let events = store.take_published();
         if matches!(
             result,
             Err(MvccError::Backend(_) | MvccError::Corrupt { .. })
@@ -253,6 +272,7 @@ impl ApplyLoop {
         }
         let revision = store.current_rev();
         drop(store);
+        self.watches.publish(events);
         if let Some(waiter) = self.waiters.take(request.id) {
             let _ = waiter.send((result, revision));
         }

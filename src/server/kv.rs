@@ -20,6 +20,7 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::quorumkvpb::{raft_request::Request, RaftRequest};
 use crate::raft::{Applied, NodeError, NodeHandle};
+use crate::watch::WatchHub;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -86,6 +87,12 @@ impl<T> Waiters<T> {
     }
 }
 
+/// The lease clock and the watchers, for `KvServer::new`.
+pub struct Coordination {
+    pub leases: LeaseClock,
+    pub watches: WatchHub,
+}
+
 /// Numbers for `Maintenance.Status`.
 #[derive(Debug, Clone, Default)]
 pub struct StatusReport {
@@ -107,6 +114,7 @@ pub struct KvServer {
     next_id: Arc<AtomicU64>,
     pub(super) membership: MembershipView,
     pub(super) lease_clock: LeaseClock,
+    watches: WatchHub,
 }
 
 impl KvServer {
@@ -117,7 +125,7 @@ impl KvServer {
         waiters: Waiters,
         applied: Applied,
         membership: MembershipView,
-        lease_clock: LeaseClock,
+        coordination: Coordination,
     ) -> Self {
         // Ids must not collide across members (each applies everyone's entries) nor across
         // restarts: the member's low 16 bits, then a counter from a random start.
@@ -130,12 +138,32 @@ impl KvServer {
             applied,
             next_id: Arc::new(AtomicU64::new(first_id)),
             membership,
-            lease_clock,
+            lease_clock: coordination.leases,
+            watches: coordination.watches,
         }
     }
 
     pub fn node(&self) -> &NodeHandle {
         &self.node
+    }
+
+    /// The events in `[start, end)` of every revision from `from_rev` on, from this member's
+    /// store (serializable: what it has applied).
+    pub fn history(
+        &self,
+        from_rev: i64,
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<Vec<crate::proto::mvccpb::Event>, ServerError> {
+        Ok(self
+            .read_store()
+            .events_since(from_rev, start, end, usize::MAX)?
+            .0)
+    }
+
+    /// The watchers of this member's store.
+    pub fn watches(&self) -> &WatchHub {
+        &self.watches
     }
 
     pub fn config(&self) -> &ServerConfig {
@@ -255,11 +283,21 @@ impl KvServer {
         &self,
         request: Request,
     ) -> Result<(ApplyOutcome, i64), ServerError> {
+        self.propose_in_term(request, 0).await
+    }
+
+    /// Proposes `request`, to be applied only if appended in `leader_term` (0: in any term).
+    pub(super) async fn propose_in_term(
+        &self,
+        request: Request,
+        leader_term: u64,
+    ) -> Result<(ApplyOutcome, i64), ServerError> {
         self.refuse_learner()?;
         let id = self.next_request_id();
         let data = RaftRequest {
             id,
             request: Some(request),
+            leader_term,
         }
         .encode_to_vec();
         if data.len() > self.config.max_request_bytes {

@@ -138,6 +138,11 @@ impl KvServer {
                         self.reset_checkpoint(id);
                     }
                     self.linearizable_barrier().await?;
+                    // A revoke committed before the barrier (say, proposed by an earlier
+                    // leader and committed with this one's first entry) is applied by now.
+                    if !self.has_lease(id) {
+                        return Ok(0);
+                    }
                     return Ok(ttl);
                 }
                 Err(RenewError::NotPrimary) => return Err(ServerError::NotLeader),
@@ -232,32 +237,32 @@ impl KvServer {
             if self.stopped() {
                 return;
             }
-            let (expired, checkpoints) = {
+            let (term, expired, checkpoints) = {
                 let mut state = self.lessor();
                 let now_ms = self.now_ms();
                 let expired = state.lessor.expired(now_ms);
                 let store = self.read_store();
-                (
-                    expired,
-                    state.lessor.due_checkpoints(now_ms, store.leases()),
-                )
+                let checkpoints = state.lessor.due_checkpoints(now_ms, store.leases());
+                (state.term, expired, checkpoints)
             };
+            // Both are decisions of this term's leader: applied only if appended in its term.
             for id in expired {
                 let server = self.clone();
-                tokio::spawn(async move { server.expire(id).await });
+                tokio::spawn(async move { server.expire(id, term).await });
             }
             for checkpoints in checkpoints {
                 let request = Request::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints });
-                if let Err(e) = self.propose(request).await {
+                if let Err(e) = self.propose_in_term(request, term).await {
                     tracing::debug!(error = %e, "lease checkpoint not committed");
                 }
             }
         }
     }
 
-    async fn expire(&self, id: i64) {
+    async fn expire(&self, id: i64, term: u64) {
         tracing::debug!(lease = format!("{id:x}"), "lease expired; revoking");
-        match self.lease_revoke(LeaseRevokeRequest { id }).await {
+        let revoke = Request::LeaseRevoke(LeaseRevokeRequest { id });
+        match self.propose_in_term(revoke, term).await {
             Ok(_) | Err(ServerError::Mvcc(MvccError::LeaseNotFound)) => {}
             Err(e) => {
                 tracing::debug!(lease = format!("{id:x}"), error = %e, "expiry revoke not committed");

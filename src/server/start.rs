@@ -1,23 +1,25 @@
 //! Putting a member together from its ports: storage, raft node, apply loop, request path.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::apply::{run_apply_loop, ApplyLoop};
-use super::kv::{KvServer, MembershipView, ServerConfig, Waiters};
+use super::kv::{Coordination, KvServer, MembershipView, ServerConfig, Waiters};
 use super::lease::LeaseClock;
 use crate::cluster::Members;
 use crate::io::transport::Inbox;
 use crate::io::{Backend, Clock, Disk, Transport};
 use crate::mvcc::MvccStore;
 use crate::proto::etcdserverpb::Member;
+use crate::proto::etcdserverpb::ResponseHeader;
 use crate::raft::BOOTSTRAP_INDEX;
 use crate::raft::{spawn_node, NodeOptions};
 use crate::wal::{WalError, WalOptions};
+use crate::watch::{HeaderFn, WatchHub};
 
 /// etcd's default for the entries kept behind a snapshot.
 pub const SNAPSHOT_CATCH_UP_ENTRIES: u64 = 5000;
@@ -142,6 +144,20 @@ pub fn start_member(
     let store = Arc::new(RwLock::new(store));
     let waiters = Waiters::default();
     let (applied_tx, applied_rx) = watch::channel(consistent_index.max(started.snapshot_index));
+    let header_node = started.handle.clone();
+    let (cluster_id, member_id) = (config.cluster_id, config.member_id);
+    let header: HeaderFn = Arc::new(move |revision| ResponseHeader {
+        cluster_id,
+        member_id,
+        revision,
+        raft_term: header_node.status().term.load(Ordering::Relaxed),
+    });
+    let watches = WatchHub::new(
+        store.clone(),
+        header,
+        clock.clone(),
+        config.max_request_bytes,
+    );
     let apply = ApplyLoop {
         store: store.clone(),
         waiters: waiters.clone(),
@@ -155,6 +171,7 @@ pub fn start_member(
         members: members_tx,
         member_waiters: member_waiters.clone(),
         learner: learner.clone(),
+        watches: watches.clone(),
     };
     let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
     let server_config = ServerConfig {
@@ -178,9 +195,14 @@ pub fn start_member(
             waiters: member_waiters,
             learner,
         },
-        LeaseClock::new(clock, config.election_timeout),
+        Coordination {
+            leases: LeaseClock::new(clock, config.election_timeout),
+            watches: watches.clone(),
+        },
     );
     tokio::spawn(kv.clone().run_lease_expiry());
+    let watching = kv.clone();
+    tokio::spawn(watches.run(move || watching.stopped()));
     Ok(RunningMember {
         kv,
         node_task: started.task,

@@ -6,6 +6,7 @@ pub mod leases;
 pub mod linearizability;
 pub mod liveness;
 pub mod raft_safety;
+pub mod watches;
 
 /// One checker's verdict.
 #[derive(Debug, Clone)]

@@ -1,0 +1,156 @@
+//! Watch guarantees, judged against the final history the converged cluster agrees on: each
+//! watcher session receives, from its start revision to the last revision it saw, every
+//! revision's changes in its range exactly once, in revision order, each revision whole in one
+//! response, each change as the history has it.
+
+use std::collections::BTreeMap;
+
+use super::Verdict;
+use crate::watches::{Change, Session};
+
+const NAME: &str = "watches";
+
+pub fn check(sessions: &[Session], history: &[Change]) -> Verdict {
+    let mut by_rev: BTreeMap<i64, Vec<&Change>> = BTreeMap::new();
+    for change in history {
+        by_rev.entry(change.revision).or_default().push(change);
+    }
+    let mut failures = Vec::new();
+    let mut delivered = 0;
+    for session in sessions {
+        let label = format!(
+            "watcher w{} on n{} from revision {} (at {:.3}s)",
+            session.watcher,
+            session.node,
+            session.start_rev,
+            session.start_us as f64 / 1e6
+        );
+        match check_session(session, &by_rev) {
+            Ok(n) => delivered += n,
+            Err(why) => failures.push(format!("{label}: {why}")),
+        }
+    }
+    let summary = format!(
+        "{} watch sessions, {delivered} changes delivered, {} revisions in the final history",
+        sessions.len(),
+        by_rev.len()
+    );
+    Verdict {
+        name: NAME,
+        ok: failures.is_empty(),
+        detail: if failures.is_empty() {
+            summary
+        } else {
+            format!(
+                "{}\n({summary})",
+                failures.into_iter().take(3).collect::<Vec<_>>().join("\n")
+            )
+        },
+    }
+}
+
+fn check_session(session: &Session, by_rev: &BTreeMap<i64, Vec<&Change>>) -> Result<usize, String> {
+    let mut last_rev = session.start_rev - 1;
+    let mut received: BTreeMap<i64, Vec<&Change>> = BTreeMap::new();
+    for response in &session.responses {
+        let Some(first) = response.first() else {
+            continue;
+        };
+        if first.revision <= last_rev {
+            return Err(format!(
+                "revision {} arrived after revision {last_rev} (out of order, duplicated, or split across responses)",
+                first.revision
+            ));
+        }
+        for pair in response.windows(2) {
+            if pair[1].revision < pair[0].revision {
+                return Err(format!(
+                    "revision {} after revision {} in one response",
+                    pair[1].revision, pair[0].revision
+                ));
+            }
+        }
+        for change in response {
+            received.entry(change.revision).or_default().push(change);
+        }
+        last_rev = response.last().map_or(last_rev, |c| c.revision);
+    }
+    if last_rev < session.start_rev {
+        return Ok(0); // It saw nothing.
+    }
+    let mut count = 0;
+    for (rev, expected) in by_rev.range(session.start_rev..=last_rev) {
+        let got = received.remove(rev).unwrap_or_default();
+        if got != *expected {
+            return Err(format!(
+                "revision {rev}: got {got:?}, the history has {expected:?}"
+            ));
+        }
+        count += got.len();
+    }
+    if let Some((rev, changes)) = received.into_iter().next() {
+        return Err(format!(
+            "revision {rev} is not in the history, yet it delivered {changes:?}"
+        ));
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(revision: i64, key: &str, value: Option<&str>) -> Change {
+        Change {
+            revision,
+            key: key.into(),
+            value: value.map(String::from),
+        }
+    }
+
+    fn session(start_rev: i64, responses: Vec<Vec<Change>>) -> Session {
+        Session {
+            watcher: 1,
+            node: 1,
+            start_rev,
+            start_us: 0,
+            responses,
+        }
+    }
+
+    fn history() -> Vec<Change> {
+        vec![
+            change(2, "k0", Some("a")),
+            change(3, "k1", Some("b")),
+            change(4, "k0", None),
+            change(4, "k1", Some("c")),
+            change(5, "k2", Some("d")),
+        ]
+    }
+
+    #[test]
+    fn a_complete_ordered_session_passes_and_one_ending_early_too() {
+        let h = history();
+        let whole = session(2, vec![h[0..2].to_vec(), h[2..4].to_vec(), h[4..].to_vec()]);
+        let early = session(3, vec![h[1..4].to_vec()]);
+        let verdict = check(&[whole, early], &h);
+        assert!(verdict.ok, "{}", verdict.detail);
+    }
+
+    #[test]
+    fn gaps_duplicates_reordering_and_split_revisions_fail() {
+        let h = history();
+        let gap = session(2, vec![vec![h[0].clone()], h[2..4].to_vec()]);
+        let duplicate = session(
+            2,
+            vec![vec![h[0].clone()], vec![h[0].clone(), h[1].clone()]],
+        );
+        let reordered = session(2, vec![vec![h[1].clone(), h[0].clone()]]);
+        let split = session(4, vec![vec![h[2].clone()], vec![h[3].clone()]]);
+        let wrong_value = session(5, vec![vec![change(5, "k2", Some("x"))]]);
+        for bad in [gap, duplicate, reordered, split, wrong_value] {
+            let verdict = check(std::slice::from_ref(&bad), &h);
+            assert!(!verdict.ok, "{bad:?} passed");
+        }
+    }
+}
