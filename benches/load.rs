@@ -5,11 +5,22 @@
 //! cargo bench --bench load -- --endpoint http://127.0.0.1:2379 --clients 64 --seconds 10
 //!
 //! Prints one line: `op=put clients=64 conns=8 ops=... secs=... ops_per_sec=... p50_ms=... p90_ms=... p99_ms=...`.
+//!
+//! `--op watch --watchers 1000 --watch-streams 10`: watch fan-out. The watchers all watch one
+//! prefix (spread over the streams, each stream its own connection) while `--clients` writers
+//! put keys under it for `--seconds`; then the tool waits (up to 10 s) for every watcher to get
+//! every event. Prints `op=watch ... events=... events_per_sec=... complete=...`, the rate being
+//! events delivered to all watchers over the time from the first put to the last event received.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quorumkv::proto::etcdserverpb::kv_client::KvClient;
-use quorumkv::proto::etcdserverpb::{PutRequest, RangeRequest};
+use quorumkv::proto::etcdserverpb::watch_client::WatchClient;
+use quorumkv::proto::etcdserverpb::watch_request::RequestUnion;
+use quorumkv::proto::etcdserverpb::{PutRequest, RangeRequest, WatchCreateRequest, WatchRequest};
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 struct Args {
@@ -21,6 +32,8 @@ struct Args {
     key_space: u64,
     value_size: usize,
     op: String,
+    watchers: usize,
+    watch_streams: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -33,6 +46,8 @@ fn parse_args() -> Result<Args, String> {
         key_space: 100_000,
         value_size: 256,
         op: "put".into(),
+        watchers: 1000,
+        watch_streams: 10,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -61,14 +76,22 @@ fn parse_args() -> Result<Args, String> {
                 args.value_size = value()?.parse().map_err(|e| format!("--value-size: {e}"))?
             }
             "--op" => args.op = value()?,
+            "--watchers" => {
+                args.watchers = value()?.parse().map_err(|e| format!("--watchers: {e}"))?
+            }
+            "--watch-streams" => {
+                args.watch_streams = value()?
+                    .parse()
+                    .map_err(|e| format!("--watch-streams: {e}"))?
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
     if args.conns == 0 {
         args.conns = args.clients.clamp(1, 8);
     }
-    if args.op != "put" && args.op != "get" {
-        return Err("--op is put or get".into());
+    if !["put", "get", "watch"].contains(&args.op.as_str()) {
+        return Err("--op is put, get or watch".into());
     }
     Ok(args)
 }
@@ -83,7 +106,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 async fn client_loop(
     mut kv: KvClient<Channel>,
-    args: std::sync::Arc<Args>,
+    args: Arc<Args>,
     id: usize,
     deadline: Instant,
     budget: u64,
@@ -97,9 +120,14 @@ async fn client_loop(
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        let key = format!("load/{:012}", state % args.key_space).into_bytes();
+        let prefix = if args.op == "watch" {
+            WATCH_PREFIX
+        } else {
+            "load/"
+        };
+        let key = format!("{prefix}{:012}", state % args.key_space).into_bytes();
         let start = Instant::now();
-        let result = if args.op == "put" {
+        let result = if args.op != "get" {
             kv.put(PutRequest {
                 key,
                 value: value.clone(),
@@ -122,20 +150,136 @@ async fn client_loop(
     Ok(latencies)
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let args = std::sync::Arc::new(args);
+const WATCH_PREFIX: &str = "watched/";
+
+/// Events received by all watchers, and when the last one came (µs after the start).
+#[derive(Default)]
+struct Received {
+    events: AtomicU64,
+    last_us: AtomicU64,
+}
+
+/// One watch stream with `count` watches on the prefix; counts the events they receive.
+async fn watch_stream(
+    channel: Channel,
+    count: usize,
+    start: Instant,
+    received: Arc<Received>,
+    ready: tokio::sync::mpsc::Sender<()>,
+) -> Result<(), String> {
+    // The creates are queued before the call: a Go gRPC server sends its response headers
+    // only with its first message, and the call returns only once they arrive.
+    let (tx, rx) = tokio::sync::mpsc::channel(count.max(1));
+    let mut end = WATCH_PREFIX.as_bytes().to_vec();
+    *end.last_mut().expect("prefix") += 1;
+    for _ in 0..count {
+        let create = WatchCreateRequest {
+            key: WATCH_PREFIX.into(),
+            range_end: end.clone(),
+            ..Default::default()
+        };
+        tx.send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(create)),
+        })
+        .await
+        .map_err(|_| "watch stream closed".to_string())?;
+    }
+    let mut responses = WatchClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("watch: {e}"))?
+        .into_inner();
+    let mut created = 0;
+    while let Some(response) = responses.message().await.map_err(|e| e.to_string())? {
+        if response.created {
+            created += 1;
+            if created == count {
+                let _ = ready.send(()).await;
+            }
+            continue;
+        }
+        if !response.events.is_empty() {
+            received
+                .events
+                .fetch_add(response.events.len() as u64, Ordering::Relaxed);
+            received
+                .last_us
+                .fetch_max(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+    drop(tx);
+    Ok(())
+}
+
+/// Watch fan-out: writers put under the watched prefix; every watcher gets every event.
+async fn run_watch(args: Arc<Args>, endpoints: &[&str]) -> Result<(), String> {
+    let start = Instant::now();
+    let received = Arc::new(Received::default());
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(args.watch_streams.max(1));
+    let streams = args.watch_streams.clamp(1, args.watchers.max(1));
+    for stream in 0..streams {
+        let channel = connect(endpoints[stream % endpoints.len()]).await?;
+        let count = args.watchers / streams + usize::from(stream < args.watchers % streams);
+        tokio::spawn(watch_stream(
+            channel,
+            count,
+            start,
+            received.clone(),
+            ready_tx.clone(),
+        ));
+    }
+    for _ in 0..streams {
+        ready_rx.recv().await.ok_or("a watch stream failed")?;
+    }
+    let (latencies, writers_start) = request_loops(&args, endpoints).await?;
+    let puts = latencies.len();
+    let writers_start_us = writers_start.duration_since(start).as_micros() as u64;
+    let expected = puts as u64 * args.watchers as u64;
+    let drain_deadline = Instant::now() + Duration::from_secs(10);
+    while received.events.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let events = received.events.load(Ordering::Relaxed);
+    let span_secs = (received
+        .last_us
+        .load(Ordering::Relaxed)
+        .saturating_sub(writers_start_us)) as f64
+        / 1e6;
+    println!(
+        "op=watch watchers={} streams={} writers={} puts={} puts_per_sec={:.0} events={} secs={:.2} events_per_sec={:.0} complete={:.4}",
+        args.watchers,
+        streams,
+        args.clients,
+        puts,
+        puts as f64 / args.seconds,
+        events,
+        span_secs,
+        events as f64 / span_secs.max(1e-9),
+        events as f64 / expected.max(1) as f64,
+    );
+    Ok(())
+}
+
+async fn connect(endpoint: &str) -> Result<Channel, String> {
+    Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect {endpoint}: {e}"))
+}
+
+/// Connects, then runs the `--clients` request loops for `--seconds`: their latencies, and
+/// when they started.
+async fn request_loops(
+    args: &Arc<Args>,
+    endpoints: &[&str],
+) -> Result<(Vec<Duration>, Instant), String> {
     let mut channels = Vec::new();
     // Several endpoints (comma-separated): connections go round-robin over them.
-    let endpoints: Vec<&str> = args.endpoint.split(',').map(str::trim).collect();
     for conn in 0..args.conns.max(endpoints.len()) {
-        let endpoint = endpoints[conn % endpoints.len()];
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| e.to_string())?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| format!("connect {endpoint}: {e}"))?;
-        channels.push(channel);
+        channels.push(connect(endpoints[conn % endpoints.len()]).await?);
     }
     let budget = args.max_requests / args.clients as u64;
     let start = Instant::now();
@@ -156,6 +300,16 @@ async fn run(args: Args) -> Result<(), String> {
     for task in tasks {
         latencies.extend(task.await.map_err(|e| e.to_string())??);
     }
+    Ok((latencies, start))
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let args = Arc::new(args);
+    let endpoints: Vec<&str> = args.endpoint.split(',').map(str::trim).collect();
+    if args.op == "watch" {
+        return run_watch(args.clone(), &endpoints).await;
+    }
+    let (mut latencies, start) = request_loops(&args, &endpoints).await?;
     let elapsed = start.elapsed().as_secs_f64();
     latencies.sort_unstable();
     println!(

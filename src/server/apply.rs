@@ -16,6 +16,7 @@ use crate::cluster::{Members, RecordChange};
 use crate::hooks::{self, Observation};
 use crate::io::{BackendError, Clock};
 use crate::mvcc::{MvccError, MvccStore};
+use crate::proto::mvccpb::Event;
 use crate::proto::quorumkvpb::raft_request::Request;
 use crate::proto::quorumkvpb::ConfChangeContext;
 use crate::proto::quorumkvpb::RaftRequest;
@@ -39,8 +40,10 @@ pub struct ApplyLoop {
     pub member_waiters: Waiters<MemberReply>,
     /// Is this member a learner (it then refuses writes and linearizable reads, as etcd does)?
     pub learner: Arc<AtomicBool>,
-    /// Watchers, told each applied revision's events.
+    /// Watchers, told each applied revision's events...
     pub watches: WatchHub,
+    /// ...once per batch of entries (fewer, larger responses when writes come fast).
+    pub events: Vec<Event>,
 }
 
 /// Applied writes are handed to the backend at least this often (etcd's backend batch interval)...
@@ -92,6 +95,8 @@ pub async fn run_apply_loop(
                     apply.entry(entry).await?;
                     apply.observe_state(index);
                 }
+                let events = std::mem::take(&mut apply.events);
+                apply.watches.publish(events);
                 let now_ms = apply.clock.now_ms();
                 let staged = apply.lock().staged_ops();
                 if staged >= BACKEND_BATCH_LIMIT_OPS
@@ -245,7 +250,7 @@ impl ApplyLoop {
         }
     }
 
-    fn normal(&self, index: u64, request: RaftRequest) -> Result<(), MvccError> {
+    fn normal(&mut self, index: u64, request: RaftRequest) -> Result<(), MvccError> {
         if let Some(body @ (Request::MemberAttributes(_) | Request::MemberPeerUrls(_))) =
             &request.request
         {
@@ -272,7 +277,7 @@ impl ApplyLoop {
         }
         let revision = store.current_rev();
         drop(store);
-        self.watches.publish(events);
+        self.events.extend(events);
         if let Some(waiter) = self.waiters.take(request.id) {
             let _ = waiter.send((result, revision));
         }

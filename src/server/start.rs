@@ -172,6 +172,7 @@ pub fn start_member(
         member_waiters: member_waiters.clone(),
         learner: learner.clone(),
         watches: watches.clone(),
+        events: Vec::new(),
     };
     let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
     let server_config = ServerConfig {

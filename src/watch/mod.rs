@@ -5,7 +5,7 @@
 //! store's history, a bounded batch at a time, without holding writers back. A watcher whose
 //! next revision was compacted away is cancelled with the compact revision.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -19,9 +19,10 @@ use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::{RangeRequest, ResponseHeader, WatchCreateRequest, WatchResponse};
 use crate::proto::mvccpb::{event::EventType, Event};
 
-/// Responses queued for one watch stream, at most; a watcher that finds the queue full falls
-/// back to catching up from history.
-pub const STREAM_QUEUE: usize = 256;
+/// Responses queued for one watch stream, at most (etcd: 1024 events per stream); a watcher
+/// that finds the queue full falls back to catching up from history. Many watchers share a
+/// stream, and each revision is one response per watcher.
+pub const STREAM_QUEUE: usize = 4096;
 /// Revisions read from history per catch-up step of one watcher.
 pub const CATCH_UP_REVISIONS: usize = 1000;
 /// How often unsynced watchers are looked at even without a wake-up.
@@ -250,7 +251,8 @@ impl WatchHub {
     }
 
     /// New revisions' events, in order, from the apply loop: each synced watcher gets those it
-    /// wants at once; one that cannot take them falls back to catching up.
+    /// wants at once, in one response (whole revisions, in order); one that cannot take them
+    /// falls back to catching up.
     pub fn publish(&self, events: Vec<Event>) {
         if events.is_empty() {
             return;
@@ -263,36 +265,40 @@ impl WatchHub {
             if !(watcher.ready && watcher.synced) {
                 continue;
             }
+            // Every revision it is due, in one response.
+            let mut wanted = Vec::new();
+            let mut next = watcher.next_rev;
+            let mut gap = false;
             for revision in events.chunk_by(|a, b| mod_rev(a) == mod_rev(b)) {
                 let rev = mod_rev(&revision[0]);
-                if rev < watcher.next_rev {
+                if rev < next {
                     continue;
                 }
-                if rev > watcher.next_rev {
-                    watcher.synced = false; // A gap: history fills it.
-                    fell_behind = true;
+                if rev > next {
+                    gap = true; // History fills it.
                     break;
                 }
-                let wanted: Vec<Event> = revision
-                    .iter()
-                    .filter(|e| watcher.wants(e))
-                    .cloned()
-                    .collect();
-                if !wanted.is_empty() {
-                    match self.deliver(&store, key.1, watcher, wanted, rev) {
-                        Sent::Yes => {}
-                        Sent::Full => {
-                            watcher.synced = false;
-                            fell_behind = true;
-                            break;
-                        }
-                        Sent::Closed => {
-                            closed.push(*key);
-                            break;
-                        }
+                wanted.extend(revision.iter().filter(|e| watcher.wants(e)).cloned());
+                next = rev + 1;
+            }
+            if !wanted.is_empty() {
+                match self.deliver(&store, key.1, watcher, wanted, next - 1) {
+                    Sent::Yes => {}
+                    Sent::Full => {
+                        watcher.synced = false;
+                        fell_behind = true;
+                        continue;
+                    }
+                    Sent::Closed => {
+                        closed.push(*key);
+                        continue;
                     }
                 }
-                watcher.next_rev = rev + 1;
+            }
+            watcher.next_rev = next;
+            if gap {
+                watcher.synced = false;
+                fell_behind = true;
             }
         }
         for key in closed {
@@ -362,16 +368,26 @@ impl WatchHub {
         let compacted = store.compact_rev();
         let mut state = self.lock();
         let mut done = Vec::new();
+        // Watchers that fell behind together (a stream's, say) read the history once.
+        let mut read: HashMap<HistoryRead, (Vec<Event>, i64)> = HashMap::new();
         for (key, watcher) in state.watchers.iter_mut() {
             if !watcher.ready || watcher.synced {
                 continue;
             }
-            let (events, next) = match store.events_since(
+            let from = (
                 watcher.next_rev,
-                &watcher.start,
-                &watcher.end,
-                CATCH_UP_REVISIONS,
-            ) {
+                watcher.start.as_slice(),
+                watcher.end.as_slice(),
+            );
+            let found = match read.get(&from) {
+                Some(found) => Ok(found.clone()),
+                None => store
+                    .events_since(from.0, from.1, from.2, CATCH_UP_REVISIONS)
+                    .inspect(|found| {
+                        read.insert(from, found.clone());
+                    }),
+            };
+            let (events, next) = match found {
                 Ok(found) => found,
                 Err(MvccError::Compacted) => {
                     let canceled = WatchResponse {
@@ -463,6 +479,9 @@ impl WatchHub {
     }
 }
 
+/// A read of history: from a revision, over a key range.
+type HistoryRead<'a> = (i64, &'a [u8], &'a [u8]);
+
 fn mod_rev(event: &Event) -> i64 {
     event.kv.as_ref().map_or(0, |kv| kv.mod_revision)
 }
@@ -480,3 +499,6 @@ fn previous(store: &MvccStore, event: &Event) -> Option<crate::proto::mvccpb::Ke
     };
     store.range(&before).ok()?.kvs.into_iter().next()
 }
+
+#[cfg(test)]
+mod tests;
