@@ -3,19 +3,14 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{etcdctl, fails, leader, ok, start_cluster, value_of, wait_until, Server};
+use common::{
+    etcdctl, fails, grant, keep_alive, leader, ok, start_cluster, value_of, wait_until, Server,
+};
 use quorumkv::proto::etcdserverpb::lease_client::LeaseClient;
 use quorumkv::proto::etcdserverpb::{LeaseGrantRequest, LeaseTimeToLiveRequest};
-
-/// `etcdctl lease grant` → the lease id (hex, as etcdctl prints it).
-fn grant(endpoint: &str, ttl: u64) -> String {
-    let out = ok(etcdctl(endpoint, &["lease", "grant", &ttl.to_string()]));
-    // "lease 694d7d6ba8f4b90c granted with TTL(5s)"
-    out.split_whitespace().nth(1).expect("lease id").to_string()
-}
 
 /// The store revision, from a `get -w json` header.
 fn revision(endpoint: &str) -> u64 {
@@ -27,17 +22,6 @@ fn revision(endpoint: &str) -> u64 {
         .collect::<String>()
         .parse()
         .expect("number")
-}
-
-/// A running `etcdctl lease keep-alive`.
-fn keep_alive(endpoint: &str, lease: &str) -> Child {
-    Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", endpoint, "lease", "keep-alive", lease])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcdctl")
 }
 
 fn stop(mut child: Child) {

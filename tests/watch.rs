@@ -8,7 +8,7 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{etcdctl, ok, wait_until, Server};
+use common::{etcdctl, grant, keep_alive, ok, wait_until, Server};
 use quorumkv::proto::etcdserverpb::watch_client::WatchClient;
 use quorumkv::proto::etcdserverpb::watch_create_request::FilterType;
 use quorumkv::proto::etcdserverpb::watch_request::RequestUnion;
@@ -216,20 +216,13 @@ fn service_discovery_a_registrants_key_disappears_from_the_watch_when_it_dies() 
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);
     let ep = server.endpoint();
-    let granted = ok(etcdctl(&ep, &["lease", "grant", "2"]));
-    let lease = granted.split_whitespace().nth(1).expect("id").to_string();
+    let lease = grant(&ep, 2);
     let watcher = Watcher::start(&ep, &["--prefix", "services/"]);
     ok(etcdctl(
         &ep,
         &["put", "--lease", &lease, "services/api/1", "10.0.0.5:8080"],
     ));
-    let mut registrant = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &ep, "lease", "keep-alive", &lease])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcdctl");
+    let mut registrant = keep_alive(&ep, &lease);
     std::thread::sleep(Duration::from_secs(3));
     let _ = registrant.kill(); // The registrant dies.
     let _ = registrant.wait();

@@ -4,11 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use prost::Message;
-
 use super::error::MvccError;
 use super::revision::{parse_rev_key, rev_key_start, Revision};
-use super::store::MvccStore;
+use super::store::{decode_at, MvccStore};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 
 /// The event a write of `kv` makes: a tombstone (version 0) is a delete.
@@ -73,7 +71,7 @@ impl MvccStore {
                 let Some((rev, _)) = parse_rev_key(key) else {
                     return false; // Past the revision keys.
                 };
-                match KeyValue::decode(value) {
+                match decode_at(rev, value) {
                     Ok(kv) if in_range(&kv.key, start, end) => {
                         if last_main != Some(rev.main) {
                             if mains == max_revs {
@@ -87,11 +85,7 @@ impl MvccStore {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        failure = Some(MvccError::Corrupt {
-                            main: rev.main,
-                            sub: rev.sub,
-                            reason: e.to_string(),
-                        });
+                        failure = Some(e);
                         return false;
                     }
                 }

@@ -46,6 +46,15 @@ pub(super) trait ValueSource {
     fn value(&self, rev: Revision) -> Result<KeyValue, MvccError>;
 }
 
+/// The record of revision `rev`, decoded; `Corrupt` naming the revision if it does not decode.
+pub(super) fn decode_at(rev: Revision, bytes: &[u8]) -> Result<KeyValue, MvccError> {
+    KeyValue::decode(bytes).map_err(|e| MvccError::Corrupt {
+        main: rev.main,
+        sub: rev.sub,
+        reason: e.to_string(),
+    })
+}
+
 impl ValueSource for MvccStore {
     fn value(&self, rev: Revision) -> Result<KeyValue, MvccError> {
         self.read_value(rev)
@@ -77,14 +86,10 @@ impl MvccStore {
                 });
                 return false;
             };
-            let kv = match KeyValue::decode(value) {
+            let kv = match decode_at(rev, value) {
                 Ok(kv) => kv,
                 Err(e) => {
-                    failure = Some(MvccError::Corrupt {
-                        main: rev.main,
-                        sub: rev.sub,
-                        reason: e.to_string(),
-                    });
+                    failure = Some(e);
                     return false;
                 }
             };
@@ -217,11 +222,7 @@ impl MvccStore {
                 sub: rev.sub,
                 reason: "indexed revision missing from the backend".into(),
             })?;
-        KeyValue::decode(bytes.as_slice()).map_err(|e| MvccError::Corrupt {
-            main: rev.main,
-            sub: rev.sub,
-            reason: e.to_string(),
-        })
+        decode_at(rev, &bytes)
     }
 
     /// A Range as etcd answers it (the caller fills the header's other fields).

@@ -295,3 +295,21 @@ pub fn value_of(endpoint: &str, key: &str) -> String {
         .trim()
         .to_string()
 }
+
+/// `etcdctl lease grant TTL` → the lease id (hex, as etcdctl prints it).
+pub fn grant(endpoint: &str, ttl: u64) -> String {
+    let out = ok(etcdctl(endpoint, &["lease", "grant", &ttl.to_string()]));
+    // "lease 694d7d6ba8f4b90c granted with TTL(5s)"
+    out.split_whitespace().nth(1).expect("lease id").to_string()
+}
+
+/// A running `etcdctl lease keep-alive LEASE`.
+pub fn keep_alive(endpoint: &str, lease: &str) -> Child {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoint, "lease", "keep-alive", lease])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcdctl")
+}
