@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "mvccpb/kv.proto",
         "authpb/auth.proto",
         "quorumkvpb/internal.proto",
+        "v3lockpb/v3lock.proto",
+        "v3electionpb/v3election.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={root}/{file}");

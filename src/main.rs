@@ -10,8 +10,8 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 use prost::Message as _;
 use quorumkv::api::{
-    AuthorityFix, ClusterService, KvService, LeaseService, MaintenanceService, WatchService,
-    GRPC_OVERHEAD_BYTES,
+    AuthorityFix, ClusterService, ElectionService, KvService, LeaseService, LockService,
+    MaintenanceService, WatchService, GRPC_OVERHEAD_BYTES,
 };
 use quorumkv::cluster::Members;
 use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
@@ -24,6 +24,8 @@ use quorumkv::proto::etcdserverpb::maintenance_server::MaintenanceServer as Main
 use quorumkv::proto::etcdserverpb::watch_server::WatchServer as WatchGrpc;
 use quorumkv::proto::etcdserverpb::Member;
 use quorumkv::proto::quorumkvpb::ClusterMembers;
+use quorumkv::proto::v3electionpb::election_server::ElectionServer as ElectionGrpc;
+use quorumkv::proto::v3lockpb::lock_server::LockServer as LockGrpc;
 use quorumkv::server::{start_member, KvServer, MemberConfig};
 use quorumkv::wal::WalOptions;
 use tonic::codegen::tokio_stream::{wrappers::TcpListenerStream, StreamExt};
@@ -695,6 +697,12 @@ async fn run(flags: Flags) -> Result<(), String> {
         let watch = WatchGrpc::new(WatchService::new(member.kv.clone()))
             .max_decoding_message_size(max_decode)
             .max_encoding_message_size(usize::MAX);
+        let lock = LockGrpc::new(LockService::new(member.kv.clone()))
+            .max_decoding_message_size(max_decode)
+            .max_encoding_message_size(usize::MAX);
+        let election = ElectionGrpc::new(ElectionService::new(member.kv.clone()))
+            .max_decoding_message_size(max_decode)
+            .max_encoding_message_size(usize::MAX);
         let mut stop = stop_rx.clone();
         // etcdctl's `endpoint status` sends the endpoint URL as :authority, which h2 refuses.
         let incoming = TcpListenerStream::new(listener).map(|accepted| {
@@ -709,6 +717,8 @@ async fn run(flags: Flags) -> Result<(), String> {
                 .add_service(cluster)
                 .add_service(lease)
                 .add_service(watch)
+                .add_service(lock)
+                .add_service(election)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 }),

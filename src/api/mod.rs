@@ -2,6 +2,7 @@
 //! yet answer gRPC `Unimplemented`.
 
 mod cluster;
+mod concurrency;
 mod forward;
 mod h2fix;
 mod kv;
@@ -11,6 +12,7 @@ mod status;
 mod watch;
 
 pub use cluster::ClusterService;
+pub use concurrency::{ElectionService, LockService};
 pub use h2fix::AuthorityFix;
 pub use kv::KvService;
 pub use lease::LeaseService;

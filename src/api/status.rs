@@ -37,6 +37,11 @@ pub fn to_status(error: ServerError) -> Status {
         | ServerError::LeaderTransferTimeout
         | ServerError::NotSupportedForLearner => (Code::Unavailable, error.to_string()),
         ServerError::MemberNotFound => (Code::NotFound, error.to_string()),
+        // etcd answers these as plain errors (gRPC Unknown).
+        ServerError::ElectionNotLeader | ServerError::ElectionNoLeader => {
+            (Code::Unknown, error.to_string())
+        }
+        ServerError::MissingLeaderKey => (Code::InvalidArgument, error.to_string()),
         ServerError::BadMemberUrls => (Code::InvalidArgument, error.to_string()),
         ServerError::NotLeader
         | ServerError::MemberNotLearner

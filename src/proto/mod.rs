@@ -17,3 +17,11 @@ pub mod etcdserverpb {
 pub mod quorumkvpb {
     tonic::include_proto!("quorumkvpb");
 }
+
+pub mod v3lockpb {
+    tonic::include_proto!("v3lockpb");
+}
+
+pub mod v3electionpb {
+    tonic::include_proto!("v3electionpb");
+}

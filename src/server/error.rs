@@ -40,4 +40,10 @@ pub enum ServerError {
     LeaderTransferTimeout,
     #[error("etcdserver: rpc not supported for learner")]
     NotSupportedForLearner,
+    #[error("election: not leader")]
+    ElectionNotLeader,
+    #[error("election: no leader")]
+    ElectionNoLeader,
+    #[error("\"leader\" field must be provided")]
+    MissingLeaderKey,
 }

@@ -4,6 +4,7 @@
 
 mod apply;
 mod cluster;
+mod concurrency;
 mod error;
 mod kv;
 mod lease;
@@ -11,6 +12,7 @@ mod start;
 
 pub use apply::run_apply_loop;
 pub use cluster::valid_peer_urls;
+pub use concurrency::{holder_key, prefix_end};
 pub use error::ServerError;
 pub use kv::{KvServer, ServerConfig, StatusReport};
 pub use lease::LeaseClock;

@@ -1,0 +1,187 @@
+//! etcd's lock (`v3lockpb.Lock`) and election (`v3electionpb.Election`) services, on the
+//! recipes in `server::concurrency`. A waiting Lock or Campaign ends when its client goes away.
+
+use tokio::sync::mpsc;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status};
+
+use super::to_status;
+use crate::proto::v3electionpb::election_server::Election;
+use crate::proto::v3electionpb::{
+    CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse, ProclaimRequest,
+    ProclaimResponse, ResignRequest, ResignResponse,
+};
+use crate::proto::v3lockpb::lock_server::Lock;
+use crate::proto::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
+use crate::server::{KvServer, ServerError};
+
+/// Leader changes queued for one Observe stream, at most.
+const OBSERVE_QUEUE: usize = 16;
+
+pub struct LockService {
+    server: KvServer,
+}
+
+impl LockService {
+    pub fn new(server: KvServer) -> Self {
+        LockService { server }
+    }
+}
+
+#[tonic::async_trait]
+impl Lock for LockService {
+    async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let req = request.into_inner();
+        let (header, key) = self
+            .server
+            .lock(&req.name, req.lease)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(LockResponse {
+            header: Some(header),
+            key,
+        }))
+    }
+
+    async fn unlock(
+        &self,
+        request: Request<UnlockRequest>,
+    ) -> Result<Response<UnlockResponse>, Status> {
+        let header = self
+            .server
+            .unlock(&request.into_inner().key)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(UnlockResponse {
+            header: Some(header),
+        }))
+    }
+}
+
+pub struct ElectionService {
+    server: KvServer,
+}
+
+impl ElectionService {
+    pub fn new(server: KvServer) -> Self {
+        ElectionService { server }
+    }
+}
+
+fn leader_key(leader: Option<LeaderKey>) -> Result<LeaderKey, Status> {
+    leader.ok_or_else(|| to_status(ServerError::MissingLeaderKey))
+}
+
+/// Sends the leader of election `name` each time it (or its value) changes, until the client
+/// goes away.
+async fn observe(
+    server: KvServer,
+    name: Vec<u8>,
+    tx: mpsc::Sender<Result<LeaderResponse, Status>>,
+) {
+    let mut last: Option<(Vec<u8>, i64)> = None;
+    loop {
+        let from_rev = match server.election_leader(&name).await {
+            Ok((header, kv)) => {
+                let seen = Some((kv.key.clone(), kv.mod_revision));
+                let revision = header.revision;
+                if seen != last {
+                    last = seen;
+                    let response = LeaderResponse {
+                        header: Some(header),
+                        kv: Some(kv),
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+                revision + 1
+            }
+            Err(ServerError::ElectionNoLeader) => server.status().revision + 1,
+            Err(e) => {
+                let _ = tx.send(Err(to_status(e))).await;
+                return;
+            }
+        };
+        tokio::select! {
+            changed = server.election_changed(&name, from_rev) => {
+                if let Err(e) = changed {
+                    let _ = tx.send(Err(to_status(e))).await;
+                    return;
+                }
+            }
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Election for ElectionService {
+    async fn campaign(
+        &self,
+        request: Request<CampaignRequest>,
+    ) -> Result<Response<CampaignResponse>, Status> {
+        let req = request.into_inner();
+        let (header, leader) = self
+            .server
+            .campaign(&req.name, req.lease, &req.value)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(CampaignResponse {
+            header: Some(header),
+            leader: Some(leader),
+        }))
+    }
+
+    async fn proclaim(
+        &self,
+        request: Request<ProclaimRequest>,
+    ) -> Result<Response<ProclaimResponse>, Status> {
+        let req = request.into_inner();
+        let leader = leader_key(req.leader)?;
+        let header = self
+            .server
+            .proclaim(&leader, &req.value)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(ProclaimResponse {
+            header: Some(header),
+        }))
+    }
+
+    async fn leader(
+        &self,
+        request: Request<LeaderRequest>,
+    ) -> Result<Response<LeaderResponse>, Status> {
+        let (header, kv) = self
+            .server
+            .election_leader(&request.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(LeaderResponse {
+            header: Some(header),
+            kv: Some(kv),
+        }))
+    }
+
+    async fn observe(
+        &self,
+        request: Request<LeaderRequest>,
+    ) -> Result<Response<BoxStream<LeaderResponse>>, Status> {
+        let (tx, rx) = mpsc::channel(OBSERVE_QUEUE);
+        tokio::spawn(observe(self.server.clone(), request.into_inner().name, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn resign(
+        &self,
+        request: Request<ResignRequest>,
+    ) -> Result<Response<ResignResponse>, Status> {
+        let leader = leader_key(request.into_inner().leader)?;
+        let header = self.server.resign(&leader).await.map_err(to_status)?;
+        Ok(Response::new(ResignResponse {
+            header: Some(header),
+        }))
+    }
+}
