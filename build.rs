@@ -14,6 +14,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={root}/{file}");
     }
     let fds = protox::compile(files, [root])?;
+    // JSON for the gateway (/v3/...): proto3 JSON as etcd's grpc-gateway writes it (original
+    // field names, 64-bit integers as strings, bytes as base64).
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    pbjson_build::Builder::new()
+        .register_descriptors(&prost::Message::encode_to_vec(&fds))?
+        .preserve_proto_field_names()
+        .out_dir(&out_dir)
+        .build(&[
+            ".etcdserverpb",
+            ".mvccpb",
+            ".authpb",
+            ".v3lockpb",
+            ".v3electionpb",
+        ])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -10,8 +10,8 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 use prost::Message as _;
 use quorumkv::api::{
-    AuthorityFix, ClusterService, ElectionService, KvService, LeaseService, LockService,
-    MaintenanceService, WatchService, GRPC_OVERHEAD_BYTES,
+    gateway_routes, AuthorityFix, ClusterService, ElectionService, KvService, LeaseService,
+    LockService, MaintenanceService, WatchService, GRPC_OVERHEAD_BYTES,
 };
 use quorumkv::cluster::Members;
 use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
@@ -710,15 +710,21 @@ async fn run(flags: Flags) -> Result<(), String> {
             stream.set_nodelay(true)?;
             Ok::<_, std::io::Error>(AuthorityFix::new(stream))
         });
+        // gRPC and the JSON gateway share the port (HTTP/2 and HTTP/1.1), as in etcd.
+        let grpc = tonic::service::Routes::new(kv)
+            .add_service(maintenance)
+            .add_service(cluster)
+            .add_service(lease)
+            .add_service(watch)
+            .add_service(lock)
+            .add_service(election);
+        let routes = grpc
+            .into_axum_router()
+            .merge(gateway_routes(member.kv.clone()));
         servers.push(tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(kv)
-                .add_service(maintenance)
-                .add_service(cluster)
-                .add_service(lease)
-                .add_service(watch)
-                .add_service(lock)
-                .add_service(election)
+                .accept_http1(true)
+                .add_routes(tonic::service::Routes::from(routes))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 }),

@@ -33,6 +33,11 @@ impl LeaseService {
             server,
         }
     }
+
+    /// One keep-alive outside a gRPC stream (the JSON gateway's).
+    pub async fn keep_alive_once(&self, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
+        keep_alive(&self.server, &self.to_leader, &Request::new(()), id).await
+    }
 }
 
 /// One keep-alive: renewed here on the leader, else by the leader.

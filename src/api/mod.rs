@@ -4,6 +4,7 @@
 mod cluster;
 mod concurrency;
 mod forward;
+mod gateway;
 mod h2fix;
 mod kv;
 mod lease;
@@ -13,6 +14,7 @@ mod watch;
 
 pub use cluster::ClusterService;
 pub use concurrency::{ElectionService, LockService};
+pub use gateway::routes as gateway_routes;
 pub use h2fix::AuthorityFix;
 pub use kv::KvService;
 pub use lease::LeaseService;
