@@ -20,10 +20,12 @@ pub enum Bug {
     LeaseIgnoresKeepAlive,
     /// Send a watcher catching up from history its events newest first.
     WatchOutOfOrder,
+    /// Grant a lock (or leadership) without waiting for the older holders to go.
+    LockSkipsWait,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 7] = [
+    pub const ALL: [Bug; 8] = [
         Bug::AckBeforeFsync,
         Bug::ApplyBeforeCommit,
         Bug::ServeStaleRead,
@@ -31,6 +33,7 @@ impl Bug {
         Bug::LoseSnapshotTail,
         Bug::LeaseIgnoresKeepAlive,
         Bug::WatchOutOfOrder,
+        Bug::LockSkipsWait,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +45,7 @@ impl Bug {
             Bug::LoseSnapshotTail => "lose-snapshot-tail",
             Bug::LeaseIgnoresKeepAlive => "lease-ignores-keepalive",
             Bug::WatchOutOfOrder => "watch-out-of-order",
+            Bug::LockSkipsWait => "lock-skips-wait",
         }
     }
 
@@ -56,6 +60,7 @@ impl Bug {
             Bug::WatchOutOfOrder => {
                 "send watchers catching up from history their events newest first"
             }
+            Bug::LockSkipsWait => "grant locks without waiting for older holders to go",
         }
     }
 

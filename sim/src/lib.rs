@@ -13,6 +13,7 @@ pub mod faults;
 pub mod history;
 pub mod html;
 pub mod leases;
+pub mod locks;
 pub mod network;
 pub mod operator;
 pub mod recorder;

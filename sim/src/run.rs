@@ -329,6 +329,16 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
             stop.clone(),
         )));
     }
+    let lock_log = crate::locks::LockLog::default();
+    let lockers = rng.gen_range(2..=3u64);
+    for locker in 1..=lockers {
+        clients.push(clients_node.spawn(crate::locks::lock_client(
+            cluster.clone(),
+            lock_log.clone(),
+            100 + locker,
+            stop.clone(),
+        )));
+    }
     let faults_node = Handle::current().create_node().name("operator").build();
     match options.scenario {
         Some(scenario) => {
@@ -392,6 +402,7 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
         settings.max_skew_ppm,
     ));
     verdicts.push(final_watches(&cluster, &watch_log.sessions()));
+    verdicts.push(final_locks(&cluster, &lock_log.acquired()));
     for verdict in &verdicts {
         recorder.event(EventKind::Check {
             name: verdict.name.to_string(),
@@ -464,6 +475,35 @@ async fn final_durability(cluster: &Cluster, ops: &[Op]) -> Verdict {
         }
     }
     durability::check(ops, &reads, final_revision)
+}
+
+/// Judges the lock holders against the history of a converged member.
+fn final_locks(cluster: &Cluster, acquired: &[crate::locks::Acquired]) -> Verdict {
+    let mut prefix = crate::locks::LOCK_NAME.to_vec();
+    prefix.push(b'/');
+    let end = quorumkv::server::prefix_end(&prefix);
+    let history = cluster
+        .leader()
+        .or_else(|| cluster.up_ids().first().copied())
+        .and_then(|id| cluster.kv(id))
+        .map(|kv| kv.history(1, &prefix, &end));
+    match history {
+        Some(Ok(events)) => {
+            let changes: Vec<_> = events
+                .iter()
+                .filter_map(|e| {
+                    let kv = e.kv.as_ref()?;
+                    Some((kv.mod_revision, kv.key.clone(), e.r#type == 0))
+                })
+                .collect();
+            check::locks::check(acquired, &changes)
+        }
+        _ => Verdict {
+            name: "locks",
+            ok: false,
+            detail: "the final history is unreadable".into(),
+        },
+    }
 }
 
 /// Judges what the watchers saw against the history of a converged member.

@@ -5,6 +5,7 @@ pub mod durability;
 pub mod leases;
 pub mod linearizability;
 pub mod liveness;
+pub mod locks;
 pub mod raft_safety;
 pub mod watches;
 
