@@ -11,7 +11,7 @@ use crate::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUn
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::{
     request_op, response_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
-    ResponseHeader, TxnRequest, WatchCreateRequest,
+    ResponseHeader, TxnRequest, WatchCreateRequest, WatchResponse,
 };
 use crate::proto::mvccpb::{event::EventType, KeyValue};
 use crate::proto::v3electionpb::LeaderKey;
@@ -140,8 +140,15 @@ impl KvServer {
         }
     }
 
-    /// Waits for a delete of `key` at `from_rev` or later.
-    async fn wait_deleted(&self, key: &[u8], from_rev: i64) -> Result<(), ServerError> {
+    /// Waits until the watch of `[key, end)` from `from_rev` sends a response that `done`
+    /// accepts, or is cancelled (compacted away: the caller looks again).
+    async fn wait_for_change(
+        &self,
+        key: &[u8],
+        end: &[u8],
+        from_rev: i64,
+        done: impl Fn(&WatchResponse) -> bool,
+    ) -> Result<(), ServerError> {
         let hub = self.watches();
         let (stream, tx, mut rx) = hub.open_stream();
         let _closing = Watching { hub, stream };
@@ -150,22 +157,29 @@ impl KvServer {
             &tx,
             &WatchCreateRequest {
                 key: key.to_vec(),
+                range_end: end.to_vec(),
                 start_revision: from_rev,
                 ..Default::default()
             },
         );
         hub.activate(stream, created.watch_id);
         while let Some(response) = rx.recv().await {
-            if response.canceled
-                || response
-                    .events
-                    .iter()
-                    .any(|e| e.r#type == EventType::Delete as i32)
-            {
-                return Ok(()); // Gone (or compacted away: the caller looks again).
+            if response.canceled || done(&response) {
+                return Ok(());
             }
         }
         Err(ServerError::Stopped)
+    }
+
+    /// Waits for a delete of `key` at `from_rev` or later.
+    async fn wait_deleted(&self, key: &[u8], from_rev: i64) -> Result<(), ServerError> {
+        self.wait_for_change(key, b"", from_rev, |response| {
+            response
+                .events
+                .iter()
+                .any(|e| e.r#type == EventType::Delete as i32)
+        })
+        .await
     }
 
     /// The holder's key still exists (its lease is alive), as of a linearizable read.
@@ -283,26 +297,10 @@ impl KvServer {
     /// Waits for any change under election `name` from `from_rev` on.
     pub async fn election_changed(&self, name: &[u8], from_rev: i64) -> Result<(), ServerError> {
         let prefix = prefix(name);
-        let hub = self.watches();
-        let (stream, tx, mut rx) = hub.open_stream();
-        let _closing = Watching { hub, stream };
-        let created = hub.create(
-            stream,
-            &tx,
-            &WatchCreateRequest {
-                key: prefix.clone(),
-                range_end: prefix_end(&prefix),
-                start_revision: from_rev,
-                ..Default::default()
-            },
-        );
-        hub.activate(stream, created.watch_id);
-        while let Some(response) = rx.recv().await {
-            if response.canceled || !response.events.is_empty() {
-                return Ok(());
-            }
-        }
-        Err(ServerError::Stopped)
+        self.wait_for_change(&prefix, &prefix_end(&prefix), from_rev, |response| {
+            !response.events.is_empty()
+        })
+        .await
     }
 
     /// `v3election.Resign`: deletes the leader key if it still is the one `leader` names.

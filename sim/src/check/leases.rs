@@ -86,19 +86,7 @@ pub fn check(ops: &[LeaseOp], max_skew_ppm: u64) -> Verdict {
     let summary = format!(
         "{leases} leases with a key, {renewals} grants and keep-alives acknowledged, {expiries} seen expired or revoked"
     );
-    if failures.is_empty() {
-        Verdict {
-            name: NAME,
-            ok: true,
-            detail: summary,
-        }
-    } else {
-        Verdict {
-            name: NAME,
-            ok: false,
-            detail: format!("{}\n({summary})", failures.join("\n")),
-        }
-    }
+    Verdict::from_failures(NAME, failures, summary)
 }
 
 #[cfg(test)]

@@ -60,18 +60,7 @@ pub fn check(acquired: &[Acquired], history: &[(i64, Vec<u8>, bool)]) -> Verdict
         acquired.len(),
         lives.len()
     );
-    Verdict {
-        name: NAME,
-        ok: failures.is_empty(),
-        detail: if failures.is_empty() {
-            summary
-        } else {
-            format!(
-                "{}\n({summary})",
-                failures.into_iter().take(3).collect::<Vec<_>>().join("\n")
-            )
-        },
-    }
+    Verdict::from_failures(NAME, failures, summary)
 }
 
 #[cfg(test)]

@@ -17,3 +17,24 @@ pub struct Verdict {
     /// A summary when it holds; what broke (first few lines) when not.
     pub detail: String,
 }
+
+impl Verdict {
+    /// The verdict of a checker that collected `failures` (the first few are shown, then the
+    /// summary of what it looked at).
+    pub fn from_failures(name: &'static str, failures: Vec<String>, summary: String) -> Verdict {
+        const SHOWN: usize = 3;
+        if failures.is_empty() {
+            return Verdict {
+                name,
+                ok: true,
+                detail: summary,
+            };
+        }
+        let shown: Vec<String> = failures.into_iter().take(SHOWN).collect();
+        Verdict {
+            name,
+            ok: false,
+            detail: format!("{}\n({summary})", shown.join("\n")),
+        }
+    }
+}

@@ -35,18 +35,7 @@ pub fn check(sessions: &[Session], history: &[Change]) -> Verdict {
         sessions.len(),
         by_rev.len()
     );
-    Verdict {
-        name: NAME,
-        ok: failures.is_empty(),
-        detail: if failures.is_empty() {
-            summary
-        } else {
-            format!(
-                "{}\n({summary})",
-                failures.into_iter().take(3).collect::<Vec<_>>().join("\n")
-            )
-        },
-    }
+    Verdict::from_failures(NAME, failures, summary)
 }
 
 fn check_session(session: &Session, by_rev: &BTreeMap<i64, Vec<&Change>>) -> Result<usize, String> {
