@@ -19,6 +19,7 @@ pub mod operator;
 pub mod recorder;
 pub mod run;
 pub mod scenario;
+pub mod schedule;
 pub mod trace;
 pub mod watches;
 pub mod workload;

@@ -5,19 +5,21 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quorumkv::hooks::Bug;
 use quorumkv_sim::html::{render, RunPicture};
 use quorumkv_sim::run::{run, RunOptions, RunReport};
 use quorumkv_sim::scenario::{self, SCENARIOS};
+use quorumkv_sim::schedule::Schedule;
 
 const USAGE: &str = "usage:
   ci/sim run --seed N [--scenario NAME] [--nodes 3|5] [--inject-bug NAME] [--html FILE] [--quiet]
   ci/sim sweep --seeds A..B [--nodes 3|5] [--scenario NAME] [--inject-bug NAME] [--jobs J]
   ci/sim determinism --seeds A..B      (each seed twice: the trace hashes must match)
   ci/sim bugs --seeds A..B             (every planted bug must be caught within the seeds)
+  ci/sim schedule --file FILE [--html FILE] [--quiet]   (replay a fuzzed fault schedule)
   ci/sim list";
 
 /// Simulated length of the safety phase of a random-fault run.
@@ -107,6 +109,7 @@ impl Args {
             scenario,
             bug,
             safety: SAFETY_PHASE,
+            schedule: None,
         })
     }
 }
@@ -153,14 +156,45 @@ fn print_report(report: &RunReport, show_timeline: bool) {
 fn command_run(args: &Args) -> Result<ExitCode, String> {
     let seed = args.number("seed")?.ok_or("--seed N is required")?;
     let options = args.options(seed)?;
+    run_and_report(args, options)
+}
+
+/// Replays a fault schedule (a `replication` fuzz input, e.g. a crash file it wrote).
+fn command_schedule(args: &Args) -> Result<ExitCode, String> {
+    let path = args.flags.get("file").ok_or("--file FILE is required")?;
+    let bytes = std::fs::read(path).map_err(|e| format!("--file {path}: {e}"))?;
+    let schedule = Schedule::decode(&bytes);
+    println!(
+        "{path}: {} members, seed {}, {}",
+        schedule.nodes,
+        schedule.seed,
+        schedule.describe()
+    );
+    for (i, step) in schedule.steps.iter().enumerate() {
+        println!("  step {i:>2}: {step:?}");
+    }
+    let options = RunOptions {
+        seed: schedule.seed,
+        nodes: schedule.nodes,
+        scenario: None,
+        bug: None,
+        safety: SAFETY_PHASE,
+        schedule: Some(Arc::new(schedule)),
+    };
+    run_and_report(args, options)
+}
+
+fn run_and_report(args: &Args, options: RunOptions) -> Result<ExitCode, String> {
+    let seed = options.seed;
     let wall = Instant::now();
     let report = run(&options);
     let wall = wall.elapsed();
     print_report(&report, !args.flags.contains_key("quiet"));
     if let Some(path) = args.flags.get("html") {
-        let title = match options.scenario {
-            Some(s) => format!("seed {seed} · scenario {}", s.name),
-            None => format!("seed {seed} · {} nodes · {}", options.nodes, report.faults),
+        let title = match (options.scenario, &options.schedule) {
+            (Some(s), _) => format!("seed {seed} · scenario {}", s.name),
+            (None, Some(schedule)) => format!("seed {seed} · {}", schedule.describe()),
+            (None, None) => format!("seed {seed} · {} nodes · {}", options.nodes, report.faults),
         };
         let picture = RunPicture {
             title,
@@ -454,6 +488,7 @@ fn main() -> ExitCode {
     };
     let result = match args.command.as_str() {
         "run" => command_run(&args),
+        "schedule" => command_schedule(&args),
         "sweep" => command_sweep(&args),
         "determinism" => command_determinism(&args),
         "bugs" => command_bugs(&args),

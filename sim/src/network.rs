@@ -12,6 +12,7 @@ use quorumkv::io::Transport;
 use raft::eraftpb::{Message, MessageType};
 
 use crate::recorder::Recorder;
+use crate::schedule::{Delivery, NetworkPlan};
 use tokio::sync::mpsc;
 
 /// Link faults in force; all zero is a perfect network.
@@ -25,7 +26,7 @@ pub struct LinkFaults {
     pub reorder: bool,
 }
 
-type Delivery = (tokio::time::Instant, String, Vec<Message>);
+type Queued = (tokio::time::Instant, String, Vec<Message>);
 
 #[derive(Default)]
 struct Net {
@@ -36,13 +37,15 @@ struct Net {
     blocked: BTreeSet<(u64, u64)>,
     faults: LinkFaults,
     /// Per directed link, the queue its in-order deliveries go through.
-    links: HashMap<(u64, u64), mpsc::UnboundedSender<Delivery>>,
+    links: HashMap<(u64, u64), mpsc::UnboundedSender<Queued>>,
     stats: NetStats,
     /// Votes granted are reported here (the raft-safety checker's one-vote-per-term rule).
     recorder: Option<Recorder>,
     /// With this probability a node that just granted a vote is named on the channel (the
     /// simulator crashes it at that critical moment).
     crash_after_vote: Option<(f64, mpsc::UnboundedSender<u64>)>,
+    /// A fuzzed schedule's say over each batch, before the link faults.
+    plan: Option<NetworkPlan>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -111,6 +114,15 @@ impl SimNetwork {
         self.lock().crash_after_vote = Some((probability, crashes));
     }
 
+    /// Lets a schedule decide each batch's fate (`None`: back to the link faults).
+    pub fn set_plan(&self, plan: Option<NetworkPlan>) {
+        self.lock().plan = plan;
+    }
+
+    pub fn has_plan(&self) -> bool {
+        self.lock().plan.is_some()
+    }
+
     pub fn stats(&self) -> NetStats {
         self.lock().stats
     }
@@ -148,6 +160,27 @@ impl SimNetwork {
             net.stats.dropped += 1;
             return;
         };
+        if let Some(delivery) = net.plan.as_ref().and_then(|plan| plan.next()) {
+            let delays = match delivery {
+                Delivery::Drop => {
+                    net.stats.dropped += 1;
+                    return;
+                }
+                Delivery::After(delay) => vec![delay],
+                Delivery::Twice(first, second) => {
+                    net.stats.duplicated += 1;
+                    vec![first, second]
+                }
+            };
+            for delay in delays {
+                let (network, url, batch) = (self.clone(), url.clone(), batch.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    network.deliver(from, to, &url, batch);
+                });
+            }
+            return;
+        }
         let copies = if rng.gen_bool(net.faults.duplicate_probability) {
             net.stats.duplicated += 1;
             2
@@ -181,7 +214,7 @@ impl SimNetwork {
             let link = match link {
                 Some(link) => link,
                 None => {
-                    let (link, mut queued) = mpsc::unbounded_channel::<Delivery>();
+                    let (link, mut queued) = mpsc::unbounded_channel::<Queued>();
                     let network = self.clone();
                     tokio::spawn(async move {
                         while let Some((at, url, batch)) = queued.recv().await {

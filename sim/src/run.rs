@@ -19,6 +19,7 @@ use crate::faults::{self, Swarm};
 use crate::history::Op;
 use crate::recorder::Recorder;
 use crate::scenario::Scenario;
+use crate::schedule::{self, NetworkPlan, Schedule};
 use crate::trace::{Event, EventKind, Fnv};
 use crate::workload::{self, History, WorkloadShape};
 
@@ -33,11 +34,16 @@ pub struct RunOptions {
     pub bug: Option<Bug>,
     /// Length of the safety phase (random faults), simulated.
     pub safety: Duration,
+    /// Faults from a fuzzed schedule instead of the seed (`seed` is the schedule's).
+    pub schedule: Option<Arc<Schedule>>,
 }
 
 impl RunOptions {
     /// The command that reruns exactly this.
     pub fn repro(&self) -> String {
+        if self.schedule.is_some() {
+            return "ci/sim schedule FILE (the input the schedule was read from)".to_string();
+        }
         let mut command = format!("ci/sim run --seed {}", self.seed);
         match self.scenario {
             Some(scenario) => command.push_str(&format!(" --scenario {}", scenario.name)),
@@ -128,6 +134,7 @@ fn warm_up() {
             scenario: None,
             bug: None,
             safety: Duration::from_secs(2),
+            schedule: None,
         };
         let _ = std::thread::spawn(move || run_here(options)).join();
     });
@@ -266,11 +273,15 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
         })));
     }
     let mut rng = madsim::rand::thread_rng();
-    let swarm = match options.scenario {
-        Some(_) => Swarm::calm(),
-        None => Swarm::draw(&mut rng),
+    let swarm = match (options.scenario, &options.schedule) {
+        (None, None) => Swarm::draw(&mut rng),
+        _ => Swarm::calm(),
     };
-    let node_count = options.scenario.map_or(options.nodes, |s| s.nodes);
+    let node_count = match (options.scenario, &options.schedule) {
+        (Some(scenario), _) => scenario.nodes,
+        (None, Some(schedule)) => schedule.nodes,
+        (None, None) => options.nodes,
+    };
     let settings = MemberSettings {
         heartbeat_interval: Duration::from_millis(100),
         election_timeout: Duration::from_millis(1000),
@@ -340,12 +351,20 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
         )));
     }
     let faults_node = Handle::current().create_node().name("operator").build();
-    match options.scenario {
-        Some(scenario) => {
+    match (options.scenario, options.schedule.clone()) {
+        (Some(scenario), _) => {
             let script = (scenario.script)(cluster.clone(), initial.clone());
             let _ = faults_node.spawn(script).await;
         }
-        None => {
+        (None, Some(steps)) => {
+            cluster
+                .network
+                .set_plan(Some(NetworkPlan::new(steps.network.clone())));
+            let _ = faults_node
+                .spawn(schedule::play(cluster.clone(), steps, initial.clone()))
+                .await;
+        }
+        (None, None) => {
             let until = options.safety;
             if swarm.crash_after_vote > 0.0 {
                 let (crashes, mut voters) = tokio::sync::mpsc::unbounded_channel();

@@ -7,8 +7,8 @@
 //! hands decoded batches to the node's inbox.
 //!
 //! Connection preamble: `QKVPEER1`, cluster id, sender member id (u64 LE each). Then frames:
-//! `[payload length u32 LE][CRC32C of payload u32 LE][payload]`, where the payload is a batch:
-//! `[message count u32 LE]` then per message `[length u32 LE][protobuf bytes]`. A batch larger
+//! `[payload length u32 LE][CRC32C of payload u32 LE][payload]`, where the payload is a batch
+//! (`transport::encode_batch`). A batch larger
 //! than one frame (a snapshot) is split into chunks: a chunk frame's length has the top bit set
 //! when more chunks follow.
 
@@ -16,13 +16,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use super::transport::Transport;
+use super::transport::{decode_batch, encode_batch, Transport};
 
 const MAGIC: &[u8; 8] = b"QKVPEER1";
 /// A member joining a running cluster asks a peer for the cluster's members: it sends this,
@@ -42,40 +41,6 @@ const MORE_CHUNKS: u32 = 1 << 31;
 /// Reconnect backoff, first and largest.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// Encodes a batch (the frame payload before chunking).
-pub fn encode_batch(batch: &[Message]) -> Vec<u8> {
-    // Encoding a proto3 message does not fail; one that did would be left out (raft resends).
-    let encoded: Vec<Vec<u8>> = batch
-        .iter()
-        .filter_map(|msg| msg.write_to_bytes().ok())
-        .collect();
-    let mut out = (encoded.len() as u32).to_le_bytes().to_vec();
-    for bytes in encoded {
-        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        out.extend_from_slice(&bytes);
-    }
-    out
-}
-
-/// Decodes a batch; `None` when the bytes are not one.
-pub fn decode_batch(mut data: &[u8]) -> Option<Vec<Message>> {
-    fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        if data.len() < n {
-            return None;
-        }
-        let (head, rest) = data.split_at(n);
-        *data = rest;
-        Some(head)
-    }
-    let count = u32::from_le_bytes(take(&mut data, 4)?.try_into().ok()?) as usize;
-    let mut batch = Vec::with_capacity(count.min(4096));
-    for _ in 0..count {
-        let len = u32::from_le_bytes(take(&mut data, 4)?.try_into().ok()?) as usize;
-        batch.push(Message::parse_from_bytes(take(&mut data, len)?).ok()?);
-    }
-    data.is_empty().then_some(batch)
-}
 
 /// Splits an encoded batch into frames.
 fn frames(payload: &[u8]) -> Vec<Vec<u8>> {

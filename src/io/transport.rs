@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::sync::mpsc;
 
@@ -20,6 +21,42 @@ pub trait Transport: Send + Sync {
 pub const INBOX_BATCHES: usize = 4096;
 
 pub type Inbox = mpsc::Receiver<Vec<Message>>;
+
+/// Encodes a batch as peers exchange it: `[message count u32 LE]`, then per message
+/// `[length u32 LE][protobuf bytes]` (the TCP transport frames this).
+pub fn encode_batch(batch: &[Message]) -> Vec<u8> {
+    // Encoding a proto3 message does not fail; one that did would be left out (raft resends).
+    let encoded: Vec<Vec<u8>> = batch
+        .iter()
+        .filter_map(|msg| msg.write_to_bytes().ok())
+        .collect();
+    let mut out = (encoded.len() as u32).to_le_bytes().to_vec();
+    for bytes in encoded {
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+/// Decodes a batch from a peer; `None` when the bytes are not one. Whatever it returns is still
+/// untrusted: the node checks each message before raft sees it (`RaftCore::step_from_peer`).
+pub fn decode_batch(mut data: &[u8]) -> Option<Vec<Message>> {
+    fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if data.len() < n {
+            return None;
+        }
+        let (head, rest) = data.split_at(n);
+        *data = rest;
+        Some(head)
+    }
+    let count = u32::from_le_bytes(take(&mut data, 4)?.try_into().ok()?) as usize;
+    let mut batch = Vec::with_capacity(count.min(4096));
+    for _ in 0..count {
+        let len = u32::from_le_bytes(take(&mut data, 4)?.try_into().ok()?) as usize;
+        batch.push(Message::parse_from_bytes(take(&mut data, len)?).ok()?);
+    }
+    data.is_empty().then_some(batch)
+}
 
 /// An in-process transport: every node of one process registers an inbox.
 #[derive(Clone, Default)]

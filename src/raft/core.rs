@@ -165,8 +165,73 @@ impl RaftCore {
         }
     }
 
+    /// Steps a message this node made itself or that the shell trusts (tests).
     pub fn step(&mut self, msg: Message) -> Result<(), raft::Error> {
         self.raw.step(msg)
+    }
+
+    /// Steps a message that arrived from a peer. Peer bytes are untrusted: a message that no
+    /// correct member could have sent is refused here, before raft sees it, because raft-rs
+    /// treats some such messages as fatal (it panics). Refusing is always safe: to raft it is a
+    /// message lost on the network.
+    pub fn step_from_peer(&mut self, msg: Message) -> Result<(), PeerMessageRefused> {
+        check_peer_message(&msg, self.id()).map_err(PeerMessageRefused)?;
+        self.check_against_log(&msg).map_err(PeerMessageRefused)?;
+        self.raw
+            .step(msg)
+            .map_err(|e| PeerMessageRefused(e.to_string()))
+    }
+
+    /// Checks what a correct peer's message satisfies given this node's own log.
+    fn check_against_log(&self, msg: &Message) -> Result<(), String> {
+        let log = &self.raw.raft.raft_log;
+        if msg.get_msg_type() == MessageType::MsgHeartbeat && msg.commit > log.last_index() {
+            // A leader's heartbeat carries at most what this member acknowledged having.
+            return Err(format!(
+                "heartbeat commits {} beyond this member's last entry {}",
+                msg.commit,
+                log.last_index()
+            ));
+        }
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            let meta = msg.get_snapshot().get_metadata();
+            let ours = log.term(meta.index).ok().filter(|term| *term != 0);
+            if meta.index <= log.committed && ours.is_some_and(|term| term != meta.term) {
+                // Committed entries are the same on every member: this contradicts ours.
+                return Err(format!(
+                    "snapshot at committed index {} claims term {}, this member has term {:?}",
+                    meta.index, meta.term, ours
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The index of the first entry still in the in-memory log.
+    pub fn first_index(&self) -> u64 {
+        self.raw.store().mem.first_index().unwrap_or(1)
+    }
+
+    /// The index of the last entry in the in-memory log.
+    pub fn last_index(&self) -> u64 {
+        self.raw.store().mem.last_index().unwrap_or(0)
+    }
+
+    /// Entries `low..high` of the in-memory log (empty when they are not all there).
+    pub fn log_entries(&self, low: u64, high: u64) -> Vec<Entry> {
+        if low >= high || low < self.first_index() || high > self.last_index() + 1 {
+            return Vec::new();
+        }
+        self.raw
+            .store()
+            .mem
+            .entries(low, high, None, raft::GetEntriesContext::empty(false))
+            .unwrap_or_default()
+    }
+
+    /// The hard state as raft last handed it out to persist.
+    pub fn hard_state(&self) -> HardState {
+        self.raw.store().mem.rl().hard_state().clone()
     }
 
     pub fn propose(&mut self, data: Vec<u8>) -> Result<(), raft::Error> {
@@ -362,6 +427,143 @@ impl RaftCore {
     }
 }
 
+/// The largest term or index a peer's message may carry (2^62).
+pub const MAX_PEER_NUMBER: u64 = 1 << 62;
+
+/// Why a message from a peer was not stepped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("peer message refused: {0}")]
+pub struct PeerMessageRefused(pub String);
+
+/// Checks what a correct peer's message always satisfies, whatever the state of this node.
+fn check_peer_message(msg: &Message, own_id: u64) -> Result<(), String> {
+    if msg.to != own_id {
+        return Err(format!(
+            "addressed to {}, not to this member {own_id}",
+            msg.to
+        ));
+    }
+    if msg.from == own_id || msg.from == raft::INVALID_ID {
+        return Err(format!("claims to come from member {}", msg.from));
+    }
+    // No real cluster reaches such terms or indexes; raft-rs adds to them unchecked.
+    let meta = msg.get_snapshot().get_metadata();
+    let numbers = [
+        msg.term,
+        msg.log_term,
+        msg.index,
+        msg.commit,
+        msg.reject_hint,
+    ]
+    .into_iter()
+    .chain([meta.term, meta.index])
+    .chain(msg.get_entries().iter().flat_map(|e| [e.term, e.index]));
+    if let Some(too_big) = numbers.into_iter().find(|n| *n > MAX_PEER_NUMBER) {
+        return Err(format!(
+            "a term or index of {too_big} is beyond any real log"
+        ));
+    }
+    let kind = msg.get_msg_type();
+    // raft sends every message with its term but forwarded proposals and read requests; to
+    // raft-rs a message without one is local, exempt from the term checks.
+    let forwarded = matches!(kind, MessageType::MsgPropose | MessageType::MsgReadIndex);
+    if (msg.term == 0) != forwarded {
+        return Err(format!("{kind:?} in term {}", msg.term));
+    }
+    if kind == MessageType::MsgPropose && msg.get_entries().is_empty() {
+        return Err("a forwarded proposal without entries".to_string());
+    }
+    let is_read = matches!(
+        kind,
+        MessageType::MsgReadIndex | MessageType::MsgReadIndexResp
+    );
+    if is_read && msg.get_entries().len() != 1 {
+        // The one entry carries the read request's context.
+        return Err(format!("{kind:?} with {} entries", msg.get_entries().len()));
+    }
+    if kind == MessageType::MsgAppend {
+        check_appended_entries(msg)?;
+    }
+    if kind == MessageType::MsgSnapshot {
+        check_snapshot(msg)?;
+    }
+    Ok(())
+}
+
+/// An append's entries continue its (index, log term) contiguously, in terms that never go
+/// back and never pass the sender's own term.
+fn check_appended_entries(msg: &Message) -> Result<(), String> {
+    if (msg.index == 0) != (msg.log_term == 0) {
+        // raft reads the term of an index past its log as 0: such an append would "match".
+        return Err(format!(
+            "append after index {} of term {}",
+            msg.index, msg.log_term
+        ));
+    }
+    let mut expected_index = msg.index;
+    let mut floor_term = msg.log_term;
+    for entry in msg.get_entries() {
+        expected_index = expected_index
+            .checked_add(1)
+            .ok_or("entry index overflows")?;
+        if entry.index != expected_index {
+            return Err(format!(
+                "entry {} where entry {expected_index} belongs",
+                entry.index
+            ));
+        }
+        if entry.term < floor_term || entry.term > msg.term {
+            return Err(format!(
+                "entry {} of term {} out of order (previous term {floor_term}, sender's term {})",
+                entry.index, entry.term, msg.term
+            ));
+        }
+        floor_term = entry.term;
+    }
+    Ok(())
+}
+
+/// A snapshot names a real (term, index) and a configuration raft can restore.
+fn check_snapshot(msg: &Message) -> Result<(), String> {
+    let meta = msg.get_snapshot().get_metadata();
+    if meta.index == 0 || meta.term == 0 || meta.term > msg.term {
+        return Err(format!(
+            "snapshot at index {} of term {} from a sender in term {}",
+            meta.index, meta.term, msg.term
+        ));
+    }
+    let conf = meta.get_conf_state();
+    let lists = [
+        &conf.voters,
+        &conf.learners,
+        &conf.voters_outgoing,
+        &conf.learners_next,
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for id in conf.voters.iter().chain(&conf.learners) {
+        if *id == raft::INVALID_ID || !seen.insert(*id) {
+            return Err(format!(
+                "snapshot configuration {conf:?} repeats or zeroes member {id}"
+            ));
+        }
+    }
+    let outgoing: std::collections::BTreeSet<u64> = conf.voters_outgoing.iter().copied().collect();
+    let well_formed = !conf.voters.is_empty()
+        && lists.iter().all(|ids| {
+            let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+            unique.len() == ids.len() && !unique.contains(&raft::INVALID_ID)
+        })
+        && conf
+            .learners_next
+            .iter()
+            .all(|id| outgoing.contains(id) && !conf.voters.contains(id))
+        && conf.learners.iter().all(|id| !outgoing.contains(id));
+    if !well_formed {
+        return Err(format!("snapshot configuration {conf:?} is malformed"));
+    }
+    Ok(())
+}
+
 /// Is `id` a voter or a learner (in either half of a joint configuration)?
 pub fn is_member(conf_state: &ConfState, id: u64) -> bool {
     conf_state.voters.contains(&id)
@@ -380,4 +582,184 @@ pub fn single_change(node_id: u64, change_type: ConfChangeType) -> ConfChangeV2 
     let mut change = ConfChangeV2::default();
     change.set_changes(vec![single].into());
     change
+}
+
+#[cfg(test)]
+mod tests {
+    //! Peer messages the `peer_message` fuzz target found to crash raft-rs (it panics on them)
+    //! or to corrupt the log; each is now refused by `step_from_peer`.
+
+    use super::*;
+
+    /// Member 1 of three, a follower in term 2 with entries 1..=4 (entry 4 committed).
+    fn follower() -> RaftCore {
+        let entries: Vec<Entry> = (1..=4)
+            .map(|index| Entry {
+                term: 1 + index / 3,
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let hard_state = HardState {
+            term: 2,
+            commit: 4,
+            ..Default::default()
+        };
+        let options = CoreOptions {
+            id: 1,
+            election_tick: 10,
+            heartbeat_tick: 1,
+            applied: 0,
+        };
+        RaftCore::new(
+            &options,
+            None,
+            &entries,
+            hard_state,
+            &[1, 2, 3],
+            Arc::new(SnapshotRequests::default()),
+        )
+        .unwrap()
+    }
+
+    fn message(kind: MessageType, term: u64) -> Message {
+        let mut msg = Message::default();
+        msg.set_msg_type(kind);
+        msg.from = 2;
+        msg.to = 1;
+        msg.term = term;
+        msg
+    }
+
+    fn refused(msg: Message) {
+        let mut core = follower();
+        let before = (core.term(), core.last_index(), core.commit_index());
+        let result = core.step_from_peer(msg.clone());
+        assert!(result.is_err(), "{msg:?} was stepped");
+        while core.take_ready().is_some() {
+            core.persisted();
+        }
+        let after = (core.term(), core.last_index(), core.commit_index());
+        assert_eq!(before, after, "a refused message changed nothing");
+    }
+
+    #[test]
+    fn vote_request_without_term_is_refused() {
+        refused(message(MessageType::MsgRequestVote, 0));
+    }
+
+    #[test]
+    fn heartbeat_without_term_is_refused() {
+        refused(message(MessageType::MsgHeartbeat, 0));
+    }
+
+    #[test]
+    fn heartbeat_committing_past_the_log_is_refused() {
+        let mut msg = message(MessageType::MsgHeartbeat, 2);
+        msg.commit = 7;
+        refused(msg);
+    }
+
+    #[test]
+    fn append_after_an_index_past_the_log_with_term_zero_is_refused() {
+        let mut msg = message(MessageType::MsgAppend, 5);
+        msg.index = 7;
+        msg.commit = 53_201;
+        refused(msg);
+    }
+
+    #[test]
+    fn append_with_entries_out_of_place_or_order_is_refused() {
+        let mut msg = message(MessageType::MsgAppend, 3);
+        msg.index = 4;
+        msg.log_term = 2;
+        msg.set_entries(
+            vec![Entry {
+                term: 3,
+                index: 3,
+                ..Default::default()
+            }]
+            .into(),
+        );
+        refused(msg.clone());
+        msg.set_entries(
+            vec![Entry {
+                term: 4,
+                index: 5,
+                ..Default::default()
+            }]
+            .into(),
+        );
+        refused(msg);
+    }
+
+    #[test]
+    fn empty_forwarded_proposal_is_refused() {
+        refused(message(MessageType::MsgPropose, 0));
+    }
+
+    #[test]
+    fn read_index_with_a_term_or_without_its_context_entry_is_refused() {
+        let mut msg = message(MessageType::MsgReadIndex, 3);
+        msg.set_entries(vec![Entry::default()].into());
+        refused(msg);
+        refused(message(MessageType::MsgReadIndex, 0));
+    }
+
+    #[test]
+    fn snapshot_with_a_malformed_configuration_is_refused() {
+        let mut msg = message(MessageType::MsgSnapshot, 3);
+        let mut meta = SnapshotMetadata {
+            index: 9,
+            term: 3,
+            ..Default::default()
+        };
+        meta.set_conf_state(ConfState::from((vec![1, 1, 2], vec![2])));
+        msg.mut_snapshot().set_metadata(meta);
+        refused(msg);
+    }
+
+    #[test]
+    fn snapshot_contradicting_a_committed_entry_is_refused() {
+        let mut msg = message(MessageType::MsgSnapshot, 3);
+        let mut meta = SnapshotMetadata {
+            index: 4,
+            term: 3,
+            ..Default::default()
+        };
+        meta.set_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+        msg.mut_snapshot().set_metadata(meta);
+        refused(msg);
+    }
+
+    #[test]
+    fn terms_and_indexes_near_the_end_of_u64_are_refused() {
+        let mut msg = message(MessageType::MsgRequestPreVoteResponse, u64::MAX);
+        refused(msg.clone());
+        msg.term = 3;
+        msg.commit = u64::MAX - 7;
+        refused(msg);
+    }
+
+    #[test]
+    fn a_good_append_is_stepped() {
+        let mut core = follower();
+        let mut msg = message(MessageType::MsgAppend, 2);
+        msg.index = 4;
+        msg.log_term = 2;
+        msg.commit = 5;
+        msg.set_entries(
+            vec![Entry {
+                term: 2,
+                index: 5,
+                ..Default::default()
+            }]
+            .into(),
+        );
+        core.step_from_peer(msg).unwrap();
+        while core.take_ready().is_some() {
+            core.persisted();
+        }
+        assert_eq!((core.last_index(), core.commit_index()), (5, 5));
+    }
 }

@@ -6,7 +6,9 @@ mod dedupe;
 mod shell;
 mod storage;
 
-pub use self::core::{single_change, CoreOptions, PeerProgress, RaftCore, ReadyWork};
+pub use self::core::{
+    single_change, CoreOptions, PeerMessageRefused, PeerProgress, RaftCore, ReadyWork,
+};
 pub use shell::{
     spawn_node, Applied, ApplyBatch, NodeError, NodeHandle, NodeOptions, NodeStatus, StartedNode,
     BOOTSTRAP_INDEX,

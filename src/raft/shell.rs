@@ -368,8 +368,10 @@ impl Shell {
                         if self.removed || !self.forwarded.first_time(&msg) {
                             continue;
                         }
-                        // Messages from stale terms or unknown peers are refused by raft; fine.
-                        let _ = self.core.step(msg);
+                        // A refused message is as good as lost on the network; raft retries.
+                        if let Err(refused) = self.core.step_from_peer(msg) {
+                            tracing::debug!(%refused, "dropped a peer message");
+                        }
                     }
                 }
                 command = commands.recv() => {
@@ -486,7 +488,7 @@ impl Shell {
             self.send(messages);
             if let Some(snapshot) = &snapshot {
                 self.snaps.save(snapshot)?;
-                self.wal.save_snapshot_marker(
+                self.wal.install_snapshot(
                     snapshot.get_metadata().term,
                     snapshot.get_metadata().index,
                 )?;

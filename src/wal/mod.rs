@@ -340,22 +340,44 @@ impl Wal {
     /// Call it once the snapshot itself is durable (`SnapStore::save`). Entries at or below
     /// `index` may then be released, and the next entry appended may be `index + 1`.
     pub fn save_snapshot_marker(&mut self, term: u64, index: u64) -> Result<(), WalError> {
-        if index == 0 {
-            debug_assert!(false, "a snapshot marker at index 0");
-            return Err(WalError::Invalid {
-                reason: "snapshot marker at index 0".to_string(),
-            });
-        }
-        self.write_records(std::iter::once(RecordRef::SnapshotMarker { term, index }))?;
-        self.snapshot_marker = Some((term, index));
-        self.snapshot_index = self.snapshot_index.max(index);
+        self.write_snapshot_record(RecordRef::SnapshotMarker { term, index }, term, index)?;
         self.last_index = self.last_index.max(index);
         self.sync()
     }
 
+    /// Records that a snapshot from the leader at (term, index) was installed and replaced the
+    /// whole log (raft discards every entry it had, even ones after `index`); synced before
+    /// return. Replay then returns no entry written before this call. The snapshot itself must
+    /// already be durable (`SnapStore::save`).
+    pub fn install_snapshot(&mut self, term: u64, index: u64) -> Result<(), WalError> {
+        self.write_snapshot_record(RecordRef::SnapshotInstall { term, index }, term, index)?;
+        self.last_index = index;
+        self.sync()
+    }
+
+    fn write_snapshot_record(
+        &mut self,
+        record: RecordRef<'_>,
+        term: u64,
+        index: u64,
+    ) -> Result<(), WalError> {
+        if index == 0 {
+            debug_assert!(false, "a snapshot at index 0");
+            return Err(WalError::Invalid {
+                reason: "snapshot at index 0".to_string(),
+            });
+        }
+        self.write_records(std::iter::once(record))?;
+        self.snapshot_marker = Some((term, index));
+        self.snapshot_index = self.snapshot_index.max(index);
+        Ok(())
+    }
+
     /// Removes whole segments all of whose entries have index < `index`, oldest first, never
-    /// the current one. The current segment is synced first, so that the hard state and
-    /// snapshot marker copies it opens with are durable before older copies go.
+    /// the current one. A copy of the hard state and snapshot marker is first appended to the
+    /// current segment and synced, so that they survive the older copies going: the copies a
+    /// segment opens with are not enough, because a crash may have taken them (the new segment's
+    /// name was durable, its first write was not).
     ///
     /// Contract: a durable snapshot covers every entry below `index` (`index` is at most the
     /// newest snapshot index + 1, counting the caller's `after_index` and saved markers).
@@ -372,6 +394,12 @@ impl Wal {
         if releasable == 0 {
             return Ok(());
         }
+        let hard_state = self.hard_state.clone();
+        let marker = self.snapshot_marker;
+        self.write_records(
+            std::iter::once(RecordRef::HardState(&hard_state))
+                .chain(marker.map(|(term, index)| RecordRef::SnapshotMarker { term, index })),
+        )?;
         self.sync()?;
         for _ in 0..releasable {
             let oldest = &self.segments[0];

@@ -32,6 +32,9 @@ pub(crate) enum RecordType {
     HardState = 2,
     /// A snapshot exists at (term, index): two u64 LE.
     SnapshotMarker = 3,
+    /// A snapshot from the leader was installed at (term, index) and replaced the whole log:
+    /// entries written before this record are superseded. Payload as `SnapshotMarker`.
+    SnapshotInstall = 4,
 }
 
 impl RecordType {
@@ -40,6 +43,7 @@ impl RecordType {
             1 => Some(RecordType::Entry),
             2 => Some(RecordType::HardState),
             3 => Some(RecordType::SnapshotMarker),
+            4 => Some(RecordType::SnapshotInstall),
             _ => None,
         }
     }
@@ -64,6 +68,7 @@ pub(crate) enum RecordRef<'a> {
     Entry(&'a Entry),
     HardState(&'a HardState),
     SnapshotMarker { term: u64, index: u64 },
+    SnapshotInstall { term: u64, index: u64 },
 }
 
 impl RecordRef<'_> {
@@ -72,6 +77,7 @@ impl RecordRef<'_> {
             RecordRef::Entry(_) => RecordType::Entry,
             RecordRef::HardState(_) => RecordType::HardState,
             RecordRef::SnapshotMarker { .. } => RecordType::SnapshotMarker,
+            RecordRef::SnapshotInstall { .. } => RecordType::SnapshotInstall,
         }
     }
 
@@ -80,7 +86,9 @@ impl RecordRef<'_> {
         match self {
             RecordRef::Entry(entry) => u64::from(entry.compute_size()),
             RecordRef::HardState(hard_state) => u64::from(hard_state.compute_size()),
-            RecordRef::SnapshotMarker { .. } => SNAPSHOT_MARKER_PAYLOAD_BYTES as u64,
+            RecordRef::SnapshotMarker { .. } | RecordRef::SnapshotInstall { .. } => {
+                SNAPSHOT_MARKER_PAYLOAD_BYTES as u64
+            }
         }
     }
 
@@ -105,7 +113,8 @@ impl RecordRef<'_> {
                 entry.write_to_vec(buf)
             }
             RecordRef::HardState(hard_state) => hard_state.write_to_vec(buf),
-            RecordRef::SnapshotMarker { term, index } => {
+            RecordRef::SnapshotMarker { term, index }
+            | RecordRef::SnapshotInstall { term, index } => {
                 debug_assert!(*index > 0, "a snapshot marker names a real index");
                 buf.extend_from_slice(&term.to_le_bytes());
                 buf.extend_from_slice(&index.to_le_bytes());
@@ -148,6 +157,7 @@ pub(crate) enum Record {
     Entry(Entry),
     HardState(HardState),
     SnapshotMarker { term: u64, index: u64 },
+    SnapshotInstall { term: u64, index: u64 },
 }
 
 /// A record whose framing and CRC are valid; the payload is not decoded yet.
@@ -176,7 +186,7 @@ impl RawRecord<'_> {
             RecordType::HardState => HardState::parse_from_bytes(self.payload)
                 .map(Record::HardState)
                 .map_err(|e| format!("hard state record does not decode: {e}")),
-            RecordType::SnapshotMarker => {
+            RecordType::SnapshotMarker | RecordType::SnapshotInstall => {
                 let bytes: &[u8; SNAPSHOT_MARKER_PAYLOAD_BYTES] =
                     self.payload.try_into().map_err(|_| {
                         format!(
@@ -190,7 +200,11 @@ impl RawRecord<'_> {
                 if index == 0 {
                     return Err("snapshot marker with index 0".to_string());
                 }
-                Ok(Record::SnapshotMarker { term, index })
+                Ok(if self.kind == RecordType::SnapshotInstall {
+                    Record::SnapshotInstall { term, index }
+                } else {
+                    Record::SnapshotMarker { term, index }
+                })
             }
         }
     }

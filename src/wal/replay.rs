@@ -69,6 +69,12 @@ impl LogBuilder {
         match record {
             Record::Entry(entry) => self.add_entry(entry),
             Record::HardState(hard_state) => self.hard_state = hard_state,
+            Record::SnapshotInstall { term, index } => {
+                // The installed snapshot replaced the log: nothing written before it survives.
+                self.entries.clear();
+                self.log_last_index = index;
+                self.snapshot_marker = Some((term, index));
+            }
             Record::SnapshotMarker { term, index } => {
                 // Markers are written in increasing order, but a copy of the latest one opens
                 // every segment; keep the newest.

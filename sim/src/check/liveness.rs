@@ -18,6 +18,12 @@ use crate::workload::{self, History};
 pub async fn heal_everything(cluster: &Cluster, initial: &[u64]) {
     retire_non_members(cluster, initial);
     crate::faults::heal(cluster);
+    if cluster.network.has_plan() {
+        cluster.network.set_plan(None);
+        cluster.recorder.event(EventKind::Fault {
+            description: "the schedule's network plan ends".into(),
+        });
+    }
     let faults = cluster.network.faults();
     if faults != crate::network::LinkFaults::default() {
         cluster.network.set_faults(crate::network::LinkFaults {

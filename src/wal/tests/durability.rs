@@ -176,3 +176,75 @@ fn failed_sync_poisons_the_log_until_it_is_reopened() {
     let (_, replay) = Wal::open(disk, tmp.path(), options, 0).unwrap();
     assert_eq!(replay.entries, entries(1, 1..=2));
 }
+
+/// Found by the `wal_decode` fuzz target: a crash right after a roll keeps the new segment (its
+/// name was made durable) but not its first write, the hard state and marker copies it opens
+/// with. Releasing the older segments must not take the only copies with them.
+#[test]
+fn release_keeps_the_hard_state_when_a_crash_took_the_new_segments_opening_copies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = WalOptions {
+        segment_bytes: TINY_SEGMENT_BYTES,
+    };
+    let vote = hard_state(3, 2, 1);
+    let (mut wal, _) = Wal::open(StdDisk::shared(), tmp.path(), options, 0).unwrap();
+    wal.append(&entries(3, 1..=2), Some(&vote)).unwrap();
+    wal.sync().unwrap();
+    while wal.segments.len() < 2 {
+        let index = wal.last_index() + 1;
+        wal.append(&entries(3, index..=index), None).unwrap();
+    }
+    wal.sync().unwrap();
+    let newest = wal.segments.last().unwrap().path.clone();
+    drop(wal);
+    // What the crash left of the newest segment: its preallocated zeros.
+    let len = std::fs::metadata(&newest).unwrap().len();
+    std::fs::write(&newest, vec![0u8; len as usize]).unwrap();
+
+    let (mut wal, replay) = Wal::open(StdDisk::shared(), tmp.path(), options, 0).unwrap();
+    assert_eq!(replay.hard_state, vote);
+    let covered = wal.last_index();
+    wal.save_snapshot_marker(3, covered).unwrap();
+    wal.release_to(covered + 1).unwrap();
+    assert_eq!(
+        segment_paths(tmp.path()).len(),
+        1,
+        "older segments released"
+    );
+    drop(wal);
+    let (_, replay) = Wal::open(StdDisk::shared(), tmp.path(), options, covered).unwrap();
+    assert_eq!(replay.hard_state, vote, "term and vote survive the release");
+    assert!(replay.entries.is_empty());
+}
+
+/// Found by the `peer_message` fuzz target: a follower whose log ran past the leader's snapshot
+/// (entries of an old term) installs it; raft drops all of its entries, so a restart must not
+/// bring the ones after the snapshot back. A local snapshot (a plain marker) keeps them.
+#[test]
+fn an_installed_snapshot_supersedes_every_entry_before_it_but_a_marker_does_not() {
+    let options = WalOptions {
+        segment_bytes: TINY_SEGMENT_BYTES,
+    };
+    for install in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(StdDisk::shared(), tmp.path(), options, 0).unwrap();
+        wal.append(&entries(1, 1..=10), Some(&hard_state(1, 1, 5)))
+            .unwrap();
+        if install {
+            wal.install_snapshot(2, 8).unwrap();
+        } else {
+            wal.save_snapshot_marker(1, 8).unwrap();
+        }
+        drop(wal);
+        let (mut wal, replay) = Wal::open(StdDisk::shared(), tmp.path(), options, 8).unwrap();
+        let kept: Vec<u64> = replay.entries.iter().map(|e| e.index).collect();
+        let expected: Vec<u64> = if install { vec![] } else { vec![9, 10] };
+        assert_eq!(kept, expected, "install={install}");
+        wal.append(&entries(2, 9..=9), None).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let (_, replay) = Wal::open(StdDisk::shared(), tmp.path(), options, 8).unwrap();
+        let kept: Vec<(u64, u64)> = replay.entries.iter().map(|e| (e.index, e.term)).collect();
+        assert_eq!(kept, [(9, 2)], "install={install}");
+    }
+}
