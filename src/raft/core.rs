@@ -185,6 +185,13 @@ impl RaftCore {
     /// Checks what a correct peer's message satisfies given this node's own log.
     fn check_against_log(&self, msg: &Message) -> Result<(), String> {
         let log = &self.raw.raft.raft_log;
+        if msg.get_msg_type() == MessageType::MsgTransferLeader
+            && self.raw.raft.state != StateRole::Leader
+        {
+            // Followers forward a transfer request only after raft stamped their term on it,
+            // which a follower here could not forward again (raft-rs panics).
+            return Err("a leadership transfer request to a member that does not lead".into());
+        }
         if msg.get_msg_type() == MessageType::MsgHeartbeat && msg.commit > log.last_index() {
             // A leader's heartbeat carries at most what this member acknowledged having.
             return Err(format!(
@@ -739,6 +746,11 @@ mod tests {
         msg.term = 3;
         msg.commit = u64::MAX - 7;
         refused(msg);
+    }
+
+    #[test]
+    fn transfer_request_to_a_follower_is_refused() {
+        refused(message(MessageType::MsgTransferLeader, 7));
     }
 
     #[test]
