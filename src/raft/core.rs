@@ -165,11 +165,6 @@ impl RaftCore {
         }
     }
 
-    /// Steps a message this node made itself or that the shell trusts (tests).
-    pub fn step(&mut self, msg: Message) -> Result<(), raft::Error> {
-        self.raw.step(msg)
-    }
-
     /// Steps a message that arrived from a peer. Peer bytes are untrusted: a message that no
     /// correct member could have sent is refused here, before raft sees it, because raft-rs
     /// treats some such messages as fatal (it panics). Refusing is always safe: to raft it is a
