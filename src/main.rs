@@ -21,7 +21,6 @@ use quorumkv::proto::etcdserverpb::cluster_server::ClusterServer as ClusterGrpc;
 use quorumkv::proto::etcdserverpb::kv_server::KvServer as KvGrpc;
 use quorumkv::proto::etcdserverpb::lease_server::LeaseServer as LeaseGrpc;
 use quorumkv::proto::etcdserverpb::maintenance_server::MaintenanceServer as MaintenanceGrpc;
-use quorumkv::proto::etcdserverpb::watch_server::WatchServer as WatchGrpc;
 use quorumkv::proto::etcdserverpb::Member;
 use quorumkv::proto::quorumkvpb::ClusterMembers;
 use quorumkv::proto::v3electionpb::election_server::ElectionServer as ElectionGrpc;
@@ -694,9 +693,7 @@ async fn run(flags: Flags) -> Result<(), String> {
         let lease = LeaseGrpc::new(LeaseService::new(member.kv.clone()))
             .max_decoding_message_size(max_decode)
             .max_encoding_message_size(usize::MAX);
-        let watch = WatchGrpc::new(WatchService::new(member.kv.clone()))
-            .max_decoding_message_size(max_decode)
-            .max_encoding_message_size(usize::MAX);
+        let watch = WatchService::new(member.kv.clone(), max_decode);
         let lock = LockGrpc::new(LockService::new(member.kv.clone()))
             .max_decoding_message_size(max_decode)
             .max_encoding_message_size(usize::MAX);

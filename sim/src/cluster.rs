@@ -318,6 +318,21 @@ impl Cluster {
         });
     }
 
+    /// Ends the run: every member's tasks are killed. A madsim task keeps a waker to itself, so
+    /// one still waiting when the runtime is dropped is never freed; without this, each run would
+    /// leave its members' state behind in the process (about 0.7 MB a run, which long fuzzing
+    /// runs of many thousands of schedules cannot afford).
+    pub fn kill_all(&self) {
+        let mut members = self.lock();
+        for member in members.values_mut() {
+            if let Some(node) = member.node.take() {
+                Handle::current().kill(node.id());
+            }
+            member.kv = None;
+            member.paused = false;
+        }
+    }
+
     pub fn pause(&self, id: u64) {
         let mut members = self.lock();
         if let Some(member) = members.get_mut(&id) {

@@ -446,12 +446,18 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
         )
     };
     let events = recorder.lock().events.clone();
+    let end_us = recorder.now_us();
+    cluster.kill_all();
+    Handle::current().kill(clients_node.id());
+    Handle::current().kill(faults_node.id());
+    // The killed tasks are dropped when the executor next runs them.
+    tokio::time::sleep(Duration::from_millis(1)).await;
     Simulated {
         events,
         ops,
         verdicts,
         nodes: cluster.ids(),
-        end_us: recorder.now_us(),
+        end_us,
         faults: swarm.describe(),
         stats,
     }

@@ -30,7 +30,7 @@ use crate::proto::etcdserverpb::{LeaseKeepAliveRequest, WatchRequest, WatchRespo
 use crate::proto::v3electionpb::election_server::Election;
 use crate::proto::v3lockpb::lock_server::Lock;
 use crate::server::KvServer;
-use crate::watch::WatchHub;
+use crate::watch::{WatchHub, WatchOut};
 
 /// The HTTP status grpc-gateway answers for a gRPC code.
 fn http_status(code: Code) -> StatusCode {
@@ -136,7 +136,7 @@ fn watch(hub: WatchHub, body: &[u8]) -> Response {
         stream,
     };
     let first = tonic::codegen::tokio_stream::once(created);
-    let rest = ReceiverStream::new(rx);
+    let rest = ReceiverStream::new(rx.into_inner()).map(WatchOut::into_response);
     if ok {
         hub.activate(stream, watch_id);
     }

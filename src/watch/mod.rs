@@ -4,11 +4,19 @@
 //! revision, or too slow to take events as they came): unsynced watchers catch up from the
 //! store's history, a bounded batch at a time, without holding writers back. A watcher whose
 //! next revision was compacted away is cancelled with the compact revision.
+//!
+//! The apply loop only queues new events (`publish`); the hub's own task delivers them, so a
+//! write never waits for its watchers, and revisions applied while a delivery is under way go
+//! out together in the next one. Watchers that want the same events share one encoding of them
+//! (`WatchOut::Shared`): with a thousand watchers on a prefix, each revision is encoded once,
+//! not a thousand times.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use prost::Message as _;
 use tokio::sync::{mpsc, Notify};
 
@@ -29,12 +37,140 @@ pub const CATCH_UP_REVISIONS: usize = 1000;
 pub const CATCH_UP_INTERVAL: Duration = Duration::from_millis(100);
 /// How often a watcher that asked for progress notifications gets one (etcd: 10 minutes).
 pub const PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_secs(600);
+/// New events queued for delivery, at most: past this, the synced watchers fall back to
+/// catching up from history (which is bounded per step) rather than the queue growing.
+pub const PENDING_EVENTS: usize = 4096;
+/// `WatchResponse`'s field numbers.
+const HEADER_FIELD: u32 = 1;
+const WATCH_ID_FIELD: u32 = 2;
+const EVENTS_FIELD: u32 = 11;
+
+fn watch_id_len(watch_id: i64) -> usize {
+    if watch_id == 0 {
+        0
+    } else {
+        prost::encoding::int64::encoded_len(WATCH_ID_FIELD, &watch_id)
+    }
+}
 
 pub const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
 pub const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 
 /// Makes response headers (cluster, member, term) for a revision.
 pub type HeaderFn = Arc<dyn Fn(i64) -> ResponseHeader + Send + Sync>;
+
+/// What a watch stream's queue carries.
+#[derive(Debug, Clone)]
+pub enum WatchOut {
+    Response(WatchResponse),
+    /// A response in encoded parts shared with other watchers: its header (as the `header`
+    /// field) and its events (as `events` fields); only the watch id is its own.
+    Shared {
+        header: Bytes,
+        watch_id: i64,
+        events: Bytes,
+    },
+}
+
+impl From<WatchResponse> for WatchOut {
+    fn from(response: WatchResponse) -> Self {
+        WatchOut::Response(response)
+    }
+}
+
+impl WatchOut {
+    /// Its wire form, as `WatchResponse::encode` would write it.
+    pub fn encode(&self, buf: &mut impl bytes::BufMut) -> Result<(), BufferTooSmall> {
+        let needed = match self {
+            WatchOut::Response(response) => response.encoded_len(),
+            WatchOut::Shared {
+                header,
+                watch_id,
+                events,
+            } => header.len() + watch_id_len(*watch_id) + events.len(),
+        };
+        let too_small = BufferTooSmall {
+            needed,
+            remaining: buf.remaining_mut(),
+        };
+        if too_small.remaining < needed {
+            return Err(too_small);
+        }
+        match self {
+            WatchOut::Response(response) => response.encode(buf).map_err(|_| too_small),
+            WatchOut::Shared {
+                header,
+                watch_id,
+                events,
+            } => {
+                // Fields in number order, as prost writes them.
+                buf.put_slice(header);
+                if *watch_id != 0 {
+                    prost::encoding::int64::encode(WATCH_ID_FIELD, watch_id, buf);
+                }
+                buf.put_slice(events);
+                Ok(())
+            }
+        }
+    }
+
+    /// As a `WatchResponse` (the shared events decoded).
+    pub fn into_response(self) -> WatchResponse {
+        match self {
+            WatchOut::Response(response) => response,
+            WatchOut::Shared {
+                header,
+                watch_id,
+                events,
+            } => {
+                let mut response = WatchResponse {
+                    watch_id,
+                    ..Default::default()
+                };
+                if let Err(e) = response.merge(header).and_then(|()| response.merge(events)) {
+                    // Encoded here from decoded messages: cannot fail short of a bug.
+                    tracing::error!(error = %e, "shared watch response undecodable");
+                }
+                response
+            }
+        }
+    }
+}
+
+/// A response did not fit the buffer it was to be written to.
+#[derive(Debug)]
+pub struct BufferTooSmall {
+    pub needed: usize,
+    pub remaining: usize,
+}
+
+impl std::fmt::Display for BufferTooSmall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a watch response of {} bytes does not fit the {} left in the buffer",
+            self.needed, self.remaining
+        )
+    }
+}
+
+/// The receiving end of a watch stream's queue.
+pub struct WatchReceiver(mpsc::Receiver<WatchOut>);
+
+impl WatchReceiver {
+    pub async fn recv(&mut self) -> Option<WatchResponse> {
+        self.0.recv().await.map(WatchOut::into_response)
+    }
+
+    pub fn try_recv(&mut self) -> Result<WatchResponse, mpsc::error::TryRecvError> {
+        self.0.try_recv().map(WatchOut::into_response)
+    }
+
+    /// The queue as it is, for the gRPC service (which writes shared events as they are).
+    pub fn into_inner(self) -> mpsc::Receiver<WatchOut> {
+        self.0
+    }
+}
 
 struct Watcher {
     start: Vec<u8>,
@@ -49,7 +185,7 @@ struct Watcher {
     synced: bool,
     /// Its `created` answer has gone out: events may follow.
     ready: bool,
-    tx: mpsc::Sender<WatchResponse>,
+    tx: mpsc::Sender<WatchOut>,
 }
 
 impl Watcher {
@@ -61,11 +197,91 @@ impl Watcher {
     }
 }
 
+/// Where a delivery's events come from: the events, and the store for previous values (if
+/// at hand).
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    store: Option<&'a MvccStore>,
+    events: &'a [Event],
+}
+
+/// The encodings made for one delivery's events, shared by the watchers it goes to: headers
+/// by revision, and events by whether previous values go with them and which were chosen
+/// (indexes into the delivery's events).
+#[derive(Default)]
+struct Encodings {
+    headers: HashMap<i64, Bytes>,
+    events: [HashMap<Vec<u32>, Bytes>; 2],
+}
+
+impl Encodings {
+    fn header(&mut self, make: &HeaderFn, revision: i64) -> Bytes {
+        self.headers
+            .entry(revision)
+            .or_insert_with(|| {
+                let mut buf = BytesMut::new();
+                prost::encoding::message::encode(HEADER_FIELD, &make(revision), &mut buf);
+                buf.freeze()
+            })
+            .clone()
+    }
+
+    /// The chosen events, encoded; `None` if previous values were asked for and the store
+    /// (where they are looked up) is not at hand.
+    fn events(&mut self, source: Source<'_>, chosen: &[u32], prev_kv: bool) -> Option<Bytes> {
+        if let Some(encoded) = self.events[usize::from(prev_kv)].get(chosen) {
+            return Some(encoded.clone());
+        }
+        let store = if prev_kv { Some(source.store?) } else { None };
+        let mut buf = BytesMut::new();
+        for event in chosen.iter().filter_map(|&i| source.events.get(i as usize)) {
+            match store {
+                Some(store) => {
+                    let mut event = event.clone();
+                    event.prev_kv = previous(store, &event);
+                    prost::encoding::message::encode(EVENTS_FIELD, &event, &mut buf);
+                }
+                None => prost::encoding::message::encode(EVENTS_FIELD, event, &mut buf),
+            }
+        }
+        let encoded = buf.freeze();
+        self.events[usize::from(prev_kv)].insert(chosen.to_vec(), encoded.clone());
+        Some(encoded)
+    }
+}
+
+/// What a delivery came to for one watcher, kept for the next: watchers alike (same range,
+/// filters and next revision, as a prefix's watchers usually are) come to the same.
+struct Outcome {
+    start: Vec<u8>,
+    end: Vec<u8>,
+    no_put: bool,
+    no_delete: bool,
+    from_rev: i64,
+    /// The events it is sent (indexes into the delivery's), its new next revision, and
+    /// whether history must fill a gap after them.
+    chosen: Vec<u32>,
+    next: i64,
+    gap: bool,
+}
+
+impl Outcome {
+    fn fits(&self, watcher: &Watcher) -> bool {
+        self.from_rev == watcher.next_rev
+            && self.no_put == watcher.no_put
+            && self.no_delete == watcher.no_delete
+            && self.start == watcher.start
+            && self.end == watcher.end
+    }
+}
+
 #[derive(Default)]
 struct HubState {
     /// By (stream, watch id).
     watchers: BTreeMap<(u64, i64), Watcher>,
     next_stream: u64,
+    /// Events applied but not yet delivered to the synced watchers, in revision order.
+    pending: Vec<Event>,
 }
 
 #[derive(Clone)]
@@ -86,8 +302,8 @@ enum Sent {
     Closed,
 }
 
-fn send(tx: &mpsc::Sender<WatchResponse>, response: WatchResponse) -> Sent {
-    match tx.try_send(response) {
+fn send(tx: &mpsc::Sender<WatchOut>, response: impl Into<WatchOut>) -> Sent {
+    match tx.try_send(response.into()) {
         Ok(()) => Sent::Yes,
         Err(mpsc::error::TrySendError::Full(_)) => Sent::Full,
         Err(mpsc::error::TrySendError::Closed(_)) => Sent::Closed,
@@ -120,17 +336,11 @@ impl WatchHub {
     }
 
     /// A new watch stream: its id and where its responses arrive.
-    pub fn open_stream(
-        &self,
-    ) -> (
-        u64,
-        mpsc::Sender<WatchResponse>,
-        mpsc::Receiver<WatchResponse>,
-    ) {
+    pub fn open_stream(&self) -> (u64, mpsc::Sender<WatchOut>, WatchReceiver) {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let mut state = self.lock();
         state.next_stream += 1;
-        (state.next_stream, tx, rx)
+        (state.next_stream, tx, WatchReceiver(rx))
     }
 
     pub fn close_stream(&self, stream: u64) {
@@ -143,7 +353,7 @@ impl WatchHub {
     pub fn create(
         &self,
         stream: u64,
-        tx: &mpsc::Sender<WatchResponse>,
+        tx: &mpsc::Sender<WatchOut>,
         req: &WatchCreateRequest,
     ) -> WatchResponse {
         // Lock order, everywhere: the store, then the hub.
@@ -225,13 +435,15 @@ impl WatchHub {
     /// A progress answer for the stream (`RequestProgress`): every event up to the revision it
     /// names has been sent on this stream.
     pub fn progress(&self, stream: u64) -> WatchResponse {
+        self.deliver_pending();
         let current = self.read_store().current_rev();
         let state = self.lock();
+        // A watcher has been sent, or did not want, every event before its next revision.
         let delivered = state
             .watchers
             .iter()
             .filter(|((s, _), _)| *s == stream)
-            .map(|(_, w)| if w.synced { current } else { w.next_rev - 1 })
+            .map(|(_, w)| w.next_rev - 1)
             .min()
             .unwrap_or(current);
         WatchResponse {
@@ -244,62 +456,90 @@ impl WatchHub {
     /// The state was replaced (a snapshot from the leader): every watcher catches up from the
     /// new history.
     pub fn resync_all(&self) {
-        for watcher in self.lock().watchers.values_mut() {
+        let mut state = self.lock();
+        state.pending.clear();
+        for watcher in state.watchers.values_mut() {
             watcher.synced = false;
         }
         self.wake.notify_one();
     }
 
-    /// New revisions' events, in order, from the apply loop: each synced watcher gets those it
-    /// wants at once, in one response (whole revisions, in order); one that cannot take them
-    /// falls back to catching up.
+    /// New revisions' events, in order, from the apply loop: queued for the hub's task
+    /// (`deliver_pending`), which sends them on. Past `PENDING_EVENTS` the queue is dropped and
+    /// the synced watchers catch up from history instead.
     pub fn publish(&self, events: Vec<Event>) {
         if events.is_empty() {
             return;
         }
-        let store = self.read_store();
         let mut state = self.lock();
+        if state.pending.len() + events.len() > PENDING_EVENTS {
+            state.pending.clear();
+            for watcher in state.watchers.values_mut() {
+                watcher.synced = false;
+            }
+        } else {
+            state.pending.extend(events);
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Sends the queued events on: each synced watcher gets those it wants in one response
+    /// (whole revisions, in order); one that cannot take them falls back to catching up.
+    pub fn deliver_pending(&self) {
+        // The store (lock order: the store, then the hub) only for previous values: a
+        // delivery without it does not hold up the apply loop's writes.
+        let wants_prev = {
+            let state = self.lock();
+            if state.pending.is_empty() {
+                return;
+            }
+            state.watchers.values().any(|w| w.prev_kv && w.synced)
+        };
+        let store = wants_prev.then(|| self.read_store());
+        let mut state = self.lock();
+        if state.pending.is_empty() {
+            return;
+        }
+        let events = std::mem::take(&mut state.pending);
+        let source = Source {
+            store: store.as_deref(),
+            events: &events,
+        };
+        let mut encodings = Encodings::default();
+        let mut last: Option<Outcome> = None;
         let mut closed = Vec::new();
         let mut fell_behind = false;
         for (key, watcher) in state.watchers.iter_mut() {
             if !(watcher.ready && watcher.synced) {
                 continue;
             }
-            // Every revision it is due, in one response.
-            let mut wanted = Vec::new();
-            let mut next = watcher.next_rev;
-            let mut gap = false;
-            for revision in events.chunk_by(|a, b| mod_rev(a) == mod_rev(b)) {
-                let rev = mod_rev(&revision[0]);
-                if rev < next {
-                    continue;
-                }
-                if rev > next {
-                    gap = true; // History fills it.
-                    break;
-                }
-                wanted.extend(revision.iter().filter(|e| watcher.wants(e)).cloned());
-                next = rev + 1;
-            }
-            if !wanted.is_empty() {
-                match self.deliver(&store, key.1, watcher, wanted, next - 1) {
-                    Sent::Yes => {}
-                    Sent::Full => {
+            let outcome = match last.take() {
+                Some(outcome) if outcome.fits(watcher) => outcome,
+                _ => outcome_for(watcher, &events),
+            };
+            let sent = if outcome.chosen.is_empty() {
+                Sent::Yes
+            } else {
+                let header_rev = outcome.next - 1;
+                let to = (key.1, &*watcher);
+                self.deliver(source, &mut encodings, to, &outcome.chosen, header_rev)
+            };
+            match sent {
+                Sent::Yes => {
+                    watcher.next_rev = outcome.next;
+                    if outcome.gap {
                         watcher.synced = false;
                         fell_behind = true;
-                        continue;
-                    }
-                    Sent::Closed => {
-                        closed.push(*key);
-                        continue;
                     }
                 }
+                Sent::Full => {
+                    watcher.synced = false;
+                    fell_behind = true;
+                }
+                Sent::Closed => closed.push(*key),
             }
-            watcher.next_rev = next;
-            if gap {
-                watcher.synced = false;
-                fell_behind = true;
-            }
+            last = Some(outcome);
         }
         for key in closed {
             state.watchers.remove(&key);
@@ -309,39 +549,46 @@ impl WatchHub {
         }
     }
 
-    /// Sends `events` (with previous values if asked for) to one watcher, in fragments if it
-    /// allows them and they are large.
+    /// Sends the chosen events (with previous values if asked for) to one watcher, in
+    /// fragments if it allows them and they are large.
     fn deliver(
         &self,
-        store: &MvccStore,
-        watch_id: i64,
-        watcher: &Watcher,
-        mut events: Vec<Event>,
+        source: Source<'_>,
+        encodings: &mut Encodings,
+        (watch_id, watcher): (i64, &Watcher),
+        chosen: &[u32],
         header_rev: i64,
     ) -> Sent {
-        if watcher.prev_kv {
-            for event in &mut events {
-                event.prev_kv = previous(store, event);
-            }
+        let Some(events) = encodings.events(source, chosen, watcher.prev_kv) else {
+            // It became synced after the delivery started without the store: history then.
+            return Sent::Full;
+        };
+        let shared = WatchOut::Shared {
+            header: encodings.header(&self.header, header_rev),
+            watch_id,
+            events,
+        };
+        if !watcher.fragment {
+            return send(&watcher.tx, shared);
+        }
+        let whole = shared.into_response();
+        if whole.encoded_len() <= self.max_response_bytes {
+            return send(&watcher.tx, whole);
+        }
+        // Fragments: all but the last marked, each under the size (at least one event).
+        if watcher.tx.capacity() < chosen.len() {
+            return Sent::Full;
         }
         let response = |events: Vec<Event>, fragment: bool| WatchResponse {
-            header: Some((self.header)(header_rev)),
+            header: whole.header,
             watch_id,
             events,
             fragment,
             ..Default::default()
         };
-        let whole = response(events, false);
-        if !watcher.fragment || whole.encoded_len() <= self.max_response_bytes {
-            return send(&watcher.tx, whole);
-        }
-        // Fragments: all but the last marked, each under the size (at least one event).
-        if watcher.tx.capacity() < whole.events.len() {
-            return Sent::Full;
-        }
         let mut parts: Vec<Vec<Event>> = vec![Vec::new()];
         let mut size = 0;
-        for event in whole.events {
+        for event in whole.events.iter().cloned() {
             let len = event.encoded_len();
             if size + len > self.max_response_bytes && !parts.last().is_some_and(Vec::is_empty) {
                 parts.push(Vec::new());
@@ -368,8 +615,9 @@ impl WatchHub {
         let compacted = store.compact_rev();
         let mut state = self.lock();
         let mut done = Vec::new();
-        // Watchers that fell behind together (a stream's, say) read the history once.
-        let mut read: HashMap<HistoryRead, (Vec<Event>, i64)> = HashMap::new();
+        // Watchers that fell behind together (a stream's, say) read the history once, and
+        // share the encoding of what they want of it.
+        let mut read: HashMap<HistoryRead, (Vec<Event>, i64, Encodings)> = HashMap::new();
         for (key, watcher) in state.watchers.iter_mut() {
             if !watcher.ready || watcher.synced {
                 continue;
@@ -379,15 +627,13 @@ impl WatchHub {
                 watcher.start.as_slice(),
                 watcher.end.as_slice(),
             );
-            let found = match read.get(&from) {
-                Some(found) => Ok(found.clone()),
-                None => store
+            let found = match read.entry(from) {
+                Entry::Occupied(found) => Ok(found.into_mut()),
+                Entry::Vacant(slot) => store
                     .events_since(from.0, from.1, from.2, CATCH_UP_REVISIONS)
-                    .inspect(|found| {
-                        read.insert(from, found.clone());
-                    }),
+                    .map(|(events, next)| slot.insert((events, next, Encodings::default()))),
             };
-            let (events, next) = match found {
+            let (events, next, encodings) = match found {
                 Ok(found) => found,
                 Err(MvccError::Compacted) => {
                     let canceled = WatchResponse {
@@ -409,19 +655,26 @@ impl WatchHub {
                     continue;
                 }
             };
-            let mut wanted: Vec<Event> = events.into_iter().filter(|e| watcher.wants(e)).collect();
+            let mut chosen: Vec<u32> = (0..events.len())
+                .filter(|&i| watcher.wants(&events[i]))
+                .map(|i| i as u32)
+                .collect();
             if hooks::injected(Bug::WatchOutOfOrder) {
-                wanted.reverse();
+                chosen.reverse();
             }
-            let sent = if wanted.is_empty() {
+            let sent = if chosen.is_empty() {
                 Sent::Yes
             } else {
-                self.deliver(&store, key.1, watcher, wanted, current)
+                let source = Source {
+                    store: Some(&store),
+                    events,
+                };
+                self.deliver(source, encodings, (key.1, watcher), &chosen, current)
             };
             match sent {
                 Sent::Yes => {
-                    watcher.next_rev = next;
-                    watcher.synced = next > current;
+                    watcher.next_rev = *next;
+                    watcher.synced = *next > current;
                 }
                 Sent::Full => {}
                 Sent::Closed => done.push(*key),
@@ -441,14 +694,14 @@ impl WatchHub {
     /// Sends each synced watcher that asked for them an empty response naming the current
     /// revision (it has seen every event up to it).
     fn notify_progress(&self) {
-        let current = self.read_store().current_rev();
+        self.deliver_pending();
         let state = self.lock();
         for ((_, watch_id), watcher) in state.watchers.iter() {
             if watcher.progress_notify && watcher.synced {
                 let _ = send(
                     &watcher.tx,
                     WatchResponse {
-                        header: Some((self.header)(current)),
+                        header: Some((self.header)(watcher.next_rev - 1)),
                         watch_id: *watch_id,
                         ..Default::default()
                     },
@@ -467,6 +720,7 @@ impl WatchHub {
                 _ = self.wake.notified() => {}
                 _ = self.clock.sleep(CATCH_UP_INTERVAL) => {}
             }
+            self.deliver_pending();
             self.catch_up();
             // Give writers a turn between passes of a long catch-up.
             tokio::task::yield_now().await;
@@ -476,6 +730,43 @@ impl WatchHub {
                     self.clock.now_ms() + PROGRESS_NOTIFY_INTERVAL.as_millis() as u64;
             }
         }
+    }
+}
+
+/// Which of a delivery's events a synced watcher is sent: every whole revision it is due, in
+/// order, up to a gap (history fills it).
+fn outcome_for(watcher: &Watcher, events: &[Event]) -> Outcome {
+    let mut chosen = Vec::new();
+    let mut next = watcher.next_rev;
+    let mut gap = false;
+    let mut at = 0;
+    for revision in events.chunk_by(|a, b| mod_rev(a) == mod_rev(b)) {
+        let first = at;
+        at += revision.len();
+        let rev = mod_rev(&revision[0]);
+        if rev < next {
+            continue;
+        }
+        if rev > next {
+            gap = true;
+            break;
+        }
+        chosen.extend(
+            (first..at)
+                .filter(|&i| watcher.wants(&events[i]))
+                .map(|i| i as u32),
+        );
+        next = rev + 1;
+    }
+    Outcome {
+        start: watcher.start.clone(),
+        end: watcher.end.clone(),
+        no_put: watcher.no_put,
+        no_delete: watcher.no_delete,
+        from_rev: watcher.next_rev,
+        chosen,
+        next,
+        gap,
     }
 }
 

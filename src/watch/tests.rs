@@ -30,8 +30,15 @@ impl Fixture {
         }
     }
 
-    /// Applies a request as the apply loop does, and publishes its events.
+    /// Applies a request as the apply loop does, and publishes its events; the hub's task
+    /// delivers them.
     fn apply(&mut self, request: Request) {
+        self.apply_queued(request);
+        self.hub.deliver_pending();
+    }
+
+    /// Applies a request and publishes its events, which wait for the hub's task.
+    fn apply_queued(&mut self, request: Request) {
         self.index += 1;
         let events = {
             let mut store = self.store.write().expect("lock");
@@ -49,17 +56,17 @@ impl Fixture {
         }));
     }
 
-    fn watch(&self, key: &str, start_revision: i64) -> (mpsc::Receiver<WatchResponse>, i64) {
+    fn watch(&self, key: &str, start_revision: i64) -> (WatchReceiver, i64) {
+        self.watch_with(WatchCreateRequest {
+            key: key.into(),
+            start_revision,
+            ..Default::default()
+        })
+    }
+
+    fn watch_with(&self, create: WatchCreateRequest) -> (WatchReceiver, i64) {
         let (stream, tx, rx) = self.hub.open_stream();
-        let created = self.hub.create(
-            stream,
-            &tx,
-            &WatchCreateRequest {
-                key: key.into(),
-                start_revision,
-                ..Default::default()
-            },
-        );
+        let created = self.hub.create(stream, &tx, &create);
         assert!(created.created && !created.canceled);
         self.hub.activate(stream, created.watch_id);
         (rx, created.watch_id)
@@ -67,7 +74,7 @@ impl Fixture {
 }
 
 /// Every (revision, value) received so far.
-fn drain(rx: &mut mpsc::Receiver<WatchResponse>) -> Vec<(i64, String)> {
+fn drain(rx: &mut WatchReceiver) -> Vec<(i64, String)> {
     let mut got = Vec::new();
     while let Ok(response) = rx.try_recv() {
         for event in response.events {
@@ -133,4 +140,209 @@ fn a_watch_from_a_compacted_revision_is_canceled_with_the_compact_revision() {
     let canceled = rx.try_recv().expect("a response");
     assert!(canceled.canceled);
     assert_eq!((canceled.watch_id, canceled.compact_revision), (id, 3));
+}
+
+fn put_request(key: &str, value: &str) -> Request {
+    Request::Put(PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn revisions_applied_before_a_delivery_go_out_together_in_order() {
+    let mut f = Fixture::new();
+    let (mut rx, id) = f.watch("k", 0);
+    f.hub.catch_up();
+    for v in ["1", "2", "3"] {
+        f.apply_queued(put_request("k", v));
+    }
+    assert!(
+        rx.try_recv().is_err(),
+        "nothing is sent before the hub's task runs"
+    );
+    f.hub.deliver_pending();
+    let response = rx.try_recv().expect("one response");
+    assert_eq!(response.watch_id, id);
+    assert_eq!(response.header.map(|h| h.revision), Some(4));
+    let got: Vec<(i64, Vec<u8>)> = response
+        .events
+        .into_iter()
+        .map(|e| e.kv.expect("kv"))
+        .map(|kv| (kv.mod_revision, kv.value))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(2, b"1".to_vec()), (3, b"2".to_vec()), (4, b"3".to_vec())]
+    );
+    assert!(rx.try_recv().is_err(), "and only one");
+}
+
+#[test]
+fn watchers_sharing_an_encoding_each_get_what_they_asked_for() {
+    let mut f = Fixture::new();
+    f.put("k", "before");
+    let end = b"l".to_vec();
+    let (mut plain, _) = f.watch_with(WatchCreateRequest {
+        key: b"k".to_vec(),
+        range_end: end.clone(),
+        ..Default::default()
+    });
+    let (mut also_plain, _) = f.watch_with(WatchCreateRequest {
+        key: b"k".to_vec(),
+        range_end: end.clone(),
+        ..Default::default()
+    });
+    let (mut with_prev, _) = f.watch_with(WatchCreateRequest {
+        key: b"k".to_vec(),
+        range_end: end.clone(),
+        prev_kv: true,
+        ..Default::default()
+    });
+    let (mut deletes_only, _) = f.watch_with(WatchCreateRequest {
+        key: b"k".to_vec(),
+        range_end: end,
+        filters: vec![FilterType::Noput as i32],
+        ..Default::default()
+    });
+    f.hub.catch_up();
+    f.apply_queued(put_request("k", "after"));
+    f.apply_queued(Request::DeleteRange(
+        crate::proto::etcdserverpb::DeleteRangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        },
+    ));
+    f.hub.deliver_pending();
+    let summary = |rx: &mut WatchReceiver| -> Vec<(i32, i64, Option<Vec<u8>>)> {
+        let response = rx.try_recv().expect("a response");
+        assert!(rx.try_recv().is_err());
+        response
+            .events
+            .into_iter()
+            .map(|e| {
+                let rev = e.kv.map_or(0, |kv| kv.mod_revision);
+                (e.r#type, rev, e.prev_kv.map(|kv| kv.value))
+            })
+            .collect()
+    };
+    let (put, delete) = (EventType::Put as i32, EventType::Delete as i32);
+    let plain_events = vec![(put, 3, None), (delete, 4, None)];
+    assert_eq!(summary(&mut plain), plain_events);
+    assert_eq!(summary(&mut also_plain), plain_events);
+    assert_eq!(
+        summary(&mut with_prev),
+        vec![
+            (put, 3, Some(b"before".to_vec())),
+            (delete, 4, Some(b"after".to_vec()))
+        ]
+    );
+    assert_eq!(summary(&mut deletes_only), vec![(delete, 4, None)]);
+}
+
+#[test]
+fn a_shared_response_is_on_the_wire_what_the_whole_response_is() {
+    let mut f = Fixture::new();
+    let (rx, _) = f.watch("k", 0);
+    let mut rx = rx.into_inner();
+    f.hub.catch_up();
+    f.put("k", "v");
+    let out = rx.try_recv().expect("a response");
+    assert!(matches!(out, WatchOut::Shared { .. }));
+    let mut wire = Vec::new();
+    out.encode(&mut wire).expect("encode");
+    let whole = out.into_response();
+    assert_eq!(whole.events.len(), 1);
+    assert_eq!(
+        WatchResponse::decode(wire.as_slice()).expect("decode"),
+        whole
+    );
+    assert_eq!(wire.len(), whole.encoded_len());
+}
+
+#[test]
+fn too_many_queued_events_send_the_watchers_to_history_without_gaps() {
+    let mut f = Fixture::new();
+    let (mut rx, _) = f.watch("k", 0);
+    f.hub.catch_up();
+    let writes = PENDING_EVENTS + 10;
+    for i in 0..writes {
+        f.apply_queued(put_request("k", &format!("v{i}")));
+    }
+    f.hub.deliver_pending();
+    let mut got = drain(&mut rx);
+    while got.len() < writes {
+        let before = got.len();
+        f.hub.catch_up();
+        got.extend(drain(&mut rx));
+        assert!(got.len() > before, "catch-up makes progress");
+    }
+    f.put("k", "live again");
+    got.extend(drain(&mut rx));
+    let revisions: Vec<i64> = got.iter().map(|(rev, _)| *rev).collect();
+    let expected: Vec<i64> = (2..2 + writes as i64 + 1).collect();
+    assert_eq!(revisions, expected, "every revision once, in order");
+}
+
+#[test]
+fn a_fragmenting_watcher_gets_a_large_revision_in_marked_parts() {
+    use crate::proto::etcdserverpb::{request_op, RequestOp, TxnRequest};
+    let backend = Arc::new(MemBackend::new());
+    let store = Arc::new(RwLock::new(MvccStore::open(backend).expect("open")));
+    let header: HeaderFn = Arc::new(|revision| ResponseHeader {
+        revision,
+        ..Default::default()
+    });
+    let limit = 300;
+    let hub = WatchHub::new(store.clone(), header, Arc::new(TokioClock::new()), limit);
+    let mut f = Fixture {
+        store,
+        hub,
+        index: 0,
+    };
+    let (mut fragmented, _) = f.watch_with(WatchCreateRequest {
+        key: b"k".to_vec(),
+        range_end: b"l".to_vec(),
+        fragment: true,
+        ..Default::default()
+    });
+    let (mut whole, _) = f.watch_with(WatchCreateRequest {
+        key: b"k".to_vec(),
+        range_end: b"l".to_vec(),
+        ..Default::default()
+    });
+    f.hub.catch_up();
+    let puts: Vec<RequestOp> = (0..6)
+        .map(|i| RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: format!("k{i}").into_bytes(),
+                value: vec![b'v'; 100],
+                ..Default::default()
+            })),
+        })
+        .collect();
+    f.apply(Request::Txn(TxnRequest {
+        success: puts,
+        ..Default::default()
+    }));
+    let mut parts = Vec::new();
+    while let Ok(response) = fragmented.try_recv() {
+        parts.push(response);
+    }
+    assert!(parts.len() > 1, "split into {} parts", parts.len());
+    let (last, marked) = parts.split_last().expect("parts");
+    assert!(marked.iter().all(|p| p.fragment) && !last.fragment);
+    assert!(parts.iter().all(|p| p.encoded_len() <= limit));
+    let keys = |events: &[Event]| -> Vec<Vec<u8>> {
+        events
+            .iter()
+            .map(|e| e.kv.as_ref().expect("kv").key.clone())
+            .collect()
+    };
+    let from_parts: Vec<Vec<u8>> = parts.iter().flat_map(|p| keys(&p.events)).collect();
+    let unsplit = whole.try_recv().expect("one response");
+    assert!(!unsplit.fragment);
+    assert_eq!(from_parts, keys(&unsplit.events));
+    assert_eq!(from_parts.len(), 6);
 }
