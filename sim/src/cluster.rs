@@ -82,9 +82,15 @@ impl Cluster {
 
     /// Adds a member that is not running yet. `initial_voters` is empty for one that joins a
     /// running cluster.
-    pub fn add(&self, id: u64, initial_voters: Vec<u64>) {
+    /// Makes a host for member `id`; `false` (and nothing changes) if there is one: a member
+    /// id is never reused, and a second host would run a second process with the same id.
+    pub fn add(&self, id: u64, initial_voters: Vec<u64>) -> bool {
         let url = peer_url(id);
-        self.lock().insert(
+        let mut members = self.lock();
+        if members.contains_key(&id) {
+            return false;
+        }
+        members.insert(
             id,
             SimMember {
                 id,
@@ -99,6 +105,7 @@ impl Cluster {
                 incarnation: 0,
             },
         );
+        true
     }
 
     pub fn ids(&self) -> Vec<u64> {

@@ -51,9 +51,13 @@ pub async fn change(cluster: &Cluster, node_id: u64, change: ConfChangeType) -> 
 }
 
 /// Adds member `id` as a learner (starting it first, empty, as `etcd --initial-cluster-state
-/// existing` would).
+/// existing` would); `false` if it was not added (the id is taken, or the change failed).
 pub async fn add_learner(cluster: &Cluster, id: u64) -> bool {
-    cluster.add(id, vec![]);
+    cluster.add(id, vec![]) && join_as_learner(cluster, id).await
+}
+
+/// Starts member `id`, whose host `Cluster::add` made, and adds it as a learner.
+pub async fn join_as_learner(cluster: &Cluster, id: u64) -> bool {
     cluster.start(id).await;
     let added = change(cluster, id, ConfChangeType::AddLearnerNode).await;
     if !added && cluster.changes_applied(id, ConfChangeType::AddLearnerNode) == 0 {

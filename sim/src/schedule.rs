@@ -222,8 +222,13 @@ pub async fn play(cluster: Cluster, schedule: Arc<Schedule>, initial: Vec<u64>) 
             Step::AddLearner => {
                 if members.len() < MAX_MEMBERS {
                     let id = cluster.ids().into_iter().max().unwrap_or(0) + 1;
-                    let cluster = cluster.clone();
-                    tokio::spawn(async move { operator::add_learner(&cluster, id).await });
+                    // The id is taken here, before the next step: an AddLearner right after
+                    // this one adds the member after it (found by fuzzing: two processes both
+                    // started as member 6, and the cluster never settled).
+                    if cluster.add(id, vec![]) {
+                        let cluster = cluster.clone();
+                        tokio::spawn(async move { operator::join_as_learner(&cluster, id).await });
+                    }
                 }
             }
             Step::Promote => {
@@ -250,6 +255,31 @@ pub async fn play(cluster: Cluster, schedule: Arc<Schedule>, initial: Vec<u64>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `replication` fuzzer: two AddLearner steps in a row both took id 6 (the
+    /// first had not made its host yet), so two processes ran as member 6 and the cluster
+    /// never settled on a leader. Each now adds its own member.
+    #[test]
+    fn back_to_back_learner_additions_add_two_members() {
+        let input = [
+            0x0b, 0xad, 0x00, 0x00, 0x63, 0x30, 0x2e, 0x6b, 0x31, 0x6b, 0x31, 0x34, 0xee, 0x34,
+            0xee,
+        ];
+        let schedule = Schedule::decode(&input);
+        assert!(matches!(
+            schedule.steps[..3],
+            [Step::Wait(_), Step::AddLearner, Step::AddLearner]
+        ));
+        let report = crate::run::run(&crate::run::RunOptions {
+            seed: schedule.seed,
+            nodes: schedule.nodes,
+            scenario: None,
+            bug: None,
+            safety: MAX_SAFETY,
+            schedule: Some(Arc::new(schedule)),
+        });
+        assert!(report.passed, "{}", report.last_line());
+    }
 
     #[test]
     fn any_bytes_decode_within_bounds() {
