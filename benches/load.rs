@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prost::bytes::Buf;
+use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
 use quorumkv::proto::etcdserverpb::kv_client::KvClient;
 use quorumkv::proto::etcdserverpb::watch_request::RequestUnion;
 use quorumkv::proto::etcdserverpb::{PutRequest, RangeRequest, WatchCreateRequest, WatchRequest};
-use prost::bytes::Buf;
-use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
 use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;

@@ -226,8 +226,21 @@ impl Encodings {
             .clone()
     }
 
-    /// The chosen events, encoded; `None` if previous values were asked for and the store
-    /// (where they are looked up) is not at hand.
+    /// A response's shared parts: the header at `header_rev` and the chosen events, encoded;
+    /// `None` if previous values were asked for and the store (where they are looked up) is
+    /// not at hand.
+    fn parts(
+        &mut self,
+        make: &HeaderFn,
+        source: Source<'_>,
+        chosen: &[u32],
+        prev_kv: bool,
+        header_rev: i64,
+    ) -> Option<(Bytes, Bytes)> {
+        let events = self.events(source, chosen, prev_kv)?;
+        Some((self.header(make, header_rev), events))
+    }
+
     fn events(&mut self, source: Source<'_>, chosen: &[u32], prev_kv: bool) -> Option<Bytes> {
         if let Some(encoded) = self.events[usize::from(prev_kv)].get(chosen) {
             return Some(encoded.clone());
@@ -263,6 +276,8 @@ struct Outcome {
     chosen: Vec<u32>,
     next: i64,
     gap: bool,
+    /// The response's shared parts, without and with previous values, once made.
+    parts: [Option<(Bytes, Bytes)>; 2],
 }
 
 impl Outcome {
@@ -514,16 +529,25 @@ impl WatchHub {
             if !(watcher.ready && watcher.synced) {
                 continue;
             }
-            let outcome = match last.take() {
+            let mut outcome = match last.take() {
                 Some(outcome) if outcome.fits(watcher) => outcome,
                 _ => outcome_for(watcher, &events),
             };
-            let sent = if outcome.chosen.is_empty() {
-                Sent::Yes
-            } else {
-                let header_rev = outcome.next - 1;
-                let to = (key.1, &*watcher);
-                self.deliver(source, &mut encodings, to, &outcome.chosen, header_rev)
+            let slot = usize::from(watcher.prev_kv);
+            if outcome.parts[slot].is_none() && !outcome.chosen.is_empty() {
+                let (chosen, header_rev) = (&outcome.chosen, outcome.next - 1);
+                outcome.parts[slot] =
+                    encodings.parts(&self.header, source, chosen, watcher.prev_kv, header_rev);
+            }
+            let sent = match &outcome.parts[slot] {
+                _ if outcome.chosen.is_empty() => Sent::Yes,
+                Some((header, events)) => {
+                    let parts = (header.clone(), events.clone(), outcome.chosen.len());
+                    self.deliver((key.1, watcher), parts)
+                }
+                // It became synced after this delivery started without the store: it reads
+                // the previous values with the events from history.
+                None => Sent::Full,
             };
             match sent {
                 Sent::Yes => {
@@ -553,18 +577,11 @@ impl WatchHub {
     /// fragments if it allows them and they are large.
     fn deliver(
         &self,
-        source: Source<'_>,
-        encodings: &mut Encodings,
         (watch_id, watcher): (i64, &Watcher),
-        chosen: &[u32],
-        header_rev: i64,
+        (header, events, count): (Bytes, Bytes, usize),
     ) -> Sent {
-        let Some(events) = encodings.events(source, chosen, watcher.prev_kv) else {
-            // It became synced after the delivery started without the store: history then.
-            return Sent::Full;
-        };
         let shared = WatchOut::Shared {
-            header: encodings.header(&self.header, header_rev),
+            header,
             watch_id,
             events,
         };
@@ -576,7 +593,7 @@ impl WatchHub {
             return send(&watcher.tx, whole);
         }
         // Fragments: all but the last marked, each under the size (at least one event).
-        if watcher.tx.capacity() < chosen.len() {
+        if watcher.tx.capacity() < count {
             return Sent::Full;
         }
         let response = |events: Vec<Event>, fragment: bool| WatchResponse {
@@ -669,7 +686,12 @@ impl WatchHub {
                     store: Some(&store),
                     events,
                 };
-                self.deliver(source, encodings, (key.1, watcher), &chosen, current)
+                match encodings.parts(&self.header, source, &chosen, watcher.prev_kv, current) {
+                    Some((header, events)) => {
+                        self.deliver((key.1, watcher), (header, events, chosen.len()))
+                    }
+                    None => Sent::Full, // Not so: the store is at hand.
+                }
             };
             match sent {
                 Sent::Yes => {
@@ -767,6 +789,7 @@ fn outcome_for(watcher: &Watcher, events: &[Event]) -> Outcome {
         chosen,
         next,
         gap,
+        parts: [None, None],
     }
 }
 
