@@ -281,6 +281,32 @@ mod tests {
         assert!(report.passed, "{}", report.last_line());
     }
 
+    /// Found by the `replication` fuzzer (a 60 s timeout): members agreed on a leader that
+    /// refused the liveness checker's probe write at once for 0.6 simulated seconds, and the
+    /// checker asked again in the same instant, millions of times.
+    #[test]
+    fn a_refused_liveness_probe_is_retried_after_a_pause() {
+        let input = [
+            0x6b, 0x31, 0x3f, 0x0d, 0x05, 0x7a, 0x33, 0x31, 0x3f, 0x0d, 0x05, 0x7a, 0xe0, 0x8c,
+            0xd5, 0x82, 0xbd, 0xfa, 0xfe, 0xff, 0x00,
+        ];
+        let schedule = Schedule::decode(&input);
+        let report = crate::run::run(&crate::run::RunOptions {
+            seed: schedule.seed,
+            nodes: schedule.nodes,
+            scenario: None,
+            bug: None,
+            safety: MAX_SAFETY,
+            schedule: Some(Arc::new(schedule)),
+        });
+        assert!(report.passed, "{}", report.last_line());
+        assert!(
+            report.ops.len() < 100_000,
+            "{} operations",
+            report.ops.len()
+        );
+    }
+
     #[test]
     fn any_bytes_decode_within_bounds() {
         let schedule = Schedule::decode(&[]);
