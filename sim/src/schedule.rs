@@ -256,6 +256,19 @@ pub async fn play(cluster: Cluster, schedule: Arc<Schedule>, initial: Vec<u64>) 
 mod tests {
     use super::*;
 
+    /// Runs a fuzz input's schedule as the `replication` target does.
+    fn run_input(input: &[u8]) -> crate::run::RunReport {
+        let schedule = Schedule::decode(input);
+        crate::run::run(&crate::run::RunOptions {
+            seed: schedule.seed,
+            nodes: schedule.nodes,
+            scenario: None,
+            bug: None,
+            safety: MAX_SAFETY,
+            schedule: Some(Arc::new(schedule)),
+        })
+    }
+
     /// Found by the `replication` fuzzer: two AddLearner steps in a row both took id 6 (the
     /// first had not made its host yet), so two processes ran as member 6 and the cluster
     /// never settled on a leader. Each now adds its own member.
@@ -265,19 +278,11 @@ mod tests {
             0x0b, 0xad, 0x00, 0x00, 0x63, 0x30, 0x2e, 0x6b, 0x31, 0x6b, 0x31, 0x34, 0xee, 0x34,
             0xee,
         ];
-        let schedule = Schedule::decode(&input);
         assert!(matches!(
-            schedule.steps[..3],
+            Schedule::decode(&input).steps[..3],
             [Step::Wait(_), Step::AddLearner, Step::AddLearner]
         ));
-        let report = crate::run::run(&crate::run::RunOptions {
-            seed: schedule.seed,
-            nodes: schedule.nodes,
-            scenario: None,
-            bug: None,
-            safety: MAX_SAFETY,
-            schedule: Some(Arc::new(schedule)),
-        });
+        let report = run_input(&input);
         assert!(report.passed, "{}", report.last_line());
     }
 
@@ -290,15 +295,7 @@ mod tests {
             0x6b, 0x31, 0x3f, 0x0d, 0x05, 0x7a, 0x33, 0x31, 0x3f, 0x0d, 0x05, 0x7a, 0xe0, 0x8c,
             0xd5, 0x82, 0xbd, 0xfa, 0xfe, 0xff, 0x00,
         ];
-        let schedule = Schedule::decode(&input);
-        let report = crate::run::run(&crate::run::RunOptions {
-            seed: schedule.seed,
-            nodes: schedule.nodes,
-            scenario: None,
-            bug: None,
-            safety: MAX_SAFETY,
-            schedule: Some(Arc::new(schedule)),
-        });
+        let report = run_input(&input);
         assert!(report.passed, "{}", report.last_line());
         assert!(
             report.ops.len() < 100_000,
