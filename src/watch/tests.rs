@@ -16,13 +16,18 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with_response_limit(1 << 20)
+    }
+
+    /// Fragmenting watchers' responses stay under `limit` bytes.
+    fn with_response_limit(limit: usize) -> Self {
         let backend = Arc::new(MemBackend::new());
         let store = Arc::new(RwLock::new(MvccStore::open(backend).expect("open")));
         let header: HeaderFn = Arc::new(|revision| ResponseHeader {
             revision,
             ..Default::default()
         });
-        let hub = WatchHub::new(store.clone(), header, Arc::new(TokioClock::new()), 1 << 20);
+        let hub = WatchHub::new(store.clone(), header, Arc::new(TokioClock::new()), limit);
         Fixture {
             store,
             hub,
@@ -288,19 +293,8 @@ fn too_many_queued_events_send_the_watchers_to_history_without_gaps() {
 #[test]
 fn a_fragmenting_watcher_gets_a_large_revision_in_marked_parts() {
     use crate::proto::etcdserverpb::{request_op, RequestOp, TxnRequest};
-    let backend = Arc::new(MemBackend::new());
-    let store = Arc::new(RwLock::new(MvccStore::open(backend).expect("open")));
-    let header: HeaderFn = Arc::new(|revision| ResponseHeader {
-        revision,
-        ..Default::default()
-    });
     let limit = 300;
-    let hub = WatchHub::new(store.clone(), header, Arc::new(TokioClock::new()), limit);
-    let mut f = Fixture {
-        store,
-        hub,
-        index: 0,
-    };
+    let mut f = Fixture::with_response_limit(limit);
     let (mut fragmented, _) = f.watch_with(WatchCreateRequest {
         key: b"k".to_vec(),
         range_end: b"l".to_vec(),
