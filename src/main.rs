@@ -10,8 +10,8 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 use prost::Message as _;
 use quorumkv::api::{
-    gateway_routes, AuthorityFix, ClusterService, ElectionService, KvService, LeaseService,
-    LockService, MaintenanceService, WatchService, GRPC_OVERHEAD_BYTES,
+    gateway_routes, AuthorityFix, ClusterService, CoalescedWrites, ElectionService, KvService,
+    LeaseService, LockService, MaintenanceService, WatchService, GRPC_OVERHEAD_BYTES,
 };
 use quorumkv::cluster::Members;
 use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
@@ -705,7 +705,7 @@ async fn run(flags: Flags) -> Result<(), String> {
         let incoming = TcpListenerStream::new(listener).map(|accepted| {
             let stream = accepted?;
             stream.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(AuthorityFix::new(stream))
+            Ok::<_, std::io::Error>(CoalescedWrites::new(AuthorityFix::new(stream)))
         });
         // gRPC and the JSON gateway share the port (HTTP/2 and HTTP/1.1), as in etcd.
         let grpc = tonic::service::Routes::new(kv)

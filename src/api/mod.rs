@@ -2,6 +2,7 @@
 //! yet answer gRPC `Unimplemented`.
 
 mod cluster;
+mod coalesce;
 mod concurrency;
 mod forward;
 mod gateway;
@@ -13,6 +14,7 @@ mod status;
 mod watch;
 
 pub use cluster::ClusterService;
+pub use coalesce::CoalescedWrites;
 pub use concurrency::{ElectionService, LockService};
 pub use gateway::routes as gateway_routes;
 pub use h2fix::AuthorityFix;
