@@ -11,25 +11,34 @@ use quorumkv::proto::etcdserverpb::kv_client::KvClient;
 use tonic::transport::Channel;
 
 /// A port for a test server to listen on, chosen below the kernel's ephemeral range
-/// (32768 and up here). A port handed out by binding port 0 comes from that range, and
-/// between the probe and the server's own bind any outgoing connection on the machine
-/// may take it as its local port ("Address already in use" in CI). Ports below the
-/// range are only ever taken by a listener: each test process walks its own stretch
-/// (offset by its pid), never hands out a port twice, and checks that it binds.
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 and up by default). A port handed out
+/// by binding port 0 comes from that range, and between the probe and the server's own
+/// bind any outgoing connection on the machine may take it as its local port ("Address
+/// already in use" in CI). Ports below the range are only ever taken by a listener: each
+/// test process walks its own stretch (offset by its pid), never hands out a port twice,
+/// and checks that it binds.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     const LOW: u32 = 10_000;
-    const SPAN: u32 = 22_000; // up to 31999
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let base = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
-    for _ in 0..SPAN {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(LOW);
+    assert!(
+        span >= 1_000,
+        "the ephemeral port range starts at {ephemeral_low}: no room below it for test servers"
+    );
+    let base = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span {
         let step = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (LOW + (base + step) % SPAN) as u16;
+        let port = (LOW + (base + step) % span) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free port in {LOW}..{}", LOW + SPAN)
+    panic!("no free port in {LOW}..{ephemeral_low}")
 }
 
 pub struct Server {
