@@ -49,6 +49,8 @@ pub struct SimMember {
     pub paused: bool,
     /// Removed from the cluster: never restarted, not expected to converge.
     pub removed: bool,
+    /// A `start` is under way (its process is being made): another must not make a second.
+    pub starting: bool,
     pub incarnation: u64,
 }
 
@@ -102,6 +104,7 @@ impl Cluster {
                 kv: None,
                 paused: false,
                 removed: false,
+                starting: false,
                 incarnation: 0,
             },
         );
@@ -175,9 +178,12 @@ impl Cluster {
             let Some(member) = members.get_mut(&id) else {
                 return;
             };
-            if member.kv.is_some() || member.removed {
+            // Found by the `replication` fuzzer: a Restart step ran while the AddLearner
+            // before it was still starting the same member, and two processes ran as it.
+            if member.kv.is_some() || member.removed || member.starting {
                 return;
             }
+            member.starting = true;
             member.incarnation += 1;
             let config = MemberConfig {
                 member_id: id,
@@ -265,25 +271,29 @@ impl Cluster {
             })
             .await;
         let kv = match started {
-            Ok(Ok(kv)) => kv,
+            Ok(Ok(kv)) => Some(kv),
             Ok(Err(e)) => {
                 self.recorder
                     .lock()
                     .violations
                     .push(format!("node {id} failed to start: {e}"));
-                return;
+                None
             }
             Err(e) => {
                 self.recorder
                     .lock()
                     .violations
                     .push(format!("node {id} failed to start: {e}"));
-                return;
+                None
             }
         };
         let restarted = {
             let mut members = self.lock();
             let Some(member) = members.get_mut(&id) else {
+                return;
+            };
+            member.starting = false;
+            let Some(kv) = kv else {
                 return;
             };
             member.node = Some(node);

@@ -304,6 +304,23 @@ mod tests {
         );
     }
 
+    /// Found by the `replication` fuzzer: a Restart of member 4 ran while the AddLearner step
+    /// just before it was still starting member 4, so two processes ran as member 4 and it
+    /// never joined. A member being started is now started once.
+    #[test]
+    fn a_restart_while_a_learner_is_starting_makes_no_second_process() {
+        let input = [
+            0xc4, 0xb4, 0xd2, 0x35, 0x0a, 0x0a, 0x00, 0x7c, 0x00, 0x0d, 0x01, 0x5e, 0x5e, 0x7c,
+            0xc9, 0xff,
+        ];
+        assert!(matches!(
+            Schedule::decode(&input).steps[..3],
+            [Step::Wait(_), Step::AddLearner, Step::Restart(4)]
+        ));
+        let report = run_input(&input);
+        assert!(report.passed, "{}", report.last_line());
+    }
+
     #[test]
     fn any_bytes_decode_within_bounds() {
         let schedule = Schedule::decode(&[]);
