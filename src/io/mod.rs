@@ -5,6 +5,8 @@
 pub mod backend;
 pub mod clock;
 pub mod disk;
+#[cfg(test)]
+pub mod instrumented_disk;
 pub mod rng;
 #[cfg(not(madsim))]
 pub mod tcp;

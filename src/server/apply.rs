@@ -9,9 +9,9 @@ use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType};
 use raft_proto::ConfChangeI;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::kv::{MemberReply, Waiters};
+use super::kv::{ApplyReply, MemberReply, Waiters};
 use crate::cluster::{Members, RecordChange};
 use crate::hooks::{self, Observation};
 use crate::io::{BackendError, Clock};
@@ -44,6 +44,10 @@ pub struct ApplyLoop {
     pub watches: WatchHub,
     /// ...once per batch of entries (fewer, larger responses when writes come fast).
     pub events: Vec<Event>,
+    /// The batch's answers to proposers, sent once its events are with the watchers: a
+    /// client that saw its write acknowledged then asks for watch progress must get a
+    /// revision that includes the write.
+    pub acks: Vec<(oneshot::Sender<ApplyReply>, ApplyReply)>,
 }
 
 /// Applied writes are handed to the backend at least this often (etcd's backend batch interval)...
@@ -97,6 +101,9 @@ pub async fn run_apply_loop(
                 }
                 let events = std::mem::take(&mut apply.events);
                 apply.watches.publish(events);
+                for (waiter, reply) in apply.acks.drain(..) {
+                    let _ = waiter.send(reply);
+                }
                 let now_ms = apply.clock.now_ms();
                 let staged = apply.lock().staged_ops();
                 if staged >= BACKEND_BATCH_LIMIT_OPS
@@ -279,7 +286,7 @@ impl ApplyLoop {
         drop(store);
         self.events.extend(events);
         if let Some(waiter) = self.waiters.take(request.id) {
-            let _ = waiter.send((result, revision));
+            self.acks.push((waiter, (result, revision)));
         }
         Ok(())
     }

@@ -173,6 +173,7 @@ pub fn start_member(
         learner: learner.clone(),
         watches: watches.clone(),
         events: Vec::new(),
+        acks: Vec::new(),
     };
     let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
     let server_config = ServerConfig {

@@ -1,99 +1,10 @@
 //! What is synced before what: the orderings crash safety rests on, and sync failures.
 
-use std::io;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::*;
-use crate::io::{Disk, DiskFile, StdDisk};
-
-/// `StdDisk` that logs the calls that matter for crash safety and can fail `sync_data`.
-#[derive(Default)]
-struct InstrumentedDisk {
-    fail_sync: Arc<AtomicBool>,
-    events: Arc<Mutex<Vec<String>>>,
-}
-
-impl InstrumentedDisk {
-    fn log(events: &Mutex<Vec<String>>, event: String) {
-        events.lock().unwrap().push(event);
-    }
-
-    fn take_events(&self) -> Vec<String> {
-        std::mem::take(&mut *self.events.lock().unwrap())
-    }
-}
-
-struct InstrumentedFile {
-    inner: Box<dyn DiskFile>,
-    name: String,
-    fail_sync: Arc<AtomicBool>,
-    events: Arc<Mutex<Vec<String>>>,
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name().unwrap().to_string_lossy().into_owned()
-}
-
-impl DiskFile for InstrumentedFile {
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.inner.write_at(offset, data)
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read_at(offset, buf)
-    }
-    fn sync_data(&mut self) -> io::Result<()> {
-        InstrumentedDisk::log(&self.events, format!("sync {}", self.name));
-        if self.fail_sync.load(Ordering::SeqCst) {
-            return Err(io::Error::other("injected fdatasync failure"));
-        }
-        self.inner.sync_data()
-    }
-    fn allocate(&mut self, len: u64) -> io::Result<()> {
-        self.inner.allocate(len)
-    }
-    fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-}
-
-impl Disk for InstrumentedDisk {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        StdDisk.create_dir_all(dir)
-    }
-    fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>> {
-        if create {
-            Self::log(&self.events, format!("create {}", file_name(path)));
-        }
-        Ok(Box::new(InstrumentedFile {
-            inner: StdDisk.open(path, create)?,
-            name: file_name(path),
-            fail_sync: self.fail_sync.clone(),
-            events: self.events.clone(),
-        }))
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
-        StdDisk.list(dir)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        StdDisk.rename(from, to)
-    }
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        Self::log(&self.events, format!("remove {}", file_name(path)));
-        StdDisk.remove(path)
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        Self::log(&self.events, "sync dir".to_string());
-        StdDisk.sync_dir(dir)
-    }
-    fn exists(&self, path: &Path) -> bool {
-        StdDisk.exists(path)
-    }
-}
+use crate::io::instrumented_disk::{file_name, InstrumentedDisk};
 
 fn segment_file_name(seq: u64, first_index: u64) -> String {
     SegmentName { seq, first_index }.file_name()
