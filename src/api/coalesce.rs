@@ -30,10 +30,6 @@ impl<S> CoalescedWrites<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// `Pending` (with the task woken) on a burst's first attempt.
     fn defer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.yielded {
