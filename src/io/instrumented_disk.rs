@@ -13,6 +13,16 @@ use super::{Disk, DiskFile, StdDisk};
 pub struct InstrumentedDisk {
     pub fail_sync: Arc<AtomicBool>,
     events: Arc<Mutex<Vec<String>>>,
+    writes: Arc<Mutex<Vec<Write>>>,
+}
+
+/// One `write_at`: the file's name, the offset, the length and whether every byte was zero.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    pub file: String,
+    pub offset: u64,
+    pub len: u64,
+    pub zeros: bool,
 }
 
 impl InstrumentedDisk {
@@ -25,6 +35,11 @@ impl InstrumentedDisk {
     pub fn take_events(&self) -> Vec<String> {
         std::mem::take(&mut *self.events.lock().unwrap())
     }
+
+    /// Every `write_at` since the last call, in order.
+    pub fn take_writes(&self) -> Vec<Write> {
+        std::mem::take(&mut *self.writes.lock().unwrap())
+    }
 }
 
 struct InstrumentedFile {
@@ -32,6 +47,7 @@ struct InstrumentedFile {
     name: String,
     fail_sync: Arc<AtomicBool>,
     events: Arc<Mutex<Vec<String>>>,
+    writes: Arc<Mutex<Vec<Write>>>,
 }
 
 /// The last component of `path`, as the events name files.
@@ -41,6 +57,12 @@ pub fn file_name(path: &Path) -> String {
 
 impl DiskFile for InstrumentedFile {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.writes.lock().unwrap().push(Write {
+            file: self.name.clone(),
+            offset,
+            len: data.len() as u64,
+            zeros: data.iter().all(|&b| b == 0),
+        });
         self.inner.write_at(offset, data)
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
@@ -77,6 +99,7 @@ impl Disk for InstrumentedDisk {
             name: file_name(path),
             fail_sync: self.fail_sync.clone(),
             events: self.events.clone(),
+            writes: self.writes.clone(),
         }))
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {

@@ -11,6 +11,67 @@ fn segment_file_name(seq: u64, first_index: u64) -> String {
 }
 
 #[test]
+fn the_segment_is_zeroed_a_step_ahead_of_the_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Arc::new(InstrumentedDisk::default());
+    let options = WalOptions {
+        segment_bytes: 4 * ZERO_AHEAD_BYTES,
+    };
+    let (mut wal, _) = Wal::open(disk.clone(), tmp.path(), options, 0).unwrap();
+    let segment = segment_file_name(1, 1);
+    disk.take_writes();
+
+    // The first append zeroes one step past its records, then writes them.
+    wal.append(&entries(1, 1..=1), None).unwrap();
+    let writes = disk.take_writes();
+    let (records, zeros) = writes.split_last().unwrap();
+    assert!(!records.zeros && records.offset == 0 && records.file == segment);
+    assert!(zeros.iter().all(|w| w.zeros && w.file == segment));
+    let mut end = 0;
+    for w in zeros {
+        assert_eq!(w.offset, end, "zeros are written contiguously");
+        end += w.len;
+    }
+    assert_eq!(end, records.len + ZERO_AHEAD_BYTES);
+
+    // Appends inside the zeroed range write only their records.
+    let mut index = 1;
+    while wal.write_offset < end - 4096 {
+        index += 1;
+        wal.append(&entries(1, index..=index), None).unwrap();
+        let writes = disk.take_writes();
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert!(!writes[0].zeros);
+    }
+    // The append that passes the zeroed end zeroes the next step, from where zeroing stopped.
+    while wal.write_offset <= end {
+        index += 1;
+        wal.append(&entries(1, index..=index), None).unwrap();
+    }
+    let writes = disk.take_writes();
+    let first_zero = writes.iter().find(|w| w.zeros).unwrap();
+    assert_eq!(first_zero.offset, end);
+    assert!(writes.iter().map(|w| w.offset + w.len).max().unwrap() > end + ZERO_AHEAD_BYTES / 2);
+
+    // Zeroing never writes past the segment's end, and replay is unaffected by it.
+    while wal.segments.len() == 1 {
+        index += 1;
+        wal.append(&entries(1, index..=index), None).unwrap();
+    }
+    let capacity = 4 * ZERO_AHEAD_BYTES;
+    let writes = disk.take_writes();
+    assert!(writes
+        .iter()
+        .filter(|w| w.file == segment)
+        .all(|w| w.offset + w.len <= capacity));
+    wal.sync().unwrap();
+    drop(wal);
+    let (_, replay) = Wal::open(disk, tmp.path(), options, 0).unwrap();
+    assert_eq!(replay.entries.len() as u64, index);
+    assert_eq!(replay.entries.last().unwrap().index, index);
+}
+
+#[test]
 fn rolling_syncs_the_full_segment_before_the_next_one_exists() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = Arc::new(InstrumentedDisk::default());
