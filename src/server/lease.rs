@@ -86,6 +86,10 @@ impl KvServer {
             // As etcd: a request id, made positive.
             req.id = (self.next_request_id() & i64::MAX as u64) as i64;
         }
+        // A leader's lease clock takes over the leases it inherited before this one is
+        // applied: those get an election timeout on top of what they have left, a new lease
+        // gets its TTL alone.
+        drop(self.lessor());
         match self.propose(Request::LeaseGrant(req)).await? {
             (ApplyOutcome::LeaseGrant(mut resp), revision) => {
                 resp.header = Some(self.header(revision));

@@ -407,3 +407,30 @@ async fn linearizable_read_during_a_leader_change_is_answered_once_a_new_leader_
         "a new leader ({new_leader}) served the read"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_granted_first_thing_in_a_term_lives_its_ttl_and_no_longer() {
+    use crate::proto::etcdserverpb::{LeaseGrantRequest, LeaseTimeToLiveRequest};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = LocalTransport::new();
+    let member = start(1, &[1], dir.path(), &transport, MemBackend::new());
+    wait_leader(&[&member]).await;
+    // The first lease request of the term: the leader's lease clock starts with it.
+    let granted = member
+        .kv
+        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .expect("grant");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let ttl = member
+        .kv
+        .lease_time_to_live(LeaseTimeToLiveRequest {
+            id: granted.id,
+            keys: false,
+        })
+        .await
+        .expect("time to live");
+    // etcd truncates: a 60 s lease a moment old has 59 s left. A lease the lease clock only met
+    // when it started (it adds an election timeout to the leases it inherits) would show 60.
+    assert_eq!((ttl.granted_ttl, ttl.ttl), (60, 59));
+}
