@@ -11,7 +11,7 @@ use mimalloc::MiMalloc;
 use prost::Message as _;
 use quorumkv::api::{
     gateway_routes, AuthorityFix, ClusterService, CoalescedWrites, ElectionService, KvService,
-    LeaseService, LockService, MaintenanceService, WatchService, GRPC_OVERHEAD_BYTES,
+    LeaseService, LockService, MaintenanceService, UnaryKvLayer, WatchService, GRPC_OVERHEAD_BYTES,
 };
 use quorumkv::cluster::Members;
 use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
@@ -721,6 +721,7 @@ async fn run(flags: Flags) -> Result<(), String> {
         servers.push(tokio::spawn(
             tonic::transport::Server::builder()
                 .accept_http1(true)
+                .layer(UnaryKvLayer::new(member.kv.clone(), max_decode))
                 .add_routes(tonic::service::Routes::from(routes))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;

@@ -46,6 +46,23 @@ async fn bad_requests_get_etcds_codes_and_messages_and_lose_nothing() {
         (Code::InvalidArgument, "etcdserver: request is too large")
     );
 
+    // Past the gRPC message limit (the request limit plus gRPC's allowance), the message is
+    // refused before it is decoded, and the connection stays usable.
+    let beyond_grpc_limit = PutRequest {
+        key: b"huge".to_vec(),
+        value: vec![b'x'; 4096 + 512 * 1024 + 1],
+        ..Default::default()
+    };
+    let status = client
+        .put(beyond_grpc_limit)
+        .await
+        .expect_err("over the gRPC limit");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("message length too large"),
+        "{status:?}"
+    );
+
     let status = client
         .put(PutRequest {
             key: vec![],

@@ -11,6 +11,7 @@ mod kv;
 mod lease;
 mod maintenance;
 mod status;
+mod unary;
 mod watch;
 
 pub use cluster::ClusterService;
@@ -22,6 +23,7 @@ pub use kv::KvService;
 pub use lease::LeaseService;
 pub use maintenance::MaintenanceService;
 pub use status::to_status;
+pub use unary::UnaryKvLayer;
 pub use watch::WatchService;
 
 /// The etcd API version quorumkv speaks, reported by `Maintenance.Status`.

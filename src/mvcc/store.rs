@@ -197,7 +197,8 @@ impl MvccStore {
             meta_key(META_CONSISTENT_INDEX),
             encode_u64(self.consistent_index),
         );
-        self.writing_values = std::mem::take(&mut self.staged_values);
+        // `writing_values` is empty: swapping keeps both tables' capacity for the next batches.
+        std::mem::swap(&mut self.writing_values, &mut self.staged_values);
         Some(batch)
     }
 

@@ -1,0 +1,314 @@
+//! A short path for the `etcdserverpb.KV` calls, the hot path of every client: one request
+//! message in, one response message out. It sits in front of the routed services as a layer and
+//! answers the common case itself — an uncompressed gRPC request whose single message decodes —
+//! without the generated service's codec, streaming body and router on the way.
+//!
+//! Anything else (another path, a compressed or malformed or oversized request) goes on to the
+//! routed services with its body as it came, so their answers, errors included, stay tonic's.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use prost::Message;
+use tonic::body::Body;
+use tonic::codegen::http::{self, HeaderMap, HeaderValue};
+use tonic::codegen::Service;
+
+use super::status::to_status;
+use crate::server::{KvServer, ServerError};
+
+/// gRPC's length-prefixed message header: a compression flag and a big-endian length.
+const GRPC_HEADER_BYTES: usize = 5;
+const GRPC_CONTENT_TYPE: &str = "application/grpc";
+
+/// The KV methods this path answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    Range,
+    Put,
+    DeleteRange,
+    Txn,
+    Compact,
+}
+
+impl Method {
+    fn of(path: &str) -> Option<Method> {
+        Some(match path.strip_prefix("/etcdserverpb.KV/")? {
+            "Range" => Method::Range,
+            "Put" => Method::Put,
+            "DeleteRange" => Method::DeleteRange,
+            "Txn" => Method::Txn,
+            "Compact" => Method::Compact,
+            _ => return None,
+        })
+    }
+}
+
+/// Puts [`UnaryKv`] in front of the routed services.
+#[derive(Clone)]
+pub struct UnaryKvLayer {
+    server: KvServer,
+    max_decoding_message_size: usize,
+}
+
+impl UnaryKvLayer {
+    /// `max_decoding_message_size`: the largest request message this path decodes; larger ones
+    /// go on to the routed services, which refuse them.
+    pub fn new(server: KvServer, max_decoding_message_size: usize) -> Self {
+        UnaryKvLayer {
+            server,
+            max_decoding_message_size,
+        }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for UnaryKvLayer {
+    type Service = UnaryKv<S>;
+
+    fn layer(&self, inner: S) -> UnaryKv<S> {
+        UnaryKv {
+            inner,
+            server: self.server.clone(),
+            max_decoding_message_size: self.max_decoding_message_size,
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct UnaryKv<S> {
+    inner: S,
+    server: KvServer,
+    max_decoding_message_size: usize,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<http::Request<Body>> for UnaryKv<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // The routed services were made ready by `poll_ready`: the request that goes on to them
+        // takes that one, and the layer keeps a fresh clone.
+        let fresh = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, fresh);
+        let Some(method) = Method::of(req.uri().path()).filter(|_| takes(req.headers())) else {
+            return Box::pin(inner.call(req));
+        };
+        let server = self.server.clone();
+        let limit = self.max_decoding_message_size;
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let passed_on = match read_message(body, limit).await {
+                Read::Message(message) => match answer(&server, method, message.clone()).await {
+                    Some(response) => return Ok(response),
+                    None => Body::new(Prefixed {
+                        head: Some(message),
+                        rest: None,
+                    }),
+                },
+                Read::Other { head, rest } => Body::new(Prefixed {
+                    head: (!head.is_empty()).then_some(head),
+                    rest: Some(rest),
+                }),
+            };
+            inner
+                .call(http::Request::from_parts(parts, passed_on))
+                .await
+        })
+    }
+}
+
+/// An uncompressed gRPC request: the ones this path decodes.
+fn takes(headers: &HeaderMap) -> bool {
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(GRPC_CONTENT_TYPE));
+    let identity = headers
+        .get("grpc-encoding")
+        .is_none_or(|v| v.as_bytes() == b"identity");
+    grpc && identity
+}
+
+enum Read {
+    /// The whole body: exactly one uncompressed message of at most the limit, with its header.
+    Message(Bytes),
+    /// Anything else; `head` holds what was read of the body and `rest` the remainder.
+    Other { head: Bytes, rest: Body },
+}
+
+/// Reads the body while it can still be a single uncompressed message within `limit`.
+async fn read_message(mut body: Body, limit: usize) -> Read {
+    let mut head = BytesMut::new();
+    let mut first: Option<Bytes> = None;
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let data = match frame {
+            None => break,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                // Trailers in a request: not the common case.
+                Err(_) => return other(first, head, body),
+            },
+            Some(Err(_)) => return other(first, head, body),
+        };
+        match first.take() {
+            None if head.is_empty() => first = Some(data),
+            Some(earlier) => {
+                head.extend_from_slice(&earlier);
+                head.extend_from_slice(&data);
+            }
+            None => head.extend_from_slice(&data),
+        }
+        let read = first.as_ref().map_or(head.len(), Bytes::len);
+        if read > limit.saturating_add(GRPC_HEADER_BYTES) {
+            return other(first, head, body);
+        }
+    }
+    let whole = first.unwrap_or_else(|| head.freeze());
+    let single = whole.len() >= GRPC_HEADER_BYTES
+        && whole[0] == 0
+        && u32::from_be_bytes([whole[1], whole[2], whole[3], whole[4]]) as usize
+            == whole.len() - GRPC_HEADER_BYTES;
+    if single {
+        Read::Message(whole)
+    } else {
+        Read::Other {
+            head: whole,
+            rest: Body::empty(),
+        }
+    }
+}
+
+fn other(first: Option<Bytes>, head: BytesMut, rest: Body) -> Read {
+    Read::Other {
+        head: first.unwrap_or_else(|| head.freeze()),
+        rest,
+    }
+}
+
+/// The response to `message` (with its gRPC header), or `None` when it does not decode.
+async fn answer(server: &KvServer, method: Method, message: Bytes) -> Option<http::Response<Body>> {
+    let payload = message.slice(GRPC_HEADER_BYTES..);
+    Some(match method {
+        Method::Range => reply(server.range(Message::decode(payload).ok()?).await),
+        Method::Put => reply(server.put(Message::decode(payload).ok()?).await),
+        Method::DeleteRange => reply(server.delete_range(Message::decode(payload).ok()?).await),
+        Method::Txn => reply(server.txn(Message::decode(payload).ok()?).await),
+        Method::Compact => reply(server.compact(Message::decode(payload).ok()?).await),
+    })
+}
+
+/// A successful answer as headers, one message and `grpc-status: 0`; an error as gRPC's
+/// trailers-only response, as tonic sends it.
+fn reply<M: Message>(result: Result<M, ServerError>) -> http::Response<Body> {
+    let message = match result {
+        Ok(message) => message,
+        Err(e) => return to_status(e).into_http(),
+    };
+    let len = message.encoded_len();
+    let mut framed = BytesMut::with_capacity(GRPC_HEADER_BYTES + len);
+    framed.put_u8(0);
+    // A response over 4 GiB cannot be framed; gRPC refuses it as tonic's encoder would.
+    let Ok(len) = u32::try_from(len) else {
+        return tonic::Status::resource_exhausted("response message too large").into_http();
+    };
+    framed.put_u32(len);
+    // Cannot fail: the buffer was sized for the message.
+    if message.encode(&mut framed).is_err() {
+        return tonic::Status::internal("response message did not encode").into_http();
+    }
+    let mut response = http::Response::new(Body::new(OneMessage {
+        message: Some(framed.freeze()),
+        trailers_sent: false,
+    }));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(GRPC_CONTENT_TYPE),
+    );
+    response
+}
+
+/// A response body: one framed message, then the trailers of a successful call.
+struct OneMessage {
+    message: Option<Bytes>,
+    trailers_sent: bool,
+}
+
+impl HttpBody for OneMessage {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if let Some(message) = self.message.take() {
+            return Poll::Ready(Some(Ok(Frame::data(message))));
+        }
+        if self.trailers_sent {
+            return Poll::Ready(None);
+        }
+        self.trailers_sent = true;
+        let mut trailers = HeaderMap::with_capacity(1);
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.message.is_none() && self.trailers_sent
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.message.as_ref().map_or(0, |m| m.len() as u64))
+    }
+}
+
+/// A request body handed on after part of it was read: what was read, then the rest.
+struct Prefixed {
+    head: Option<Bytes>,
+    rest: Option<Body>,
+}
+
+impl HttpBody for Prefixed {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if let Some(head) = self.head.take() {
+            return Poll::Ready(Some(Ok(Frame::data(head))));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_none() && self.rest.as_ref().is_none_or(HttpBody::is_end_stream)
+    }
+}
+
+#[cfg(test)]
+mod tests;
