@@ -191,3 +191,95 @@ async fn bad_requests_get_etcds_codes_and_messages_and_lose_nothing() {
         .into_inner();
     assert_eq!(resp.count, 1, "only 'keep': the refused txns wrote nothing");
 }
+
+/// Sends and receives message bodies as raw bytes, to put malformed messages on the wire.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_does_not_decode_is_refused_and_changes_nothing() {
+    use prost::Message;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let channel = tonic::transport::Channel::from_shared(server.endpoint())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let grpc = tonic::client::Grpc::new(channel);
+    let call = |path: &'static str, body: Vec<u8>| {
+        let mut grpc = grpc.clone();
+        async move {
+            grpc.ready().await.expect("ready");
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+            grpc.unary(tonic::Request::new(body), path, RawCodec).await
+        }
+    };
+    // Field 1 (key) says 100 bytes follow, and 2 do.
+    let status = call("/etcdserverpb.KV/Put", vec![0x0a, 100, b'k', b'v'])
+        .await
+        .expect_err("truncated message");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("decode"), "{status:?}");
+
+    // The same path with a good message is answered, through the same connection.
+    let put = PutRequest {
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+        ..Default::default()
+    };
+    call("/etcdserverpb.KV/Put", put.encode_to_vec())
+        .await
+        .expect("put");
+    let range = RangeRequest {
+        key: b"k".to_vec(),
+        ..Default::default()
+    };
+    let reply = call("/etcdserverpb.KV/Range", range.encode_to_vec())
+        .await
+        .expect("range")
+        .into_inner();
+    let reply = quorumkv::proto::etcdserverpb::RangeResponse::decode(&reply[..]).expect("decode");
+    assert_eq!(reply.count, 1, "only the good put wrote");
+    assert_eq!(reply.kvs[0].value, b"v");
+    assert_eq!(reply.header.expect("header").revision, 2);
+}

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body::{Body as HttpBody, Frame};
 use prost::Message;
 use tonic::body::Body;
 use tonic::codegen::http::{self, HeaderMap, HeaderValue};
@@ -121,11 +121,13 @@ where
                     Some(response) => return Ok(response),
                     None => Body::new(Prefixed {
                         head: Some(message),
+                        held: None,
                         rest: None,
                     }),
                 },
-                Read::Other { head, rest } => Body::new(Prefixed {
+                Read::Other { head, held, rest } => Body::new(Prefixed {
                     head: (!head.is_empty()).then_some(head),
+                    held,
                     rest: Some(rest),
                 }),
             };
@@ -138,10 +140,12 @@ where
 
 /// An uncompressed gRPC request: the ones this path decodes.
 fn takes(headers: &HeaderMap) -> bool {
+    // `application/grpc`, `application/grpc+proto` and the like; not `application/grpc-web`.
     let grpc = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with(GRPC_CONTENT_TYPE));
+        .and_then(|v| v.strip_prefix(GRPC_CONTENT_TYPE))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']));
     let identity = headers
         .get("grpc-encoding")
         .is_none_or(|v| v.as_bytes() == b"identity");
@@ -151,9 +155,16 @@ fn takes(headers: &HeaderMap) -> bool {
 enum Read {
     /// The whole body: exactly one uncompressed message of at most the limit, with its header.
     Message(Bytes),
-    /// Anything else; `head` holds what was read of the body and `rest` the remainder.
-    Other { head: Bytes, rest: Body },
+    /// Anything else: `head` holds the data read, `held` a frame or error read after it (not
+    /// data), and `rest` the remainder of the body.
+    Other {
+        head: Bytes,
+        held: Option<Held>,
+        rest: Body,
+    },
 }
+
+type Held = Result<Frame<Bytes>, tonic::Status>;
 
 /// Reads the body while it can still be a single uncompressed message within `limit`.
 async fn read_message(mut body: Body, limit: usize) -> Read {
@@ -166,9 +177,9 @@ async fn read_message(mut body: Body, limit: usize) -> Read {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => data,
                 // Trailers in a request: not the common case.
-                Err(_) => return other(first, head, body),
+                Err(frame) => return other(first, head, Some(Ok(frame)), body),
             },
-            Some(Err(_)) => return other(first, head, body),
+            Some(Err(e)) => return other(first, head, Some(Err(e)), body),
         };
         match first.take() {
             None if head.is_empty() => first = Some(data),
@@ -180,7 +191,7 @@ async fn read_message(mut body: Body, limit: usize) -> Read {
         }
         let read = first.as_ref().map_or(head.len(), Bytes::len);
         if read > limit.saturating_add(GRPC_HEADER_BYTES) {
-            return other(first, head, body);
+            return other(first, head, None, body);
         }
     }
     let whole = first.unwrap_or_else(|| head.freeze());
@@ -193,14 +204,16 @@ async fn read_message(mut body: Body, limit: usize) -> Read {
     } else {
         Read::Other {
             head: whole,
+            held: None,
             rest: Body::empty(),
         }
     }
 }
 
-fn other(first: Option<Bytes>, head: BytesMut, rest: Body) -> Read {
+fn other(first: Option<Bytes>, head: BytesMut, held: Option<Held>, rest: Body) -> Read {
     Read::Other {
         head: first.unwrap_or_else(|| head.freeze()),
+        held,
         rest,
     }
 }
@@ -277,14 +290,14 @@ impl HttpBody for OneMessage {
         self.message.is_none() && self.trailers_sent
     }
 
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.message.as_ref().map_or(0, |m| m.len() as u64))
-    }
+    // No exact size hint: hyper would send it as `content-length`, which tonic's answers lack.
 }
 
-/// A request body handed on after part of it was read: what was read, then the rest.
+/// A request body handed on after part of it was read: the data read, the frame or error
+/// read after it, then the rest.
 struct Prefixed {
     head: Option<Bytes>,
+    held: Option<Held>,
     rest: Option<Body>,
 }
 
@@ -299,6 +312,9 @@ impl HttpBody for Prefixed {
         if let Some(head) = self.head.take() {
             return Poll::Ready(Some(Ok(Frame::data(head))));
         }
+        if let Some(held) = self.held.take() {
+            return Poll::Ready(Some(held));
+        }
         match self.rest.as_mut() {
             Some(rest) => Pin::new(rest).poll_frame(cx),
             None => Poll::Ready(None),
@@ -306,7 +322,9 @@ impl HttpBody for Prefixed {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.head.is_none() && self.rest.as_ref().is_none_or(HttpBody::is_end_stream)
+        self.head.is_none()
+            && self.held.is_none()
+            && self.rest.as_ref().is_none_or(HttpBody::is_end_stream)
     }
 }
 

@@ -12,6 +12,7 @@ use raft_proto::ConfChangeI;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::kv::{ApplyReply, MemberReply, Waiters};
+use super::lease::LeaseClock;
 use crate::cluster::{Members, RecordChange};
 use crate::hooks::{self, Observation};
 use crate::io::{BackendError, Clock};
@@ -48,6 +49,8 @@ pub struct ApplyLoop {
     /// client that saw its write acknowledged then asks for watch progress must get a
     /// revision that includes the write.
     pub acks: Vec<(oneshot::Sender<ApplyReply>, ApplyReply)>,
+    /// The leader's lease clock, brought up to date around each lease grant.
+    pub leases: LeaseClock,
 }
 
 /// Applied writes are handed to the backend at least this often (etcd's backend batch interval)...
@@ -264,6 +267,11 @@ impl ApplyLoop {
             self.member_request(index, request.id, body);
             return Ok(());
         }
+        let grant = matches!(request.request, Some(Request::LeaseGrant(_)));
+        if grant {
+            // A new leader takes over the leases it inherited before its first grant applies.
+            drop(self.leases.current(&self.node, &self.store));
+        }
         let mut store = self.lock();
         let Some(body) = &request.request else {
             store.skip(index);
@@ -284,6 +292,10 @@ impl ApplyLoop {
         }
         let revision = store.current_rev();
         drop(store);
+        if grant {
+            // On the leader, the new lease's clock starts as it applies.
+            drop(self.leases.current(&self.node, &self.store));
+        }
         self.events.extend(events);
         if let Some(waiter) = self.waiters.take(request.id) {
             self.acks.push((waiter, (result, revision)));

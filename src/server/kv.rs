@@ -170,6 +170,10 @@ impl KvServer {
         &self.config
     }
 
+    pub(super) fn store(&self) -> &RwLock<MvccStore> {
+        &self.store
+    }
+
     pub(super) fn read_store(&self) -> std::sync::RwLockReadGuard<'_, MvccStore> {
         self.store.read().unwrap_or_else(|p| p.into_inner())
     }

@@ -4,7 +4,7 @@
 //! the log, for the revoke of each lease whose deadline passed.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use super::error::ServerError;
@@ -12,13 +12,14 @@ use super::kv::KvServer;
 use crate::hooks::{self, Bug};
 use crate::io::Clock;
 use crate::lease::{Lessor, RenewError, EXPIRY_CHECK_INTERVAL_MS, MAX_LEASE_TTL};
-use crate::mvcc::{ApplyOutcome, MvccError};
+use crate::mvcc::{ApplyOutcome, MvccError, MvccStore};
 use crate::proto::etcdserverpb::{
     LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest, LeaseGrantResponse,
     LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use crate::proto::quorumkvpb::raft_request::Request;
+use crate::raft::NodeHandle;
 
 /// The leader's lease clock, shared by the request path and the expiry task.
 #[derive(Clone)]
@@ -30,7 +31,7 @@ pub struct LeaseClock {
 }
 
 #[derive(Default)]
-struct PrimaryLessor {
+pub(super) struct PrimaryLessor {
     lessor: Lessor,
     /// The term this member leads in, while its lessor is primary.
     term: u64,
@@ -46,29 +47,42 @@ impl LeaseClock {
     }
 }
 
-impl KvServer {
-    /// The lessor, primary exactly when this member leads (promoted afresh for each term it
-    /// leads, demoted when it does not).
-    fn lessor(&self) -> MutexGuard<'_, PrimaryLessor> {
-        let leases = &self.lease_clock;
-        let mut state = leases.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let status = self.node().status();
-        let leading = status.leader.load(Ordering::Relaxed) == self.member_id();
+impl LeaseClock {
+    /// The lessor brought up to date: primary exactly when `node` leads (promoted afresh for
+    /// each term it leads, every inherited lease then living its remaining TTL plus an election
+    /// timeout), and knowing every lease of the store's table (a new lease's clock starts now).
+    ///
+    /// Lock order: the lessor, then the store. The apply loop calls this around each grant, so
+    /// that a leader has taken over the leases it inherited before a grant of its term applies
+    /// and starts the new lease's clock as it applies.
+    pub(super) fn current(
+        &self,
+        node: &NodeHandle,
+        store: &RwLock<MvccStore>,
+    ) -> MutexGuard<'_, PrimaryLessor> {
+        let mut state = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let status = node.status();
+        let leading = status.leader.load(Ordering::Relaxed) == node.id();
         let term = status.term.load(Ordering::Relaxed);
-        let now_ms = leases.clock.now_ms();
+        let now_ms = self.clock.now_ms();
         if leading && !(state.lessor.is_primary() && state.term == term) {
-            let store = self.read_store();
-            state
-                .lessor
-                .promote(now_ms, leases.extend_ms, store.leases());
+            let store = store.read().unwrap_or_else(|p| p.into_inner());
+            state.lessor.promote(now_ms, self.extend_ms, store.leases());
             state.term = term;
         } else if !leading && state.lessor.is_primary() {
             state.lessor.demote();
         } else if leading {
-            let store = self.read_store();
+            let store = store.read().unwrap_or_else(|p| p.into_inner());
             state.lessor.sync(now_ms, store.leases());
         }
         state
+    }
+}
+
+impl KvServer {
+    /// The lessor, up to date (see [`LeaseClock::current`]).
+    fn lessor(&self) -> MutexGuard<'_, PrimaryLessor> {
+        self.lease_clock.current(self.node(), self.store())
     }
 
     fn now_ms(&self) -> u64 {
@@ -86,14 +100,10 @@ impl KvServer {
             // As etcd: a request id, made positive.
             req.id = (self.next_request_id() & i64::MAX as u64) as i64;
         }
-        // A leader's lease clock takes over the leases it inherited before this one is
-        // applied: those get an election timeout on top of what they have left, a new lease
-        // gets its TTL alone.
-        drop(self.lessor());
+        // The apply loop starts the new lease's clock on the leader (`LeaseClock::current`).
         match self.propose(Request::LeaseGrant(req)).await? {
             (ApplyOutcome::LeaseGrant(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
-                drop(self.lessor()); // A leader starts the new lease's clock now.
                 Ok(resp)
             }
             _ => unreachable!("a grant applies as a grant"),

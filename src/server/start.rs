@@ -158,6 +158,7 @@ pub fn start_member(
         clock.clone(),
         config.max_request_bytes,
     );
+    let leases = LeaseClock::new(clock.clone(), config.election_timeout);
     let apply = ApplyLoop {
         store: store.clone(),
         waiters: waiters.clone(),
@@ -174,6 +175,7 @@ pub fn start_member(
         watches: watches.clone(),
         events: Vec::new(),
         acks: Vec::new(),
+        leases: leases.clone(),
     };
     let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
     let server_config = ServerConfig {
@@ -198,7 +200,7 @@ pub fn start_member(
             learner,
         },
         Coordination {
-            leases: LeaseClock::new(clock, config.election_timeout),
+            leases,
             watches: watches.clone(),
         },
     );

@@ -434,3 +434,27 @@ async fn a_lease_granted_first_thing_in_a_term_lives_its_ttl_and_no_longer() {
     // when it started (it adds an election timeout to the leases it inherits) would show 60.
     assert_eq!((ttl.granted_ttl, ttl.ttl), (60, 59));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_granted_through_a_follower_first_thing_in_a_term_lives_its_ttl() {
+    use crate::proto::etcdserverpb::{LeaseGrantRequest, LeaseTimeToLiveRequest};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = LocalTransport::new();
+    let (members, leader) = three_members(dir.path(), &transport).await;
+    // The follower proposes the grant through raft: the leader only applies it.
+    let granted = a_follower(&members, leader)
+        .kv
+        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .expect("grant");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let ttl = the_leader(&members, leader)
+        .kv
+        .lease_time_to_live(LeaseTimeToLiveRequest {
+            id: granted.id,
+            keys: false,
+        })
+        .await
+        .expect("time to live");
+    assert_eq!((ttl.granted_ttl, ttl.ttl), (60, 59));
+}

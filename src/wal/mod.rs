@@ -519,13 +519,14 @@ impl Wal {
         Ok(())
     }
 
-    /// Overwrites the preallocated zeros of `file` with zeros from the end of what was written
-    /// to [`ZERO_AHEAD_BYTES`] past `end`, when `end` reaches beyond what was written.
+    /// Called before records are written up to `end`: when that passes what was written,
+    /// overwrites the preallocated zeros of `file` from `end` to [`ZERO_AHEAD_BYTES`] past it
+    /// (the records themselves cover the rest).
     fn zero_ahead(&mut self, end: u64) -> std::io::Result<()> {
         if end <= self.zeroed_to {
             return Ok(());
         }
-        let start = self.zeroed_to.max(self.write_offset);
+        let start = end;
         let stop = (end + ZERO_AHEAD_BYTES).min(self.file_capacity);
         static ZEROS: [u8; ZERO_CHUNK_BYTES as usize] = [0; ZERO_CHUNK_BYTES as usize];
         let mut offset = start;

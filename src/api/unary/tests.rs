@@ -4,6 +4,7 @@ fn frames(chunks: &[&[u8]]) -> Body {
     chunks.iter().rev().fold(Body::empty(), |rest, chunk| {
         Body::new(Prefixed {
             head: Some(Bytes::copy_from_slice(chunk)),
+            held: None,
             rest: Some(rest),
         })
     })
@@ -92,11 +93,12 @@ async fn anything_but_one_plain_message_is_handed_on_unchanged() {
     ];
     for (what, chunks) in cases {
         let slices: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
-        let Read::Other { head, rest } = read_message(frames(&slices), 100).await else {
+        let Read::Other { head, held, rest } = read_message(frames(&slices), 100).await else {
             panic!("{what}: taken as a message");
         };
         let passed_on = Body::new(Prefixed {
             head: Some(head),
+            held,
             rest: Some(rest),
         });
         assert_eq!(all_data(passed_on).await.0, chunks.concat(), "{what}");
@@ -107,15 +109,17 @@ async fn anything_but_one_plain_message_is_handed_on_unchanged() {
 async fn a_message_over_the_limit_is_handed_on_with_what_was_not_read() {
     let message = framed(0, &[7; 64]);
     let chunks: Vec<&[u8]> = message.chunks(10).collect();
-    let Read::Other { head, rest } = read_message(frames(&chunks), 32).await else {
+    let Read::Other { head, held, rest } = read_message(frames(&chunks), 32).await else {
         panic!("taken over the limit");
     };
+    assert!(held.is_none());
     assert!(
         head.len() <= 32 + GRPC_HEADER_BYTES + 10,
         "stopped reading at the limit"
     );
     let passed_on = Body::new(Prefixed {
         head: Some(head),
+        held,
         rest: Some(rest),
     });
     assert_eq!(all_data(passed_on).await.0, message);
@@ -133,6 +137,16 @@ async fn an_answer_is_one_message_then_grpc_status_ok() {
     };
     let response = reply::<PutResponse>(Ok(sent.clone()));
     assert_eq!(response.headers()["content-type"], "application/grpc");
+    assert_eq!(
+        response.headers().len(),
+        1,
+        "only the content type, as tonic sends"
+    );
+    assert_eq!(
+        response.body().size_hint().exact(),
+        None,
+        "no content-length"
+    );
     let (data, trailers) = all_data(response.into_body()).await;
     assert_eq!(data, framed(0, &sent.encode_to_vec()));
     assert_eq!(trailers.unwrap()["grpc-status"], "0");
@@ -150,4 +164,41 @@ async fn an_error_is_a_trailers_only_response_with_etcds_status() {
         "etcdserver: mvcc: required revision has been compacted"
     );
     assert!(all_data(response.into_body()).await.0.is_empty());
+}
+
+#[tokio::test]
+async fn trailers_in_a_request_are_handed_on_in_their_place() {
+    let message = framed(0, b"hello");
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-odd", HeaderValue::from_static("1"));
+    let body = Body::new(Prefixed {
+        head: Some(Bytes::from(message.clone())),
+        held: Some(Ok(Frame::trailers(trailers.clone()))),
+        rest: Some(frames(&[b"after"])),
+    });
+    let Read::Other { head, held, rest } = read_message(body, 100).await else {
+        panic!("a request with trailers taken as a plain message");
+    };
+    let passed_on = Body::new(Prefixed {
+        head: Some(head),
+        held,
+        rest: Some(rest),
+    });
+    let mut passed_on = passed_on;
+    let mut seen = Vec::new();
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut passed_on).poll_frame(cx)).await
+    {
+        match frame.unwrap().into_data() {
+            Ok(data) => seen.push(format!("data {}", data.len())),
+            Err(frame) => seen.push(format!("trailers {:?}", frame.into_trailers().unwrap())),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            format!("data {}", message.len()),
+            format!("trailers {trailers:?}"),
+            "data 5".to_string(),
+        ]
+    );
 }

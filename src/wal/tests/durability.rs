@@ -21,15 +21,18 @@ fn the_segment_is_zeroed_a_step_ahead_of_the_records() {
     let segment = segment_file_name(1, 1);
     disk.take_writes();
 
-    // The first append zeroes one step past its records, then writes them.
+    // The first append zeroes one step past where its records end, then writes them.
     wal.append(&entries(1, 1..=1), None).unwrap();
     let writes = disk.take_writes();
     let (records, zeros) = writes.split_last().unwrap();
     assert!(!records.zeros && records.offset == 0 && records.file == segment);
     assert!(zeros.iter().all(|w| w.zeros && w.file == segment));
-    let mut end = 0;
+    let mut end = records.len;
     for w in zeros {
-        assert_eq!(w.offset, end, "zeros are written contiguously");
+        assert_eq!(
+            w.offset, end,
+            "zeros are written contiguously after the records"
+        );
         end += w.len;
     }
     assert_eq!(end, records.len + ZERO_AHEAD_BYTES);
@@ -50,8 +53,23 @@ fn the_segment_is_zeroed_a_step_ahead_of_the_records() {
     }
     let writes = disk.take_writes();
     let first_zero = writes.iter().find(|w| w.zeros).unwrap();
-    assert_eq!(first_zero.offset, end);
-    assert!(writes.iter().map(|w| w.offset + w.len).max().unwrap() > end + ZERO_AHEAD_BYTES / 2);
+    let passing = writes
+        .iter()
+        .find(|w| !w.zeros && w.offset + w.len > end)
+        .unwrap();
+    assert_eq!(
+        first_zero.offset,
+        passing.offset + passing.len,
+        "zeroing starts where the records end"
+    );
+    assert_eq!(
+        writes
+            .iter()
+            .filter(|w| w.zeros)
+            .map(|w| w.len)
+            .sum::<u64>(),
+        ZERO_AHEAD_BYTES
+    );
 
     // Zeroing never writes past the segment's end, and replay is unaffected by it.
     while wal.segments.len() == 1 {
