@@ -408,53 +408,46 @@ async fn linearizable_read_during_a_leader_change_is_answered_once_a_new_leader_
     );
 }
 
+/// Grants a 60 s lease through `granting`, then asks `leader` for its TTL a moment later:
+/// (granted TTL, remaining TTL).
+async fn fresh_lease_ttl(granting: &RunningMember, leader: &RunningMember) -> (i64, i64) {
+    use crate::proto::etcdserverpb::{LeaseGrantRequest, LeaseTimeToLiveRequest};
+    let granted = granting
+        .kv
+        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .expect("grant");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let ttl = leader
+        .kv
+        .lease_time_to_live(LeaseTimeToLiveRequest {
+            id: granted.id,
+            keys: false,
+        })
+        .await
+        .expect("time to live");
+    (ttl.granted_ttl, ttl.ttl)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_granted_first_thing_in_a_term_lives_its_ttl_and_no_longer() {
-    use crate::proto::etcdserverpb::{LeaseGrantRequest, LeaseTimeToLiveRequest};
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
     let member = start(1, &[1], dir.path(), &transport, MemBackend::new());
     wait_leader(&[&member]).await;
-    // The first lease request of the term: the leader's lease clock starts with it.
-    let granted = member
-        .kv
-        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
-        .await
-        .expect("grant");
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    let ttl = member
-        .kv
-        .lease_time_to_live(LeaseTimeToLiveRequest {
-            id: granted.id,
-            keys: false,
-        })
-        .await
-        .expect("time to live");
-    // etcd truncates: a 60 s lease a moment old has 59 s left. A lease the lease clock only met
-    // when it started (it adds an election timeout to the leases it inherits) would show 60.
-    assert_eq!((ttl.granted_ttl, ttl.ttl), (60, 59));
+    // The first lease request of the term. etcd truncates: a 60 s lease a moment old has 59 s
+    // left. A lease the lease clock only met when it started (it adds an election timeout to
+    // the leases it inherits) would show 60.
+    assert_eq!(fresh_lease_ttl(&member, &member).await, (60, 59));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_granted_through_a_follower_first_thing_in_a_term_lives_its_ttl() {
-    use crate::proto::etcdserverpb::{LeaseGrantRequest, LeaseTimeToLiveRequest};
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = LocalTransport::new();
     let (members, leader) = three_members(dir.path(), &transport).await;
     // The follower proposes the grant through raft: the leader only applies it.
-    let granted = a_follower(&members, leader)
-        .kv
-        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
-        .await
-        .expect("grant");
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    let ttl = the_leader(&members, leader)
-        .kv
-        .lease_time_to_live(LeaseTimeToLiveRequest {
-            id: granted.id,
-            keys: false,
-        })
-        .await
-        .expect("time to live");
-    assert_eq!((ttl.granted_ttl, ttl.ttl), (60, 59));
+    let follower = a_follower(&members, leader);
+    let ttl = fresh_lease_ttl(follower, the_leader(&members, leader)).await;
+    assert_eq!(ttl, (60, 59));
 }
