@@ -45,9 +45,7 @@ impl LeaseClock {
             extend_ms: election_timeout.as_millis() as u64,
         }
     }
-}
 
-impl LeaseClock {
     /// The lessor brought up to date: primary exactly when `node` leads (promoted afresh for
     /// each term it leads, every inherited lease then living its remaining TTL plus an election
     /// timeout), and knowing every lease of the store's table (a new lease's clock starts now).
