@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prost::bytes::Buf;
+use prost::bytes::{Buf, Bytes};
 use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+use prost::Message;
 use quorumkv::proto::etcdserverpb::kv_client::KvClient;
 use quorumkv::proto::etcdserverpb::watch_request::RequestUnion;
 use quorumkv::proto::etcdserverpb::{PutRequest, RangeRequest, WatchCreateRequest, WatchRequest};
@@ -40,6 +41,8 @@ struct Args {
     op: String,
     watchers: usize,
     watch_streams: usize,
+    client: String,
+    threads: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -54,6 +57,8 @@ fn parse_args() -> Result<Args, String> {
         op: "put".into(),
         watchers: 1000,
         watch_streams: 10,
+        client: "h2".into(),
+        threads: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -90,14 +95,25 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|e| format!("--watch-streams: {e}"))?
             }
+            "--client" => args.client = value()?,
+            "--threads" => {
+                args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?
+            }
             other => return Err(format!("unknown flag {other}")),
         }
+    }
+    if args.threads == 0 {
+        // One thread leaves the other core to the server; the watchers count events on two.
+        args.threads = if args.op == "watch" { 2 } else { 1 };
     }
     if args.conns == 0 {
         args.conns = args.clients.clamp(1, 8);
     }
     if !["put", "get", "watch"].contains(&args.op.as_str()) {
         return Err("--op is put, get or watch".into());
+    }
+    if !["h2", "tonic"].contains(&args.client.as_str()) {
+        return Err("--client is h2 or tonic".into());
     }
     Ok(args)
 }
@@ -111,7 +127,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 async fn client_loop(
-    mut kv: KvClient<Channel>,
+    mut conn: Conn,
     args: Arc<Args>,
     id: usize,
     deadline: Instant,
@@ -133,27 +149,163 @@ async fn client_loop(
         };
         let key = format!("{prefix}{:012}", state % args.key_space).into_bytes();
         let start = Instant::now();
-        let result = if args.op != "get" {
-            kv.put(PutRequest {
-                key,
-                value: value.clone(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-        } else {
-            kv.range(RangeRequest {
-                key,
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
+        let put = args.op != "get";
+        let result = match &mut conn {
+            Conn::Tonic(kv) if put => kv
+                .put(PutRequest {
+                    key,
+                    value: value.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Conn::Tonic(kv) => kv
+                .range(RangeRequest {
+                    key,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Conn::H2(h2) if put => {
+                let request = PutRequest {
+                    key,
+                    value: value.clone(),
+                    ..Default::default()
+                };
+                h2.unary(&h2.put_uri.clone(), &request).await
+            }
+            Conn::H2(h2) => {
+                let request = RangeRequest {
+                    key,
+                    ..Default::default()
+                };
+                h2.unary(&h2.range_uri.clone(), &request).await
+            }
         };
         result.map_err(|e| format!("request failed: {e}"))?;
         latencies.push(start.elapsed());
         n += 1;
     }
     Ok(latencies)
+}
+
+/// How a request loop reaches the server: through tonic's client, or over a bare HTTP/2
+/// connection (`--client h2`, the default), which frames each gRPC call itself so that the
+/// tool, on the same cores as the server it measures, spends as little CPU per call as it can.
+enum Conn {
+    Tonic(KvClient<Channel>),
+    H2(H2Conn),
+}
+
+#[derive(Clone)]
+struct H2Conn {
+    send: h2::client::SendRequest<Bytes>,
+    put_uri: http::Uri,
+    range_uri: http::Uri,
+}
+
+impl H2Conn {
+    async fn connect(endpoint: &str) -> Result<H2Conn, String> {
+        let base: http::Uri = endpoint
+            .parse()
+            .map_err(|e| format!("endpoint {endpoint}: {e}"))?;
+        let authority = base
+            .authority()
+            .ok_or_else(|| format!("endpoint {endpoint} has no host:port"))?
+            .clone();
+        let tcp = tokio::net::TcpStream::connect(authority.as_str())
+            .await
+            .map_err(|e| format!("connect {endpoint}: {e}"))?;
+        tcp.set_nodelay(true)
+            .map_err(|e| format!("connect {endpoint}: {e}"))?;
+        let (send, connection) = h2::client::handshake(tcp)
+            .await
+            .map_err(|e| format!("connect {endpoint}: {e}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let uri = |path: &str| -> Result<http::Uri, String> {
+            http::Uri::builder()
+                .scheme("http")
+                .authority(authority.clone())
+                .path_and_query(path)
+                .build()
+                .map_err(|e| e.to_string())
+        };
+        Ok(H2Conn {
+            send,
+            put_uri: uri("/etcdserverpb.KV/Put")?,
+            range_uri: uri("/etcdserverpb.KV/Range")?,
+        })
+    }
+
+    /// One unary gRPC call: the message framed and sent, the answer read to its end, and the
+    /// call failed unless its `grpc-status` is 0.
+    async fn unary(&mut self, uri: &http::Uri, message: &impl Message) -> Result<(), String> {
+        let len = message.encoded_len();
+        let mut body = Vec::with_capacity(5 + len);
+        body.push(0);
+        body.extend_from_slice(&(len as u32).to_be_bytes());
+        message.encode(&mut body).map_err(|e| e.to_string())?;
+        let request = http::Request::post(uri.clone())
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(())
+            .map_err(|e| e.to_string())?;
+        std::future::poll_fn(|cx| self.send.poll_ready(cx))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (response, mut stream) = self
+            .send
+            .send_request(request, false)
+            .map_err(|e| e.to_string())?;
+        stream
+            .send_data(Bytes::from(body), true)
+            .map_err(|e| e.to_string())?;
+        let response = response.await.map_err(|e| e.to_string())?;
+        if response.status() != http::StatusCode::OK {
+            return Err(format!("HTTP status {}", response.status()));
+        }
+        if grpc_status(response.headers()).is_some() {
+            // A trailers-only answer: an error, or a status without a message.
+            return grpc_ok(response.headers());
+        }
+        let mut body = response.into_body();
+        let mut received = 0;
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|e| e.to_string())?;
+            received += chunk.len();
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        if received < 5 {
+            return Err(format!("answer of {received} bytes holds no message"));
+        }
+        match body.trailers().await.map_err(|e| e.to_string())? {
+            Some(trailers) => grpc_ok(&trailers),
+            None => Err("answer without trailers".into()),
+        }
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<&[u8]> {
+    headers.get("grpc-status").map(|v| v.as_bytes())
+}
+
+fn grpc_ok(headers: &http::HeaderMap) -> Result<(), String> {
+    match grpc_status(headers) {
+        Some(b"0") => Ok(()),
+        Some(code) => Err(format!(
+            "grpc-status {} {}",
+            String::from_utf8_lossy(code),
+            headers
+                .get("grpc-message")
+                .map(|m| String::from_utf8_lossy(m.as_bytes()))
+                .unwrap_or_default()
+        )),
+        None => Err("answer without grpc-status".into()),
+    }
 }
 
 const WATCH_PREFIX: &str = "watched/";
@@ -338,20 +490,29 @@ async fn request_loops(
     args: &Arc<Args>,
     endpoints: &[&str],
 ) -> Result<(Vec<Duration>, Instant), String> {
-    let mut channels = Vec::new();
+    let mut conns = Vec::new();
     // Several endpoints (comma-separated): connections go round-robin over them.
     for conn in 0..args.conns.max(endpoints.len()) {
-        channels.push(connect(endpoints[conn % endpoints.len()]).await?);
+        let endpoint = endpoints[conn % endpoints.len()];
+        conns.push(if args.client == "tonic" {
+            Conn::Tonic(
+                KvClient::new(connect(endpoint).await?).max_decoding_message_size(usize::MAX),
+            )
+        } else {
+            Conn::H2(H2Conn::connect(endpoint).await?)
+        });
     }
     let budget = args.max_requests / args.clients as u64;
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.seconds);
     let mut tasks = Vec::new();
     for id in 0..args.clients {
-        let kv = KvClient::new(channels[id % channels.len()].clone())
-            .max_decoding_message_size(usize::MAX);
+        let conn = match &conns[id % conns.len()] {
+            Conn::Tonic(kv) => Conn::Tonic(kv.clone()),
+            Conn::H2(h2) => Conn::H2(h2.clone()),
+        };
         tasks.push(tokio::spawn(client_loop(
-            kv,
+            conn,
             args.clone(),
             id,
             deadline,
@@ -398,10 +559,23 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("load: runtime: {e}");
+            std::process::exit(1);
+        }
+    };
     if let Err(e) = runtime.block_on(run(args)) {
         eprintln!("load: {e}");
         std::process::exit(1);

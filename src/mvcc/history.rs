@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use super::error::MvccError;
-use super::revision::{parse_rev_key, rev_key_start, Revision};
-use super::store::{decode_at, MvccStore};
+use super::revision::{records, run_key, runs_end, Revision};
+use super::store::{bad_run, decode_at, MvccStore};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 
 /// The event a write of `kv` makes: a tombstone (version 0) is a delete.
@@ -66,31 +66,41 @@ impl MvccStore {
         let mut stopped_at: Option<i64> = None;
         let (mut mains, mut last_main) = (0, None);
         let mut failure = None;
-        self.backend
-            .scan(&rev_key_start(from_rev), None, &mut |key, value| {
-                let Some((rev, _)) = parse_rev_key(key) else {
-                    return false; // Past the revision keys.
-                };
-                match decode_at(rev, value) {
-                    Ok(kv) if in_range(&kv.key, start, end) => {
-                        if last_main != Some(rev.main) {
-                            if mains == max_revs {
-                                stopped_at = Some(rev.main);
-                                return false;
-                            }
-                            mains += 1;
-                            last_main = Some(rev.main);
+        self.backend.scan(
+            &run_key(Revision::new(from_rev, 0)),
+            Some(&runs_end()),
+            &mut |_, run| {
+                for record in records(run) {
+                    let (rev, bytes) = match record {
+                        Ok((rev, _)) if rev.main < from_rev => continue,
+                        Ok(record) => record,
+                        Err(reason) => {
+                            failure = Some(bad_run(reason));
+                            return false;
                         }
-                        changes.insert(rev, kv);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        failure = Some(e);
-                        return false;
+                    };
+                    match decode_at(rev, bytes) {
+                        Ok(kv) if in_range(&kv.key, start, end) => {
+                            if last_main != Some(rev.main) {
+                                if mains == max_revs {
+                                    stopped_at = Some(rev.main);
+                                    return false;
+                                }
+                                mains += 1;
+                                last_main = Some(rev.main);
+                            }
+                            changes.insert(rev, kv);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            failure = Some(e);
+                            return false;
+                        }
                     }
                 }
                 true
-            })?;
+            },
+        )?;
         if let Some(e) = failure {
             return Err(e);
         }

@@ -1,6 +1,6 @@
 //! Multi-version state: every write creates a revision; reads can ask for any revision not yet
-//! compacted. Values live in the `Backend` under revision keys; an in-memory index maps user keys
-//! to their revisions. Applying is deterministic: no clock, no randomness, only the backend.
+//! compacted. Values live in the `Backend` in runs of revision records; an in-memory index maps
+//! user keys to their revisions. Applying is deterministic: no clock, no randomness, only the backend.
 
 mod check;
 mod error;

@@ -41,8 +41,9 @@ impl MvccStore {
     pub fn snapshot_data(&mut self) -> Result<Vec<u8>, MvccError> {
         self.flush_staged()?;
         let mut out = MAGIC.to_vec();
-        let mut tail = super::revision::rev_key_start(self.current_rev());
-        tail.truncate(9); // `k` + main: every write of the last revision
+        let mut tail =
+            super::revision::run_key(super::revision::Revision::new(self.current_rev(), 0));
+        tail.truncate(9); // `r` + main: the run ending in the last revision
         let lose_tail = crate::hooks::injected(crate::hooks::Bug::LoseSnapshotTail);
         self.backend.scan(&[], None, &mut |key, value| {
             if lose_tail && key.starts_with(&tail) {
@@ -76,6 +77,7 @@ impl MvccStore {
             "restore while a staged batch is being written"
         );
         self.staged = WriteBatch::default();
+        self.staged_runs.clear();
         self.staged_values.clear();
         let mut batch = WriteBatch::default();
         self.backend.scan(&[], None, &mut |key, _| {

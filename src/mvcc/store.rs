@@ -9,8 +9,8 @@ use prost::Message;
 use super::error::MvccError;
 use super::index::{KeyAt, TreeIndex};
 use super::revision::{
-    decode_u64, encode_u64, meta_key, parse_rev_key, rev_key, Revision, KEY_PREFIX,
-    META_COMPACT_REV, META_CONSISTENT_INDEX,
+    decode_u64, encode_u64, meta_key, parse_run_key, records, run_key, runs_end, Revision,
+    META_COMPACT_REV, META_CONSISTENT_INDEX, OLD_REV_PREFIX, RUN_BYTES, RUN_PREFIX,
 };
 use crate::io::{Backend, WriteBatch};
 use crate::lease::{LeaseTable, LEASE_RECORD_PREFIX};
@@ -30,6 +30,8 @@ pub struct MvccStore {
     /// backend batch (`flush_staged`), which matters because each batch costs the backend a
     /// log write. Reads see staged values first.
     pub(super) staged: WriteBatch,
+    /// The staged revisions' records, as runs (each with its newest revision), in order.
+    pub(super) staged_runs: Vec<(Revision, Vec<u8>)>,
     pub(super) staged_values: HashMap<Revision, KeyValue>,
     /// Values of a batch taken by `take_staged` and being written elsewhere: readable here
     /// until `staged_written` says the backend has them.
@@ -44,6 +46,15 @@ pub struct MvccStore {
 /// Where a range reads values from: the backend, or (inside a write) the revision being written.
 pub(super) trait ValueSource {
     fn value(&self, rev: Revision) -> Result<KeyValue, MvccError>;
+}
+
+/// `Corrupt` for a run that does not hold together.
+pub(super) fn bad_run(reason: String) -> MvccError {
+    MvccError::Corrupt {
+        main: -1,
+        sub: -1,
+        reason,
+    }
 }
 
 /// The record of revision `rev`, decoded; `Corrupt` naming the revision if it does not decode.
@@ -77,34 +88,51 @@ impl MvccStore {
         let mut failure = None;
         // Each key's lease as of its newest revision (the scan goes in revision order).
         let mut key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
-        backend.scan(&[KEY_PREFIX], Some(&[KEY_PREFIX + 1]), &mut |key, value| {
-            let Some((rev, tombstone)) = parse_rev_key(key) else {
-                failure = Some(MvccError::Corrupt {
-                    main: -1,
-                    sub: -1,
-                    reason: "bad revision key".into(),
-                });
+        let mut old_layout = false;
+        backend.scan(
+            &[OLD_REV_PREFIX],
+            Some(&[OLD_REV_PREFIX + 1]),
+            &mut |_, _| {
+                old_layout = true;
+                false
+            },
+        )?;
+        if old_layout {
+            return Err(bad_run(
+                "the data was written by an older quorumkv, one backend key per revision; \
+                 this version keeps revisions in runs and cannot read it"
+                    .into(),
+            ));
+        }
+        backend.scan(&[RUN_PREFIX], Some(&runs_end()), &mut |key, run| {
+            if parse_run_key(key).is_none() {
+                failure = Some(bad_run("bad run key".into()));
                 return false;
-            };
-            let kv = match decode_at(rev, value) {
-                Ok(kv) => kv,
-                Err(e) => {
-                    failure = Some(e);
-                    return false;
-                }
-            };
-            if tombstone {
-                index.tombstone(&kv.key, rev);
-                key_lease.remove(&kv.key);
-            } else {
-                index.restore(&kv.key, rev, kv.create_revision, kv.version);
-                if kv.lease != 0 {
-                    key_lease.insert(kv.key.clone(), kv.lease);
-                } else {
+            }
+            for record in records(run) {
+                let decoded = record
+                    .map_err(bad_run)
+                    .and_then(|(rev, bytes)| Ok((rev, decode_at(rev, bytes)?)));
+                let (rev, kv) = match decoded {
+                    Ok(decoded) => decoded,
+                    Err(e) => {
+                        failure = Some(e);
+                        return false;
+                    }
+                };
+                current_rev = current_rev.max(rev.main);
+                if kv.version == 0 {
+                    index.tombstone(&kv.key, rev);
                     key_lease.remove(&kv.key);
+                } else {
+                    index.restore(&kv.key, rev, kv.create_revision, kv.version);
+                    if kv.lease != 0 {
+                        key_lease.insert(kv.key.clone(), kv.lease);
+                    } else {
+                        key_lease.remove(&kv.key);
+                    }
                 }
             }
-            current_rev = current_rev.max(rev.main);
             true
         })?;
         if let Some(e) = failure {
@@ -119,6 +147,7 @@ impl MvccStore {
             compact_rev,
             consistent_index,
             staged: WriteBatch::default(),
+            staged_runs: Vec::new(),
             staged_values: HashMap::new(),
             writing_values: HashMap::new(),
             leases: LeaseTable::default(),
@@ -166,9 +195,21 @@ impl MvccStore {
         &self.backend
     }
 
-    /// Backend writes staged and not yet handed to the backend.
+    /// Backend writes staged and not yet handed to the backend (each revision's record counts).
     pub fn staged_ops(&self) -> usize {
-        self.staged.ops.len()
+        self.staged.ops.len() + self.staged_values.len()
+    }
+
+    /// Stages the records of one applied entry (encoded by `push_record`, `last` the newest):
+    /// onto the open run, or a new one once that is `RUN_BYTES` long.
+    pub(super) fn stage_records(&mut self, last: Revision, encoded: &[u8]) {
+        match self.staged_runs.last_mut() {
+            Some((newest, run)) if run.len() < RUN_BYTES => {
+                run.extend_from_slice(encoded);
+                *newest = last;
+            }
+            _ => self.staged_runs.push((last, encoded.to_vec())),
+        }
     }
 
     /// Hands every staged write to the backend as one atomic batch (with the consistent index).
@@ -189,10 +230,13 @@ impl MvccStore {
             self.writing_values.is_empty(),
             "a staged batch is still being written"
         );
-        if self.staged.is_empty() {
+        if self.staged.is_empty() && self.staged_runs.is_empty() {
             return None;
         }
         let mut batch = std::mem::take(&mut self.staged);
+        for (last, run) in self.staged_runs.drain(..) {
+            batch.put(run_key(last), run);
+        }
         batch.put(
             meta_key(META_CONSISTENT_INDEX),
             encode_u64(self.consistent_index),
@@ -215,15 +259,27 @@ impl MvccStore {
         {
             return Ok(kv.clone());
         }
-        let bytes = self
-            .backend
-            .get(&rev_key(rev, false))?
-            .ok_or_else(|| MvccError::Corrupt {
+        let mut found = None;
+        self.backend
+            .scan(&run_key(rev), Some(&runs_end()), &mut |_, run| {
+                found = Some(
+                    records(run)
+                        .find(|record| !matches!(record, Ok((at, _)) if *at != rev))
+                        .map(|record| {
+                            record
+                                .map_err(bad_run)
+                                .and_then(|(_, bytes)| decode_at(rev, bytes))
+                        }),
+                );
+                false
+            })?;
+        found.flatten().unwrap_or_else(|| {
+            Err(MvccError::Corrupt {
                 main: rev.main,
                 sub: rev.sub,
                 reason: "indexed revision missing from the backend".into(),
-            })?;
-        decode_at(rev, &bytes)
+            })
+        })
     }
 
     /// A Range as etcd answers it (the caller fills the header's other fields).
@@ -349,7 +405,7 @@ impl MvccStore {
     /// call it right after opening or restoring).
     pub fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MvccError> {
         debug_assert!(
-            self.staged.is_empty(),
+            self.staged.is_empty() && self.staged_runs.is_empty(),
             "records read while writes are staged"
         );
         let start = meta_key(prefix);

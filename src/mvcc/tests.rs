@@ -231,8 +231,8 @@ fn compaction_removes_old_revisions_from_the_backend() {
     let count_revs = |backend: &MemBackend| {
         let mut n = 0;
         backend
-            .scan(b"k", Some(b"l"), &mut |_, _| {
-                n += 1;
+            .scan(b"r", Some(b"s"), &mut |_, run| {
+                n += revision::records(run).count();
                 true
             })
             .expect("scan");
@@ -653,4 +653,192 @@ fn a_batch_being_written_stays_readable_until_the_backend_has_it() {
         f.index,
         "the batch carried the consistent index"
     );
+}
+
+/// Applies without flushing: the writes stay staged, to reach the backend as runs.
+fn apply_staged(f: &mut Fixture, request: Request) {
+    f.index += 1;
+    f.store.apply(f.index, &request).expect("apply");
+}
+
+fn put_req(key: &str, value: &str) -> Request {
+    Request::Put(PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    })
+}
+
+fn at_rev(f: &Fixture, key: &str, revision: i64) -> Result<Vec<(String, String)>, MvccError> {
+    let resp = f.store.range(&RangeRequest {
+        revision,
+        ..range(key, "")
+    })?;
+    Ok(resp
+        .kvs
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(&kv.key).into(),
+                String::from_utf8_lossy(&kv.value).into(),
+            )
+        })
+        .collect())
+}
+
+fn runs(backend: &MemBackend) -> Vec<Vec<Revision>> {
+    let mut out = Vec::new();
+    backend
+        .scan(b"r", Some(b"s"), &mut |_, run| {
+            out.push(
+                revision::records(run)
+                    .map(|r| r.expect("record").0)
+                    .collect(),
+            );
+            true
+        })
+        .expect("scan");
+    out
+}
+
+#[test]
+fn many_writes_share_a_run_and_read_compact_and_reopen_as_separate_revisions() {
+    let mut f = Fixture::new();
+    for i in 0..6 {
+        apply_staged(&mut f, put_req("a", &format!("a{i}")));
+        apply_staged(&mut f, put_req("b", &format!("b{i}")));
+    }
+    apply_staged(
+        &mut f,
+        Request::DeleteRange(DeleteRangeRequest {
+            key: "b".into(),
+            ..Default::default()
+        }),
+    );
+    f.store.flush_staged().expect("flush");
+    // Revisions 2..=14: a0 b0 a1 b1 ... a5 b5, then b's tombstone.
+    assert_eq!(runs(&f.backend).len(), 1, "one batch, one run");
+    assert_eq!(runs(&f.backend)[0].len(), 13);
+    for i in 0..6i64 {
+        let rev = 2 + 2 * i;
+        assert_eq!(
+            at_rev(&f, "a", rev).expect("a"),
+            vec![kv("a", &format!("a{i}"))]
+        );
+        assert_eq!(
+            at_rev(&f, "b", rev + 1).expect("b"),
+            vec![kv("b", &format!("b{i}"))]
+        );
+    }
+    assert!(at_rev(&f, "b", 14).expect("b").is_empty(), "deleted");
+    let (events, next) = f.store.events_since(9, b"a", b"", 100).expect("history");
+    let values: Vec<_> = events
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.kv.as_ref().expect("kv").value).into_owned())
+        .collect();
+    assert_eq!(values, ["a4", "a5"], "from the middle of the run");
+    assert_eq!(next, 15);
+
+    // More writes in a second run, then a compaction in the middle of the first.
+    apply_staged(&mut f, put_req("c", "c0"));
+    f.store.flush_staged().expect("flush");
+    f.apply(Request::Compaction(CompactionRequest {
+        revision: 9,
+        physical: true,
+    }))
+    .expect("compact");
+    let left = runs(&f.backend);
+    assert_eq!(
+        left,
+        vec![
+            // a3 (rev 8) and b3 (rev 9) are the newest at 9; later ones are untouched.
+            [8, 9, 10, 11, 12, 13, 14]
+                .map(|main| Revision::new(main, 0))
+                .to_vec(),
+            vec![Revision::new(15, 0)],
+        ]
+    );
+    assert!(matches!(at_rev(&f, "a", 7), Err(MvccError::Compacted)));
+    assert_eq!(at_rev(&f, "a", 9).expect("a"), vec![kv("a", "a3")]);
+    assert_eq!(at_rev(&f, "b", 11).expect("b"), vec![kv("b", "b4")]);
+
+    let reopened = MvccStore::open(Arc::new(f.backend.clone())).expect("reopen");
+    assert_eq!(reopened.current_rev(), 15);
+    assert_eq!(reopened.compact_rev(), 9);
+    let kvs = reopened.range(&range("a", "d")).expect("range").kvs;
+    let got: Vec<_> = kvs
+        .iter()
+        .map(|kv| {
+            (
+                kv.key.clone(),
+                kv.value.clone(),
+                kv.version,
+                kv.create_revision,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (b"a".to_vec(), b"a5".to_vec(), 6, 2),
+            (b"c".to_vec(), b"c0".to_vec(), 1, 15),
+        ]
+    );
+}
+
+#[test]
+fn a_long_batch_is_cut_into_runs_each_readable_at_its_edges() {
+    let mut f = Fixture::new();
+    let value = "v".repeat(1000);
+    for i in 0..200 {
+        apply_staged(&mut f, put_req(&format!("k{i:03}"), &value));
+    }
+    f.store.flush_staged().expect("flush");
+    let runs = runs(&f.backend);
+    assert!(runs.len() >= 3, "{} runs", runs.len());
+    assert_eq!(runs.iter().map(Vec::len).sum::<usize>(), 200);
+    for run in &runs {
+        for rev in [run[0], run[run.len() - 1]] {
+            let key = format!("k{:03}", rev.main - 2);
+            assert_eq!(
+                at_rev(&f, &key, rev.main).expect("read"),
+                vec![kv(&key, &value)]
+            );
+        }
+    }
+    let reopened = MvccStore::open(Arc::new(f.backend.clone())).expect("reopen");
+    assert_eq!(reopened.key_count(), 200);
+}
+
+#[test]
+fn a_store_in_the_older_one_key_per_revision_layout_is_refused() {
+    let backend = MemBackend::new();
+    let mut batch = crate::io::WriteBatch::default();
+    let mut key = vec![b'k'];
+    key.extend_from_slice(&[0; 16]);
+    batch.put(key, b"old".to_vec());
+    backend.apply(batch).expect("write");
+    match MvccStore::open(Arc::new(backend)) {
+        Err(MvccError::Corrupt { reason, .. }) => assert!(reason.contains("older"), "{reason}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("opened"),
+    }
+}
+
+#[test]
+fn a_cut_run_is_reported_as_corrupt_at_open() {
+    let mut f = Fixture::new();
+    f.put("a", "1");
+    let mut batch = crate::io::WriteBatch::default();
+    f.backend
+        .scan(b"r", Some(b"s"), &mut |key, run| {
+            batch.put(key.to_vec(), run[..run.len() - 1].to_vec());
+            true
+        })
+        .expect("scan");
+    f.backend.apply(batch).expect("write");
+    assert!(matches!(
+        MvccStore::open(Arc::new(f.backend.clone())),
+        Err(MvccError::Corrupt { .. })
+    ));
 }

@@ -4,14 +4,13 @@
 
 use std::collections::HashMap;
 
-use prost::Message;
-
 use super::error::MvccError;
 use super::history::event_of;
 use super::revision::{
-    encode_u64, meta_key, parse_rev_key, rev_key, rev_key_start, Revision, META_COMPACT_REV,
+    encode_u64, meta_key, parse_run_key, push_encoded, push_record, records, runs_end, Revision,
+    META_COMPACT_REV, RUN_PREFIX,
 };
-use super::store::{MvccStore, ValueSource};
+use super::store::{bad_run, MvccStore, ValueSource};
 use crate::io::WriteBatch;
 use crate::lease::{record_name, MAX_LEASE_TTL};
 use crate::proto::etcdserverpb::{
@@ -42,6 +41,8 @@ struct Pending {
     main: i64,
     sub: i64,
     batch: WriteBatch,
+    /// The records of the revisions written, encoded for a run.
+    records: Vec<u8>,
     values: HashMap<Revision, KeyValue>,
 }
 
@@ -91,6 +92,7 @@ impl MvccStore {
             main: self.current_rev + 1,
             sub: 0,
             batch: WriteBatch::default(),
+            records: Vec::new(),
             values: HashMap::new(),
         };
         let outcome = match request {
@@ -135,6 +137,12 @@ impl MvccStore {
                 .extend(changes.into_iter().map(|(_, kv)| event_of(kv.clone())));
         }
         self.staged.ops.extend(pending.batch.ops);
+        if pending.sub > 0 {
+            self.stage_records(
+                Revision::new(pending.main, pending.sub - 1),
+                &pending.records,
+            );
+        }
         self.staged_values.extend(pending.values);
         if pending.sub > 0 {
             self.current_rev = pending.main;
@@ -189,7 +197,7 @@ impl MvccStore {
         };
         self.index.put(&req.key, rev);
         self.leases.attach(&req.key, lease);
-        pending.batch.put(rev_key(rev, false), kv.encode_to_vec());
+        push_record(&mut pending.records, rev, &kv);
         pending.values.insert(rev, kv);
         Ok(PutResponse {
             header: None,
@@ -238,11 +246,9 @@ impl MvccStore {
             mod_revision: rev.main,
             ..Default::default()
         };
-        pending
-            .batch
-            .put(rev_key(rev, true), tombstone.encode_to_vec());
-        // Kept with the puts (a tombstone has version 0), so history reads see it before the
-        // backend has it.
+        // A tombstone is a record of version 0. Kept with the puts, so history reads see it
+        // before the backend has it.
+        push_record(&mut pending.records, rev, &tombstone);
         pending.values.insert(rev, tombstone);
     }
 
@@ -469,25 +475,38 @@ impl MvccStore {
         self.flush_staged()?;
         let keep = self.index.compact(req.revision);
         let mut failure = None;
-        self.backend.scan(
-            &rev_key_start(0),
-            Some(&rev_key_start(req.revision + 1)),
-            &mut |key, _| {
-                match parse_rev_key(key) {
-                    Some((rev, _)) if !keep.contains(&rev) => pending.batch.delete(key.to_vec()),
-                    Some(_) => {}
-                    None => {
-                        failure = Some(MvccError::Corrupt {
-                            main: -1,
-                            sub: -1,
-                            reason: "bad revision key".into(),
-                        });
-                        return false;
+        // Every run holding a revision at or below the compaction's: those up to its key, and
+        // the first one past it, which may straddle it.
+        let last = Revision::new(req.revision, i64::MAX);
+        self.backend
+            .scan(&[RUN_PREFIX], Some(&runs_end()), &mut |key, run| {
+                let Some(newest) = parse_run_key(key) else {
+                    failure = Some(bad_run("bad run key".into()));
+                    return false;
+                };
+                let mut kept = Vec::new();
+                let mut dropped = false;
+                for record in records(run) {
+                    match record {
+                        Ok((rev, bytes)) if rev > last || keep.contains(&rev) => {
+                            push_encoded(&mut kept, rev, bytes)
+                        }
+                        Ok(_) => dropped = true,
+                        Err(reason) => {
+                            failure = Some(bad_run(reason));
+                            return false;
+                        }
                     }
                 }
-                true
-            },
-        )?;
+                if dropped {
+                    if kept.is_empty() {
+                        pending.batch.delete(key.to_vec());
+                    } else {
+                        pending.batch.put(key.to_vec(), kept);
+                    }
+                }
+                newest <= last
+            })?;
         if let Some(e) = failure {
             return Err(e);
         }
