@@ -11,8 +11,14 @@
 //! put keys under it for `--seconds`; then the tool waits (up to 10 s) for every watcher to get
 //! every event. Prints `op=watch ... events=... events_per_sec=... complete=...`, the rate being
 //! events delivered to all watchers over the time from the first put to the last event received.
-//! The watchers count each response's events off the wire (`EventCounter`) rather than build
+//! The watchers count each response's events off the wire (`summarize`) rather than build
 //! every event, so that the tool, on the same cores as the server, takes as little as it can.
+//!
+//! `--client h2` (the default) speaks gRPC over a bare HTTP/2 connection per `--conns`: each
+//! call's message framed by hand, its answer read to the trailers and failed unless
+//! `grpc-status` is 0. `--client tonic` goes through tonic's generated client instead (several
+//! times the CPU per call). `--threads` sets the tool's runtime threads: by default one for
+//! put and get, leaving the other core to the server measured, and two for watch.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -204,6 +210,7 @@ struct H2Conn {
     send: h2::client::SendRequest<Bytes>,
     put_uri: http::Uri,
     range_uri: http::Uri,
+    watch_uri: http::Uri,
 }
 
 impl H2Conn {
@@ -220,7 +227,11 @@ impl H2Conn {
             .map_err(|e| format!("connect {endpoint}: {e}"))?;
         tcp.set_nodelay(true)
             .map_err(|e| format!("connect {endpoint}: {e}"))?;
-        let (send, connection) = h2::client::handshake(tcp)
+        // The windows hyper's client opens with (tonic's channel is a hyper client).
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(2 << 20)
+            .initial_connection_window_size(5 << 20)
+            .handshake(tcp)
             .await
             .map_err(|e| format!("connect {endpoint}: {e}"))?;
         tokio::spawn(async move {
@@ -238,6 +249,7 @@ impl H2Conn {
             send,
             put_uri: uri("/etcdserverpb.KV/Put")?,
             range_uri: uri("/etcdserverpb.KV/Range")?,
+            watch_uri: uri("/etcdserverpb.Watch/Watch")?,
         })
     }
 
@@ -348,50 +360,144 @@ impl Decoder for EventCounter {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<WatchSummary>, Status> {
-        let bad = |e: prost::DecodeError| Status::internal(format!("bad watch response: {e}"));
-        let mut summary = WatchSummary {
-            created: false,
-            events: 0,
-        };
-        while buf.has_remaining() {
-            let (tag, wire_type) = decode_key(buf).map_err(bad)?;
-            match (tag, wire_type) {
-                (3, WireType::Varint) => summary.created = decode_varint(buf).map_err(bad)? != 0,
-                (11, WireType::LengthDelimited) => {
-                    summary.events += 1;
-                    skip_field(wire_type, tag, buf, DecodeContext::default()).map_err(bad)?;
-                }
-                _ => skip_field(wire_type, tag, buf, DecodeContext::default()).map_err(bad)?,
-            }
-        }
-        Ok(Some(summary))
+        summarize(buf)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("bad watch response: {e}")))
     }
 }
 
-/// One watch stream with `count` watches on the prefix; counts the events they receive.
-async fn watch_stream(
-    channel: Channel,
+/// Reads a `WatchResponse`'s `created` (field 3) and counts its `events` (field 11), skipping
+/// everything else.
+fn summarize(buf: &mut impl Buf) -> Result<WatchSummary, prost::DecodeError> {
+    let mut summary = WatchSummary {
+        created: false,
+        events: 0,
+    };
+    while buf.has_remaining() {
+        let (tag, wire_type) = decode_key(buf)?;
+        match (tag, wire_type) {
+            (3, WireType::Varint) => summary.created = decode_varint(buf)? != 0,
+            (11, WireType::LengthDelimited) => {
+                summary.events += 1;
+                skip_field(wire_type, tag, buf, DecodeContext::default())?;
+            }
+            _ => skip_field(wire_type, tag, buf, DecodeContext::default())?,
+        }
+    }
+    Ok(summary)
+}
+
+/// Counts a watch stream's creates and events into `received` (signalling `ready` once all
+/// `count` watches exist).
+struct WatchTally {
     count: usize,
+    created: usize,
     start: Instant,
     received: Arc<Received>,
     ready: tokio::sync::mpsc::Sender<()>,
-) -> Result<(), String> {
-    // The creates are queued before the call: a Go gRPC server sends its response headers
-    // only with its first message, and the call returns only once they arrive.
-    let (tx, rx) = tokio::sync::mpsc::channel(count.max(1));
+}
+
+impl WatchTally {
+    async fn add(&mut self, response: WatchSummary) {
+        if response.created {
+            self.created += 1;
+            if self.created == self.count {
+                let _ = self.ready.send(()).await;
+            }
+        } else if response.events > 0 {
+            self.received
+                .events
+                .fetch_add(response.events, Ordering::Relaxed);
+            self.received
+                .last_us
+                .fetch_max(self.start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The create requests for `count` watches on the prefix.
+fn watch_creates(count: usize) -> Vec<WatchRequest> {
     let mut end = WATCH_PREFIX.as_bytes().to_vec();
     *end.last_mut().expect("prefix") += 1;
-    for _ in 0..count {
-        let create = WatchCreateRequest {
-            key: WATCH_PREFIX.into(),
-            range_end: end.clone(),
-            ..Default::default()
-        };
-        tx.send(WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(create)),
+    (0..count)
+        .map(|_| WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: WATCH_PREFIX.into(),
+                range_end: end.clone(),
+                ..Default::default()
+            })),
         })
+        .collect()
+}
+
+/// One watch stream over a bare HTTP/2 connection: the creates sent as gRPC messages, then
+/// the answers' DATA read and cut into messages, each summarized in place.
+async fn watch_stream_h2(endpoint: String, mut tally: WatchTally) -> Result<(), String> {
+    let mut conn = H2Conn::connect(&endpoint).await?;
+    let mut body = Vec::new();
+    for create in watch_creates(tally.count) {
+        body.push(0);
+        body.extend_from_slice(&(create.encoded_len() as u32).to_be_bytes());
+        create.encode(&mut body).map_err(|e| e.to_string())?;
+    }
+    let request = http::Request::post(conn.watch_uri.clone())
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(())
+        .map_err(|e| e.to_string())?;
+    std::future::poll_fn(|cx| conn.send.poll_ready(cx))
         .await
-        .map_err(|_| "watch stream closed".to_string())?;
+        .map_err(|e| e.to_string())?;
+    let (response, mut stream) = conn
+        .send
+        .send_request(request, false)
+        .map_err(|e| e.to_string())?;
+    // The stream stays open (ending it would end the watches).
+    stream
+        .send_data(Bytes::from(body), false)
+        .map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| format!("watch: {e}"))?;
+    if response.status() != http::StatusCode::OK {
+        return Err(format!("watch: HTTP status {}", response.status()));
+    }
+    if grpc_status(response.headers()).is_some() {
+        return grpc_ok(response.headers()).and(Err("watch ended at once".into()));
+    }
+    let mut body = response.into_body();
+    let mut pending = prost::bytes::BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        pending.extend_from_slice(&chunk);
+        while pending.len() >= 5 {
+            let len = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]) as usize;
+            if pending.len() < 5 + len {
+                break;
+            }
+            if pending[0] != 0 {
+                return Err("compressed watch response".into());
+            }
+            let mut message = pending.split_to(5 + len);
+            message.advance(5);
+            let summary =
+                summarize(&mut message).map_err(|e| format!("bad watch response: {e}"))?;
+            tally.add(summary).await;
+        }
+    }
+    drop(stream);
+    Ok(())
+}
+
+/// One watch stream (through tonic's client) with `count` watches on the prefix.
+async fn watch_stream(endpoint: String, mut tally: WatchTally) -> Result<(), String> {
+    let channel = connect(&endpoint).await?;
+    // The creates are queued before the call: a Go gRPC server sends its response headers
+    // only with its first message, and the call returns only once they arrive.
+    let (tx, rx) = tokio::sync::mpsc::channel(tally.count.max(1));
+    for create in watch_creates(tally.count) {
+        tx.send(create)
+            .await
+            .map_err(|_| "watch stream closed".to_string())?;
     }
     let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
     grpc.ready().await.map_err(|e| format!("watch: {e}"))?;
@@ -404,23 +510,8 @@ async fn watch_stream(
         .await
         .map_err(|e| format!("watch: {e}"))?
         .into_inner();
-    let mut created = 0;
     while let Some(response) = responses.message().await.map_err(|e| e.to_string())? {
-        if response.created {
-            created += 1;
-            if created == count {
-                let _ = ready.send(()).await;
-            }
-            continue;
-        }
-        if response.events > 0 {
-            received
-                .events
-                .fetch_add(response.events, Ordering::Relaxed);
-            received
-                .last_us
-                .fetch_max(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-        }
+        tally.add(response).await;
     }
     drop(tx);
     Ok(())
@@ -433,15 +524,26 @@ async fn run_watch(args: Arc<Args>, endpoints: &[&str]) -> Result<(), String> {
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(args.watch_streams.max(1));
     let streams = args.watch_streams.clamp(1, args.watchers.max(1));
     for stream in 0..streams {
-        let channel = connect(endpoints[stream % endpoints.len()]).await?;
-        let count = args.watchers / streams + usize::from(stream < args.watchers % streams);
-        tokio::spawn(watch_stream(
-            channel,
-            count,
+        let endpoint = endpoints[stream % endpoints.len()].to_string();
+        let tally = WatchTally {
+            count: args.watchers / streams + usize::from(stream < args.watchers % streams),
+            created: 0,
             start,
-            received.clone(),
-            ready_tx.clone(),
-        ));
+            received: received.clone(),
+            ready: ready_tx.clone(),
+        };
+        let tonic = args.client == "tonic";
+        tokio::spawn(async move {
+            let result = if tonic {
+                watch_stream(endpoint, tally).await
+            } else {
+                watch_stream_h2(endpoint, tally).await
+            };
+            if let Err(e) = result {
+                eprintln!("load: watch stream: {e}");
+                std::process::exit(1);
+            }
+        });
     }
     for _ in 0..streams {
         ready_rx.recv().await.ok_or("a watch stream failed")?;
