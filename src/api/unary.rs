@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -51,7 +52,7 @@ impl Method {
 /// Puts [`UnaryKv`] in front of the routed services.
 #[derive(Clone)]
 pub struct UnaryKvLayer {
-    server: KvServer,
+    server: Arc<KvServer>,
     max_decoding_message_size: usize,
 }
 
@@ -60,7 +61,7 @@ impl UnaryKvLayer {
     /// go on to the routed services, which refuse them.
     pub fn new(server: KvServer, max_decoding_message_size: usize) -> Self {
         UnaryKvLayer {
-            server,
+            server: Arc::new(server),
             max_decoding_message_size,
         }
     }
@@ -82,7 +83,8 @@ impl<S> tower_layer::Layer<S> for UnaryKvLayer {
 #[derive(Clone)]
 pub struct UnaryKv<S> {
     inner: S,
-    server: KvServer,
+    /// Shared: cloned for every call.
+    server: Arc<KvServer>,
     max_decoding_message_size: usize,
 }
 

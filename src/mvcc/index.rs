@@ -135,6 +135,23 @@ impl TreeIndex {
         }
     }
 
+    /// The key's state as of `at` (as `get`), then `rev` recorded as its newest put: one lookup.
+    pub fn get_then_put(&mut self, key: &[u8], at: i64, rev: Revision) -> Option<KeyAt> {
+        match self.keys.get_mut(key) {
+            Some(index) => {
+                let prev = index.get(at);
+                index.put(rev);
+                prev
+            }
+            None => {
+                let mut index = KeyIndex::default();
+                index.put(rev);
+                self.keys.insert(key.to_vec(), index);
+                None
+            }
+        }
+    }
+
     /// Rebuilds from the backend, where compaction may have removed the start of a key's life:
     /// the stored value carries its creation revision and version.
     pub fn restore(&mut self, key: &[u8], rev: Revision, created_main: i64, version: i64) {
@@ -241,6 +258,32 @@ mod tests {
             (at9.modified, at9.created, at9.version),
             (rev(8), rev(8), 1)
         );
+    }
+
+    #[test]
+    fn get_then_put_answers_as_get_and_records_as_put() {
+        let mut one = TreeIndex::default();
+        let mut two = TreeIndex::default();
+        let steps = [
+            (b"a", 2, false),
+            (b"a", 3, false),
+            (b"a", 4, true),
+            (b"a", 5, false),
+        ];
+        for (key, main, delete) in steps {
+            let rev = Revision::new(main, 0);
+            if delete {
+                one.tombstone(key, rev);
+                two.tombstone(key, rev);
+                continue;
+            }
+            let expected = two.get(key, main - 1);
+            two.put(key, rev);
+            assert_eq!(one.get_then_put(key, main - 1, rev), expected, "at {main}");
+            assert_eq!(one.get(key, main), two.get(key, main));
+        }
+        assert_eq!(one.get_then_put(b"new", 5, Revision::new(6, 0)), None);
+        assert_eq!(one.get(b"new", 6).map(|at| at.version), Some(1));
     }
 
     #[test]

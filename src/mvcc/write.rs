@@ -164,18 +164,28 @@ impl MvccStore {
     }
 
     fn put(&mut self, pending: &mut Pending, req: &PutRequest) -> Result<PutResponse, MvccError> {
-        let prev_at = self.index.get(&req.key, pending.read_rev());
-        // The previous value is read only when the request needs it: most puts don't.
+        let at = pending.read_rev();
+        // The previous value is read only when the request needs it. Most puts don't, and for
+        // them the index is looked up once.
         let needs_prev = req.prev_kv || req.ignore_value || req.ignore_lease;
-        let prev_kv = match prev_at {
-            Some(at) if needs_prev => Some(
-                Overlay {
-                    store: self,
-                    pending,
-                }
-                .value(at.modified)?,
-            ),
-            _ => None,
+        let (prev, prev_kv, rev) = if needs_prev {
+            let prev = self.index.get(&req.key, at);
+            let prev_kv = match prev {
+                Some(prev) => Some(
+                    Overlay {
+                        store: self,
+                        pending,
+                    }
+                    .value(prev.modified)?,
+                ),
+                None => None,
+            };
+            let rev = pending.next_rev();
+            self.index.put(&req.key, rev);
+            (prev, prev_kv, rev)
+        } else {
+            let rev = pending.next_rev();
+            (self.index.get_then_put(&req.key, at, rev), None, rev)
         };
         let value = match &prev_kv {
             Some(kv) if req.ignore_value => kv.value.clone(),
@@ -185,8 +195,6 @@ impl MvccStore {
             Some(kv) if req.ignore_lease => kv.lease,
             _ => req.lease,
         };
-        let prev = prev_at;
-        let rev = pending.next_rev();
         let kv = KeyValue {
             key: req.key.clone(),
             create_revision: prev.map_or(rev.main, |at| at.created.main),
@@ -195,7 +203,6 @@ impl MvccStore {
             value,
             lease,
         };
-        self.index.put(&req.key, rev);
         self.leases.attach(&req.key, lease);
         push_record(&mut pending.records, rev, &kv);
         pending.values.insert(rev, kv);
