@@ -256,30 +256,9 @@ impl H2Conn {
     /// One unary gRPC call: the message framed and sent, the answer read to its end, and the
     /// call failed unless its `grpc-status` is 0.
     async fn unary(&mut self, uri: &http::Uri, message: &impl Message) -> Result<(), String> {
-        let len = message.encoded_len();
-        let mut body = Vec::with_capacity(5 + len);
-        body.push(0);
-        body.extend_from_slice(&(len as u32).to_be_bytes());
-        message.encode(&mut body).map_err(|e| e.to_string())?;
-        let request = http::Request::post(uri.clone())
-            .header(http::header::CONTENT_TYPE, "application/grpc")
-            .header(http::header::TE, "trailers")
-            .body(())
-            .map_err(|e| e.to_string())?;
-        std::future::poll_fn(|cx| self.send.poll_ready(cx))
-            .await
-            .map_err(|e| e.to_string())?;
-        let (response, mut stream) = self
-            .send
-            .send_request(request, false)
-            .map_err(|e| e.to_string())?;
-        stream
-            .send_data(Bytes::from(body), true)
-            .map_err(|e| e.to_string())?;
-        let response = response.await.map_err(|e| e.to_string())?;
-        if response.status() != http::StatusCode::OK {
-            return Err(format!("HTTP status {}", response.status()));
-        }
+        let mut body = Vec::new();
+        frame(&mut body, message)?;
+        let (response, _stream) = self.call(uri, body, true).await?;
         if grpc_status(response.headers()).is_some() {
             // A trailers-only answer: an error, or a status without a message.
             return grpc_ok(response.headers());
@@ -299,6 +278,45 @@ impl H2Conn {
             None => Err("answer without trailers".into()),
         }
     }
+}
+
+impl H2Conn {
+    /// Starts a gRPC call: `body` (framed messages) sent, the stream ended if `end`; the
+    /// answer's head, if its HTTP status is 200, and the stream to send more on.
+    async fn call(
+        &mut self,
+        uri: &http::Uri,
+        body: Vec<u8>,
+        end: bool,
+    ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), String> {
+        let request = http::Request::post(uri.clone())
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(())
+            .map_err(|e| e.to_string())?;
+        std::future::poll_fn(|cx| self.send.poll_ready(cx))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (response, mut stream) = self
+            .send
+            .send_request(request, false)
+            .map_err(|e| e.to_string())?;
+        stream
+            .send_data(Bytes::from(body), end)
+            .map_err(|e| e.to_string())?;
+        let response = response.await.map_err(|e| e.to_string())?;
+        if response.status() != http::StatusCode::OK {
+            return Err(format!("HTTP status {}", response.status()));
+        }
+        Ok((response, stream))
+    }
+}
+
+/// Appends `message` to `body` as one uncompressed gRPC message.
+fn frame(body: &mut Vec<u8>, message: &impl Message) -> Result<(), String> {
+    body.push(0);
+    body.extend_from_slice(&(message.encoded_len() as u32).to_be_bytes());
+    message.encode(body).map_err(|e| e.to_string())
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<&[u8]> {
@@ -436,30 +454,14 @@ async fn watch_stream_h2(endpoint: String, mut tally: WatchTally) -> Result<(), 
     let mut conn = H2Conn::connect(&endpoint).await?;
     let mut body = Vec::new();
     for create in watch_creates(tally.count) {
-        body.push(0);
-        body.extend_from_slice(&(create.encoded_len() as u32).to_be_bytes());
-        create.encode(&mut body).map_err(|e| e.to_string())?;
+        frame(&mut body, &create)?;
     }
-    let request = http::Request::post(conn.watch_uri.clone())
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
-        .body(())
-        .map_err(|e| e.to_string())?;
-    std::future::poll_fn(|cx| conn.send.poll_ready(cx))
-        .await
-        .map_err(|e| e.to_string())?;
-    let (response, mut stream) = conn
-        .send
-        .send_request(request, false)
-        .map_err(|e| e.to_string())?;
     // The stream stays open (ending it would end the watches).
-    stream
-        .send_data(Bytes::from(body), false)
-        .map_err(|e| e.to_string())?;
-    let response = response.await.map_err(|e| format!("watch: {e}"))?;
-    if response.status() != http::StatusCode::OK {
-        return Err(format!("watch: HTTP status {}", response.status()));
-    }
+    let uri = conn.watch_uri.clone();
+    let (response, stream) = conn
+        .call(&uri, body, false)
+        .await
+        .map_err(|e| format!("watch: {e}"))?;
     if grpc_status(response.headers()).is_some() {
         return grpc_ok(response.headers()).and(Err("watch ended at once".into()));
     }
