@@ -180,14 +180,16 @@ async fn client_loop(
                     value: value.clone(),
                     ..Default::default()
                 };
-                h2.unary(&h2.put_uri.clone(), &request).await
+                let uri = h2.put_uri.clone();
+                h2.unary(&uri, &request).await
             }
             Conn::H2(h2) => {
                 let request = RangeRequest {
                     key,
                     ..Default::default()
                 };
-                h2.unary(&h2.range_uri.clone(), &request).await
+                let uri = h2.range_uri.clone();
+                h2.unary(&uri, &request).await
             }
         };
         result.map_err(|e| format!("request failed: {e}"))?;

@@ -491,25 +491,27 @@ impl MvccStore {
                     failure = Some(bad_run("bad run key".into()));
                     return false;
                 };
-                let mut kept = Vec::new();
+                let kept = |rev: &Revision| *rev > last || keep.contains(rev);
                 let mut dropped = false;
                 for record in records(run) {
                     match record {
-                        Ok((rev, bytes)) if rev > last || keep.contains(&rev) => {
-                            push_encoded(&mut kept, rev, bytes)
-                        }
-                        Ok(_) => dropped = true,
+                        Ok((rev, _)) => dropped |= !kept(&rev),
                         Err(reason) => {
                             failure = Some(bad_run(reason));
                             return false;
                         }
                     }
                 }
+                // A run that loses nothing is left as it is, uncopied.
                 if dropped {
-                    if kept.is_empty() {
+                    let mut rest = Vec::new();
+                    for (rev, bytes) in records(run).flatten().filter(|(rev, _)| kept(rev)) {
+                        push_encoded(&mut rest, rev, bytes);
+                    }
+                    if rest.is_empty() {
                         pending.batch.delete(key.to_vec());
                     } else {
-                        pending.batch.put(key.to_vec(), kept);
+                        pending.batch.put(key.to_vec(), rest);
                     }
                 }
                 newest <= last
