@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::bytes::{Buf, Bytes};
-use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
 use prost::Message;
 use quorumkv::proto::etcdserverpb::kv_client::KvClient;
 use quorumkv::proto::etcdserverpb::watch_request::RequestUnion;
@@ -351,8 +350,10 @@ struct Received {
 
 /// What the tool needs of a `WatchResponse`: is it a `created` answer, and how many events
 /// does it carry.
+#[derive(Default)]
 struct WatchSummary {
-    created: bool,
+    /// `created` answers (one, or none, for a single response; a sum for several).
+    created: usize,
     events: u64,
 }
 
@@ -380,31 +381,77 @@ impl Decoder for EventCounter {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<WatchSummary>, Status> {
-        summarize(buf)
+        let message = buf.copy_to_bytes(buf.remaining());
+        summarize(&message)
             .map(Some)
             .map_err(|e| Status::internal(format!("bad watch response: {e}")))
     }
 }
 
 /// Reads a `WatchResponse`'s `created` (field 3) and counts its `events` (field 11), skipping
-/// everything else.
-fn summarize(buf: &mut impl Buf) -> Result<WatchSummary, prost::DecodeError> {
-    let mut summary = WatchSummary {
-        created: false,
-        events: 0,
-    };
-    while buf.has_remaining() {
-        let (tag, wire_type) = decode_key(buf)?;
-        match (tag, wire_type) {
-            (3, WireType::Varint) => summary.created = decode_varint(buf)? != 0,
-            (11, WireType::LengthDelimited) => {
-                summary.events += 1;
-                skip_field(wire_type, tag, buf, DecodeContext::default())?;
+/// everything else, straight off the bytes (a message per watcher per delivery: the tool's own
+/// cost per event is part of what the benchmark measures, so it is kept small).
+fn summarize(mut buf: &[u8]) -> Result<WatchSummary, String> {
+    let mut summary = WatchSummary::default();
+    while !buf.is_empty() {
+        let key = varint(&mut buf)?;
+        let (tag, wire_type) = (key >> 3, key & 7);
+        let skip = match wire_type {
+            0 => {
+                let value = varint(&mut buf)?;
+                if tag == 3 && value != 0 {
+                    summary.created += 1;
+                }
+                0
             }
-            _ => skip_field(wire_type, tag, buf, DecodeContext::default())?,
-        }
+            1 => 8,
+            2 => {
+                if tag == 11 {
+                    summary.events += 1;
+                }
+                usize::try_from(varint(&mut buf)?).map_err(|_| "field too long")?
+            }
+            5 => 4,
+            other => return Err(format!("wire type {other} in a watch response")),
+        };
+        buf = buf.get(skip..).ok_or("truncated field")?;
     }
     Ok(summary)
+}
+
+#[inline]
+fn varint(buf: &mut &[u8]) -> Result<u64, String> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = buf.split_first().ok_or("truncated varint")?;
+        *buf = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Ok(value);
+        }
+    }
+    Err("varint too long".into())
+}
+
+/// Cuts the whole gRPC messages off the front of `data`, summing their summaries; returns the
+/// sum and how many bytes they took (the rest is the start of a message still to come).
+fn summarize_messages(data: &[u8]) -> Result<(WatchSummary, usize), String> {
+    let mut sum = WatchSummary::default();
+    let mut at = 0;
+    while let Some(prefix) = data.get(at..at + 5) {
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        let Some(message) = data.get(at + 5..at + 5 + len) else {
+            break;
+        };
+        if prefix[0] != 0 {
+            return Err("compressed watch response".into());
+        }
+        let one = summarize(message).map_err(|e| format!("bad watch response: {e}"))?;
+        sum.created += one.created;
+        sum.events += one.events;
+        at += 5 + len;
+    }
+    Ok((sum, at))
 }
 
 /// Counts a watch stream's creates and events into `received` (signalling `ready` once all
@@ -419,12 +466,14 @@ struct WatchTally {
 
 impl WatchTally {
     async fn add(&mut self, response: WatchSummary) {
-        if response.created {
-            self.created += 1;
-            if self.created == self.count {
+        if response.created > 0 {
+            let before = self.created;
+            self.created += response.created;
+            if before < self.count && self.created >= self.count {
                 let _ = self.ready.send(()).await;
             }
-        } else if response.events > 0 {
+        }
+        if response.events > 0 {
             self.received
                 .events
                 .fetch_add(response.events, Ordering::Relaxed);
@@ -468,25 +517,22 @@ async fn watch_stream_h2(endpoint: String, mut tally: WatchTally) -> Result<(), 
         return grpc_ok(response.headers()).and(Err("watch ended at once".into()));
     }
     let mut body = response.into_body();
-    let mut pending = prost::bytes::BytesMut::new();
+    // Bytes of a message that began in an earlier chunk (whole messages are read in place).
+    let mut pending: Vec<u8> = Vec::new();
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(|e| e.to_string())?;
         let _ = body.flow_control().release_capacity(chunk.len());
-        pending.extend_from_slice(&chunk);
-        while pending.len() >= 5 {
-            let len = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]) as usize;
-            if pending.len() < 5 + len {
-                break;
-            }
-            if pending[0] != 0 {
-                return Err("compressed watch response".into());
-            }
-            let mut message = pending.split_to(5 + len);
-            message.advance(5);
-            let summary =
-                summarize(&mut message).map_err(|e| format!("bad watch response: {e}"))?;
-            tally.add(summary).await;
-        }
+        let summary = if pending.is_empty() {
+            let (summary, used) = summarize_messages(&chunk)?;
+            pending.extend_from_slice(&chunk[used..]);
+            summary
+        } else {
+            pending.extend_from_slice(&chunk);
+            let (summary, used) = summarize_messages(&pending)?;
+            pending.drain(..used);
+            summary
+        };
+        tally.add(summary).await;
     }
     drop(stream);
     Ok(())

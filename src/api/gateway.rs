@@ -136,7 +136,7 @@ fn watch(hub: WatchHub, body: &[u8]) -> Response {
         stream,
     };
     let first = tonic::codegen::tokio_stream::once(created);
-    let rest = ReceiverStream::new(rx.into_inner()).map(WatchOut::into_response);
+    let rest = rx.map(WatchOut::into_response);
     if ok {
         hub.activate(stream, watch_id);
     }

@@ -8,9 +8,7 @@
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
-use tokio::sync::mpsc;
 use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
-use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::tokio_stream::StreamExt;
 use tonic::codegen::{http, Body, BoxFuture, BoxStream, Service, StdError};
 use tonic::{Request, Response, Status, Streaming};
@@ -18,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::proto::etcdserverpb::watch_request::RequestUnion;
 use crate::proto::etcdserverpb::WatchRequest;
 use crate::server::KvServer;
-use crate::watch::{WatchHub, WatchOut};
+use crate::watch::{WatchHub, WatchOut, WatchSender};
 
 /// gRPC's full method name of `Watch.Watch`.
 const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
@@ -87,7 +85,7 @@ impl tonic::server::StreamingService<WatchRequest> for WatchMethod {
             let hub = server.watches().clone();
             let (stream, tx, rx) = hub.open_stream();
             tokio::spawn(serve_stream(hub, stream, tx, request.into_inner()));
-            let responses = ReceiverStream::new(rx.into_inner()).map(Ok);
+            let responses = rx.map(Ok);
             Ok(Response::new(Box::pin(responses) as Self::ResponseStream))
         })
     }
@@ -133,7 +131,7 @@ impl Codec for WatchCodec {
 async fn serve_stream(
     hub: WatchHub,
     stream: u64,
-    tx: mpsc::Sender<WatchOut>,
+    tx: WatchSender,
     mut inbound: Streaming<WatchRequest>,
 ) {
     while let Ok(Some(request)) = inbound.message().await {

@@ -123,6 +123,9 @@ pub async fn run_apply_loop(
                     advanced
                 });
                 apply.maybe_snapshot(last).await?;
+                // The requests just answered (and the hub) run before the next batch, rather
+                // than wait behind it in this worker's queue.
+                tokio::task::yield_now().await;
             }
             ApplyBatch::Snapshot(snapshot) => {
                 let index = snapshot.get_metadata().index;

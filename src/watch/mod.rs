@@ -9,7 +9,8 @@
 //! write never waits for its watchers, and revisions applied while a delivery is under way go
 //! out together in the next one. Watchers that want the same events share one encoding of them
 //! (`WatchOut::Shared`): with a thousand watchers on a prefix, each revision is encoded once,
-//! not a thousand times.
+//! not a thousand times; and those of one stream take one slot of its queue between them
+//! (`Queued::Fanout`), not one each.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -27,9 +28,9 @@ use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::{RangeRequest, ResponseHeader, WatchCreateRequest, WatchResponse};
 use crate::proto::mvccpb::{event::EventType, Event};
 
-/// Responses queued for one watch stream, at most (etcd: 1024 events per stream); a watcher
+/// Entries queued for one watch stream, at most (etcd: 1024 events per stream); a watcher
 /// that finds the queue full falls back to catching up from history. Many watchers share a
-/// stream, and each revision is one response per watcher.
+/// stream: an entry is one response, or one delivery's responses to several of its watchers.
 pub const STREAM_QUEUE: usize = 4096;
 /// Revisions read from history per catch-up step of one watcher.
 pub const CATCH_UP_REVISIONS: usize = 1000;
@@ -154,21 +155,121 @@ impl std::fmt::Display for BufferTooSmall {
     }
 }
 
-/// The receiving end of a watch stream's queue.
-pub struct WatchReceiver(mpsc::Receiver<WatchOut>);
+/// An entry of a watch stream's queue.
+#[derive(Debug)]
+pub enum Queued {
+    One(WatchOut),
+    /// The same shared parts for each of these watch ids, a response each, in this order.
+    Fanout {
+        header: Bytes,
+        events: Bytes,
+        watch_ids: Vec<i64>,
+    },
+}
+
+impl From<WatchOut> for Queued {
+    fn from(out: WatchOut) -> Self {
+        Queued::One(out)
+    }
+}
+
+impl From<WatchResponse> for Queued {
+    fn from(response: WatchResponse) -> Self {
+        Queued::One(WatchOut::Response(response))
+    }
+}
+
+/// The sending end of a watch stream's queue.
+pub type WatchSender = mpsc::Sender<Queued>;
+
+/// The receiving end of a watch stream's queue: one response at a time (a fan-out entry
+/// handed out a watcher at a time).
+pub struct WatchReceiver {
+    rx: mpsc::Receiver<Queued>,
+    /// What is left of the fan-out entry being handed out.
+    fanout: Option<(Bytes, Bytes, std::vec::IntoIter<i64>)>,
+}
 
 impl WatchReceiver {
     pub async fn recv(&mut self) -> Option<WatchResponse> {
-        self.0.recv().await.map(WatchOut::into_response)
+        std::future::poll_fn(|cx| self.poll_out(cx))
+            .await
+            .map(WatchOut::into_response)
     }
 
     pub fn try_recv(&mut self) -> Result<WatchResponse, mpsc::error::TryRecvError> {
-        self.0.try_recv().map(WatchOut::into_response)
+        self.try_recv_out().map(WatchOut::into_response)
     }
 
-    /// The queue as it is, for the gRPC service (which writes shared events as they are).
-    pub fn into_inner(self) -> mpsc::Receiver<WatchOut> {
-        self.0
+    /// The next response as queued (shared parts unencoded), if one is there.
+    pub fn try_recv_out(&mut self) -> Result<WatchOut, mpsc::error::TryRecvError> {
+        loop {
+            if let Some(out) = self.next_of_fanout() {
+                return Ok(out);
+            }
+            let queued = self.rx.try_recv()?;
+            if let Some(out) = self.take(queued) {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn poll_out(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<WatchOut>> {
+        loop {
+            if let Some(out) = self.next_of_fanout() {
+                return std::task::Poll::Ready(Some(out));
+            }
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                None => return std::task::Poll::Ready(None),
+                Some(queued) => {
+                    if let Some(out) = self.take(queued) {
+                        return std::task::Poll::Ready(Some(out));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A single response at once; a fan-out kept to be handed out.
+    fn take(&mut self, queued: Queued) -> Option<WatchOut> {
+        match queued {
+            Queued::One(out) => Some(out),
+            Queued::Fanout {
+                header,
+                events,
+                watch_ids,
+            } => {
+                self.fanout = Some((header, events, watch_ids.into_iter()));
+                self.next_of_fanout()
+            }
+        }
+    }
+
+    fn next_of_fanout(&mut self) -> Option<WatchOut> {
+        let (header, events, ids) = self.fanout.as_mut()?;
+        match ids.next() {
+            Some(watch_id) => Some(WatchOut::Shared {
+                header: header.clone(),
+                watch_id,
+                events: events.clone(),
+            }),
+            None => {
+                self.fanout = None;
+                None
+            }
+        }
+    }
+}
+
+/// For the gRPC service, which writes shared parts as they are.
+impl tonic::codegen::tokio_stream::Stream for WatchReceiver {
+    type Item = WatchOut;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<WatchOut>> {
+        self.get_mut().poll_out(cx)
     }
 }
 
@@ -185,7 +286,7 @@ struct Watcher {
     synced: bool,
     /// Its `created` answer has gone out: events may follow.
     ready: bool,
-    tx: mpsc::Sender<WatchOut>,
+    tx: WatchSender,
 }
 
 impl Watcher {
@@ -290,6 +391,57 @@ impl Outcome {
     }
 }
 
+/// A delivery's responses to the watchers of one stream that get the same parts, gathered
+/// to go on its queue as one entry; each member's next revision before this delivery is kept
+/// in case the queue refuses them.
+struct Fanout {
+    stream: u64,
+    tx: WatchSender,
+    header: Bytes,
+    events: Bytes,
+    /// (watch id, next revision before).
+    members: Vec<(i64, i64)>,
+}
+
+impl Fanout {
+    fn new(stream: u64, watcher: &Watcher, header: &Bytes, events: &Bytes) -> Self {
+        Fanout {
+            stream,
+            tx: watcher.tx.clone(),
+            header: header.clone(),
+            events: events.clone(),
+            members: Vec::new(),
+        }
+    }
+
+    /// The very same encodings (a delivery shares one of each among its watchers).
+    fn carries(&self, header: &Bytes, events: &Bytes) -> bool {
+        let same = |a: &Bytes, b: &Bytes| a.as_ptr() == b.as_ptr() && a.len() == b.len();
+        same(&self.header, header) && same(&self.events, events)
+    }
+
+    /// Queues it; a refusal (full or closed) is added to `refused` for each member.
+    fn send(self, refused: &mut Vec<((u64, i64), i64, Sent)>) {
+        let watch_ids = self.members.iter().map(|&(id, _)| id).collect();
+        let queued = Queued::Fanout {
+            header: self.header,
+            events: self.events,
+            watch_ids,
+        };
+        let sent = send(&self.tx, queued);
+        if matches!(sent, Sent::Yes) {
+            return;
+        }
+        for (watch_id, next_rev) in self.members {
+            let again = match sent {
+                Sent::Closed => Sent::Closed,
+                _ => Sent::Full,
+            };
+            refused.push(((self.stream, watch_id), next_rev, again));
+        }
+    }
+}
+
 #[derive(Default)]
 struct HubState {
     /// By (stream, watch id).
@@ -317,7 +469,7 @@ enum Sent {
     Closed,
 }
 
-fn send(tx: &mpsc::Sender<WatchOut>, response: impl Into<WatchOut>) -> Sent {
+fn send(tx: &WatchSender, response: impl Into<Queued>) -> Sent {
     match tx.try_send(response.into()) {
         Ok(()) => Sent::Yes,
         Err(mpsc::error::TrySendError::Full(_)) => Sent::Full,
@@ -351,11 +503,12 @@ impl WatchHub {
     }
 
     /// A new watch stream: its id and where its responses arrive.
-    pub fn open_stream(&self) -> (u64, mpsc::Sender<WatchOut>, WatchReceiver) {
+    pub fn open_stream(&self) -> (u64, WatchSender, WatchReceiver) {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let mut state = self.lock();
         state.next_stream += 1;
-        (state.next_stream, tx, WatchReceiver(rx))
+        let rx = WatchReceiver { rx, fanout: None };
+        (state.next_stream, tx, rx)
     }
 
     pub fn close_stream(&self, stream: u64) {
@@ -365,12 +518,7 @@ impl WatchHub {
 
     /// Registers a watcher; the answer (`created`, or `created` and `canceled` with a reason)
     /// must be sent before `activate` lets events follow it.
-    pub fn create(
-        &self,
-        stream: u64,
-        tx: &mpsc::Sender<WatchOut>,
-        req: &WatchCreateRequest,
-    ) -> WatchResponse {
+    pub fn create(&self, stream: u64, tx: &WatchSender, req: &WatchCreateRequest) -> WatchResponse {
         // Lock order, everywhere: the store, then the hub.
         let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
         let current = store.current_rev();
@@ -523,6 +671,8 @@ impl WatchHub {
         };
         let mut encodings = Encodings::default();
         let mut last: Option<Outcome> = None;
+        let mut group: Option<Fanout> = None;
+        let mut refused = Vec::new();
         let mut closed = Vec::new();
         let mut fell_behind = false;
         for (key, watcher) in state.watchers.iter_mut() {
@@ -541,6 +691,22 @@ impl WatchHub {
             }
             let sent = match &outcome.parts[slot] {
                 _ if outcome.chosen.is_empty() => Sent::Yes,
+                // Sent with the stream's other watchers that get the same (see `Fanout`).
+                Some((header, events)) if !watcher.fragment => {
+                    let joins = group
+                        .as_ref()
+                        .is_some_and(|g| g.stream == key.0 && g.carries(header, events));
+                    if !joins {
+                        if let Some(full) = group.take() {
+                            full.send(&mut refused);
+                        }
+                        group = Some(Fanout::new(key.0, watcher, header, events));
+                    }
+                    if let Some(group) = group.as_mut() {
+                        group.members.push((key.1, watcher.next_rev));
+                    }
+                    Sent::Yes
+                }
                 Some((header, events)) => {
                     let parts = (header.clone(), events.clone(), outcome.chosen.len());
                     self.deliver((key.1, watcher), parts)
@@ -564,6 +730,22 @@ impl WatchHub {
                 Sent::Closed => closed.push(*key),
             }
             last = Some(outcome);
+        }
+        if let Some(full) = group.take() {
+            full.send(&mut refused);
+        }
+        // The members of a fan-out its stream's queue refused: as if each had been refused.
+        for (key, next_rev, sent) in refused {
+            match sent {
+                Sent::Closed => closed.push(key),
+                _ => {
+                    if let Some(watcher) = state.watchers.get_mut(&key) {
+                        watcher.next_rev = next_rev;
+                        watcher.synced = false;
+                        fell_behind = true;
+                    }
+                }
+            }
         }
         for key in closed {
             state.watchers.remove(&key);

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 use super::*;
 use crate::io::{MemBackend, TokioClock};
 use crate::proto::etcdserverpb::{CompactionRequest, PutRequest};
+use crate::proto::mvccpb::KeyValue;
 use crate::proto::quorumkvpb::raft_request::Request;
 
 struct Fixture {
@@ -250,10 +251,10 @@ fn watchers_sharing_an_encoding_each_get_what_they_asked_for() {
 fn a_shared_response_is_on_the_wire_what_the_whole_response_is() {
     let mut f = Fixture::new();
     let (rx, _) = f.watch("k", 0);
-    let mut rx = rx.into_inner();
+    let mut rx = rx;
     f.hub.catch_up();
     f.put("k", "v");
-    let out = rx.try_recv().expect("a response");
+    let out = rx.try_recv_out().expect("a response");
     assert!(matches!(out, WatchOut::Shared { .. }));
     let mut wire = Vec::new();
     out.encode(&mut wire).expect("encode");
@@ -339,4 +340,110 @@ fn a_fragmenting_watcher_gets_a_large_revision_in_marked_parts() {
     assert!(!unsplit.fragment);
     assert_eq!(from_parts, keys(&unsplit.events));
     assert_eq!(from_parts.len(), 6);
+}
+
+/// Creates watches on one new stream; returns its queue's ends and their ids.
+fn watch_on_one_stream(
+    f: &Fixture,
+    creates: &[WatchCreateRequest],
+) -> (WatchSender, WatchReceiver, Vec<i64>) {
+    let (stream, tx, rx) = f.hub.open_stream();
+    let ids = creates
+        .iter()
+        .map(|create| {
+            let created = f.hub.create(stream, &tx, create);
+            assert!(created.created && !created.canceled);
+            f.hub.activate(stream, created.watch_id);
+            created.watch_id
+        })
+        .collect();
+    (tx, rx, ids)
+}
+
+fn prefix_watch(prev_kv: bool) -> WatchCreateRequest {
+    WatchCreateRequest {
+        key: "k".into(),
+        range_end: "l".into(),
+        prev_kv,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_streams_watchers_that_get_the_same_take_one_queue_entry_and_each_their_response() {
+    let mut f = Fixture::new();
+    f.put("k1", "old");
+    let creates = [prefix_watch(false), prefix_watch(false), prefix_watch(true)];
+    let (tx, mut rx, ids) = watch_on_one_stream(&f, &creates);
+    let (mut other, _) = f.watch("k1", 0);
+    f.hub.catch_up();
+    f.put("k1", "new");
+    // One entry for the two alike watchers, one for the one that wants previous values.
+    let mut entries = Vec::new();
+    while let Ok(queued) = rx.rx.try_recv() {
+        entries.push(queued);
+    }
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert!(
+        matches!(&entries[0], Queued::Fanout { watch_ids, .. } if watch_ids == &ids[..2]),
+        "{entries:?}"
+    );
+    for queued in entries {
+        tx.try_send(queued).expect("room");
+    }
+    let mut got = Vec::new();
+    while let Ok(response) = rx.try_recv() {
+        let [event] = &response.events[..] else {
+            panic!("one event each: {response:?}");
+        };
+        let value = |kv: &Option<KeyValue>| kv.as_ref().map(|kv| kv.value.clone());
+        got.push((response.watch_id, value(&event.kv), value(&event.prev_kv)));
+    }
+    let new = Some(b"new".to_vec());
+    assert_eq!(
+        got,
+        vec![
+            (ids[0], new.clone(), None),
+            (ids[1], new.clone(), None),
+            (ids[2], new, Some(b"old".to_vec())),
+        ]
+    );
+    assert_eq!(drain(&mut other), vec![(3, "new".to_string())]);
+}
+
+#[test]
+fn a_fanout_its_queue_refuses_sends_each_of_its_watchers_to_history_without_gaps() {
+    let mut f = Fixture::new();
+    let (_tx, mut rx, ids) = watch_on_one_stream(&f, &[prefix_watch(false), prefix_watch(false)]);
+    f.hub.catch_up();
+    let writes = STREAM_QUEUE + 10;
+    for i in 0..writes {
+        f.put("k", &format!("v{i}"));
+    }
+    let mut revisions: HashMap<i64, Vec<i64>> = HashMap::new();
+    let mut take = |rx: &mut WatchReceiver| {
+        while let Ok(response) = rx.try_recv() {
+            let revs = revisions.entry(response.watch_id).or_default();
+            revs.extend(
+                response
+                    .events
+                    .iter()
+                    .filter_map(|e| e.kv.as_ref())
+                    .map(|kv| kv.mod_revision),
+            );
+        }
+    };
+    // The queue took STREAM_QUEUE deliveries to both; the rest waits in history.
+    take(&mut rx);
+    f.hub.catch_up();
+    f.put("k", "after");
+    take(&mut rx);
+    let expected: Vec<i64> = (2..2 + writes as i64 + 1).collect();
+    for id in ids {
+        assert_eq!(
+            revisions.get(&id),
+            Some(&expected),
+            "watch {id}: every revision once, in order"
+        );
+    }
 }
