@@ -2,21 +2,23 @@
 //! (create, cancel, progress) are read in order; responses (created, events, canceled,
 //! progress) come back on one bounded queue shared by the stream's watchers.
 //!
-//! The service is written out here rather than generated, for its codec: responses whose events
-//! the hub encoded once for many watchers (`WatchOut::Shared`) go on the wire as they are.
+//! The service is written out here rather than generated, for its response body: responses whose
+//! events the hub encoded once for many watchers go on the wire from those shared parts, a
+//! fan-out entry's (`Queued::Fanout`) in one pass, without a message object per watcher.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
-use tonic::codegen::tokio_stream::StreamExt;
-use tonic::codegen::{http, Body, BoxFuture, BoxStream, Service, StdError};
-use tonic::{Request, Response, Status, Streaming};
+use bytes::{Bytes, BytesMut};
+use http_body::Frame;
+use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
+use tonic::{Status, Streaming};
 
 use crate::proto::etcdserverpb::watch_request::RequestUnion;
 use crate::proto::etcdserverpb::WatchRequest;
 use crate::server::KvServer;
-use crate::watch::{WatchHub, WatchOut, WatchSender};
+use crate::watch::{WatchHub, WatchReceiver, WatchSender};
 
 /// gRPC's full method name of `Watch.Watch`.
 const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
@@ -61,69 +63,89 @@ where
         if req.uri().path() != WATCH_PATH {
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
         }
-        let method = WatchMethod(self.server.clone());
+        let server = self.server.clone();
         let max_decode = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(WatchCodec)
-                .apply_max_message_size_config(Some(max_decode), Some(usize::MAX));
-            Ok(grpc.streaming(method, req).await)
-        })
-    }
-}
-
-struct WatchMethod(KvServer);
-
-impl tonic::server::StreamingService<WatchRequest> for WatchMethod {
-    type Response = WatchOut;
-    type ResponseStream = BoxStream<WatchOut>;
-    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, request: Request<Streaming<WatchRequest>>) -> Self::Future {
-        let server = self.0.clone();
-        Box::pin(async move {
-            server.refuse_learner().map_err(super::to_status)?;
+            if let Err(e) = server.refuse_learner() {
+                return Ok(super::to_status(e).into_http());
+            }
+            // As tonic answers a request compressed in a way it does not take.
+            if let Some(encoding) = req.headers().get("grpc-encoding") {
+                if encoding.as_bytes() != b"identity" {
+                    let name = String::from_utf8_lossy(encoding.as_bytes()).into_owned();
+                    let status = Status::unimplemented(format!(
+                        "Content is compressed with `{name}` which isn't supported"
+                    ));
+                    return Ok(status.into_http());
+                }
+            }
+            let inbound = Streaming::new_request(
+                tonic_prost::ProstDecoder::<WatchRequest>::default(),
+                req.into_body(),
+                None,
+                Some(max_decode),
+            );
             let hub = server.watches().clone();
             let (stream, tx, rx) = hub.open_stream();
-            tokio::spawn(serve_stream(hub, stream, tx, request.into_inner()));
-            let responses = rx.map(Ok);
-            Ok(Response::new(Box::pin(responses) as Self::ResponseStream))
+            tokio::spawn(serve_stream(hub, stream, tx, inbound));
+            let mut response = http::Response::new(tonic::body::Body::new(WatchBody {
+                queue: rx,
+                buf: BytesMut::new(),
+                trailers_sent: false,
+            }));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            Ok(response)
         })
     }
 }
 
-/// Requests decoded by prost; responses written by `WatchOut::encode`.
-struct WatchCodec;
-
-struct WatchEncoder;
-
-impl Encoder for WatchEncoder {
-    type Item = WatchOut;
-    type Error = Status;
-
-    fn encode(&mut self, item: WatchOut, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(dst)
-            .map_err(|e| Status::internal(format!("encoding a watch response: {e}")))
-    }
-
-    /// Responses queued together are written in one buffer of up to `WRITE_BUFFER` bytes,
-    /// allocated at that size (tonic's default starts at 8 KiB and copies as it grows).
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(WRITE_BUFFER, WRITE_BUFFER)
-    }
+/// A watch stream's responses: what its queue holds, as gRPC messages, as many as are ready
+/// (up to `WRITE_BUFFER` bytes) in one DATA frame; then `grpc-status: 0` once the queue is
+/// closed (the stream's requests ended and its watchers are gone).
+struct WatchBody {
+    queue: WatchReceiver,
+    buf: BytesMut,
+    trailers_sent: bool,
 }
 
-impl Codec for WatchCodec {
-    type Encode = WatchOut;
-    type Decode = WatchRequest;
-    type Encoder = WatchEncoder;
-    type Decoder = tonic_prost::ProstDecoder<WatchRequest>;
+impl Body for WatchBody {
+    type Data = Bytes;
+    type Error = Status;
 
-    fn encoder(&mut self) -> WatchEncoder {
-        WatchEncoder
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        if this.trailers_sent {
+            return Poll::Ready(None);
+        }
+        let ended = loop {
+            if this.buf.len() >= WRITE_BUFFER {
+                break false;
+            }
+            match this.queue.poll_queued(cx) {
+                Poll::Ready(Some(queued)) => queued.write_grpc(&mut this.buf),
+                Poll::Ready(None) => break true,
+                Poll::Pending if this.buf.is_empty() => return Poll::Pending,
+                Poll::Pending => break false,
+            }
+        };
+        if !this.buf.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze()))));
+        }
+        debug_assert!(ended);
+        this.trailers_sent = true;
+        let mut trailers = http::HeaderMap::with_capacity(1);
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
+    fn is_end_stream(&self) -> bool {
+        self.trailers_sent
     }
 }
 

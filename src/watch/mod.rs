@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
 use tokio::sync::{mpsc, Notify};
 
@@ -54,6 +54,19 @@ fn watch_id_len(watch_id: i64) -> usize {
     }
 }
 
+fn shared_len(header: &Bytes, watch_id: i64, events: &Bytes) -> usize {
+    header.len() + watch_id_len(watch_id) + events.len()
+}
+
+/// A response from shared parts: fields in number order, as prost writes them.
+fn encode_shared(header: &Bytes, watch_id: i64, events: &Bytes, buf: &mut impl bytes::BufMut) {
+    buf.put_slice(header);
+    if watch_id != 0 {
+        prost::encoding::int64::encode(WATCH_ID_FIELD, &watch_id, buf);
+    }
+    buf.put_slice(events);
+}
+
 pub const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
 pub const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 
@@ -80,16 +93,21 @@ impl From<WatchResponse> for WatchOut {
 }
 
 impl WatchOut {
-    /// Its wire form, as `WatchResponse::encode` would write it.
-    pub fn encode(&self, buf: &mut impl bytes::BufMut) -> Result<(), BufferTooSmall> {
-        let needed = match self {
+    /// The length of its wire form.
+    pub fn encoded_len(&self) -> usize {
+        match self {
             WatchOut::Response(response) => response.encoded_len(),
             WatchOut::Shared {
                 header,
                 watch_id,
                 events,
-            } => header.len() + watch_id_len(*watch_id) + events.len(),
-        };
+            } => shared_len(header, *watch_id, events),
+        }
+    }
+
+    /// Its wire form, as `WatchResponse::encode` would write it.
+    pub fn encode(&self, buf: &mut impl bytes::BufMut) -> Result<(), BufferTooSmall> {
+        let needed = self.encoded_len();
         let too_small = BufferTooSmall {
             needed,
             remaining: buf.remaining_mut(),
@@ -104,12 +122,7 @@ impl WatchOut {
                 watch_id,
                 events,
             } => {
-                // Fields in number order, as prost writes them.
-                buf.put_slice(header);
-                if *watch_id != 0 {
-                    prost::encoding::int64::encode(WATCH_ID_FIELD, watch_id, buf);
-                }
-                buf.put_slice(events);
+                encode_shared(header, *watch_id, events, buf);
                 Ok(())
             }
         }
@@ -179,6 +192,36 @@ impl From<WatchResponse> for Queued {
     }
 }
 
+impl Queued {
+    /// Appends its responses as gRPC messages (uncompressed, length-prefixed), a fan-out's
+    /// straight from the shared parts.
+    pub fn write_grpc(&self, buf: &mut BytesMut) {
+        let prefix = |buf: &mut BytesMut, len: usize| {
+            buf.reserve(5 + len);
+            buf.put_u8(0);
+            // A response is far below 4 GiB: the server's request limit bounds its values.
+            buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        };
+        match self {
+            Queued::One(out) => {
+                prefix(buf, out.encoded_len());
+                // The room was reserved: cannot fail.
+                let _ = out.encode(buf);
+            }
+            Queued::Fanout {
+                header,
+                events,
+                watch_ids,
+            } => {
+                for &watch_id in watch_ids {
+                    prefix(buf, shared_len(header, watch_id, events));
+                    encode_shared(header, watch_id, events, buf);
+                }
+            }
+        }
+    }
+}
+
 /// The sending end of a watch stream's queue.
 pub type WatchSender = mpsc::Sender<Queued>;
 
@@ -212,6 +255,18 @@ impl WatchReceiver {
                 return Ok(out);
             }
         }
+    }
+
+    /// The next entry as queued (what is left of a fan-out handed out in part comes first,
+    /// a response at a time).
+    pub fn poll_queued(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Queued>> {
+        if let Some(out) = self.next_of_fanout() {
+            return std::task::Poll::Ready(Some(Queued::One(out)));
+        }
+        self.rx.poll_recv(cx)
     }
 
     fn poll_out(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<WatchOut>> {

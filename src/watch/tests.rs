@@ -388,11 +388,29 @@ fn a_streams_watchers_that_get_the_same_take_one_queue_entry_and_each_their_resp
         matches!(&entries[0], Queued::Fanout { watch_ids, .. } if watch_ids == &ids[..2]),
         "{entries:?}"
     );
+    // On the wire: a gRPC message per watcher, each what its whole response encodes to.
+    let mut wire = BytesMut::new();
+    for queued in &entries {
+        queued.write_grpc(&mut wire);
+    }
+    let mut framed = Vec::new();
+    let mut rest = &wire[..];
+    while let [0, a, b, c, d, tail @ ..] = rest {
+        let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
+        framed.push(WatchResponse::decode(&tail[..len]).expect("a response"));
+        rest = &tail[len..];
+    }
+    assert!(rest.is_empty(), "nothing but whole messages");
     for queued in entries {
         tx.try_send(queued).expect("room");
     }
-    let mut got = Vec::new();
+    let mut received = Vec::new();
     while let Ok(response) = rx.try_recv() {
+        received.push(response);
+    }
+    assert_eq!(framed, received);
+    let mut got = Vec::new();
+    for response in received {
         let [event] = &response.events[..] else {
             panic!("one event each: {response:?}");
         };
