@@ -271,16 +271,11 @@ impl WatchReceiver {
 
     fn poll_out(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<WatchOut>> {
         loop {
-            if let Some(out) = self.next_of_fanout() {
+            let Some(queued) = std::task::ready!(self.poll_queued(cx)) else {
+                return std::task::Poll::Ready(None);
+            };
+            if let Some(out) = self.take(queued) {
                 return std::task::Poll::Ready(Some(out));
-            }
-            match std::task::ready!(self.rx.poll_recv(cx)) {
-                None => return std::task::Poll::Ready(None),
-                Some(queued) => {
-                    if let Some(out) = self.take(queued) {
-                        return std::task::Poll::Ready(Some(out));
-                    }
-                }
             }
         }
     }
@@ -316,7 +311,7 @@ impl WatchReceiver {
     }
 }
 
-/// For the gRPC service, which writes shared parts as they are.
+/// One response at a time, as the JSON gateway streams them.
 impl tonic::codegen::tokio_stream::Stream for WatchReceiver {
     type Item = WatchOut;
 
@@ -475,24 +470,22 @@ impl Fanout {
         same(&self.header, header) && same(&self.events, events)
     }
 
-    /// Queues it; a refusal (full or closed) is added to `refused` for each member.
-    fn send(self, refused: &mut Vec<((u64, i64), i64, Sent)>) {
+    /// Queues it; a refusal is added to `refused` for each member: (its key, its next
+    /// revision before, whether the stream is closed rather than full).
+    fn send(self, refused: &mut Vec<((u64, i64), i64, bool)>) {
         let watch_ids = self.members.iter().map(|&(id, _)| id).collect();
         let queued = Queued::Fanout {
             header: self.header,
             events: self.events,
             watch_ids,
         };
-        let sent = send(&self.tx, queued);
-        if matches!(sent, Sent::Yes) {
-            return;
-        }
+        let closed = match send(&self.tx, queued) {
+            Sent::Yes => return,
+            Sent::Full => false,
+            Sent::Closed => true,
+        };
         for (watch_id, next_rev) in self.members {
-            let again = match sent {
-                Sent::Closed => Sent::Closed,
-                _ => Sent::Full,
-            };
-            refused.push(((self.stream, watch_id), next_rev, again));
+            refused.push(((self.stream, watch_id), next_rev, closed));
         }
     }
 }
@@ -790,16 +783,13 @@ impl WatchHub {
             full.send(&mut refused);
         }
         // The members of a fan-out its stream's queue refused: as if each had been refused.
-        for (key, next_rev, sent) in refused {
-            match sent {
-                Sent::Closed => closed.push(key),
-                _ => {
-                    if let Some(watcher) = state.watchers.get_mut(&key) {
-                        watcher.next_rev = next_rev;
-                        watcher.synced = false;
-                        fell_behind = true;
-                    }
-                }
+        for (key, next_rev, stream_closed) in refused {
+            if stream_closed {
+                closed.push(key);
+            } else if let Some(watcher) = state.watchers.get_mut(&key) {
+                watcher.next_rev = next_rev;
+                watcher.synced = false;
+                fell_behind = true;
             }
         }
         for key in closed {
