@@ -243,6 +243,73 @@ fn service_discovery_a_registrants_key_disappears_from_the_watch_when_it_dies() 
     );
 }
 
+/// The Watch service's own answers, seen on a bare HTTP/2 connection: a request compressed in
+/// a way it does not take is refused as tonic refuses one (Unimplemented, in the headers); a
+/// plain stream answers `application/grpc`, sends its messages, and once the client ends its
+/// side ends with `grpc-status: 0` in the trailers.
+#[test]
+fn a_watch_stream_refuses_compression_and_ends_with_status_ok_in_trailers() {
+    use prost::Message;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let ep = server.endpoint();
+    let addr = ep.trim_start_matches("http://").to_string();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let (h2, connection) = h2::client::handshake(tcp).await.expect("handshake");
+        tokio::spawn(connection);
+        let request = |encoding: Option<&str>| {
+            let mut builder = http::Request::builder()
+                .method("POST")
+                .uri(format!("{ep}/etcdserverpb.Watch/Watch"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+            if let Some(encoding) = encoding {
+                builder = builder.header("grpc-encoding", encoding);
+            }
+            builder.body(()).expect("request")
+        };
+
+        let mut h2 = h2.ready().await.expect("ready");
+        let (refused, _send) = h2.send_request(request(Some("gzip")), false).expect("send");
+        let refused = refused.await.expect("response");
+        assert_eq!(refused.headers()["grpc-status"], "12", "{refused:?}");
+        let message = refused.headers()["grpc-message"].to_str().expect("ascii");
+        assert!(message.contains("gzip"), "{message}");
+
+        let mut h2 = h2.ready().await.expect("ready");
+        let (response, mut send) = h2.send_request(request(None), false).expect("send");
+        let mut framed = vec![0u8; 5];
+        create("a", "", 0, |_| {})
+            .encode(&mut framed)
+            .expect("encode");
+        let len = u32::try_from(framed.len() - 5).expect("small");
+        framed[1..5].copy_from_slice(&len.to_be_bytes());
+        send.send_data(framed.into(), false).expect("data");
+        let response = response.await.expect("response");
+        assert_eq!(response.headers()["content-type"], "application/grpc");
+        assert!(response.headers().get("grpc-status").is_none());
+        let mut body = response.into_body();
+        let first = tokio::time::timeout(Duration::from_secs(10), body.data())
+            .await
+            .expect("created in time")
+            .expect("a frame")
+            .expect("data");
+        let len = u32::from_be_bytes([first[1], first[2], first[3], first[4]]) as usize;
+        let created = WatchResponse::decode(&first[5..5 + len]).expect("a response");
+        assert!(created.created, "{created:?}");
+        send.send_data(Default::default(), true).expect("end");
+        while let Some(chunk) = body.data().await {
+            chunk.expect("data");
+        }
+        let trailers = body.trailers().await.expect("trailers").expect("some");
+        assert_eq!(trailers["grpc-status"], "0");
+    });
+}
+
 async fn open(endpoint: &str) -> (mpsc::Sender<WatchRequest>, tonic::Streaming<WatchResponse>) {
     let mut client = WatchClient::connect(endpoint.to_string())
         .await

@@ -105,26 +105,15 @@ impl WatchOut {
         }
     }
 
-    /// Its wire form, as `WatchResponse::encode` would write it.
-    pub fn encode(&self, buf: &mut impl bytes::BufMut) -> Result<(), BufferTooSmall> {
-        let needed = self.encoded_len();
-        let too_small = BufferTooSmall {
-            needed,
-            remaining: buf.remaining_mut(),
-        };
-        if too_small.remaining < needed {
-            return Err(too_small);
-        }
+    /// Its wire form, as `WatchResponse::encode` would write it (the buffer grows as needed).
+    pub fn encode(&self, buf: &mut BytesMut) {
         match self {
-            WatchOut::Response(response) => response.encode(buf).map_err(|_| too_small),
+            WatchOut::Response(response) => response.encode_raw(buf),
             WatchOut::Shared {
                 header,
                 watch_id,
                 events,
-            } => {
-                encode_shared(header, *watch_id, events, buf);
-                Ok(())
-            }
+            } => encode_shared(header, *watch_id, events, buf),
         }
     }
 
@@ -148,23 +137,6 @@ impl WatchOut {
                 response
             }
         }
-    }
-}
-
-/// A response did not fit the buffer it was to be written to.
-#[derive(Debug)]
-pub struct BufferTooSmall {
-    pub needed: usize,
-    pub remaining: usize,
-}
-
-impl std::fmt::Display for BufferTooSmall {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "a watch response of {} bytes does not fit the {} left in the buffer",
-            self.needed, self.remaining
-        )
     }
 }
 
@@ -205,8 +177,7 @@ impl Queued {
         match self {
             Queued::One(out) => {
                 prefix(buf, out.encoded_len());
-                // The room was reserved: cannot fail.
-                let _ = out.encode(buf);
+                out.encode(buf);
             }
             Queued::Fanout {
                 header,

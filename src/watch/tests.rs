@@ -256,14 +256,11 @@ fn a_shared_response_is_on_the_wire_what_the_whole_response_is() {
     f.put("k", "v");
     let out = rx.try_recv_out().expect("a response");
     assert!(matches!(out, WatchOut::Shared { .. }));
-    let mut wire = Vec::new();
-    out.encode(&mut wire).expect("encode");
+    let mut wire = BytesMut::new();
+    out.encode(&mut wire);
     let whole = out.into_response();
     assert_eq!(whole.events.len(), 1);
-    assert_eq!(
-        WatchResponse::decode(wire.as_slice()).expect("decode"),
-        whole
-    );
+    assert_eq!(WatchResponse::decode(&wire[..]).expect("decode"), whole);
     assert_eq!(wire.len(), whole.encoded_len());
 }
 
