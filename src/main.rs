@@ -10,8 +10,8 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 use prost::Message as _;
 use quorumkv::api::{
-    gateway_routes, AuthorityFix, ClusterService, CoalescedWrites, ElectionService, KvService,
-    LeaseService, LockService, MaintenanceService, UnaryKvLayer, WatchService, GRPC_OVERHEAD_BYTES,
+    gateway_routes, serve, ClusterService, ElectionService, KvService, LeaseService, LockService,
+    MaintenanceService, UnaryKvLayer, WatchService, GRPC_OVERHEAD_BYTES,
 };
 use quorumkv::cluster::Members;
 use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
@@ -27,7 +27,7 @@ use quorumkv::proto::v3electionpb::election_server::ElectionServer as ElectionGr
 use quorumkv::proto::v3lockpb::lock_server::LockServer as LockGrpc;
 use quorumkv::server::{start_member, KvServer, MemberConfig};
 use quorumkv::wal::WalOptions;
-use tonic::codegen::tokio_stream::{wrappers::TcpListenerStream, StreamExt};
+use tower_layer::Layer as _;
 
 /// How long a member waits before announcing its name and client URLs again.
 const PUBLISH_RETRY: Duration = Duration::from_millis(500);
@@ -701,12 +701,6 @@ async fn run(flags: Flags) -> Result<(), String> {
             .max_decoding_message_size(max_decode)
             .max_encoding_message_size(usize::MAX);
         let mut stop = stop_rx.clone();
-        // etcdctl's `endpoint status` sends the endpoint URL as :authority, which h2 refuses.
-        let incoming = TcpListenerStream::new(listener).map(|accepted| {
-            let stream = accepted?;
-            stream.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(CoalescedWrites::new(AuthorityFix::new(stream)))
-        });
         // gRPC and the JSON gateway share the port (HTTP/2 and HTTP/1.1), as in etcd.
         let grpc = tonic::service::Routes::new(kv)
             .add_service(maintenance)
@@ -718,15 +712,11 @@ async fn run(flags: Flags) -> Result<(), String> {
         let routes = grpc
             .into_axum_router()
             .merge(gateway_routes(member.kv.clone()));
-        servers.push(tokio::spawn(
-            tonic::transport::Server::builder()
-                .accept_http1(true)
-                .layer(UnaryKvLayer::new(member.kv.clone(), max_decode))
-                .add_routes(tonic::service::Routes::from(routes))
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                }),
-        ));
+        let service = UnaryKvLayer::new(member.kv.clone(), max_decode)
+            .layer(tonic::service::Routes::from(routes).prepare());
+        servers.push(tokio::spawn(serve(listener, service, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })));
     }
 
     let mut node_task = member.node_task;

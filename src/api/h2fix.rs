@@ -117,13 +117,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
     }
 }
 
-impl tonic::transport::server::Connected for AuthorityFix<tokio::net::TcpStream> {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
 /// `http://host:port/path` → `host:port`; `None` when there is no scheme or no host.
 fn authority_host(value: &[u8]) -> Option<&[u8]> {
     let start = value.windows(3).position(|w| w == b"://")? + 3;

@@ -16,7 +16,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame};
 use prost::Message;
 use tonic::body::Body;
-use tonic::codegen::http::{self, HeaderMap, HeaderValue};
+use tonic::codegen::http::{self, HeaderMap, HeaderName, HeaderValue};
 use tonic::codegen::Service;
 
 use super::status::to_status;
@@ -25,6 +25,9 @@ use crate::server::{KvServer, ServerError};
 /// gRPC's length-prefixed message header: a compression flag and a big-endian length.
 const GRPC_HEADER_BYTES: usize = 5;
 const GRPC_CONTENT_TYPE: &str = "application/grpc";
+// Header names as constants: a lookup or insert by `&str` parses the name each time.
+const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The KV methods this path answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,7 +152,7 @@ fn takes(headers: &HeaderMap) -> bool {
         .and_then(|v| v.strip_prefix(GRPC_CONTENT_TYPE))
         .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']));
     let identity = headers
-        .get("grpc-encoding")
+        .get(GRPC_ENCODING)
         .is_none_or(|v| v.as_bytes() == b"identity");
     grpc && identity
 }
@@ -284,7 +287,7 @@ impl HttpBody for OneMessage {
         }
         self.trailers_sent = true;
         let mut trailers = HeaderMap::with_capacity(1);
-        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 

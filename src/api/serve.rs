@@ -1,0 +1,100 @@
+//! The client port's accept loop: each connection served by hyper, HTTP/2 (gRPC) or HTTP/1.1
+//! (the JSON gateway) as the client speaks, with the whole request stack as one service.
+//!
+//! tonic's `Server` does the same, with a few more layers around every request (a timeout per
+//! call from `grpc-timeout`, error recovery, connection info, boxing): about 3% of the server's
+//! CPU per put, for features these services do not use. A call whose client gives up is still
+//! dropped: the client resets its stream and hyper drops the call's future.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tonic::body::Body;
+use tonic::codegen::http::{Request, Response};
+use tonic::codegen::Service;
+
+use super::{AuthorityFix, CoalescedWrites};
+
+/// How long to wait before accepting again after `accept` failed (out of file descriptors, say).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// Serves every connection `listener` accepts with `service` until `stop` resolves; then stops
+/// accepting, asks each connection to finish the calls it has, and returns once all are closed.
+pub async fn serve<S>(
+    listener: TcpListener,
+    service: S,
+    stop: impl std::future::Future<Output = ()>,
+) where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper enforces its timeouts (HTTP/1's header read, HTTP/2 keep-alive) only with a timer.
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        // etcdctl's `endpoint status` sends the endpoint URL as :authority, which h2 refuses.
+        let io = TokioIo::new(CoalescedWrites::new(AuthorityFix::new(stream)));
+        let connection = builder
+            .serve_connection(io, TowerToHyperService::new(FromIncoming(service.clone())))
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    // Closes the port: new clients are refused rather than left waiting.
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// `service` taking hyper's request body, as tonic's services take it.
+#[derive(Clone)]
+struct FromIncoming<S>(S);
+
+impl<S> Service<Request<Incoming>> for FromIncoming<S>
+where
+    S: Service<Request<Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        self.0.call(request.map(Body::new))
+    }
+}
