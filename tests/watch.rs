@@ -75,6 +75,29 @@ fn etcdctl_watch_replays_history_then_follows_with_prev_kv_and_prefixes() {
 }
 
 #[test]
+fn sigterm_with_a_watch_stream_open_exits_cleanly_within_seconds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(dir.path(), &[]);
+    let ep = server.endpoint();
+    ok(etcdctl(&ep, &["put", "a", "1"]));
+    // A watch stream never ends by itself: the shutdown must not wait for it forever.
+    let watcher = Watcher::start(&ep, &["a"]);
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exited.send(server.terminate());
+    });
+    let status = exit
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server exits within 10 s of SIGTERM");
+    assert!(status.success(), "clean exit: {status:?}");
+    assert!(
+        std::net::TcpStream::connect(ep.trim_start_matches("http://")).is_err(),
+        "the client port is closed"
+    );
+    drop(watcher.output());
+}
+
+#[test]
 fn a_watch_from_a_compacted_revision_is_canceled_with_the_compact_revision() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);
