@@ -40,7 +40,12 @@ pub async fn serve<S>(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper enforces its timeouts (HTTP/1's header read, HTTP/2 keep-alive) only with a timer.
     builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
+    // gRPC answers carry no `date` header (grpc-go's, etcd's, have none): not one per call to
+    // format, add and encode. The JSON gateway's HTTP/1.1 answers keep theirs.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .auto_date_header(false);
     let graceful = GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
     loop {
