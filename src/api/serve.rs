@@ -3,8 +3,8 @@
 //!
 //! tonic's `Server` does the same, with a few more layers around every request (a timeout per
 //! call from `grpc-timeout`, error recovery, connection info, boxing): about 3% of the server's
-//! CPU per put, for features these services do not use. A call whose client gives up is still
-//! dropped: the client resets its stream and hyper drops the call's future.
+//! CPU per put in a profile, for features these services do not use. A call whose client gives
+//! up is still dropped: the client resets its stream and hyper drops the call's future.
 
 use std::convert::Infallible;
 use std::time::Duration;

@@ -117,7 +117,7 @@ impl KeyIndex {
     }
 }
 
-/// Keys up to this many bytes sit inside the tree's nodes.
+/// Keys up to this many bytes are stored inline, in the map's entries and the tree's nodes.
 const INLINE_KEY_BYTES: usize = 30;
 
 /// A key as the index stores it: short keys (the common case) inline, longer ones on the heap,
