@@ -28,6 +28,19 @@ pub use status::to_status;
 pub use unary::UnaryKvLayer;
 pub use watch::WatchService;
 
+use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue};
+
+// gRPC's header names as constants: a lookup or insert by `&str` parses the name each time.
+const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// The trailers that end a call that succeeded.
+fn ok_trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(1);
+    trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+    trailers
+}
+
 /// The etcd API version quorumkv speaks, reported by `Maintenance.Status`.
 pub const ETCD_API_VERSION: &str = "3.5.0";
 

@@ -16,18 +16,16 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame};
 use prost::Message;
 use tonic::body::Body;
-use tonic::codegen::http::{self, HeaderMap, HeaderName, HeaderValue};
+use tonic::codegen::http::{self, HeaderMap, HeaderValue};
 use tonic::codegen::Service;
 
 use super::status::to_status;
+use super::{ok_trailers, GRPC_ENCODING};
 use crate::server::{KvServer, ServerError};
 
 /// gRPC's length-prefixed message header: a compression flag and a big-endian length.
 const GRPC_HEADER_BYTES: usize = 5;
 const GRPC_CONTENT_TYPE: &str = "application/grpc";
-// Header names as constants: a lookup or insert by `&str` parses the name each time.
-const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
-const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The KV methods this path answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,9 +284,7 @@ impl HttpBody for OneMessage {
             return Poll::Ready(None);
         }
         self.trailers_sent = true;
-        let mut trailers = HeaderMap::with_capacity(1);
-        trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+        Poll::Ready(Some(Ok(Frame::trailers(ok_trailers()))))
     }
 
     fn is_end_stream(&self) -> bool {

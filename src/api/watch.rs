@@ -70,7 +70,7 @@ where
                 return Ok(super::to_status(e).into_http());
             }
             // As tonic answers a request compressed in a way it does not take.
-            if let Some(encoding) = req.headers().get("grpc-encoding") {
+            if let Some(encoding) = req.headers().get(super::GRPC_ENCODING) {
                 if encoding.as_bytes() != b"identity" {
                     let name = String::from_utf8_lossy(encoding.as_bytes()).into_owned();
                     let status = Status::unimplemented(format!(
@@ -139,9 +139,7 @@ impl Body for WatchBody {
         }
         debug_assert!(ended);
         this.trailers_sent = true;
-        let mut trailers = http::HeaderMap::with_capacity(1);
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+        Poll::Ready(Some(Ok(Frame::trailers(super::ok_trailers()))))
     }
 
     fn is_end_stream(&self) -> bool {
