@@ -1,5 +1,6 @@
 //! quorumkv: a Raft key/value store that speaks etcd's v3 API.
 
+pub mod alarm;
 /// The gRPC services: not part of the simulated build (the simulator drives `server` directly).
 #[cfg(not(madsim))]
 pub mod api;

@@ -10,8 +10,8 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 use prost::Message as _;
 use quorumkv::api::{
-    gateway_routes, serve, ClusterService, ElectionService, KvService, LeaseService, LockService,
-    MaintenanceService, UnaryKvLayer, WatchService, GRPC_OVERHEAD_BYTES,
+    fallback, gateway_routes, probe_routes, serve, ClusterService, ElectionService, KvService,
+    LeaseService, LockService, MaintenanceService, UnaryKvLayer, WatchService, GRPC_OVERHEAD_BYTES,
 };
 use quorumkv::cluster::Members;
 use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
@@ -108,8 +108,7 @@ struct Flags {
     /// Maximum number of operations permitted in a transaction.
     #[arg(long, env = "QUORUMKV_MAX_TXN_OPS", default_value_t = 128)]
     max_txn_ops: usize,
-    /// Raise alarms when backend size exceeds the given quota (0 defaults to low space quota).
-    /// Accepted for compatibility; the quota is not enforced yet.
+    /// Raise alarms when backend size exceeds the given quota (0 defaults to etcd's 2 GiB).
     #[arg(long, env = "QUORUMKV_QUOTA_BACKEND_BYTES", default_value_t = 0)]
     quota_backend_bytes: u64,
     /// Log entries kept behind a snapshot for slow followers (etcd 3.5's experimental flag).
@@ -137,8 +136,10 @@ struct Flags {
 fn init_logging(flags: &Flags) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(&flags.log_level)
         .map_err(|e| format!("invalid --log-level {:?}: {e}", flags.log_level))?;
+    // Colours only for a person at a terminal: a log file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if flags.log_format == "json" {
         builder.json().init();
@@ -422,6 +423,7 @@ fn member_config(
         return Err("--election-timeout should be at least 5 times --heartbeat-interval".into());
     }
     Ok(MemberConfig {
+        quota_backend_bytes: flags.quota_backend_bytes,
         member_id: identity.member_id,
         cluster_id: identity.cluster_id,
         initial_voters: identity.initial_members.iter().map(|m| m.id).collect(),
@@ -711,7 +713,9 @@ async fn run(flags: Flags) -> Result<(), String> {
             .add_service(election);
         let routes = grpc
             .into_axum_router()
-            .merge(gateway_routes(member.kv.clone()));
+            .merge(gateway_routes(member.kv.clone()))
+            .merge(probe_routes(member.kv.clone()))
+            .fallback(fallback);
         let service = UnaryKvLayer::new(member.kv.clone(), max_decode)
             .layer(tonic::service::Routes::from(routes).prepare());
         servers.push(tokio::spawn(serve(listener, service, async move {
@@ -755,8 +759,12 @@ fn main() -> ExitCode {
         eprintln!("quorumkv: {e}");
         return ExitCode::from(2);
     }
-    if flags.quota_backend_bytes != 0 {
-        tracing::warn!("--quota-backend-bytes is accepted but not enforced yet");
+    if flags.quota_backend_bytes > quorumkv::server::MAX_SUGGESTED_QUOTA_BACKEND_BYTES {
+        tracing::warn!(
+            quota_bytes = flags.quota_backend_bytes,
+            suggested_max_bytes = quorumkv::server::MAX_SUGGESTED_QUOTA_BACKEND_BYTES,
+            "--quota-backend-bytes exceeds the maximum suggested quota"
+        );
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

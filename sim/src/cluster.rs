@@ -186,6 +186,7 @@ impl Cluster {
             member.starting = true;
             member.incarnation += 1;
             let config = MemberConfig {
+                quota_backend_bytes: 0,
                 member_id: id,
                 cluster_id: 0x51_4b_56,
                 initial_voters: member.initial_voters.clone(),

@@ -266,6 +266,42 @@ pub fn routes(server: KvServer) -> Router {
     );
     router = unary_route!(
         router,
+        "/v3/maintenance/alarm",
+        maintenance,
+        Maintenance::alarm
+    );
+    router = unary_route!(
+        router,
+        "/v3/maintenance/defragment",
+        maintenance,
+        Maintenance::defragment
+    );
+    // etcd's gateway maps Hash and HashKV to the same path; HashKV is the one it serves.
+    router = unary_route!(
+        router,
+        "/v3/maintenance/hash",
+        maintenance,
+        Maintenance::hash_kv
+    );
+    let snapshots = maintenance.clone();
+    router = router.route(
+        "/v3/maintenance/snapshot",
+        post(move |body: Bytes| {
+            let maintenance = snapshots.clone();
+            async move {
+                let request = match parse(&body) {
+                    Ok(request) => request,
+                    Err(response) => return *response,
+                };
+                match Maintenance::snapshot(&*maintenance, Request::new(request)).await {
+                    Ok(stream) => lines(stream.into_inner()),
+                    Err(status) => error(&status),
+                }
+            }
+        }),
+    );
+    router = unary_route!(
+        router,
         "/v3/maintenance/transfer-leadership",
         maintenance,
         Maintenance::move_leader

@@ -1,15 +1,29 @@
-//! The `etcdserverpb.Maintenance` service: `Status` and `MoveLeader` so far; the other methods
-//! answer `Unimplemented` (the generated defaults).
+//! The `etcdserverpb.Maintenance` service: Alarm, Status, Defragment, Hash, HashKV, Snapshot
+//! and MoveLeader. Downgrade answers `Unimplemented` (the generated default).
 
+use std::io::{Read as _, Write as _};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest as _, Sha256};
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::to_status;
 use super::ETCD_API_VERSION;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
-    MoveLeaderRequest, MoveLeaderResponse, StatusRequest, StatusResponse,
+    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
+    HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse,
+    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
-use crate::server::KvServer;
+use crate::server::{KvServer, ServerError};
+
+/// Bytes of the image in each `SnapshotResponse` (etcd sends 32 KiB).
+pub const SNAPSHOT_CHUNK_BYTES: usize = 32 << 10;
+/// Chunks read ahead of a slow snapshot client: the member's memory stays bounded.
+const SNAPSHOT_CHUNKS_QUEUED: usize = 4;
 
 pub struct MaintenanceService {
     server: KvServer,
@@ -19,15 +33,116 @@ impl MaintenanceService {
     pub fn new(server: KvServer) -> Self {
         MaintenanceService { server }
     }
+
+    fn header(&self) -> crate::proto::etcdserverpb::ResponseHeader {
+        self.server.header(self.server.status().revision)
+    }
+}
+
+/// A file name for the image being streamed, unique in this process.
+fn scratch_path(dir: &std::path::Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    dir.join(format!(
+        "snapshot-{}-{}.part",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+fn internal(what: &str, path: &std::path::Path, e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("etcdserver: {what} {}: {e}", path.display()))
+}
+
+/// Writes a consistent image of the store into a new file at `path` (through the apply loop:
+/// nothing is applied meanwhile) and opens it for reading; the name is removed at once, so
+/// nothing is left behind whatever becomes of the stream. Returns the file and its size.
+async fn write_image(server: &KvServer, path: PathBuf) -> Result<(std::fs::File, u64), Status> {
+    let file = std::fs::File::create(&path).map_err(|e| internal("cannot create", &path, e))?;
+    let written = server
+        .with_store(move |store| -> Result<u64, ServerError> {
+            let mut out = std::io::BufWriter::new(file);
+            let bytes = store.write_image(&mut out)?;
+            let bytes = crate::mvcc::end_image(&mut out, bytes)
+                .and_then(|bytes| out.flush().map(|()| bytes))
+                .and_then(|bytes| out.get_ref().sync_data().map(|()| bytes))
+                .map_err(|e| {
+                    crate::mvcc::MvccError::Backend(crate::io::BackendError::Store(e.to_string()))
+                })?;
+            Ok(bytes)
+        })
+        .await;
+    let opened = std::fs::File::open(&path);
+    let _ = std::fs::remove_file(&path);
+    let bytes = written.map_err(to_status)?.map_err(to_status)?;
+    let file = opened.map_err(|e| internal("cannot reopen", &path, e))?;
+    Ok((file, bytes))
+}
+
+/// Sends `file` (`size` bytes) as snapshot chunks, then its SHA-256 as the last chunk, as etcd
+/// does: `remaining_bytes` counts the image bytes still to come.
+fn stream_image(
+    mut file: std::fs::File,
+    size: u64,
+    header: crate::proto::etcdserverpb::ResponseHeader,
+    tx: tokio::sync::mpsc::Sender<Result<SnapshotResponse, Status>>,
+) {
+    let mut digest = Sha256::new();
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+    while sent < size {
+        let want = (size - sent).min(SNAPSHOT_CHUNK_BYTES as u64) as usize;
+        if let Err(e) = file.read_exact(&mut buf[..want]) {
+            let _ = tx.blocking_send(Err(Status::internal(format!(
+                "etcdserver: reading the snapshot image: {e}"
+            ))));
+            return;
+        }
+        digest.update(&buf[..want]);
+        sent += want as u64;
+        let chunk = SnapshotResponse {
+            header: Some(header),
+            remaining_bytes: size - sent,
+            blob: buf[..want].to_vec(),
+            version: ETCD_API_VERSION.to_string(),
+        };
+        if tx.blocking_send(Ok(chunk)).is_err() {
+            return; // The client went away.
+        }
+    }
+    let _ = tx.blocking_send(Ok(SnapshotResponse {
+        header: Some(header),
+        remaining_bytes: 0,
+        blob: digest.finalize().to_vec(),
+        version: ETCD_API_VERSION.to_string(),
+    }));
 }
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
+    async fn alarm(
+        &self,
+        request: Request<AlarmRequest>,
+    ) -> Result<Response<AlarmResponse>, Status> {
+        let alarms = self
+            .server
+            .alarm(request.into_inner())
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(AlarmResponse {
+            header: Some(self.header()),
+            alarms,
+        }))
+    }
+
     async fn status(
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let report = self.server.status();
+        let mut errors = report.alarms;
+        if report.leader == 0 {
+            errors.push("etcdserver: no leader".to_string());
+        }
         Ok(Response::new(StatusResponse {
             header: Some(self.server.header(report.revision)),
             version: ETCD_API_VERSION.to_string(),
@@ -36,10 +151,75 @@ impl Maintenance for MaintenanceService {
             raft_index: report.raft_index,
             raft_term: report.raft_term,
             raft_applied_index: report.raft_applied_index,
-            errors: vec![],
-            db_size_in_use: report.db_size,
+            errors,
+            db_size_in_use: report.db_size_in_use,
             is_learner: self.server.is_learner(),
         }))
+    }
+
+    /// Rewrites this member's backend compactly, with nothing applied meanwhile (as etcd's
+    /// defragmentation, it holds this member's writes for as long as it takes).
+    async fn defragment(
+        &self,
+        _request: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        let before = self.server.status().db_size;
+        self.server
+            .with_store(|store| store.backend().defragment())
+            .await
+            .map_err(to_status)?
+            .map_err(|e| to_status(ServerError::Mvcc(e.into())))?;
+        tracing::info!(
+            before_bytes = before,
+            after_bytes = self.server.status().db_size,
+            "defragmented the backend"
+        );
+        Ok(Response::new(DefragmentResponse {
+            header: Some(self.header()),
+        }))
+    }
+
+    async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let (hash, revision) = self.server.hash_backend().await.map_err(to_status)?;
+        Ok(Response::new(HashResponse {
+            header: Some(self.server.header(revision)),
+            hash,
+        }))
+    }
+
+    async fn hash_kv(
+        &self,
+        request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let hash = self
+            .server
+            .hash_kv(request.get_ref().revision)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(HashKvResponse {
+            header: Some(self.header()),
+            hash: hash.hash,
+            compact_revision: hash.compact_revision,
+            hash_revision: hash.hash_revision,
+        }))
+    }
+
+    /// A consistent image of this member's store, streamed in chunks from a file written
+    /// first (the member's memory does not grow with the store), SHA-256 last.
+    async fn snapshot(
+        &self,
+        _request: Request<SnapshotRequest>,
+    ) -> Result<Response<BoxStream<SnapshotResponse>>, Status> {
+        let path = scratch_path(&self.server.config().scratch_dir);
+        let (file, size) = write_image(&self.server, path).await?;
+        tracing::info!(
+            bytes = size,
+            "sending a snapshot of the backend to a client"
+        );
+        let header = self.header();
+        let (tx, rx) = tokio::sync::mpsc::channel(SNAPSHOT_CHUNKS_QUEUED);
+        std::thread::spawn(move || stream_image(file, size, header, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     /// Must be sent to the leader (etcdctl finds it), as with etcd.
@@ -52,7 +232,7 @@ impl Maintenance for MaintenanceService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(MoveLeaderResponse {
-            header: Some(self.server.header(self.server.status().revision)),
+            header: Some(self.header()),
         }))
     }
 }

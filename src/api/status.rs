@@ -28,6 +28,11 @@ pub fn to_status(error: ServerError) -> Status {
             | MvccError::LeaseProvided => (Code::InvalidArgument, e.to_string()),
             MvccError::NotKeyValue => (Code::Internal, e.to_string()),
             MvccError::LeaderChanged => (Code::Unavailable, e.to_string()),
+            MvccError::NoSpace => (
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded".into(),
+            ),
+            MvccError::CorruptCluster => (Code::DataLoss, e.to_string()),
             MvccError::Corrupt { .. } => (Code::DataLoss, format!("etcdserver: {e}")),
             MvccError::Backend(_) => (Code::Internal, format!("etcdserver: {e}")),
         },

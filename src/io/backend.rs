@@ -65,20 +65,79 @@ pub trait Backend: Send + Sync {
     fn flush(&self) -> Result<(), BackendError>;
     /// Bytes the store takes on disk (or in memory), roughly.
     fn size_bytes(&self) -> u64;
+    /// Rewrites the store compactly, giving back the space that deletions left. Durable on
+    /// return; a crash during it leaves the store as before or as after, whole. The caller
+    /// keeps writes away meanwhile.
+    fn defragment(&self) -> Result<(), BackendError>;
 }
 
 /// Production backend on sled.
 pub struct SledBackend {
-    db: sled::Db,
+    /// Replaced whole by `defragment`.
+    db: std::sync::RwLock<sled::Db>,
+    path: std::path::PathBuf,
+    /// A defragmentation could not put a store back in place: every call fails from now on.
+    failed: std::sync::atomic::AtomicBool,
+    /// The size on disk as last measured, and when: measuring reads the directory, and the
+    /// quota asks before every write.
+    size: Mutex<(u64, Option<std::time::Instant>)>,
 }
+
+/// How old a measured size on disk may be before it is measured again.
+const SIZE_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How long `SledBackend::open` waits for the database's file lock. sled lets it go only when
 /// its background threads drop their handles, a moment after the last `Db` handle is dropped,
 /// so a reopen right after a close can find it still held.
 const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// `db` + `suffix`: the copy a defragmentation writes, and where the old store waits while
+/// the copy takes its place.
+fn beside(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    std::path::PathBuf::from(name)
+}
+
+const DEFRAG_COPY: &str = ".defrag";
+const DEFRAG_OLD: &str = ".old";
+/// Keys copied per batch by `defragment`.
+const DEFRAG_BATCH_KEYS: usize = 4096;
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> BackendError {
+    BackendError::Store(format!("{what} {}: {e}", path.display()))
+}
+
 impl SledBackend {
     pub fn open(path: &Path) -> Result<Self, BackendError> {
+        Self::finish_defragment(path)?;
+        Ok(SledBackend {
+            db: std::sync::RwLock::new(Self::open_db(path)?),
+            path: path.to_path_buf(),
+            failed: std::sync::atomic::AtomicBool::new(false),
+            size: Mutex::new((0, None)),
+        })
+    }
+
+    /// Finishes or undoes a defragmentation that a crash interrupted: the old store moved
+    /// aside and the copy not yet in its place → the old store goes back; then whatever is
+    /// left beside the store is removed.
+    fn finish_defragment(path: &Path) -> Result<(), BackendError> {
+        let old = beside(path, DEFRAG_OLD);
+        if !path.exists() && old.exists() {
+            tracing::warn!(path = %path.display(), "an interrupted defragmentation: putting the old backend back");
+            std::fs::rename(&old, path).map_err(|e| io_error("cannot rename", &old, e))?;
+        }
+        for leftover in [old, beside(path, DEFRAG_COPY)] {
+            if leftover.exists() {
+                std::fs::remove_dir_all(&leftover)
+                    .map_err(|e| io_error("cannot remove", &leftover, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_db(path: &Path) -> Result<sled::Db, BackendError> {
         let config = sled::Config::new()
             .path(path)
             .flush_every_ms(Some(1000))
@@ -86,7 +145,7 @@ impl SledBackend {
         let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
         loop {
             match config.open() {
-                Ok(db) => return Ok(SledBackend { db }),
+                Ok(db) => return Ok(db),
                 // sled words it so (an io::Error of kind Other).
                 Err(sled::Error::Io(e))
                     if e.to_string().starts_with("could not acquire lock")
@@ -98,11 +157,21 @@ impl SledBackend {
             }
         }
     }
+
+    fn db(&self) -> Result<std::sync::RwLockReadGuard<'_, sled::Db>, BackendError> {
+        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(BackendError::Store(format!(
+                "{} could not be reopened after defragmenting it",
+                self.path.display()
+            )));
+        }
+        Ok(self.db.read().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 impl Backend for SledBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
-        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+        Ok(self.db()?.get(key)?.map(|v| v.to_vec()))
     }
 
     fn scan(
@@ -111,9 +180,10 @@ impl Backend for SledBackend {
         end: Option<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), BackendError> {
+        let db = self.db()?;
         let iter = match end {
-            Some(end) => self.db.range(start..end),
-            None => self.db.range(start..),
+            Some(end) => db.range(start..end),
+            None => db.range(start..),
         };
         for item in iter {
             let (k, v) = item?;
@@ -132,17 +202,93 @@ impl Backend for SledBackend {
                 BatchOp::Delete(k) => sled_batch.remove(k),
             }
         }
-        self.db.apply_batch(sled_batch)?;
+        self.db()?.apply_batch(sled_batch)?;
         Ok(())
     }
 
     fn flush(&self) -> Result<(), BackendError> {
-        self.db.flush()?;
+        self.db()?.flush()?;
         Ok(())
     }
 
     fn size_bytes(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        let mut size = self.size.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if size
+            .1
+            .is_none_or(|at| now.duration_since(at) >= SIZE_MAX_AGE)
+        {
+            // Keeps the last size if the directory cannot be read right now.
+            if let Ok(bytes) = self.db().and_then(|db| Ok(db.size_on_disk()?)) {
+                size.0 = bytes;
+            }
+            size.1 = Some(now);
+        }
+        size.0
+    }
+
+    /// Copies every key into a new store beside this one, then swaps the two directories:
+    /// `db` → `db.old`, `db.defrag` → `db`, and removes `db.old`. `open` finishes or undoes a
+    /// swap that a crash interrupted.
+    fn defragment(&self) -> Result<(), BackendError> {
+        let copy_path = beside(&self.path, DEFRAG_COPY);
+        let old_path = beside(&self.path, DEFRAG_OLD);
+        if copy_path.exists() {
+            std::fs::remove_dir_all(&copy_path)
+                .map_err(|e| io_error("cannot remove", &copy_path, e))?;
+        }
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        let copy = Self::open_db(&copy_path)?;
+        let mut batch = sled::Batch::default();
+        let mut keys = 0;
+        for item in db.iter() {
+            let (key, value) = item?;
+            batch.insert(key, value);
+            keys += 1;
+            if keys % DEFRAG_BATCH_KEYS == 0 {
+                copy.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        copy.apply_batch(batch)?;
+        copy.flush()?;
+        drop(copy);
+        db.flush()?;
+        // sled lets its file lock go once its threads drop their handles: a placeholder
+        // store in memory takes the old one's place while the directories are swapped.
+        let placeholder = sled::Config::new().temporary(true).open()?;
+        drop(std::mem::replace(&mut *db, placeholder));
+        let swapped = std::fs::rename(&self.path, &old_path)
+            .map_err(|e| io_error("cannot rename", &self.path, e))
+            .and_then(|()| {
+                std::fs::rename(&copy_path, &self.path)
+                    .map_err(|e| io_error("cannot rename", &copy_path, e))
+            })
+            .and_then(|()| match self.path.parent() {
+                Some(parent) => std::fs::File::open(parent)
+                    .and_then(|dir| dir.sync_all())
+                    .map_err(|e| io_error("cannot sync", parent, e)),
+                None => Ok(()),
+            });
+        // Whatever happened, the store at `path` (old or new, whole) is reopened; if even
+        // that fails, every later call fails and the member stops.
+        let reopened = match &swapped {
+            Ok(()) => Self::open_db(&self.path),
+            Err(_) => Self::finish_defragment(&self.path).and_then(|()| Self::open_db(&self.path)),
+        };
+        match reopened {
+            Ok(reopened) => *db = reopened,
+            Err(e) => {
+                self.failed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        drop(db);
+        swapped?;
+        std::fs::remove_dir_all(&old_path).map_err(|e| io_error("cannot remove", &old_path, e))?;
+        *self.size.lock().unwrap_or_else(|p| p.into_inner()) = (0, None);
+        tracing::info!(keys, path = %self.path.display(), "backend defragmented");
+        Ok(())
     }
 }
 
@@ -252,6 +398,11 @@ impl Backend for MemBackend {
 
     fn size_bytes(&self) -> u64 {
         self.lock().live_bytes
+    }
+
+    /// Memory holds no free space to give back.
+    fn defragment(&self) -> Result<(), BackendError> {
+        Ok(())
     }
 }
 

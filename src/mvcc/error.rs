@@ -32,6 +32,12 @@ pub enum MvccError {
     /// A log request that is not about keys (membership): the apply loop handles those.
     #[error("etcdserver: not a key-value request")]
     NotKeyValue,
+    /// The NOSPACE alarm is active: writes that add data are refused until it is disarmed.
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
+    /// The CORRUPT alarm is active: writes are refused.
+    #[error("etcdserver: corrupt cluster")]
+    CorruptCluster,
     #[error("mvcc: corrupt record at revision {main}/{sub}: {reason}")]
     Corrupt { main: i64, sub: i64, reason: String },
     #[error(transparent)]

@@ -4,6 +4,7 @@
 
 mod check;
 mod error;
+mod hash;
 mod history;
 mod index;
 mod revision;
@@ -13,8 +14,10 @@ mod write;
 
 pub use check::{check_delete, check_put, check_range, check_txn};
 pub use error::MvccError;
+pub use hash::KvHash;
 pub use history::in_range;
 pub use revision::Revision;
+pub use snapshot::{check_image, end_image, IMAGE_ALIGN};
 pub use store::MvccStore;
 pub use write::{ApplyOutcome, ApplyResult};
 

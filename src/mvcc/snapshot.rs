@@ -21,6 +21,26 @@ fn corrupt(reason: &str) -> MvccError {
     }
 }
 
+fn image_error(e: std::io::Error) -> MvccError {
+    MvccError::Backend(crate::io::BackendError::Store(format!(
+        "writing the snapshot image: {e}"
+    )))
+}
+
+/// Checks a whole image (as `write_image` writes it) without keeping it: the number of backend
+/// keys it holds, or what is wrong with it.
+pub fn check_image(data: &[u8]) -> Result<u64, MvccError> {
+    let mut rest = data;
+    if take(&mut rest, MAGIC.len())? != MAGIC {
+        return Err(corrupt("bad magic"));
+    }
+    let mut keys = 0;
+    while next_pair(&mut rest)?.is_some() {
+        keys += 1;
+    }
+    Ok(keys)
+}
+
 fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8], MvccError> {
     if data.len() < n {
         return Err(corrupt("truncated"));
@@ -36,11 +56,61 @@ fn take_chunk<'a>(data: &mut &'a [u8]) -> Result<&'a [u8], MvccError> {
     take(data, len)
 }
 
+/// In place of a key's length: the image ends here; zeros up to a multiple of `IMAGE_ALIGN`
+/// follow.
+const IMAGE_END: [u8; 4] = u32::MAX.to_le_bytes();
+/// Image files are a whole number of these bytes long (etcdctl's `snapshot save` wants a file
+/// whose length modulo 512 is its 32-byte SHA-256 trailer, as a bolt file's pages give).
+pub const IMAGE_ALIGN: u64 = 512;
+
+/// A key and its value, as an image holds them.
+type Pair<'a> = (&'a [u8], &'a [u8]);
+
+/// The next key and value of an image, `None` at its end (the data's end, or an end mark
+/// followed by zeros only).
+fn next_pair<'a>(rest: &mut &'a [u8]) -> Result<Option<Pair<'a>>, MvccError> {
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    if rest.starts_with(&IMAGE_END) {
+        if rest[IMAGE_END.len()..].iter().any(|b| *b != 0) {
+            return Err(corrupt("bytes after the end mark"));
+        }
+        *rest = &[];
+        return Ok(None);
+    }
+    let key = take_chunk(rest)?;
+    let value = take_chunk(rest)?;
+    Ok(Some((key, value)))
+}
+
+/// Ends an image of `written` bytes (as `write_image` counts them) for a file: the end mark,
+/// then zeros to a multiple of `IMAGE_ALIGN`. Returns the image's new length.
+pub fn end_image(out: &mut dyn std::io::Write, written: u64) -> std::io::Result<u64> {
+    let mut length = written + IMAGE_END.len() as u64;
+    out.write_all(&IMAGE_END)?;
+    let padding = (IMAGE_ALIGN - length % IMAGE_ALIGN) % IMAGE_ALIGN;
+    out.write_all(&vec![0; padding as usize])?;
+    length += padding;
+    Ok(length)
+}
+
 impl MvccStore {
     /// Every staged write goes to the backend first; then the backend is dumped.
     pub fn snapshot_data(&mut self) -> Result<Vec<u8>, MvccError> {
+        let mut out = Vec::new();
+        self.write_image(&mut out)?;
+        Ok(out)
+    }
+
+    /// Writes the whole store, in the snapshot format, to `out` as it scans the backend (the
+    /// image is never held in memory whole); staged writes go to the backend first. Returns
+    /// the bytes written. The caller keeps the store from changing meanwhile.
+    pub fn write_image(&mut self, out: &mut dyn std::io::Write) -> Result<u64, MvccError> {
         self.flush_staged()?;
-        let mut out = MAGIC.to_vec();
+        let mut written = MAGIC.len() as u64;
+        let mut failure = None;
+        out.write_all(MAGIC).map_err(image_error)?;
         let mut tail =
             super::revision::run_key(super::revision::Revision::new(self.current_rev(), 0));
         tail.truncate(9); // `r` + main: the run ending in the last revision
@@ -50,12 +120,21 @@ impl MvccStore {
                 return true;
             }
             for chunk in [key, value] {
-                out.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-                out.extend_from_slice(chunk);
+                let wrote = out
+                    .write_all(&(chunk.len() as u32).to_le_bytes())
+                    .and_then(|()| out.write_all(chunk));
+                if let Err(e) = wrote {
+                    failure = Some(e);
+                    return false;
+                }
+                written += 4 + chunk.len() as u64;
             }
             true
         })?;
-        Ok(out)
+        match failure {
+            Some(e) => Err(image_error(e)),
+            None => Ok(written),
+        }
     }
 
     /// Replaces the whole store with `data`, the state as of raft index `index`. Durable on
@@ -66,9 +145,7 @@ impl MvccStore {
             return Err(corrupt("bad magic"));
         }
         let mut pairs = Vec::new();
-        while !rest.is_empty() {
-            let key = take_chunk(&mut rest)?;
-            let value = take_chunk(&mut rest)?;
+        while let Some((key, value)) = next_pair(&mut rest)? {
             pairs.push((key.to_vec(), value.to_vec()));
         }
         // Checked in full before anything is deleted.

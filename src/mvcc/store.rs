@@ -12,6 +12,7 @@ use super::revision::{
     decode_u64, encode_u64, meta_key, parse_run_key, records, run_key, runs_end, Revision,
     META_COMPACT_REV, META_CONSISTENT_INDEX, OLD_REV_PREFIX, RUN_BYTES, RUN_PREFIX,
 };
+use crate::alarm::{AlarmTable, ALARM_RECORD_PREFIX};
 use crate::io::{Backend, WriteBatch};
 use crate::lease::{LeaseTable, LEASE_RECORD_PREFIX};
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
@@ -41,6 +42,11 @@ pub struct MvccStore {
     /// Collect each applied write's events for `take_published` (someone watches).
     pub(super) publish_events: bool,
     pub(super) published: Vec<Event>,
+    /// The active alarms: applied with the keys, in the same batches.
+    pub(super) alarms: AlarmTable,
+    /// Bytes the backend's keys and values take (runs exactly; metadata as of opening):
+    /// `Status.db_size_in_use`.
+    pub(super) in_use_bytes: u64,
 }
 
 /// Where a range reads values from: the backend, or (inside a write) the revision being written.
@@ -89,6 +95,7 @@ impl MvccStore {
         // Each key's lease as of its newest revision (the scan goes in revision order).
         let mut key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
         let mut old_layout = false;
+        let mut in_use_bytes = 0u64;
         backend.scan(
             &[OLD_REV_PREFIX],
             Some(&[OLD_REV_PREFIX + 1]),
@@ -109,6 +116,7 @@ impl MvccStore {
                 failure = Some(bad_run("bad run key".into()));
                 return false;
             }
+            in_use_bytes += (key.len() + run.len()) as u64;
             for record in records(run) {
                 let decoded = record
                     .map_err(bad_run)
@@ -153,7 +161,25 @@ impl MvccStore {
             leases: LeaseTable::default(),
             publish_events: false,
             published: Vec::new(),
+            alarms: AlarmTable::default(),
+            in_use_bytes,
         };
+        let meta_end = [super::revision::META_PREFIX + 1];
+        store.backend.scan(
+            &[super::revision::META_PREFIX],
+            Some(&meta_end),
+            &mut |k, v| {
+                store.in_use_bytes += (k.len() + v.len()) as u64;
+                true
+            },
+        )?;
+        let alarms = store.records(ALARM_RECORD_PREFIX)?;
+        store.alarms = AlarmTable::from_records(alarms.iter().map(|(name, _)| name.as_str()))
+            .map_err(|reason| MvccError::Corrupt {
+                main: -1,
+                sub: -1,
+                reason,
+            })?;
         store.leases =
             LeaseTable::load(store.records(LEASE_RECORD_PREFIX)?, key_lease).map_err(|e| {
                 MvccError::Corrupt {
@@ -163,6 +189,16 @@ impl MvccStore {
                 }
             })?;
         Ok(store)
+    }
+
+    pub fn alarms(&self) -> &AlarmTable {
+        &self.alarms
+    }
+
+    /// Bytes the backend's keys and values take: the runs of revisions exactly, the metadata
+    /// (leases, members, alarms) as of opening.
+    pub fn in_use_bytes(&self) -> u64 {
+        self.in_use_bytes
     }
 
     pub fn leases(&self) -> &LeaseTable {
@@ -235,6 +271,7 @@ impl MvccStore {
         }
         let mut batch = std::mem::take(&mut self.staged);
         for (last, run) in self.staged_runs.drain(..) {
+            self.in_use_bytes += (super::revision::RUN_KEY_LEN + run.len()) as u64;
             batch.put(run_key(last), run);
         }
         batch.put(

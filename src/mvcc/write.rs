@@ -11,13 +11,15 @@ use super::revision::{
     META_COMPACT_REV, RUN_PREFIX,
 };
 use super::store::{bad_run, MvccStore, ValueSource};
+use crate::alarm::Refusal;
 use crate::io::WriteBatch;
 use crate::lease::{record_name, MAX_LEASE_TTL};
 use crate::proto::etcdserverpb::{
-    compare, request_op, response_op, CompactionRequest, CompactionResponse, Compare,
-    DeleteRangeRequest, DeleteRangeResponse, LeaseCheckpointRequest, LeaseCheckpointResponse,
-    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
-    PutResponse, RangeRequest, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    compare, request_op, response_op, AlarmResponse, CompactionRequest, CompactionResponse,
+    Compare, DeleteRangeRequest, DeleteRangeResponse, LeaseCheckpointRequest,
+    LeaseCheckpointResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest,
+    LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, ResponseHeader, ResponseOp,
+    TxnRequest, TxnResponse,
 };
 use crate::proto::mvccpb::KeyValue;
 use crate::proto::quorumkvpb::raft_request::Request;
@@ -32,6 +34,7 @@ pub enum ApplyOutcome {
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
     LeaseCheckpoint(LeaseCheckpointResponse),
+    Alarm(AlarmResponse),
 }
 
 pub type ApplyResult = Result<ApplyOutcome, MvccError>;
@@ -88,6 +91,11 @@ impl MvccStore {
     /// `consistent_index()` (already in the backend).
     pub fn apply(&mut self, index: u64, request: &Request) -> ApplyResult {
         debug_assert!(index > self.consistent_index, "entry {index} applied twice");
+        match self.alarms.refusal(request) {
+            Some(Refusal::NoSpace) => return Err(MvccError::NoSpace),
+            Some(Refusal::Corrupt) => return Err(MvccError::CorruptCluster),
+            None => {}
+        }
         let mut pending = Pending {
             main: self.current_rev + 1,
             sub: 0,
@@ -113,6 +121,19 @@ impl MvccStore {
             Request::LeaseRevoke(req) => ApplyOutcome::LeaseRevoke(self.revoke(&mut pending, req)?),
             Request::LeaseCheckpoint(req) => {
                 ApplyOutcome::LeaseCheckpoint(self.checkpoint(&mut pending, req))
+            }
+            Request::Alarm(req) => {
+                let (alarms, records) = self.alarms.apply(req);
+                for (name, value) in records {
+                    match value {
+                        Some(value) => pending.batch.put(meta_key(&name), value),
+                        None => pending.batch.delete(meta_key(&name)),
+                    }
+                }
+                ApplyOutcome::Alarm(AlarmResponse {
+                    header: None,
+                    alarms,
+                })
             }
             Request::MemberAttributes(_) | Request::MemberPeerUrls(_) => {
                 return Err(MvccError::NotKeyValue)
@@ -485,6 +506,7 @@ impl MvccStore {
         // Every run holding a revision at or below the compaction's: those up to its key, and
         // the first one past it, which may straddle it.
         let last = Revision::new(req.revision, i64::MAX);
+        let mut freed = 0u64;
         self.backend
             .scan(&[RUN_PREFIX], Some(&runs_end()), &mut |key, run| {
                 let Some(newest) = parse_run_key(key) else {
@@ -508,7 +530,9 @@ impl MvccStore {
                     for (rev, bytes) in records(run).flatten().filter(|(rev, _)| kept(rev)) {
                         push_encoded(&mut rest, rev, bytes);
                     }
+                    freed += (run.len() - rest.len()) as u64;
                     if rest.is_empty() {
+                        freed += key.len() as u64;
                         pending.batch.delete(key.to_vec());
                     } else {
                         pending.batch.put(key.to_vec(), rest);
@@ -523,6 +547,7 @@ impl MvccStore {
             .batch
             .put(meta_key(META_COMPACT_REV), encode_u64(req.revision as u64));
         self.compact_rev = req.revision;
+        self.in_use_bytes = self.in_use_bytes.saturating_sub(freed);
         Ok(CompactionResponse { header: None })
     }
 }

@@ -16,7 +16,9 @@ use super::lease::LeaseClock;
 use crate::cluster::{Members, RecordChange};
 use crate::hooks::{self, Observation};
 use crate::io::{BackendError, Clock};
-use crate::mvcc::{MvccError, MvccStore};
+use crate::mvcc::{ApplyOutcome, MvccError, MvccStore};
+use crate::proto::etcdserverpb::alarm_request::AlarmAction;
+use crate::proto::etcdserverpb::{AlarmRequest, AlarmResponse, AlarmType};
 use crate::proto::mvccpb::Event;
 use crate::proto::quorumkvpb::raft_request::Request;
 use crate::proto::quorumkvpb::ConfChangeContext;
@@ -51,7 +53,16 @@ pub struct ApplyLoop {
     pub acks: Vec<(oneshot::Sender<ApplyReply>, ApplyReply)>,
     /// The leader's lease clock, brought up to date around each lease grant.
     pub leases: LeaseClock,
+    /// Work that needs the whole store still, in the backend, between two entries (hashes,
+    /// snapshot images, defragmentation).
+    pub jobs: mpsc::Receiver<StoreJob>,
 }
+
+/// A job run by the apply loop with the store to itself, every applied write in the backend.
+pub type StoreJob = Box<dyn FnOnce(&mut MvccStore) + Send>;
+
+/// How many store jobs may wait for the apply loop.
+pub const STORE_JOBS_QUEUED: usize = 16;
 
 /// Applied writes are handed to the backend at least this often (etcd's backend batch interval)...
 pub const BACKEND_BATCH_INTERVAL: Duration = Duration::from_millis(100);
@@ -84,6 +95,13 @@ pub async fn run_apply_loop(
             }
             _ = requests.wanted() => {
                 apply.offer_snapshot().await?;
+                continue;
+            }
+            Some(job) = apply.jobs.recv() => {
+                apply.finish_write().await?;
+                let mut store = apply.lock();
+                store.flush_staged()?;
+                job(&mut store);
                 continue;
             }
         };
@@ -144,6 +162,22 @@ pub async fn run_apply_loop(
     apply.finish_write().await?;
     apply.lock().flush_staged()?;
     Ok(())
+}
+
+/// An alarm raised or cleared is worth a warning on every member.
+fn log_alarm_change(request: &AlarmRequest, response: &AlarmResponse) {
+    let Some(changed) = response.alarms.first() else {
+        return;
+    };
+    let alarm = AlarmType::try_from(changed.alarm)
+        .map(|a| a.as_str_name())
+        .unwrap_or("UNKNOWN");
+    let member = format!("{:x}", changed.member_id);
+    match AlarmAction::try_from(request.action) {
+        Ok(AlarmAction::Activate) => tracing::warn!(alarm, member, "alarm raised"),
+        Ok(AlarmAction::Deactivate) => tracing::warn!(alarm, member, "alarm cleared"),
+        _ => {}
+    }
 }
 
 impl ApplyLoop {
@@ -281,6 +315,9 @@ impl ApplyLoop {
             return Ok(());
         };
         let result = store.apply(index, body);
+        if let (Request::Alarm(req), Ok(ApplyOutcome::Alarm(resp))) = (body, &result) {
+            log_alarm_change(req, resp);
+        }
         let events = store.take_published();
         if matches!(
             result,

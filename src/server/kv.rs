@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use prost::Message as _;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use super::apply::StoreJob;
 use super::error::ServerError;
 use super::lease::LeaseClock;
 use crate::cluster::Members;
@@ -33,6 +34,10 @@ pub struct ServerConfig {
     pub strict_reconfig_check: bool,
     /// Random bits that start this run's request ids (ids must not repeat across restarts).
     pub id_seed: u64,
+    /// Past this many backend bytes writes raise the NOSPACE alarm (0: etcd's default, 2 GiB).
+    pub quota_backend_bytes: u64,
+    /// Where maintenance writes files it streams out (snapshot images): the member's dir.
+    pub scratch_dir: std::path::PathBuf,
 }
 
 /// What the apply loop sends back: the result and the store's revision after it.
@@ -91,6 +96,8 @@ impl<T> Waiters<T> {
 pub struct Coordination {
     pub leases: LeaseClock,
     pub watches: WatchHub,
+    /// Jobs for the apply loop to run with the whole store (hashes, snapshot images).
+    pub jobs: mpsc::Sender<StoreJob>,
 }
 
 /// Numbers for `Maintenance.Status`.
@@ -101,7 +108,11 @@ pub struct StatusReport {
     pub raft_index: u64,
     pub raft_applied_index: u64,
     pub db_size: i64,
+    /// Bytes of the backend in use (keys and values).
+    pub db_size_in_use: i64,
     pub revision: i64,
+    /// The active alarms, as etcd's `Status.errors` words them (`memberID:<id> alarm:<type> `).
+    pub alarms: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -115,6 +126,7 @@ pub struct KvServer {
     pub(super) membership: MembershipView,
     pub(super) lease_clock: LeaseClock,
     watches: WatchHub,
+    pub(super) jobs: mpsc::Sender<StoreJob>,
 }
 
 impl KvServer {
@@ -140,6 +152,7 @@ impl KvServer {
             membership,
             lease_clock: coordination.leases,
             watches: coordination.watches,
+            jobs: coordination.jobs,
         }
     }
 
@@ -218,6 +231,7 @@ impl KvServer {
 
     pub async fn put(&self, req: PutRequest) -> Result<PutResponse, ServerError> {
         mvcc::check_put(&req)?;
+        self.check_quota(req.key.len() + req.value.len())?;
         match self.propose(Request::Put(req)).await? {
             (ApplyOutcome::Put(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
@@ -243,6 +257,9 @@ impl KvServer {
 
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, ServerError> {
         mvcc::check_txn(&req, self.config.max_txn_ops)?;
+        if crate::alarm::txn_writes(&req) {
+            self.check_quota(req.encoded_len())?;
+        }
         match self.propose(Request::Txn(req)).await? {
             (ApplyOutcome::Txn(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
@@ -338,7 +355,19 @@ impl KvServer {
             raft_index: status.commit.load(Ordering::Relaxed),
             raft_applied_index: *self.applied.borrow(),
             db_size: store.backend().size_bytes() as i64,
+            db_size_in_use: store.in_use_bytes() as i64,
             revision: store.current_rev(),
+            alarms: store
+                .alarms()
+                .list(0)
+                .iter()
+                .map(|a| {
+                    let name = crate::proto::etcdserverpb::AlarmType::try_from(a.alarm)
+                        .map(|t| t.as_str_name())
+                        .unwrap_or("UNKNOWN");
+                    format!("memberID:{} alarm:{name} ", a.member_id)
+                })
+                .collect(),
         }
     }
 }

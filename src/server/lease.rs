@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::error::ServerError;
 use super::kv::KvServer;
+use super::maintenance::LEASE_GRANT_COST_BYTES;
 use crate::hooks::{self, Bug};
 use crate::io::Clock;
 use crate::lease::{Lessor, RenewError, EXPIRY_CHECK_INTERVAL_MS, MAX_LEASE_TTL};
@@ -94,6 +95,7 @@ impl KvServer {
         if req.ttl > MAX_LEASE_TTL {
             return Err(MvccError::LeaseTtlTooLarge.into());
         }
+        self.check_quota(LEASE_GRANT_COST_BYTES)?;
         while req.id == 0 {
             // As etcd: a request id, made positive.
             req.id = (self.next_request_id() & i64::MAX as u64) as i64;

@@ -8,14 +8,16 @@ mod concurrency;
 mod error;
 mod kv;
 mod lease;
+mod maintenance;
 mod start;
 
-pub use apply::run_apply_loop;
+pub use apply::{run_apply_loop, StoreJob};
 pub use cluster::valid_peer_urls;
 pub use concurrency::{holder_key, prefix_end};
 pub use error::ServerError;
 pub use kv::{KvServer, ServerConfig, StatusReport};
 pub use lease::LeaseClock;
+pub use maintenance::{Unhealthy, DEFAULT_QUOTA_BACKEND_BYTES, MAX_SUGGESTED_QUOTA_BACKEND_BYTES};
 pub use start::{start_member, MemberConfig, RunningMember, SNAPSHOT_CATCH_UP_ENTRIES};
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::apply::{run_apply_loop, ApplyLoop};
+use super::apply::{run_apply_loop, ApplyLoop, STORE_JOBS_QUEUED};
 use super::kv::{Coordination, KvServer, MembershipView, ServerConfig, Waiters};
 use super::lease::LeaseClock;
 use crate::cluster::Members;
@@ -44,6 +44,9 @@ pub struct MemberConfig {
     /// A new cluster's members (id, name, peer URLs), from --initial-cluster; written once,
     /// into an empty store. A member joining a running cluster learns them by snapshot.
     pub initial_members: Vec<Member>,
+    /// Past this many backend bytes the member raises the NOSPACE alarm (etcd's
+    /// `--quota-backend-bytes`; 0: etcd's default, 2 GiB).
+    pub quota_backend_bytes: u64,
 }
 
 impl MemberConfig {
@@ -159,6 +162,7 @@ pub fn start_member(
         config.max_request_bytes,
     );
     let leases = LeaseClock::new(clock.clone(), config.election_timeout);
+    let (jobs_tx, jobs_rx) = tokio::sync::mpsc::channel(STORE_JOBS_QUEUED);
     let apply = ApplyLoop {
         store: store.clone(),
         waiters: waiters.clone(),
@@ -176,6 +180,7 @@ pub fn start_member(
         events: Vec::new(),
         acks: Vec::new(),
         leases: leases.clone(),
+        jobs: jobs_rx,
     };
     let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
     let server_config = ServerConfig {
@@ -187,6 +192,8 @@ pub fn start_member(
         id_seed: config.id_seed,
         // As etcd: 5 s plus two election timeouts.
         request_timeout: Duration::from_secs(5) + 2 * config.election_timeout,
+        quota_backend_bytes: config.quota_backend_bytes,
+        scratch_dir: config.member_dir.clone(),
     };
     let kv = KvServer::new(
         server_config,
@@ -202,6 +209,7 @@ pub fn start_member(
         Coordination {
             leases,
             watches: watches.clone(),
+            jobs: jobs_tx,
         },
     );
     tokio::spawn(kv.clone().run_lease_expiry());
