@@ -13,5 +13,8 @@ pub mod mvcc;
 pub mod proto;
 pub mod raft;
 pub mod server;
+/// The snapshot tool's verbs (save, status, restore): not part of the simulated build.
+#[cfg(not(madsim))]
+pub mod snapshot;
 pub mod wal;
 pub mod watch;

@@ -46,6 +46,8 @@ static GLOBAL: MiMalloc = MiMalloc;
     about = "A Raft key/value store that speaks etcd's v3 API"
 )]
 struct Flags {
+    #[command(subcommand)]
+    command: Option<Tool>,
     /// Human-readable name for this member.
     #[arg(long, env = "QUORUMKV_NAME", default_value = "default")]
     name: String,
@@ -133,6 +135,17 @@ struct Flags {
     log_format: String,
 }
 
+/// The offline tools, as `quorumkv <tool> <verb>`.
+#[derive(clap::Subcommand, Debug)]
+enum Tool {
+    /// Snapshot files: save one from a running member, check one, restore one into a new
+    /// data dir (etcdutl's verbs).
+    Snapshot {
+        #[command(subcommand)]
+        verb: quorumkv::snapshot::SnapshotVerb,
+    },
+}
+
 fn init_logging(flags: &Flags) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(&flags.log_level)
         .map_err(|e| format!("invalid --log-level {:?}: {e}", flags.log_level))?;
@@ -184,16 +197,6 @@ fn split_urls(urls: &str) -> Vec<String> {
         .collect()
 }
 
-/// FNV-1a: stable member and cluster ids derived from names, URLs and the cluster token.
-fn fnv1a(parts: &[&str]) -> u64 {
-    quorumkv::hash::fnv1a(
-        parts
-            .iter()
-            .flat_map(|part| part.bytes().chain(std::iter::once(0))),
-    )
-    .max(1)
-}
-
 /// The other members this member starts talking to: id and peer URLs.
 type Peers = Vec<(u64, Vec<String>)>;
 
@@ -203,27 +206,7 @@ fn initial_cluster(flags: &Flags) -> Result<Vec<(String, Vec<String>)>, String> 
         .initial_cluster
         .clone()
         .unwrap_or_else(|| format!("{}={}", flags.name, flags.initial_advertise_peer_urls));
-    let mut members: Vec<(String, Vec<String>)> = Vec::new();
-    for item in initial_cluster
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        let (name, url) = item
-            .split_once('=')
-            .ok_or_else(|| format!("invalid --initial-cluster entry {item:?} (want name=url)"))?;
-        match members.iter_mut().find(|(n, _)| n == name) {
-            Some((_, urls)) => urls.push(url.to_string()),
-            None => members.push((name.to_string(), vec![url.to_string()])),
-        }
-    }
-    if !members.iter().any(|(n, _)| *n == flags.name) {
-        return Err(format!(
-            "couldn't find local name {:?} in the initial cluster configuration",
-            flags.name
-        ));
-    }
-    Ok(members)
+    quorumkv::cluster::parse_initial_cluster(&initial_cluster, &flags.name)
 }
 
 /// Who this member is: its id, its cluster's id, and (for a brand-new cluster) the initial
@@ -240,35 +223,15 @@ struct Identity {
 
 /// A new cluster: every member derives the same ids from --initial-cluster and the token.
 fn new_cluster(flags: &Flags, members: &[(String, Vec<String>)]) -> Identity {
-    let ids: Vec<u64> = members
+    let (cluster_id, initial_members) =
+        quorumkv::cluster::new_cluster_members(members, &flags.initial_cluster_token);
+    let member_id = initial_members
         .iter()
-        .map(|(_, urls)| {
-            let mut urls = urls.clone();
-            urls.sort();
-            fnv1a(&[&urls.join(","), &flags.initial_cluster_token])
-        })
-        .collect();
-    let member_id = ids[members
-        .iter()
-        .position(|(n, _)| *n == flags.name)
-        .unwrap_or(0)];
-    let mut sorted_ids = ids.clone();
-    sorted_ids.sort_unstable();
-    let id_strings: Vec<String> = sorted_ids.iter().map(|id| format!("{id:x}")).collect();
-    let id_refs: Vec<&str> = id_strings.iter().map(String::as_str).collect();
-    let initial_members: Vec<Member> = ids
-        .iter()
-        .zip(members)
-        .map(|(id, (name, urls))| Member {
-            id: *id,
-            name: name.clone(),
-            peer_ur_ls: urls.clone(),
-            ..Default::default()
-        })
-        .collect();
+        .find(|m| m.name == flags.name)
+        .map_or(0, |m| m.id);
     Identity {
         member_id,
-        cluster_id: fnv1a(&id_refs),
+        cluster_id,
         peers: peers_of(&initial_members, member_id),
         initial_members,
         unsaved: true,
@@ -754,7 +717,16 @@ async fn run(flags: Flags) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let flags = Flags::parse();
+    let mut flags = Flags::parse();
+    if let Some(Tool::Snapshot { verb }) = flags.command.take() {
+        return match quorumkv::snapshot::run_cli(verb) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("Error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Err(e) = init_logging(&flags) {
         eprintln!("quorumkv: {e}");
         return ExitCode::from(2);

@@ -19,6 +19,63 @@ pub const MAX_LEARNERS: usize = 1;
 /// A learner is ready to be promoted once its log matches at least this share of the leader's.
 pub const LEARNER_READY_PERCENT: u64 = 90;
 
+/// FNV-1a over `parts`, each ended by a zero byte; never 0 (no member or cluster id is 0).
+fn id_of(parts: &[&str]) -> u64 {
+    crate::hash::fnv1a(
+        parts
+            .iter()
+            .flat_map(|part| part.bytes().chain(std::iter::once(0))),
+    )
+    .max(1)
+}
+
+/// `--initial-cluster` (`name=url,...`, a name may repeat for more URLs) as (name, peer URLs)
+/// in the order given; `local_name` must be among them.
+pub fn parse_initial_cluster(
+    text: &str,
+    local_name: &str,
+) -> Result<Vec<(String, Vec<String>)>, String> {
+    let mut members: Vec<(String, Vec<String>)> = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, url) = item
+            .split_once('=')
+            .ok_or_else(|| format!("invalid --initial-cluster entry {item:?} (want name=url)"))?;
+        match members.iter_mut().find(|(n, _)| n == name) {
+            Some((_, urls)) => urls.push(url.to_string()),
+            None => members.push((name.to_string(), vec![url.to_string()])),
+        }
+    }
+    if !members.iter().any(|(n, _)| n == local_name) {
+        return Err(format!(
+            "couldn't find local name {local_name:?} in the initial cluster configuration"
+        ));
+    }
+    Ok(members)
+}
+
+/// A new cluster's id and members (id, name, peer URLs), the same on every member: each id
+/// follows from the member's peer URLs and the cluster token, the cluster's from the ids.
+pub fn new_cluster_members(members: &[(String, Vec<String>)], token: &str) -> (u64, Vec<Member>) {
+    let list: Vec<Member> = members
+        .iter()
+        .map(|(name, urls)| {
+            let mut sorted = urls.clone();
+            sorted.sort();
+            Member {
+                id: id_of(&[&sorted.join(","), token]),
+                name: name.clone(),
+                peer_ur_ls: urls.clone(),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let mut ids: Vec<u64> = list.iter().map(|m| m.id).collect();
+    ids.sort_unstable();
+    let id_strings: Vec<String> = ids.iter().map(|id| format!("{id:x}")).collect();
+    let id_refs: Vec<&str> = id_strings.iter().map(String::as_str).collect();
+    (id_of(&id_refs), list)
+}
+
 fn record_name(id: u64) -> String {
     format!("{MEMBER_RECORD_PREFIX}{id:016x}")
 }

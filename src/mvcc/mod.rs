@@ -16,8 +16,10 @@ pub use check::{check_delete, check_put, check_range, check_txn};
 pub use error::MvccError;
 pub use hash::KvHash;
 pub use history::in_range;
-pub use revision::Revision;
-pub use snapshot::{check_image, end_image, IMAGE_ALIGN};
+pub use revision::{
+    decode_u64, encode_u64, meta_key, parse_run_key, records, Revision, META_CONSISTENT_INDEX,
+};
+pub use snapshot::{check_image, end_image, ImageReader, IMAGE_ALIGN};
 pub use store::MvccStore;
 pub use write::{ApplyOutcome, ApplyResult};
 

@@ -27,15 +27,92 @@ fn image_error(e: std::io::Error) -> MvccError {
     )))
 }
 
-/// Checks a whole image (as `write_image` writes it) without keeping it: the number of backend
-/// keys it holds, or what is wrong with it.
-pub fn check_image(data: &[u8]) -> Result<u64, MvccError> {
-    let mut rest = data;
-    if take(&mut rest, MAGIC.len())? != MAGIC {
-        return Err(corrupt("bad magic"));
+/// Reads an image (as `write_image` and `end_image` write it) from a stream, a key and its
+/// value at a time: a file of any size is read in bounded memory.
+pub struct ImageReader<R> {
+    input: R,
+    started: bool,
+    ended: bool,
+}
+
+impl<R: std::io::Read> ImageReader<R> {
+    pub fn new(input: R) -> Self {
+        ImageReader {
+            input,
+            started: false,
+            ended: false,
+        }
     }
+
+    /// Fills `buf`; `Ok(false)` if the input ended before its first byte.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<bool, MvccError> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.input.read(&mut buf[filled..]) {
+                Ok(0) if filled == 0 => return Ok(false),
+                Ok(0) => return Err(corrupt("truncated")),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(image_error(e)),
+            }
+        }
+        Ok(true)
+    }
+
+    fn chunk(&mut self, len: [u8; 4]) -> Result<Vec<u8>, MvccError> {
+        let mut chunk = vec![0; u32::from_le_bytes(len) as usize];
+        if !self.fill(&mut chunk)? && !chunk.is_empty() {
+            return Err(corrupt("truncated"));
+        }
+        Ok(chunk)
+    }
+
+    /// The next backend key and value; `None` at the image's end.
+    pub fn next_pair(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>, MvccError> {
+        if !self.started {
+            let mut magic = [0; MAGIC.len()];
+            if !self.fill(&mut magic)? || &magic != MAGIC {
+                return Err(corrupt("bad magic: not a quorumkv snapshot image"));
+            }
+            self.started = true;
+        }
+        if self.ended {
+            return Ok(None);
+        }
+        let mut len = [0; 4];
+        if !self.fill(&mut len)? {
+            self.ended = true;
+            return Ok(None);
+        }
+        if len == IMAGE_END {
+            self.ended = true;
+            let mut rest = [0; 512];
+            loop {
+                match self.input.read(&mut rest) {
+                    Ok(0) => return Ok(None),
+                    Ok(n) if rest[..n].iter().all(|b| *b == 0) => {}
+                    Ok(_) => return Err(corrupt("bytes after the end mark")),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(image_error(e)),
+                }
+            }
+        }
+        let key = self.chunk(len)?;
+        let mut len = [0; 4];
+        if !self.fill(&mut len)? {
+            return Err(corrupt("truncated"));
+        }
+        let value = self.chunk(len)?;
+        Ok(Some((key, value)))
+    }
+}
+
+/// Checks a whole image without keeping it: the number of backend keys it holds, or what is
+/// wrong with it.
+pub fn check_image(data: &[u8]) -> Result<u64, MvccError> {
+    let mut reader = ImageReader::new(data);
     let mut keys = 0;
-    while next_pair(&mut rest)?.is_some() {
+    while reader.next_pair()?.is_some() {
         keys += 1;
     }
     Ok(keys)

@@ -69,6 +69,8 @@ pub enum StartError {
     Wal(#[from] WalError),
     #[error("mvcc: {0}")]
     Mvcc(#[from] crate::mvcc::MvccError),
+    #[error("{0}")]
+    Membership(String),
 }
 
 pub struct RunningMember {
@@ -123,6 +125,17 @@ pub fn start_member(
         }
     }
     let mut members = Members::load(&store)?;
+    if !members.is_empty()
+        && !config.initial_members.is_empty()
+        && store.consistent_index() <= BOOTSTRAP_INDEX
+        && members.get(config.member_id).is_none()
+    {
+        // A data dir restored from a snapshot for another --initial-cluster or token.
+        return Err(StartError::Membership(format!(
+            "the backend holds a new cluster's membership (restored from a snapshot?) without this member {:x}: start it with the --name, --initial-cluster and --initial-cluster-token it was restored with",
+            config.member_id
+        )));
+    }
     if members.is_empty()
         && !config.initial_members.is_empty()
         && store.consistent_index() <= BOOTSTRAP_INDEX
