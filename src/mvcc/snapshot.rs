@@ -27,6 +27,9 @@ fn image_error(e: std::io::Error) -> MvccError {
     )))
 }
 
+/// A backend key and its value, read from an image.
+pub type OwnedPair = (Vec<u8>, Vec<u8>);
+
 /// Reads an image (as `write_image` and `end_image` write it) from a stream, a key and its
 /// value at a time: a file of any size is read in bounded memory.
 pub struct ImageReader<R> {
@@ -68,7 +71,7 @@ impl<R: std::io::Read> ImageReader<R> {
     }
 
     /// The next backend key and value; `None` at the image's end.
-    pub fn next_pair(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>, MvccError> {
+    pub fn next_pair(&mut self) -> Result<Option<OwnedPair>, MvccError> {
         if !self.started {
             let mut magic = [0; MAGIC.len()];
             if !self.fill(&mut magic)? || &magic != MAGIC {

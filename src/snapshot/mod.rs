@@ -49,7 +49,7 @@ fn bad(path: &Path, what: impl std::fmt::Display) -> String {
 pub fn verify_file(path: &Path) -> Result<u64, String> {
     let mut file = std::fs::File::open(path).map_err(|e| bad(path, e))?;
     let size = file.metadata().map_err(|e| bad(path, e))?.len();
-    if size < SHA256_BYTES || (size - SHA256_BYTES) % IMAGE_ALIGN != 0 {
+    if size < SHA256_BYTES || !(size - SHA256_BYTES).is_multiple_of(IMAGE_ALIGN) {
         return Err(bad(
             path,
             format!("{size} bytes is not an image and its SHA-256 (truncated or not a snapshot)"),
