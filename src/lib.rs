@@ -5,6 +5,7 @@ pub mod alarm;
 #[cfg(not(madsim))]
 pub mod api;
 pub mod cluster;
+pub mod config;
 pub mod hash;
 pub mod hooks;
 pub mod io;

@@ -25,7 +25,7 @@ use quorumkv::proto::etcdserverpb::Member;
 use quorumkv::proto::quorumkvpb::ClusterMembers;
 use quorumkv::proto::v3electionpb::election_server::ElectionServer as ElectionGrpc;
 use quorumkv::proto::v3lockpb::lock_server::LockServer as LockGrpc;
-use quorumkv::server::{start_member, KvServer, MemberConfig};
+use quorumkv::server::{start_member, AutoCompaction, KvServer, MemberConfig};
 use quorumkv::wal::WalOptions;
 use tower_layer::Layer as _;
 
@@ -121,12 +121,43 @@ struct Flags {
     )]
     experimental_snapshot_catchup_entries: u64,
     /// Reject reconfiguration requests that would cause quorum loss.
-    #[arg(long, env = "QUORUMKV_STRICT_RECONFIG_CHECK", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "QUORUMKV_STRICT_RECONFIG_CHECK", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     strict_reconfig_check: bool,
     /// Promote a learner to a voting member as soon as it has caught up with the leader
     /// (not in etcd).
-    #[arg(long, env = "QUORUMKV_AUTO_PROMOTE_LEARNERS", default_value_t = false)]
+    #[arg(long, env = "QUORUMKV_AUTO_PROMOTE_LEARNERS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     auto_promote_learners: bool,
+    /// Path to etcd's YAML configuration file; when given, it alone configures the member
+    /// (other flags and environment variables are ignored), as with etcd.
+    #[arg(long)]
+    config_file: Option<PathBuf>,
+    /// More URLs to serve /metrics and /health on (plain HTTP).
+    #[arg(long, env = "QUORUMKV_LISTEN_METRICS_URLS")]
+    listen_metrics_urls: Option<String>,
+    /// Compare this member's HashKV with its peers' before serving clients; a mismatch stops it.
+    #[arg(long, env = "QUORUMKV_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    experimental_initial_corrupt_check: bool,
+    /// How often the leader compares every member's HashKV at one revision (0: never).
+    #[arg(long, env = "QUORUMKV_EXPERIMENTAL_CORRUPT_CHECK_TIME", default_value = "0s", value_parser = quorumkv::config::parse_duration)]
+    experimental_corrupt_check_time: Duration,
+    /// After each compaction, the leader compares the members' hashes at the compacted revision
+    /// (etcd 3.6's compaction hash check).
+    #[arg(long, env = "QUORUMKV_EXPERIMENTAL_COMPACT_HASH_CHECK_ENABLED", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    experimental_compact_hash_check_enabled: bool,
+    /// How often the leader looks for a compaction to check the hashes of.
+    #[arg(long, env = "QUORUMKV_EXPERIMENTAL_COMPACT_HASH_CHECK_TIME", default_value = "1m", value_parser = quorumkv::config::parse_duration)]
+    experimental_compact_hash_check_time: Duration,
+    /// How often watchers that asked for progress notifications get one.
+    #[arg(long, env = "QUORUMKV_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = quorumkv::config::parse_duration)]
+    experimental_watch_progress_notify_interval: Duration,
+    /// Interpret --auto-compaction-retention as a time span ('periodic') or a number of
+    /// revisions ('revision').
+    #[arg(long, env = "QUORUMKV_AUTO_COMPACTION_MODE", default_value = "periodic", value_parser = ["periodic", "revision"])]
+    auto_compaction_mode: String,
+    /// Auto compaction retention: a duration ('1h', '30m'; a bare number is hours) in periodic
+    /// mode, a number of revisions in revision mode; 0 turns it off.
+    #[arg(long, env = "QUORUMKV_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    auto_compaction_retention: String,
     /// Log level: debug, info, warn, error.
     #[arg(long, env = "QUORUMKV_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -386,6 +417,7 @@ fn member_config(
         return Err("--election-timeout should be at least 5 times --heartbeat-interval".into());
     }
     Ok(MemberConfig {
+        watch_progress_notify_interval: flags.experimental_watch_progress_notify_interval,
         quota_backend_bytes: flags.quota_backend_bytes,
         member_id: identity.member_id,
         cluster_id: identity.cluster_id,
@@ -548,6 +580,10 @@ async fn run(flags: Flags) -> Result<(), String> {
     let member_dir = data_dir.join("member");
     std::fs::create_dir_all(&member_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", member_dir.display()))?;
+    let auto_compaction = AutoCompaction::from_flags(
+        &flags.auto_compaction_mode,
+        &flags.auto_compaction_retention,
+    )?;
     let identity = identity(&flags, &member_dir).await?;
     let config = member_config(&flags, &identity, &data_dir)?;
     let peer_addrs = split_urls(&flags.listen_peer_urls)
@@ -637,6 +673,9 @@ async fn run(flags: Flags) -> Result<(), String> {
     if flags.auto_promote_learners {
         tokio::spawn(auto_promote(member.kv.clone()));
     }
+    if let Some(policy) = auto_compaction {
+        tokio::spawn(member.kv.clone().run_auto_compaction(policy));
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
@@ -717,7 +756,34 @@ async fn run(flags: Flags) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let mut flags = Flags::parse();
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let env: Vec<(String, String)> = std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    let command = <Flags as clap::CommandFactory>::command();
+    let known = |flag: &str| command.get_arguments().any(|a| a.get_long() == Some(flag));
+    let read_file = |path: &str| {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read --config-file {path}: {e}"))
+    };
+    let resolved = match quorumkv::config::resolve(&args, &env, &known, &read_file) {
+        Ok(resolved) => resolved,
+        Err(e) => {
+            eprintln!("quorumkv: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for (name, value) in &resolved.env {
+        // Still one thread: nothing else reads the environment meanwhile.
+        std::env::set_var(name, value);
+    }
+    let mut flags = Flags::parse_from(&resolved.args);
     if let Some(Tool::Snapshot { verb }) = flags.command.take() {
         return match quorumkv::snapshot::run_cli(verb) {
             Ok(()) => ExitCode::SUCCESS,
@@ -730,6 +796,9 @@ fn main() -> ExitCode {
     if let Err(e) = init_logging(&flags) {
         eprintln!("quorumkv: {e}");
         return ExitCode::from(2);
+    }
+    for note in &resolved.notes {
+        tracing::info!("{note}");
     }
     if flags.quota_backend_bytes > quorumkv::server::MAX_SUGGESTED_QUOTA_BACKEND_BYTES {
         tracing::warn!(

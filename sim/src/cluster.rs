@@ -186,6 +186,7 @@ impl Cluster {
             member.starting = true;
             member.incarnation += 1;
             let config = MemberConfig {
+                watch_progress_notify_interval: quorumkv::watch::PROGRESS_NOTIFY_INTERVAL,
                 quota_backend_bytes: 0,
                 member_id: id,
                 cluster_id: 0x51_4b_56,

@@ -4,6 +4,7 @@
 
 mod apply;
 mod cluster;
+mod compactor;
 mod concurrency;
 mod error;
 mod kv;
@@ -13,6 +14,7 @@ mod start;
 
 pub use apply::{run_apply_loop, StoreJob};
 pub use cluster::valid_peer_urls;
+pub use compactor::{AutoCompaction, Compactor};
 pub use concurrency::{holder_key, prefix_end};
 pub use error::ServerError;
 pub use kv::{KvServer, ServerConfig, StatusReport};

@@ -47,6 +47,8 @@ pub struct MemberConfig {
     /// Past this many backend bytes the member raises the NOSPACE alarm (etcd's
     /// `--quota-backend-bytes`; 0: etcd's default, 2 GiB).
     pub quota_backend_bytes: u64,
+    /// How often watchers that asked for progress notifications get one (etcd: 10 minutes).
+    pub watch_progress_notify_interval: Duration,
 }
 
 impl MemberConfig {
@@ -227,7 +229,10 @@ pub fn start_member(
     );
     tokio::spawn(kv.clone().run_lease_expiry());
     let watching = kv.clone();
-    tokio::spawn(watches.run(move || watching.stopped()));
+    tokio::spawn(watches.run(
+        move || watching.stopped(),
+        config.watch_progress_notify_interval,
+    ));
     Ok(RunningMember {
         kv,
         node_task: started.task,

@@ -38,6 +38,8 @@ pub const CATCH_UP_REVISIONS: usize = 1000;
 pub const CATCH_UP_INTERVAL: Duration = Duration::from_millis(100);
 /// How often a watcher that asked for progress notifications gets one (etcd: 10 minutes).
 pub const PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_secs(600);
+/// The shortest interval `--experimental-watch-progress-notify-interval` may set.
+pub const MIN_PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_millis(100);
 /// New events queued for delivery, at most: past this, the synced watchers fall back to
 /// catching up from history (which is bounded per step) rather than the queue growing.
 pub const PENDING_EVENTS: usize = 4096;
@@ -932,9 +934,9 @@ impl WatchHub {
 
     /// Catches unsynced watchers up (when woken, and every `CATCH_UP_INTERVAL`) and sends
     /// progress notifications, until `stopped` says the member stopped.
-    pub async fn run(self, stopped: impl Fn() -> bool) {
-        let mut next_progress_ms =
-            self.clock.now_ms() + PROGRESS_NOTIFY_INTERVAL.as_millis() as u64;
+    pub async fn run(self, stopped: impl Fn() -> bool, progress_interval: Duration) {
+        let progress_interval = progress_interval.max(MIN_PROGRESS_NOTIFY_INTERVAL);
+        let mut next_progress_ms = self.clock.now_ms() + progress_interval.as_millis() as u64;
         while !stopped() {
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -946,8 +948,7 @@ impl WatchHub {
             tokio::task::yield_now().await;
             if self.clock.now_ms() >= next_progress_ms {
                 self.notify_progress();
-                next_progress_ms =
-                    self.clock.now_ms() + PROGRESS_NOTIFY_INTERVAL.as_millis() as u64;
+                next_progress_ms = self.clock.now_ms() + progress_interval.as_millis() as u64;
             }
         }
     }
