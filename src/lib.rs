@@ -10,6 +10,7 @@ pub mod hash;
 pub mod hooks;
 pub mod io;
 pub mod lease;
+pub mod metrics;
 pub mod mvcc;
 pub mod proto;
 pub mod raft;

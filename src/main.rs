@@ -10,8 +10,9 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 use prost::Message as _;
 use quorumkv::api::{
-    fallback, gateway_routes, probe_routes, serve, ClusterService, ElectionService, KvService,
-    LeaseService, LockService, MaintenanceService, UnaryKvLayer, WatchService, GRPC_OVERHEAD_BYTES,
+    fallback, gateway_routes, probe_routes, serve, ClusterService, ElectionService, GrpcMetrics,
+    KvService, LeaseService, LockService, MaintenanceService, UnaryKvLayer, WatchService,
+    GRPC_OVERHEAD_BYTES,
 };
 use quorumkv::cluster::Members;
 use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
@@ -594,6 +595,10 @@ async fn run(flags: Flags) -> Result<(), String> {
         .iter()
         .map(|u| parse_listen_url(u))
         .collect::<Result<Vec<_>, _>>()?;
+    let metrics_addrs = split_urls(flags.listen_metrics_urls.as_deref().unwrap_or(""))
+        .iter()
+        .map(|u| parse_listen_url(u))
+        .collect::<Result<Vec<_>, _>>()?;
     let disk = StdDisk::shared();
     let backend = Arc::new(
         SledBackend::open(&config.db_path())
@@ -718,8 +723,23 @@ async fn run(flags: Flags) -> Result<(), String> {
             .merge(gateway_routes(member.kv.clone()))
             .merge(probe_routes(member.kv.clone()))
             .fallback(fallback);
-        let service = UnaryKvLayer::new(member.kv.clone(), max_decode)
-            .layer(tonic::service::Routes::from(routes).prepare());
+        let service = GrpcMetrics::new(
+            UnaryKvLayer::new(member.kv.clone(), max_decode)
+                .layer(tonic::service::Routes::from(routes).prepare()),
+        );
+        servers.push(tokio::spawn(serve(listener, service, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })));
+    }
+    for addr in metrics_addrs {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+        tracing::info!(%addr, "serving /metrics and /health");
+        let service =
+            tonic::service::Routes::from(probe_routes(member.kv.clone()).fallback(fallback))
+                .prepare();
+        let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(serve(listener, service, async move {
             let _ = stop.wait_for(|s| *s).await;
         })));

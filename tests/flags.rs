@@ -70,3 +70,128 @@ fn bad_flags_are_refused_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("only http://"));
 }
+
+/// The flags of a kubeadm etcd manifest (its TLS flags aside: TLS is not built) start a member
+/// unchanged, from the command line, from `ETCD_*` variables, or from etcd's YAML config file.
+#[test]
+fn a_kubeadm_manifests_flags_etcd_variables_and_config_file_start_a_member() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (client, peer, metrics) = (free_port(), free_port(), free_port());
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let manifest = [
+        format!("--advertise-client-urls={client_url}"),
+        format!("--data-dir={}", dir.path().join("etcd").display()),
+        "--experimental-initial-corrupt-check=true".into(),
+        "--experimental-watch-progress-notify-interval=5s".into(),
+        format!("--initial-advertise-peer-urls={peer_url}"),
+        format!("--initial-cluster=node1={peer_url}"),
+        format!("--listen-client-urls={client_url}"),
+        format!("--listen-metrics-urls=http://127.0.0.1:{metrics}"),
+        format!("--listen-peer-urls={peer_url}"),
+        "--name=node1".into(),
+        "--snapshot-count=10000".into(),
+        "--logger=zap".into(),
+        "--log-outputs=stderr".into(),
+        "--client-cert-auth=false".into(),
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quorumkv"))
+        .args(&manifest)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !etcdctl(&client_url, &["endpoint", "health"])
+        .status
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the manifest's member never served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ok(etcdctl(&client_url, &["put", "k", "v"]));
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // The same member from ETCD_* variables alone.
+    let mut etcd_env = Command::new(env!("CARGO_BIN_EXE_quorumkv"));
+    for flag in &manifest {
+        let (name, value) = flag
+            .trim_start_matches("--")
+            .split_once('=')
+            .expect("name=value");
+        etcd_env.env(
+            format!("ETCD_{}", name.to_uppercase().replace('-', "_")),
+            value,
+        );
+    }
+    let mut child = etcd_env
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !etcdctl(&client_url, &["get", "k"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "ETCD_* variables did not start it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ok(etcdctl(&client_url, &["get", "k", "--print-value-only"])).contains('v'));
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // And from etcd's YAML config file.
+    let yaml: String = manifest
+        .iter()
+        .map(|flag| {
+            let (name, value) = flag
+                .trim_start_matches("--")
+                .split_once('=')
+                .expect("name=value");
+            format!("{name}: '{value}'\n")
+        })
+        .collect();
+    let config = dir.path().join("etcd.conf.yml");
+    std::fs::write(&config, yaml).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quorumkv"))
+        .arg("--config-file")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !etcdctl(&client_url, &["get", "k"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "the config file did not start it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A flag of etcd's that is not built is refused by name, not ignored.
+    for (flag, named) in [
+        (
+            "--cert-file=/etc/kubernetes/pki/etcd/server.crt",
+            "--cert-file",
+        ),
+        ("--enable-v2=true", "--enable-v2"),
+        ("--no-such-flag=1", "--no-such-flag"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_quorumkv"))
+            .args(&manifest)
+            .arg(flag)
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{flag} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(named), "{flag}: {stderr}");
+    }
+}

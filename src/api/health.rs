@@ -1,4 +1,5 @@
-//! The HTTP/1.1 probes on the client port, as etcd serves them: `/health` (etcd's JSON, 503
+//! The HTTP/1.1 probes on the client port (and `--listen-metrics-urls`), as etcd serves them:
+//! `/metrics` (Prometheus' text format), `/health` (etcd's JSON, 503
 //! when unhealthy, `?exclude=` and `?serializable=`), `/livez` and `/readyz` (etcd 3.6's plain
 //! text checks), `/version` (etcd's JSON), and the answer to any other path: gRPC
 //! `Unimplemented` for a gRPC call, a JSON 404 otherwise (never a 200).
@@ -68,6 +69,17 @@ fn check_answer(probe: &str, check: &str, outcome: Result<(), Unhealthy>) -> Res
     }
 }
 
+/// `/metrics`: every metric in Prometheus' text format, the member's state read just now.
+async fn metrics(server: KvServer) -> Response {
+    server.refresh_metrics();
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, crate::metrics::TEXT_CONTENT_TYPE)],
+        crate::metrics::METRICS.encode(),
+    )
+        .into_response()
+}
+
 fn version() -> Response {
     json(
         StatusCode::OK,
@@ -104,7 +116,8 @@ pub async fn fallback(request: Request) -> Response {
 pub fn routes(server: KvServer) -> Router {
     let for_health = server.clone();
     let for_livez = server.clone();
-    let for_readyz = server;
+    let for_readyz = server.clone();
+    let for_metrics = server;
     Router::new()
         .route(
             "/health",
@@ -137,6 +150,7 @@ pub fn routes(server: KvServer) -> Router {
             }),
         )
         .route("/version", get(|| async { version() }))
+        .route("/metrics", get(move || metrics(for_metrics.clone())))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod coalesce;
 mod concurrency;
 mod forward;
 mod gateway;
+mod grpc_metrics;
 mod h2fix;
 mod health;
 mod kv;
@@ -20,6 +21,7 @@ pub use cluster::ClusterService;
 pub use coalesce::CoalescedWrites;
 pub use concurrency::{ElectionService, LockService};
 pub use gateway::routes as gateway_routes;
+pub use grpc_metrics::GrpcMetrics;
 pub use h2fix::AuthorityFix;
 pub use health::{fallback, routes as probe_routes};
 pub use kv::KvService;
@@ -44,7 +46,7 @@ fn ok_trailers() -> HeaderMap {
 }
 
 /// The etcd API version quorumkv speaks, reported by `Maintenance.Status`.
-pub const ETCD_API_VERSION: &str = "3.5.0";
+pub const ETCD_API_VERSION: &str = crate::server::ETCD_VERSION;
 
 /// Room for gRPC framing above `--max-request-bytes`, as etcd allows.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;

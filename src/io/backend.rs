@@ -202,7 +202,11 @@ impl Backend for SledBackend {
                 BatchOp::Delete(k) => sled_batch.remove(k),
             }
         }
+        let started = std::time::Instant::now();
         self.db()?.apply_batch(sled_batch)?;
+        crate::metrics::METRICS
+            .backend_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -82,6 +82,9 @@ pub trait Disk: Send + Sync {
     }
 }
 
+/// An fdatasync longer than this is logged as slow (etcd's threshold).
+const SLOW_FDATASYNC: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The production adapter: std fs, `fdatasync`, `fallocate`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StdDisk;
@@ -117,7 +120,20 @@ impl DiskFile for StdFile {
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        let started = std::time::Instant::now();
+        let synced = self.file.sync_data();
+        let took = started.elapsed();
+        crate::metrics::METRICS
+            .wal_fsync_seconds
+            .observe(took.as_secs_f64());
+        if took >= SLOW_FDATASYNC {
+            tracing::warn!(
+                took = ?took,
+                expected_duration = ?SLOW_FDATASYNC,
+                "slow fdatasync"
+            );
+        }
+        synced
     }
 
     fn allocate(&mut self, len: u64) -> io::Result<()> {

@@ -27,6 +27,13 @@ const MAGIC: &[u8; 8] = b"QKVPEER1";
 /// A member joining a running cluster asks a peer for the cluster's members: it sends this,
 /// and gets one frame back (the directory, encoded by the caller) before the peer closes.
 const DIRECTORY_MAGIC: &[u8; 8] = b"QKVMEMB1";
+/// A member measuring its round trip to a peer sends this, then 8-byte pings that the peer
+/// echoes, one at a time, on the same connection.
+const PROBE_MAGIC: &[u8; 8] = b"QKVPING1";
+/// How often a member measures the round trip to each peer (etcd's prober: every few seconds).
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a probe may wait for its echo.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long asking a peer for the directory may take.
 pub const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Batches queued to one peer, at most; more are dropped (raft retransmits).
@@ -72,15 +79,26 @@ fn bad_data(what: &str) -> std::io::Error {
 }
 
 /// Reads one batch (all its chunks); `Ok(None)` at a clean end of stream.
+/// The next batch and its payload's size in bytes; `Ok(None)` at a clean end of stream.
 async fn read_batch(
     stream: &mut (impl AsyncRead + Unpin),
-) -> std::io::Result<Option<Vec<Message>>> {
+) -> std::io::Result<Option<(Vec<Message>, usize)>> {
     let Some(payload) = read_payload(stream).await? else {
         return Ok(None);
     };
     decode_batch(&payload)
-        .map(Some)
+        .map(|batch| Some((batch, payload.len())))
         .ok_or_else(|| bad_data("peer frame is not a message batch"))
+}
+
+/// Echoes a prober's pings until it goes away.
+async fn echo_pings(stream: &mut TcpStream) {
+    let mut ping = [0u8; 8];
+    while stream.read_exact(&mut ping).await.is_ok() {
+        if stream.write_all(&ping).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Asks the peer at `url` for its directory (see `DIRECTORY_MAGIC`).
@@ -161,6 +179,10 @@ pub async fn serve_peers(
                 let _ = stream.shutdown().await;
                 return;
             }
+            if &preamble[..8] == PROBE_MAGIC {
+                echo_pings(&mut stream).await;
+                return;
+            }
             if &preamble[..8] != MAGIC || stream.read_exact(&mut preamble[8..]).await.is_err() {
                 tracing::warn!(peer = %from_addr, "refused a peer connection without our preamble");
                 return;
@@ -175,9 +197,13 @@ pub async fn serve_peers(
             }
             // Buffered: a burst of small frames costs one read, not two per frame.
             let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
+            let received = crate::metrics::METRICS
+                .peer_received_bytes
+                .with_label_values(&[&crate::metrics::peer_label(member)]);
             loop {
                 match read_batch(&mut reader).await {
-                    Ok(Some(batch)) => {
+                    Ok(Some((batch, bytes))) => {
+                        received.inc_by(bytes as u64);
                         // A full inbox drops the batch; raft retransmits.
                         if inbox.try_send(batch).is_err() && inbox.is_closed() {
                             return;
@@ -247,10 +273,10 @@ impl TcpTransport {
         let (queue, batches) = mpsc::channel(PEER_QUEUE_BATCHES);
         tokio::spawn(stream_to_peer(
             address.clone(),
-            self.cluster_id,
-            self.member_id,
+            (self.cluster_id, self.member_id, id),
             batches,
         ));
+        tokio::spawn(probe_peer(address.clone(), id, queue.downgrade()));
         // Replacing the entry closes the old queue, which ends the old task.
         peers.insert(id, Peer { address, queue });
     }
@@ -269,13 +295,55 @@ impl Transport for TcpTransport {
     }
 }
 
-/// Keeps a connection to one peer and writes its batches, until the queue closes.
+/// Measures the round trip to peer `to` at `address` every `PROBE_INTERVAL` into
+/// `etcd_network_peer_round_trip_time_seconds`, until the peer's queue is gone.
+async fn probe_peer(address: String, to: u64, alive: mpsc::WeakSender<Vec<Message>>) {
+    let round_trip = crate::metrics::METRICS
+        .peer_round_trip_seconds
+        .with_label_values(&[&crate::metrics::peer_label(to)]);
+    let mut connection: Option<TcpStream> = None;
+    let mut ping = 0u64;
+    while alive.upgrade().is_some() {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        if connection.is_none() {
+            connection = async {
+                let mut stream = TcpStream::connect(&address).await.ok()?;
+                let _ = stream.set_nodelay(true);
+                stream.write_all(PROBE_MAGIC).await.ok()?;
+                Some(stream)
+            }
+            .await;
+        }
+        let Some(stream) = connection.as_mut() else {
+            continue;
+        };
+        ping += 1;
+        let sent = std::time::Instant::now();
+        let echoed = tokio::time::timeout(PROBE_TIMEOUT, async {
+            stream.write_all(&ping.to_le_bytes()).await?;
+            let mut echo = [0u8; 8];
+            stream.read_exact(&mut echo).await?;
+            Ok::<_, std::io::Error>(u64::from_le_bytes(echo) == ping)
+        })
+        .await;
+        match echoed {
+            Ok(Ok(true)) => round_trip.observe(sent.elapsed().as_secs_f64()),
+            _ => connection = None,
+        }
+    }
+}
+
+/// Keeps a connection to one peer and writes its batches, until the queue closes. `ids`: the
+/// cluster's, this member's and the peer's.
 async fn stream_to_peer(
     address: String,
-    cluster_id: u64,
-    member_id: u64,
+    ids: (u64, u64, u64),
     mut batches: mpsc::Receiver<Vec<Message>>,
 ) {
+    let (cluster_id, member_id, to) = ids;
+    let sent = crate::metrics::METRICS
+        .peer_sent_bytes
+        .with_label_values(&[&crate::metrics::peer_label(to)]);
     let mut backoff = BACKOFF_MIN;
     let mut connection: Option<BufWriter<TcpStream>> = None;
     while let Some(batch) = batches.recv().await {
@@ -300,15 +368,17 @@ async fn stream_to_peer(
         };
         let mut result = write_batch(stream, &batch).await;
         // Pipelining: write whatever else is queued before flushing once.
-        while result.is_ok() {
+        while let Ok(bytes) = result {
+            sent.inc_by(bytes);
             match batches.try_recv() {
                 Ok(more) => result = write_batch(stream, &more).await,
                 Err(_) => break,
             }
         }
-        if result.is_ok() {
-            result = stream.flush().await;
-        }
+        let result = match result {
+            Ok(_) => stream.flush().await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
             tracing::debug!(peer = %address, error = %e, "peer stream broken; reconnecting");
             connection = None;
@@ -331,11 +401,14 @@ async fn connect(
     Ok(stream)
 }
 
-async fn write_batch(stream: &mut BufWriter<TcpStream>, batch: &[Message]) -> std::io::Result<()> {
+/// Writes one batch's frames; returns the bytes written.
+async fn write_batch(stream: &mut BufWriter<TcpStream>, batch: &[Message]) -> std::io::Result<u64> {
+    let mut bytes = 0;
     for frame in frames(&encode_batch(batch)) {
         stream.write_all(&frame).await?;
+        bytes += frame.len() as u64;
     }
-    Ok(())
+    Ok(bytes)
 }
 
 #[cfg(test)]

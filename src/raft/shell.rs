@@ -563,9 +563,23 @@ impl Shell {
             role,
         });
         self.status.term.store(term, Ordering::Relaxed);
-        self.status
-            .leader
-            .store(self.core.leader_id(), Ordering::Relaxed);
+        let leader = self.core.leader_id();
+        let previous = self.status.leader.swap(leader, Ordering::Relaxed);
+        if leader != previous && leader != 0 {
+            crate::metrics::METRICS.leader_changes_seen.inc();
+            tracing::warn!(
+                term,
+                previous_leader = format!("{previous:x}"),
+                leader = format!("{leader:x}"),
+                "leader changed"
+            );
+        } else if leader != previous {
+            tracing::warn!(
+                term,
+                lost_leader = format!("{previous:x}"),
+                "no leader: an election is under way"
+            );
+        }
         self.status
             .commit
             .store(self.core.commit_index(), Ordering::Relaxed);

@@ -61,6 +61,9 @@ pub struct ApplyLoop {
 /// A job run by the apply loop with the store to itself, every applied write in the backend.
 pub type StoreJob = Box<dyn FnOnce(&mut MvccStore) + Send>;
 
+/// An entry whose apply takes longer is logged (etcd's `apply request took too long`).
+pub const SLOW_APPLY: Duration = Duration::from_millis(100);
+
 /// How many store jobs may wait for the apply loop.
 pub const STORE_JOBS_QUEUED: usize = 16;
 
@@ -117,7 +120,18 @@ pub async fn run_apply_loop(
                         node: apply.node.id(),
                         entry: &entry,
                     });
+                    let started_ms = apply.clock.now_ms();
                     apply.entry(entry).await?;
+                    let took_ms = apply.clock.now_ms().saturating_sub(started_ms);
+                    if took_ms >= SLOW_APPLY.as_millis() as u64 {
+                        crate::metrics::METRICS.slow_apply.inc();
+                        tracing::warn!(
+                            index,
+                            took = ?Duration::from_millis(took_ms),
+                            expected_duration = ?SLOW_APPLY,
+                            "apply request took too long"
+                        );
+                    }
                     apply.observe_state(index);
                 }
                 let events = std::mem::take(&mut apply.events);

@@ -13,6 +13,7 @@ use super::error::ServerError;
 use super::lease::LeaseClock;
 use crate::cluster::Members;
 use crate::hooks::{self, Bug};
+use crate::metrics::METRICS;
 use crate::mvcc::{self, ApplyOutcome, ApplyResult, MvccStore};
 use crate::proto::etcdserverpb::Member;
 use crate::proto::etcdserverpb::{
@@ -89,6 +90,15 @@ impl<T> Waiters<T> {
 
     pub fn take(&self, id: u64) -> Option<oneshot::Sender<T>> {
         self.lock().remove(&id)
+    }
+
+    /// Requests waiting now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -220,6 +230,7 @@ impl KvServer {
 
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, ServerError> {
         mvcc::check_range(&req)?;
+        METRICS.mvcc_range.inc();
         if !req.serializable {
             self.linearizable_barrier().await?;
         }
@@ -232,6 +243,7 @@ impl KvServer {
     pub async fn put(&self, req: PutRequest) -> Result<PutResponse, ServerError> {
         mvcc::check_put(&req)?;
         self.check_quota(req.key.len() + req.value.len())?;
+        METRICS.mvcc_put.inc();
         match self.propose(Request::Put(req)).await? {
             (ApplyOutcome::Put(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
@@ -246,6 +258,7 @@ impl KvServer {
         req: DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse, ServerError> {
         mvcc::check_delete(&req)?;
+        METRICS.mvcc_delete.inc();
         match self.propose(Request::DeleteRange(req)).await? {
             (ApplyOutcome::DeleteRange(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
@@ -257,6 +270,7 @@ impl KvServer {
 
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, ServerError> {
         mvcc::check_txn(&req, self.config.max_txn_ops)?;
+        METRICS.mvcc_txn.inc();
         if crate::alarm::txn_writes(&req) {
             self.check_quota(req.encoded_len())?;
         }
@@ -289,6 +303,11 @@ impl KvServer {
             return Err(ServerError::NotSupportedForLearner);
         }
         Ok(())
+    }
+
+    /// Proposals waiting to be applied.
+    pub fn pending_requests(&self) -> usize {
+        self.waiters.len()
     }
 
     pub(super) fn next_request_id(&self) -> u64 {
@@ -337,10 +356,12 @@ impl KvServer {
             Ok(Ok((result, revision))) => Ok((result?, revision)),
             Ok(Err(e)) => {
                 self.waiters.take(id);
+                METRICS.proposals_failed.inc();
                 Err(e)
             }
             Err(_) => {
                 self.waiters.take(id);
+                METRICS.proposals_failed.inc();
                 Err(ServerError::Timeout)
             }
         }

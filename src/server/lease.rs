@@ -104,6 +104,7 @@ impl KvServer {
         match self.propose(Request::LeaseGrant(req)).await? {
             (ApplyOutcome::LeaseGrant(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
+                crate::metrics::METRICS.lease_granted.inc();
                 Ok(resp)
             }
             _ => unreachable!("a grant applies as a grant"),
@@ -117,6 +118,7 @@ impl KvServer {
         match self.propose(Request::LeaseRevoke(req)).await? {
             (ApplyOutcome::LeaseRevoke(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
+                crate::metrics::METRICS.lease_revoked.inc();
                 Ok(resp)
             }
             _ => unreachable!("a revoke applies as a revoke"),
@@ -157,6 +159,7 @@ impl KvServer {
                     if !self.has_lease(id) {
                         return Ok(0);
                     }
+                    crate::metrics::METRICS.lease_renewed.inc();
                     return Ok(ttl);
                 }
                 Err(RenewError::NotPrimary) => return Err(ServerError::NotLeader),

@@ -137,6 +137,48 @@ impl KvServer {
         self.probe_read(serializable).await
     }
 
+    /// Brings the metrics that mirror this member's state up to date (before a scrape).
+    pub fn refresh_metrics(&self) {
+        use crate::metrics::METRICS;
+        let status = self.status();
+        let me = self.member_id();
+        METRICS.has_leader.set(i64::from(status.leader != 0));
+        METRICS
+            .is_leader
+            .set(i64::from(status.leader == me && me != 0));
+        METRICS.server_id.reset();
+        METRICS
+            .server_id
+            .with_label_values(&[&format!("{me:x}")])
+            .set(1.0);
+        METRICS
+            .server_version
+            .with_label_values(&[crate::server::ETCD_VERSION])
+            .set(1.0);
+        METRICS.proposals_committed.set(status.raft_index as i64);
+        METRICS
+            .proposals_applied
+            .set(status.raft_applied_index as i64);
+        METRICS
+            .proposals_pending
+            .set(self.pending_requests() as i64);
+        METRICS.quota_backend_bytes.set(self.quota_bytes() as i64);
+        METRICS.db_total_size_bytes.set(status.db_size);
+        METRICS
+            .db_total_size_in_use_bytes
+            .set(status.db_size_in_use);
+        METRICS.current_revision.set(status.revision);
+        let (keys, compact_rev) = {
+            let store = self.read_store();
+            (store.key_count(), store.compact_rev())
+        };
+        METRICS.keys_total.set(keys as i64);
+        METRICS.compact_revision.set(compact_rev);
+        let (streams, watchers) = self.watches().counts();
+        METRICS.watch_streams.set(streams as i64);
+        METRICS.watchers.set(watchers as i64);
+    }
+
     /// A read of the key `health` (linearizable unless `serializable`) that answers in time.
     pub async fn probe_read(&self, serializable: bool) -> Result<(), Unhealthy> {
         let read = RangeRequest {

@@ -468,6 +468,8 @@ struct HubState {
     /// By (stream, watch id).
     watchers: BTreeMap<(u64, i64), Watcher>,
     next_stream: u64,
+    /// Streams opened and not closed yet.
+    open_streams: usize,
     /// Events applied but not yet delivered to the synced watchers, in revision order.
     pending: Vec<Event>,
 }
@@ -528,13 +530,23 @@ impl WatchHub {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let mut state = self.lock();
         state.next_stream += 1;
+        state.open_streams += 1;
         let rx = WatchReceiver { rx, fanout: None };
         (state.next_stream, tx, rx)
     }
 
     pub fn close_stream(&self, stream: u64) {
-        self.lock().watchers.retain(|(s, _), _| *s != stream);
+        let mut state = self.lock();
+        state.watchers.retain(|(s, _), _| *s != stream);
+        state.open_streams = state.open_streams.saturating_sub(1);
+        drop(state);
         self.update_publishing();
+    }
+
+    /// Open streams and their watchers, for the metrics.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.open_streams, state.watchers.len())
     }
 
     /// Registers a watcher; the answer (`created`, or `created` and `canceled` with a reason)

@@ -1,0 +1,182 @@
+//! `/metrics` in Prometheus' text format, read by a Prometheus text parser, with etcd's names,
+//! types and labels, on the client port and on `--listen-metrics-urls`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{etcdctl, etcdctl_available, free_port, ok, start_cluster};
+use prometheus_parse::{Sample, Scrape, Value};
+
+fn scrape(port: u16) -> Scrape {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{}", &response[..60]);
+    assert!(response.contains("text/plain; version=0.0.4"));
+    let body = response.split_once("\r\n\r\n").expect("head").1;
+    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format")
+}
+
+fn samples<'a>(scrape: &'a Scrape, name: &str) -> Vec<&'a Sample> {
+    scrape.samples.iter().filter(|s| s.metric == name).collect()
+}
+
+fn value(scrape: &Scrape, name: &str) -> f64 {
+    let found = samples(scrape, name);
+    assert_eq!(found.len(), 1, "{name}: {} samples", found.len());
+    match &found[0].value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+        other => panic!("{name} is {other:?}"),
+    }
+}
+
+#[test]
+fn metrics_have_etcds_names_types_and_labels_and_follow_the_cluster() {
+    if !etcdctl_available() {
+        eprintln!("etcdctl not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = start_cluster(dir.path(), &["a", "b", "c"], &[]);
+    let endpoint = servers[0].endpoint();
+    for i in 0..20 {
+        ok(etcdctl(&endpoint, &["put", &format!("k{i}"), "v"]));
+    }
+    ok(etcdctl(&endpoint, &["get", "k", "--prefix"]));
+    let lease = common::grant(&endpoint, 60);
+    ok(etcdctl(&endpoint, &["lease", "revoke", &lease]));
+    let _ = etcdctl(&endpoint, &["get", "k1", "--rev", "1000"]);
+
+    let scraped = scrape(servers[0].client_port);
+    for (name, kind) in [
+        ("etcd_server_has_leader", "gauge"),
+        ("etcd_server_is_leader", "gauge"),
+        ("etcd_server_leader_changes_seen_total", "counter"),
+        ("etcd_server_proposals_committed_total", "gauge"),
+        ("etcd_server_proposals_applied_total", "gauge"),
+        ("etcd_server_proposals_pending", "gauge"),
+        ("etcd_server_proposals_failed_total", "counter"),
+        ("etcd_server_quota_backend_bytes", "gauge"),
+        ("etcd_mvcc_db_total_size_in_bytes", "gauge"),
+        ("etcd_mvcc_db_total_size_in_use_in_bytes", "gauge"),
+        ("etcd_mvcc_put_total", "counter"),
+        ("etcd_mvcc_range_total", "counter"),
+        ("etcd_mvcc_delete_total", "counter"),
+        ("etcd_mvcc_txn_total", "counter"),
+        ("etcd_debugging_mvcc_keys_total", "gauge"),
+        ("etcd_debugging_mvcc_watcher_total", "gauge"),
+        ("etcd_debugging_lease_granted_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_cpu_seconds_total", "counter"),
+    ] {
+        let found = samples(&scraped, name);
+        assert!(!found.is_empty(), "{name} missing");
+        let expected_counter = kind == "counter";
+        assert_eq!(
+            matches!(found[0].value, Value::Counter(_)),
+            expected_counter,
+            "{name} should be a {kind}: {:?}",
+            found[0].value
+        );
+    }
+    assert_eq!(value(&scraped, "etcd_server_has_leader"), 1.0);
+    assert_eq!(value(&scraped, "etcd_mvcc_put_total"), 20.0);
+    assert_eq!(value(&scraped, "etcd_debugging_mvcc_keys_total"), 20.0);
+    assert_eq!(
+        value(&scraped, "etcd_server_quota_backend_bytes"),
+        2147483648.0
+    );
+    assert!(value(&scraped, "etcd_server_leader_changes_seen_total") >= 1.0);
+    let applied = value(&scraped, "etcd_server_proposals_applied_total");
+    assert!(applied >= 23.0, "applied {applied}");
+    let id = samples(&scraped, "etcd_server_id");
+    assert_eq!(id.len(), 1);
+    assert_eq!(
+        id[0].labels.get("server_id"),
+        Some(servers[0].member_id().as_str())
+    );
+    for histogram in [
+        "etcd_disk_wal_fsync_duration_seconds",
+        "etcd_disk_backend_commit_duration_seconds",
+    ] {
+        let found = samples(&scraped, histogram);
+        let Value::Histogram(buckets) = &found[0].value else {
+            panic!("{histogram} is not a histogram")
+        };
+        let bounds: Vec<f64> = buckets.iter().map(|b| b.less_than).collect();
+        assert_eq!(bounds.len(), 15, "{histogram}: 14 buckets and +Inf");
+        assert_eq!((bounds[0], bounds[13]), (0.001, 8.192));
+        assert!(buckets[14].count > 0.0, "{histogram} observed nothing");
+    }
+    let handled = samples(&scraped, "grpc_server_handled_total");
+    let count = |method: &str, code: &str| -> f64 {
+        handled
+            .iter()
+            .filter(|s| {
+                s.labels.get("grpc_method") == Some(method)
+                    && s.labels.get("grpc_code") == Some(code)
+                    && s.labels.get("grpc_service") == Some("etcdserverpb.KV")
+                    && s.labels.get("grpc_type") == Some("unary")
+            })
+            .map(|s| match s.value {
+                Value::Counter(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    assert_eq!(count("Put", "OK"), 20.0);
+    assert!(
+        count("Range", "OutOfRange") >= 1.0,
+        "a future revision's read"
+    );
+    let sent = samples(&scraped, "etcd_network_peer_sent_bytes_total");
+    assert_eq!(sent.len(), 2, "one per peer");
+    assert!(sent.iter().all(|s| s.labels.get("To").is_some()));
+    let received = samples(&scraped, "etcd_network_peer_received_bytes_total");
+    assert!(received.iter().all(|s| s.labels.get("From").is_some()));
+    // The round trip is probed every 5 s.
+    common::wait_until("peer round trips", Duration::from_secs(15), || {
+        let scraped = scrape(servers[0].client_port);
+        samples(&scraped, "etcd_network_peer_round_trip_time_seconds")
+            .iter()
+            .any(|s| matches!(&s.value, Value::Histogram(b) if b.last().is_some_and(|b| b.count > 0.0)))
+    });
+    // The other members count the writes they applied, not the calls they served.
+    let follower = scrape(servers[1].client_port);
+    assert_eq!(value(&follower, "etcd_debugging_mvcc_keys_total"), 20.0);
+    assert_eq!(value(&follower, "etcd_server_has_leader"), 1.0);
+}
+
+#[test]
+fn listen_metrics_urls_serves_metrics_and_health() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = common::Server::start(
+        dir.path(),
+        &["--listen-metrics-urls", &format!("http://127.0.0.1:{port}")],
+    );
+    let scraped = scrape(port);
+    assert_eq!(value(&scraped, "etcd_server_is_leader"), 1.0);
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        stream,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"));
+    assert!(response.contains(r#"{"health":"true","reason":""}"#));
+    drop(server);
+}
