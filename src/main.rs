@@ -27,11 +27,19 @@ use quorumkv::proto::quorumkvpb::ClusterMembers;
 use quorumkv::proto::v3electionpb::election_server::ElectionServer as ElectionGrpc;
 use quorumkv::proto::v3lockpb::lock_server::LockServer as LockGrpc;
 use quorumkv::server::{start_member, AutoCompaction, KvServer, MemberConfig};
-use quorumkv::wal::WalOptions;
+use quorumkv::mvcc::MvccError;
+use quorumkv::server::StartError;
+use quorumkv::wal::{WalError, WalOptions};
 use tower_layer::Layer as _;
 
 /// How long a member waits before announcing its name and client URLs again.
 const PUBLISH_RETRY: Duration = Duration::from_millis(500);
+
+/// What an operator does about a member whose data on disk is damaged.
+const DAMAGED_DATA: &str = "the member's data is damaged: restore its data dir from a snapshot (`quorumkv snapshot restore`), or remove the member (`etcdctl member remove`) and add it back with an empty data dir";
+
+/// How long a clean shutdown waits for the node, then the apply loop, to finish.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(4);
 
 /// How often the leader looks for learners to promote (`--auto-promote-learners`).
 const AUTO_PROMOTE_INTERVAL: Duration = Duration::from_secs(1);
@@ -179,7 +187,14 @@ enum Tool {
 }
 
 fn init_logging(flags: &Flags) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&flags.log_level)
+    // sled's own log lines (about its files) are left out: quorumkv reports what they mean,
+    // once, naming the file. `--log-level sled=debug` brings them back.
+    let directives = if flags.log_level.contains("sled") {
+        flags.log_level.clone()
+    } else {
+        format!("{},sled=off", flags.log_level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .map_err(|e| format!("invalid --log-level {:?}: {e}", flags.log_level))?;
     // Colours only for a person at a terminal: a log file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()
@@ -602,7 +617,7 @@ async fn run(flags: Flags) -> Result<(), String> {
     let disk = StdDisk::shared();
     let backend = Arc::new(
         SledBackend::open(&config.db_path())
-            .map_err(|e| format!("cannot open backend {}: {e}", config.db_path().display()))?,
+            .map_err(|e| format!("cannot open the backend: {e}; {DAMAGED_DATA}"))?,
     );
     // Peers: batches from members of this cluster reach the node's inbox.
     let (inbox_tx, inbox) = tokio::sync::mpsc::channel(INBOX_BATCHES);
@@ -647,7 +662,14 @@ async fn run(flags: Flags) -> Result<(), String> {
         inbox,
         Arc::new(TokioClock::new()),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| match e {
+        StartError::Wal(WalError::Corrupt { .. } | WalError::Gap { .. } | WalError::Behind { .. })
+        | StartError::Mvcc(MvccError::Corrupt { .. }) => format!("{e}; {DAMAGED_DATA}"),
+        StartError::Mvcc(MvccError::Backend(_)) => {
+            format!("{e} (in {}); {DAMAGED_DATA}", config.db_path().display())
+        }
+        other => other.to_string(),
+    })?;
     tracing::info!(name = %flags.name, member_id = format!("{:x}", config.member_id),
         cluster_id = format!("{:x}", config.cluster_id), data_dir = %config.member_dir.display(), "member started");
     if identity.unsaved {
@@ -747,30 +769,60 @@ async fn run(flags: Flags) -> Result<(), String> {
 
     let mut node_task = member.node_task;
     let mut apply_task = member.apply_task;
+    let (mut node_ended, mut apply_ended) = (false, false);
     let outcome = tokio::select! {
         _ = shutdown_signal() => Ok(()),
         Ok(()) = &mut removed => {
             tracing::warn!("this member was removed from the cluster; stopping");
             Ok(())
         }
-        ended = &mut apply_task => match ended {
-            Ok(Ok(())) => Err("apply loop stopped".to_string()),
-            Ok(Err(e)) => Err(format!("fatal backend error: {e}")),
-            Err(e) => Err(format!("apply loop crashed: {e}")),
-        },
-        ended = &mut node_task => match ended {
-            // The node stops by itself only when it applied its own removal.
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("fatal storage error: {e}")),
-            Err(e) => Err(format!("raft node crashed: {e}")),
-        },
+        ended = &mut apply_task => {
+            apply_ended = true;
+            match ended {
+                Ok(Ok(())) => Err("apply loop stopped".to_string()),
+                Ok(Err(e)) => Err(format!("fatal backend error: {e}")),
+                Err(e) => Err(format!("apply loop crashed: {e}")),
+            }
+        }
+        ended = &mut node_task => {
+            node_ended = true;
+            match ended {
+                // The node stops by itself only when it applied its own removal.
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("fatal storage error: {e}")),
+                Err(e) => Err(format!("raft node crashed: {e}")),
+            }
+        }
     };
     let _ = stop_tx.send(true);
     for server in servers {
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
-    if let Err(e) = quorumkv::io::Backend::flush(backend.as_ref()) {
-        tracing::error!(error = %e, "backend flush at shutdown failed");
+    // A clean stop: the node syncs its WAL and ends; the apply loop applies what it was handed
+    // and writes it all to the backend, so that the backend holds every applied entry.
+    if !node_ended {
+        member.kv.node().stop().await;
+        if tokio::time::timeout(SHUTDOWN_WAIT, &mut node_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the raft node did not stop in time");
+        }
+    }
+    if !apply_ended {
+        match tokio::time::timeout(SHUTDOWN_WAIT, &mut apply_task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the apply loop failed while stopping"),
+            Ok(Err(e)) => tracing::error!(error = %e, "the apply loop crashed while stopping"),
+            Err(_) => tracing::warn!("the apply loop did not stop in time"),
+        }
+    }
+    match quorumkv::io::Backend::flush(backend.as_ref()) {
+        Ok(()) => tracing::info!(
+            applied_index = member.kv.status().raft_applied_index,
+            "backend flushed; stopped"
+        ),
+        Err(e) => tracing::error!(error = %e, "backend flush at shutdown failed"),
     }
     outcome
 }
@@ -839,9 +891,9 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(flags)) {
         Ok(()) => ExitCode::SUCCESS,
+        // One line, in the log's format (the log is on stderr).
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("quorumkv: {e}");
             ExitCode::FAILURE
         }
     }

@@ -137,7 +137,35 @@ impl SledBackend {
         Ok(())
     }
 
+    /// Opens sled at `path`. sled panics on some damaged files (`tried to serialize
+    /// Uninitialized`) instead of answering an error: the panic is caught, silently, and
+    /// becomes an error naming the path.
     fn open_db(path: &Path) -> Result<sled::Db, BackendError> {
+        let previous_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(|| Self::open_db_unguarded(path));
+        std::panic::set_hook(previous_hook);
+        match opened {
+            Ok(opened) => opened.map_err(|e| match e {
+                BackendError::Store(message) => {
+                    BackendError::Store(format!("{}: {message}", path.display()))
+                }
+            }),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unreadable".into());
+                Err(BackendError::Store(format!(
+                    "{} is damaged (sled: {what})",
+                    path.display()
+                )))
+            }
+        }
+    }
+
+    fn open_db_unguarded(path: &Path) -> Result<sled::Db, BackendError> {
         let config = sled::Config::new()
             .path(path)
             .flush_every_ms(Some(1000))

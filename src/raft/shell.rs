@@ -64,6 +64,9 @@ pub struct NodeOptions {
     pub read_seed: u64,
     /// Log entries kept in memory behind a snapshot (etcd: 5000).
     pub snapshot_catch_up_entries: u64,
+    /// The last index the backend has applied. Only entries this member had made durable are
+    /// ever applied, so a log that ends before it lost durable entries: the start is refused.
+    pub backend_applied_index: u64,
 }
 
 /// What the apply loop receives, in log order.
@@ -113,6 +116,8 @@ enum Command {
         index: u64,
         data: Vec<u8>,
     },
+    /// Shut down: finish this turn, sync the WAL, and end (the apply loop then drains).
+    Stop,
 }
 
 /// A cheap handle to a running node.
@@ -195,6 +200,12 @@ impl NodeHandle {
     }
 
     /// Hands raft the applied state at `index`, for followers behind the compacted log.
+    /// Asks the node to stop cleanly: it syncs its WAL and ends, and the apply loop, once it
+    /// has applied what it was handed, writes everything to the backend and ends too.
+    pub async fn stop(&self) {
+        let _ = self.control.send(Command::Stop).await;
+    }
+
     pub async fn offer_snapshot(&self, index: u64, data: Vec<u8>) -> Result<(), NodeError> {
         self.send_control(Command::OfferSnapshot { index, data })
             .await
@@ -240,6 +251,8 @@ struct Shell {
     catch_up_entries: u64,
     /// This member was removed from the configuration: it stops.
     removed: bool,
+    /// Asked to stop (a clean shutdown).
+    stopping: bool,
 }
 
 /// Opens the node's storage, rebuilds raft from it and starts the node task.
@@ -258,9 +271,22 @@ pub fn spawn_node(
         tracing::warn!(file = %repair.file.display(), offset = repair.offset, dropped_bytes = repair.dropped_bytes,
             "repaired a torn write at the end of the WAL");
     }
+    let last_index = replay
+        .entries
+        .last()
+        .map_or(snapshot_index, |e| e.index)
+        .max(snapshot_index);
     let fresh = snapshot.is_none()
         && replay.entries.is_empty()
         && replay.hard_state == HardState::default();
+    let bootstrapping = fresh && !opts.initial_voters.is_empty();
+    if opts.backend_applied_index > last_index.max(if bootstrapping { BOOTSTRAP_INDEX } else { 0 }) {
+        return Err(WalError::Behind {
+            dir: opts.wal_dir.clone(),
+            last_index,
+            applied_index: opts.backend_applied_index,
+        });
+    }
     // A member joining a running cluster (no initial voters) starts empty and learns the
     // configuration from the leader.
     let mut wal = wal;
@@ -335,6 +361,7 @@ pub fn spawn_node(
         forwarded: ForwardedProposals::default(),
         catch_up_entries: opts.snapshot_catch_up_entries,
         removed: false,
+        stopping: false,
     };
     let task = tokio::spawn(shell.run(commands_rx, inbox, clock, opts.heartbeat_interval));
     Ok(StartedNode {
@@ -408,6 +435,9 @@ impl Shell {
                 );
                 break;
             }
+            if self.stopping {
+                break;
+            }
         }
         self.wal.sync()?;
         Ok(())
@@ -427,6 +457,7 @@ impl Shell {
 
     fn handle(&mut self, command: Command) {
         match command {
+            Command::Stop => self.stopping = true,
             Command::Propose { data, rejected } => {
                 if let Err(e) = self.core.propose(data) {
                     let _ = rejected.send(proposal_error(e));

@@ -112,6 +112,7 @@ pub fn start_member(
         wal: config.wal,
         read_seed: config.id_seed.rotate_left(32),
         snapshot_catch_up_entries: config.snapshot_catch_up_entries,
+        backend_applied_index: consistent_index,
     };
     let started = spawn_node(node_options, disk, transport, inbox, clock.clone())?;
     let mut store = store;

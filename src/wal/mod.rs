@@ -68,6 +68,13 @@ pub enum WalError {
     /// The log does not continue the caller's snapshot: entries after it were released or lost.
     #[error("wal: entries after index {after_index} are missing; the log resumes at index {first_index}")]
     Gap { after_index: u64, first_index: u64 },
+    /// The log ends before the last entry the backend applied: durable entries were lost.
+    #[error("wal: the log in {} ends at index {last_index}, but the backend has applied entries up to index {applied_index}: applied entries are missing from the WAL", dir.display())]
+    Behind {
+        dir: PathBuf,
+        last_index: u64,
+        applied_index: u64,
+    },
     /// A record, batch or snapshot exceeds its size limit; nothing was written.
     #[error("wal: {what} of {bytes} bytes exceeds the limit of {max}")]
     TooLarge {

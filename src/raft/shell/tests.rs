@@ -58,6 +58,7 @@ async fn appends_queued_while_the_node_was_busy_share_one_fdatasync() {
     let sent = Arc::new(Sent::default());
     let (inbox_tx, inbox) = mpsc::channel(64);
     let opts = NodeOptions {
+        backend_applied_index: 0,
         id: 2,
         initial_voters: vec![1, 2],
         heartbeat_interval: Duration::from_secs(10),
