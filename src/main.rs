@@ -18,6 +18,7 @@ use quorumkv::cluster::Members;
 use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
 use quorumkv::io::transport::INBOX_BATCHES;
 use quorumkv::io::{os_seed, SledBackend, StdDisk, TcpTransport, TokioClock};
+use quorumkv::mvcc::MvccError;
 use quorumkv::proto::etcdserverpb::cluster_server::ClusterServer as ClusterGrpc;
 use quorumkv::proto::etcdserverpb::kv_server::KvServer as KvGrpc;
 use quorumkv::proto::etcdserverpb::lease_server::LeaseServer as LeaseGrpc;
@@ -26,9 +27,8 @@ use quorumkv::proto::etcdserverpb::Member;
 use quorumkv::proto::quorumkvpb::ClusterMembers;
 use quorumkv::proto::v3electionpb::election_server::ElectionServer as ElectionGrpc;
 use quorumkv::proto::v3lockpb::lock_server::LockServer as LockGrpc;
-use quorumkv::server::{start_member, AutoCompaction, KvServer, MemberConfig};
-use quorumkv::mvcc::MvccError;
 use quorumkv::server::StartError;
+use quorumkv::server::{start_member, AutoCompaction, KvServer, MemberConfig};
 use quorumkv::wal::{WalError, WalOptions};
 use tower_layer::Layer as _;
 
@@ -663,7 +663,9 @@ async fn run(flags: Flags) -> Result<(), String> {
         Arc::new(TokioClock::new()),
     )
     .map_err(|e| match e {
-        StartError::Wal(WalError::Corrupt { .. } | WalError::Gap { .. } | WalError::Behind { .. })
+        StartError::Wal(
+            WalError::Corrupt { .. } | WalError::Gap { .. } | WalError::Behind { .. },
+        )
         | StartError::Mvcc(MvccError::Corrupt { .. }) => format!("{e}; {DAMAGED_DATA}"),
         StartError::Mvcc(MvccError::Backend(_)) => {
             format!("{e} (in {}); {DAMAGED_DATA}", config.db_path().display())
@@ -702,6 +704,20 @@ async fn run(flags: Flags) -> Result<(), String> {
     }
     if let Some(policy) = auto_compaction {
         tokio::spawn(member.kv.clone().run_auto_compaction(policy));
+    }
+
+    if flags.experimental_initial_corrupt_check {
+        quorumkv::api::corruption::initial_check(&member.kv).await?;
+    }
+    let period = Some(flags.experimental_corrupt_check_time).filter(|p| !p.is_zero());
+    let compaction_period = Some(flags.experimental_compact_hash_check_time)
+        .filter(|p| flags.experimental_compact_hash_check_enabled && !p.is_zero());
+    if period.is_some() || compaction_period.is_some() {
+        tokio::spawn(quorumkv::api::corruption::run_checks(
+            member.kv.clone(),
+            period,
+            compaction_period,
+        ));
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -419,3 +419,123 @@ fn snapshot_tool_refuses_a_damaged_file_naming_it_and_writes_nothing() {
     assert!(!data_dir.exists());
     assert!(!Path::new(&data_dir).exists());
 }
+
+/// Changes one stored value of a stopped member's backend in place (the same length, still
+/// decodable): silent corruption, as a bad disk would leave it.
+fn corrupt_a_value(data_dir: &Path, from: &[u8], to: &[u8]) {
+    use quorumkv::io::{Backend, SledBackend, WriteBatch};
+    assert_eq!(from.len(), to.len());
+    let backend = SledBackend::open(&data_dir.join("member/db")).expect("open backend");
+    let mut changed = None;
+    backend
+        .scan(b"r", Some(b"s"), &mut |key, run| {
+            if let Some(at) = run.windows(from.len()).position(|w| w == from) {
+                let mut run = run.to_vec();
+                run[at..at + to.len()].copy_from_slice(to);
+                changed = Some((key.to_vec(), run));
+                return false;
+            }
+            true
+        })
+        .expect("scan");
+    let (key, run) = changed.expect("the value is in a run");
+    let mut batch = WriteBatch::default();
+    batch.put(key, run);
+    backend.apply(batch).expect("apply");
+    backend.flush().expect("flush");
+}
+
+/// The member that does not lead, for a test that stops it.
+fn a_follower(servers: &[Server]) -> usize {
+    let leader = common::leader(servers).expect("a leader");
+    (0..servers.len())
+        .find(|i| *i != leader)
+        .expect("a follower")
+}
+
+#[test]
+fn a_follower_whose_backend_changed_while_down_fails_the_initial_check_and_raises_corrupt() {
+    if !etcdctl_available() {
+        eprintln!("etcdctl not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut servers = start_cluster(
+        dir.path(),
+        &["a", "b", "c"],
+        &["--experimental-initial-corrupt-check=true"],
+    );
+    let endpoint = servers[0].endpoint();
+    for i in 0..20 {
+        ok(etcdctl(
+            &endpoint,
+            &["put", &format!("k{i}"), &format!("value{i:02}")],
+        ));
+    }
+    let follower = a_follower(&servers);
+    // Every member has applied the writes before the follower stops.
+    for server in &servers {
+        ok(etcdctl(&server.endpoint(), &["get", "k19"]));
+    }
+    assert!(servers[follower].terminate().success());
+    corrupt_a_value(&servers[follower].data_dir, b"value07", b"VALUE07");
+    let status = servers[follower].run_to_exit(Duration::from_secs(40));
+    assert!(!status.success(), "the corrupt member must not serve");
+    let log = servers[follower].log();
+    assert!(log.contains("found data inconsistency with peers"), "{log}");
+    let healthy = (0..3).find(|i| *i != follower).expect("a healthy member");
+    let endpoint = servers[healthy].endpoint();
+    let alarms = ok(etcdctl(&endpoint, &["alarm", "list"]));
+    assert!(alarms.contains("alarm:CORRUPT"), "{alarms}");
+    let refused = fails(etcdctl(&endpoint, &["put", "more", "x"]));
+    assert!(refused.contains("etcdserver: corrupt cluster"), "{refused}");
+    assert_eq!(
+        ok(etcdctl(&endpoint, &["get", "k7", "--print-value-only"])).trim(),
+        "value07",
+        "reads are served"
+    );
+    let (status, body) = http_get(servers[healthy].client_port, "/health");
+    assert_eq!(
+        (status, json(&body)["reason"].clone()),
+        (503, "ALARM CORRUPT".into())
+    );
+}
+
+#[test]
+fn the_leaders_periodic_check_raises_corrupt_for_a_member_whose_data_diverged() {
+    if !etcdctl_available() {
+        eprintln!("etcdctl not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut servers = start_cluster(
+        dir.path(),
+        &["a", "b", "c"],
+        &["--experimental-corrupt-check-time=1s"],
+    );
+    let endpoint = servers[0].endpoint();
+    for i in 0..20 {
+        ok(etcdctl(
+            &endpoint,
+            &["put", &format!("k{i}"), &format!("value{i:02}")],
+        ));
+    }
+    for server in &servers {
+        ok(etcdctl(&server.endpoint(), &["get", "k19"]));
+    }
+    // No alarm while the members agree.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ok(etcdctl(&endpoint, &["alarm", "list"])).trim(), "");
+    let follower = a_follower(&servers);
+    assert!(servers[follower].terminate().success());
+    corrupt_a_value(&servers[follower].data_dir, b"value11", b"VALUE11");
+    servers[follower].spawn();
+    servers[follower].wait_ready();
+    let id = u64::from_str_radix(&servers[follower].member_id(), 16).expect("hex id");
+    wait_until("the CORRUPT alarm", Duration::from_secs(30), || {
+        let alarms = ok(etcdctl(&endpoint, &["alarm", "list"]));
+        alarms.contains(&format!("memberID:{id} alarm:CORRUPT"))
+    });
+    let refused = fails(etcdctl(&endpoint, &["put", "more", "x"]));
+    assert!(refused.contains("etcdserver: corrupt cluster"), "{refused}");
+}

@@ -91,14 +91,17 @@ fn corruption_before_the_tail_refuses_to_start_naming_file_and_offset() {
 /// WAL record (truncated away at the next start) costs no acknowledged write, and the member
 /// takes new writes after it.
 #[test]
-fn a_clean_stop_leaves_every_applied_entry_in_the_backend_and_a_damaged_last_record_loses_nothing(
-) {
+fn a_clean_stop_leaves_every_applied_entry_in_the_backend_and_a_damaged_last_record_loses_nothing()
+{
     use quorumkv::io::SledBackend;
     use quorumkv::mvcc::MvccStore;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = Server::start(dir.path(), &[]);
     write_keys(&server, 30);
-    let status = ok(etcdctl(&server.endpoint(), &["endpoint", "status", "-w", "json"]));
+    let status = ok(etcdctl(
+        &server.endpoint(),
+        &["endpoint", "status", "-w", "json"],
+    ));
     let status: serde_json::Value = serde_json::from_str(&status).expect("json");
     let applied = status[0]["Status"]["raftAppliedIndex"]
         .as_u64()
@@ -135,7 +138,10 @@ fn a_clean_stop_leaves_every_applied_entry_in_the_backend_and_a_damaged_last_rec
         assert_eq!(out, format!("value{i}\n"));
     }
     for i in 0..5 {
-        ok(etcdctl(&server.endpoint(), &["put", &format!("after{i}"), "x"]));
+        ok(etcdctl(
+            &server.endpoint(),
+            &["put", &format!("after{i}"), "x"],
+        ));
         assert_eq!(
             ok(etcdctl(
                 &server.endpoint(),

@@ -4,6 +4,7 @@
 mod cluster;
 mod coalesce;
 mod concurrency;
+pub mod corruption;
 mod forward;
 mod gateway;
 mod grpc_metrics;

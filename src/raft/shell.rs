@@ -280,7 +280,8 @@ pub fn spawn_node(
         && replay.entries.is_empty()
         && replay.hard_state == HardState::default();
     let bootstrapping = fresh && !opts.initial_voters.is_empty();
-    if opts.backend_applied_index > last_index.max(if bootstrapping { BOOTSTRAP_INDEX } else { 0 }) {
+    if opts.backend_applied_index > last_index.max(if bootstrapping { BOOTSTRAP_INDEX } else { 0 })
+    {
         return Err(WalError::Behind {
             dir: opts.wal_dir.clone(),
             last_index,

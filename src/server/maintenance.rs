@@ -137,6 +137,11 @@ impl KvServer {
         self.probe_read(serializable).await
     }
 
+    /// The revision of the last compaction.
+    pub fn compact_revision(&self) -> i64 {
+        self.read_store().compact_rev()
+    }
+
     /// Brings the metrics that mirror this member's state up to date (before a scrape).
     pub fn refresh_metrics(&self) {
         use crate::metrics::METRICS;

@@ -20,9 +20,7 @@ pub use error::ServerError;
 pub use kv::{KvServer, ServerConfig, StatusReport};
 pub use lease::LeaseClock;
 pub use maintenance::{Unhealthy, DEFAULT_QUOTA_BACKEND_BYTES, MAX_SUGGESTED_QUOTA_BACKEND_BYTES};
-pub use start::{
-    start_member, MemberConfig, RunningMember, StartError, SNAPSHOT_CATCH_UP_ENTRIES,
-};
+pub use start::{start_member, MemberConfig, RunningMember, StartError, SNAPSHOT_CATCH_UP_ENTRIES};
 
 /// The etcd API version quorumkv serves: `Maintenance.Status`, `/version`, the metrics.
 pub const ETCD_VERSION: &str = "3.5.0";
