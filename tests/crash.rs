@@ -1,4 +1,5 @@
-//! SIGKILL under a write load, restart, and every acknowledged write is there.
+//! SIGKILL under a write load, a torn write at the end of the WAL, restart, and every
+//! acknowledged write is there.
 
 mod common;
 
@@ -58,8 +59,27 @@ async fn sigkill_under_write_load_loses_no_acknowledged_write() {
         acked.len()
     );
 
+    // The kill may have cut a write short; make sure the log ends in a torn record: a header
+    // that promises 1000 bytes, then a few bytes of garbage, just past the last record.
+    let wal_dir = server.data_dir.join("member").join("wal");
+    let mut segments: Vec<_> = std::fs::read_dir(&wal_dir)
+        .expect("wal dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    segments.sort();
+    let last = segments.pop().expect("a segment");
+    let mut bytes = std::fs::read(&last).expect("read segment");
+    let end = (bytes.iter().rposition(|b| *b != 0).expect("records") + 1).div_ceil(8) * 8;
+    let torn = [
+        0xe8, 0x03, 0, 0, 1, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 9, 9, 9,
+    ];
+    bytes[end..end + torn.len()].copy_from_slice(&torn);
+    std::fs::write(&last, &bytes).expect("write segment");
+
     server.spawn();
     server.wait_ready();
+    assert!(server.log().contains("torn"), "the torn tail is repaired and logged");
     let mut client = server.client().await;
     let resp = client
         .range(RangeRequest {
