@@ -22,10 +22,12 @@ pub enum Bug {
     WatchOutOfOrder,
     /// Grant a lock (or leadership) without waiting for the older holders to go.
     LockSkipsWait,
+    /// Leave the last batch of revisions out of a backup (`Maintenance.Snapshot`'s image).
+    BackupMissesLastBatch,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 8] = [
+    pub const ALL: [Bug; 9] = [
         Bug::AckBeforeFsync,
         Bug::ApplyBeforeCommit,
         Bug::ServeStaleRead,
@@ -34,6 +36,7 @@ impl Bug {
         Bug::LeaseIgnoresKeepAlive,
         Bug::WatchOutOfOrder,
         Bug::LockSkipsWait,
+        Bug::BackupMissesLastBatch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +49,7 @@ impl Bug {
             Bug::LeaseIgnoresKeepAlive => "lease-ignores-keepalive",
             Bug::WatchOutOfOrder => "watch-out-of-order",
             Bug::LockSkipsWait => "lock-skips-wait",
+            Bug::BackupMissesLastBatch => "backup-misses-last-batch",
         }
     }
 
@@ -61,6 +65,7 @@ impl Bug {
                 "send watchers catching up from history their events newest first"
             }
             Bug::LockSkipsWait => "grant locks without waiting for older holders to go",
+            Bug::BackupMissesLastBatch => "a backup (Snapshot RPC image) lacks its last batch",
         }
     }
 

@@ -79,7 +79,10 @@ async fn sigkill_under_write_load_loses_no_acknowledged_write() {
 
     server.spawn();
     server.wait_ready();
-    assert!(server.log().contains("torn"), "the torn tail is repaired and logged");
+    assert!(
+        server.log().contains("torn"),
+        "the torn tail is repaired and logged"
+    );
     let mut client = server.client().await;
     let resp = client
         .range(RangeRequest {

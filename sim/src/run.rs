@@ -351,6 +351,7 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
         )));
     }
     let faults_node = Handle::current().create_node().name("operator").build();
+    let mut backup = None;
     match (options.scenario, options.schedule.clone()) {
         (Some(scenario), _) => {
             let script = (scenario.script)(cluster.clone(), initial.clone());
@@ -395,9 +396,11 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
                 swarm.transfers,
                 until,
             ));
+            let backup_task = faults_node.spawn(crate::backup::take(cluster.clone(), until));
             tokio::time::sleep(until).await;
             let _ = injector.await;
             let _ = operator.await;
+            backup = backup_task.await.ok().flatten();
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -416,6 +419,7 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
     let mut verdicts = vec![liveness.clone()];
     verdicts.push(check::raft_safety::check(&recorder.lock()));
     verdicts.push(final_durability(&cluster, &ops).await);
+    verdicts.push(crate::backup::verify(&cluster, backup).await);
     verdicts.push(check::leases::check(
         &lease_log.ops(),
         settings.max_skew_ppm,

@@ -42,7 +42,8 @@ pub enum EventKind {
     Fault {
         description: String,
     },
-    /// A membership change or leader transfer was asked for, or finished.
+    /// An operator's action was asked for, or finished: a membership change, a leader
+    /// transfer, a backup.
     Membership {
         description: String,
     },

@@ -61,9 +61,9 @@ async fn write_image(server: &KvServer, path: PathBuf) -> Result<(std::fs::File,
     let written = server
         .with_store(move |store| -> Result<u64, ServerError> {
             let mut out = std::io::BufWriter::new(file);
-            let bytes = store.write_image(&mut out)?;
-            let bytes = crate::mvcc::end_image(&mut out, bytes)
-                .and_then(|bytes| out.flush().map(|()| bytes))
+            let bytes = store.write_backup(&mut out)?;
+            out.flush()
+                .map(|()| bytes)
                 .and_then(|bytes| out.get_ref().sync_data().map(|()| bytes))
                 .map_err(|e| {
                     crate::mvcc::MvccError::Backend(crate::io::BackendError::Store(e.to_string()))

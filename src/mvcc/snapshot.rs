@@ -166,7 +166,7 @@ fn next_pair<'a>(rest: &mut &'a [u8]) -> Result<Option<Pair<'a>>, MvccError> {
 
 /// Ends an image of `written` bytes (as `write_image` counts them) for a file: the end mark,
 /// then zeros to a multiple of `IMAGE_ALIGN`. Returns the image's new length.
-pub fn end_image(out: &mut dyn std::io::Write, written: u64) -> std::io::Result<u64> {
+fn end_image(out: &mut dyn std::io::Write, written: u64) -> std::io::Result<u64> {
     let mut length = written + IMAGE_END.len() as u64;
     out.write_all(&IMAGE_END)?;
     let padding = (IMAGE_ALIGN - length % IMAGE_ALIGN) % IMAGE_ALIGN;
@@ -187,6 +187,25 @@ impl MvccStore {
     /// image is never held in memory whole); staged writes go to the backend first. Returns
     /// the bytes written. The caller keeps the store from changing meanwhile.
     pub fn write_image(&mut self, out: &mut dyn std::io::Write) -> Result<u64, MvccError> {
+        let lose_tail = crate::hooks::injected(crate::hooks::Bug::LoseSnapshotTail);
+        self.write_image_as(out, lose_tail)
+    }
+
+    /// A backup, as the Snapshot RPC streams it: the image, ended and padded for a file
+    /// (`end_image`). Returns its length.
+    pub fn write_backup(&mut self, out: &mut dyn std::io::Write) -> Result<u64, MvccError> {
+        let lose_tail = crate::hooks::injected(crate::hooks::Bug::BackupMissesLastBatch);
+        let written = self.write_image_as(out, lose_tail)?;
+        end_image(out, written).map_err(image_error)
+    }
+
+    /// `write_image`, leaving out the run of the newest revision when `lose_tail` (a planted
+    /// bug).
+    fn write_image_as(
+        &mut self,
+        out: &mut dyn std::io::Write,
+        lose_tail: bool,
+    ) -> Result<u64, MvccError> {
         self.flush_staged()?;
         let mut written = MAGIC.len() as u64;
         let mut failure = None;
@@ -194,7 +213,6 @@ impl MvccStore {
         let mut tail =
             super::revision::run_key(super::revision::Revision::new(self.current_rev(), 0));
         tail.truncate(9); // `r` + main: the run ending in the last revision
-        let lose_tail = crate::hooks::injected(crate::hooks::Bug::LoseSnapshotTail);
         self.backend.scan(&[], None, &mut |key, value| {
             if lose_tail && key.starts_with(&tail) {
                 return true;

@@ -278,8 +278,7 @@ mod tests {
             store.apply(i as u64 + 2, &Request::Put(put)).expect("put");
         }
         let mut image = Vec::new();
-        let written = store.write_image(&mut image).expect("image");
-        crate::mvcc::end_image(&mut image, written).expect("end");
+        store.write_backup(&mut image).expect("image");
         let sha = Sha256::digest(&image);
         image.extend_from_slice(&sha);
         let path = dir.join("snap.db");
