@@ -157,17 +157,17 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    /// Rewrites this member's backend compactly, with nothing applied meanwhile (as etcd's
-    /// defragmentation, it holds this member's writes for as long as it takes).
+    /// Rewrites this member's backend compactly. Unlike etcd's, reads and writes go on
+    /// meanwhile: they wait only for the final swap of the copy into place.
     async fn defragment(
         &self,
         _request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
         let before = self.server.status().db_size;
-        self.server
-            .with_store(|store| store.backend().defragment())
+        let backend = self.server.backend();
+        tokio::task::spawn_blocking(move || backend.defragment())
             .await
-            .map_err(to_status)?
+            .map_err(|e| Status::internal(format!("etcdserver: defragmentation failed: {e}")))?
             .map_err(|e| to_status(ServerError::Mvcc(e.into())))?;
         tracing::info!(
             before_bytes = before,

@@ -8,14 +8,16 @@ pub mod disk;
 #[cfg(test)]
 pub mod instrumented_disk;
 pub mod rng;
+mod sled_backend;
 #[cfg(not(madsim))]
 pub mod tcp;
 pub mod transport;
 
-pub use backend::{Backend, BackendError, BatchOp, MemBackend, SledBackend, WriteBatch};
+pub use backend::{Backend, BackendError, BatchOp, MemBackend, WriteBatch};
 pub use clock::{Clock, TokioClock};
 pub use disk::{Disk, DiskFile, StdDisk};
 pub use rng::{os_seed, seeded_rng, SeededRng};
+pub use sled_backend::SledBackend;
 #[cfg(not(madsim))]
 pub use tcp::TcpTransport;
 pub use transport::{LocalTransport, Transport};

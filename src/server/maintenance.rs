@@ -137,6 +137,11 @@ impl KvServer {
         self.probe_read(serializable).await
     }
 
+    /// The backend under the store.
+    pub fn backend(&self) -> std::sync::Arc<dyn crate::io::Backend> {
+        self.read_store().backend().clone()
+    }
+
     /// The revision of the last compaction.
     pub fn compact_revision(&self) -> i64 {
         self.read_store().compact_rev()
