@@ -363,7 +363,7 @@ mod tests {
                 while !done.load(Ordering::Relaxed) {
                     let mut batch = WriteBatch::default();
                     let key = (n % 10_000).to_be_bytes().to_vec();
-                    if n % 3 == 0 {
+                    if n.is_multiple_of(3) {
                         batch.delete(key.clone());
                         model.insert(key, None);
                     } else {
