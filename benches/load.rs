@@ -53,7 +53,15 @@ struct Args {
     watch_streams: usize,
     client: String,
     threads: usize,
+    /// `--latency-log FILE`: each request's start (Unix time, µs) and latency (µs), a line each.
+    latency_log: Option<String>,
+    /// `--keep-going`: a failed request is counted (its time to fail is its latency) instead of
+    /// ending the run.
+    keep_going: bool,
 }
+
+/// Requests that failed under `--keep-going`.
+static FAILED: AtomicU64 = AtomicU64::new(0);
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -69,6 +77,8 @@ fn parse_args() -> Result<Args, String> {
         watch_streams: 10,
         client: "h2".into(),
         threads: 0,
+        latency_log: None,
+        keep_going: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -106,6 +116,8 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--watch-streams: {e}"))?
             }
             "--client" => args.client = value()?,
+            "--latency-log" => args.latency_log = Some(value()?),
+            "--keep-going" => args.keep_going = true,
             "--threads" => {
                 args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?
             }
@@ -142,8 +154,10 @@ async fn client_loop(
     id: usize,
     deadline: Instant,
     budget: u64,
-) -> Result<Vec<Duration>, String> {
+) -> Result<(Vec<Duration>, Vec<Instant>), String> {
     let mut latencies = Vec::with_capacity(16 * 1024);
+    let mut starts = Vec::new();
+    let log_starts = args.latency_log.is_some();
     let value = vec![b'v'; args.value_size];
     let mut n = 0u64;
     // A cheap deterministic key sequence per client.
@@ -196,11 +210,22 @@ async fn client_loop(
                 h2.unary(&uri, &request).await
             }
         };
-        result.map_err(|e| format!("request failed: {e}"))?;
+        match result {
+            Ok(()) => {}
+            Err(e) if args.keep_going => {
+                if FAILED.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("load: first failed request: {e}");
+                }
+            }
+            Err(e) => return Err(format!("request failed: {e}")),
+        }
         latencies.push(start.elapsed());
+        if log_starts {
+            starts.push(start);
+        }
         n += 1;
     }
-    Ok(latencies)
+    Ok((latencies, starts))
 }
 
 /// How a request loop reaches the server: through tonic's client, or over a bare HTTP/2
@@ -677,10 +702,40 @@ async fn request_loops(
         )));
     }
     let mut latencies = Vec::new();
+    let mut logged = Vec::new();
     for task in tasks {
-        latencies.extend(task.await.map_err(|e| e.to_string())??);
+        let (client_latencies, starts) = task.await.map_err(|e| e.to_string())??;
+        logged.extend(starts.iter().copied().zip(client_latencies.iter().copied()));
+        latencies.extend(client_latencies);
+    }
+    if let Some(path) = &args.latency_log {
+        write_latency_log(path, &logged)?;
     }
     Ok((latencies, start))
+}
+
+/// `start_us latency_us` per request, the start as Unix time in microseconds, sorted by start.
+fn write_latency_log(path: &str, requests: &[(Instant, Duration)]) -> Result<(), String> {
+    use std::io::Write;
+    let now_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_micros() as u64;
+    let now = Instant::now();
+    let mut lines: Vec<(u64, u64)> = requests
+        .iter()
+        .map(|(start, latency)| {
+            let ago = now.duration_since(*start).as_micros() as u64;
+            (now_wall - ago, latency.as_micros() as u64)
+        })
+        .collect();
+    lines.sort_unstable();
+    let file = std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut out = std::io::BufWriter::new(file);
+    for (start, latency) in lines {
+        writeln!(out, "{start} {latency}").map_err(|e| format!("{path}: {e}"))?;
+    }
+    out.flush().map_err(|e| format!("{path}: {e}"))
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -693,7 +748,7 @@ async fn run(args: Args) -> Result<(), String> {
     let elapsed = start.elapsed().as_secs_f64();
     latencies.sort_unstable();
     println!(
-        "op={} clients={} conns={} value_size={} ops={} secs={:.2} ops_per_sec={:.0} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3}",
+        "op={} clients={} conns={} value_size={} ops={} secs={:.2} ops_per_sec={:.0} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} failed={}",
         args.op,
         args.clients,
         args.conns,
@@ -704,6 +759,7 @@ async fn run(args: Args) -> Result<(), String> {
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.90),
         percentile(&latencies, 0.99),
+        FAILED.load(Ordering::Relaxed),
     );
     Ok(())
 }

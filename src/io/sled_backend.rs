@@ -1,19 +1,24 @@
 //! The production `Backend` on sled, with a defragmentation that does not stop the member:
-//! the store is copied while reads and writes go on (the batches written meanwhile are kept
-//! and replayed into the copy), then the copy takes the store's place in one short step.
+//! the store is copied into a new directory while reads and writes go on (the batches written
+//! meanwhile are kept and replayed into the copy), then the copy takes the store's place in one
+//! short step.
+//!
+//! On disk: the store is `member/db` until its first defragmentation, then `member/db.<n>`,
+//! the n-th copy; `member/db.current` names the directory in use once there is a copy. The
+//! pointer is replaced atomically once the copy is whole and durable, so a crash leaves either
+//! store, whole; `open` removes whatever directory the pointer does not name.
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
 
 use super::backend::{Backend, BackendError, BatchOp, WriteBatch};
 
 /// Production backend on sled.
 pub struct SledBackend {
-    /// Replaced whole by `defragment`.
-    db: std::sync::RwLock<sled::Db>,
-    path: std::path::PathBuf,
-    /// A defragmentation could not put a store back in place: every call fails from now on.
-    failed: std::sync::atomic::AtomicBool,
+    /// The store's name, `member/db` (its first directory).
+    base: PathBuf,
+    /// The store in use and its directory; replaced whole by `defragment`.
+    db: RwLock<(sled::Db, PathBuf)>,
     /// The size on disk as last measured, and when: measuring reads the directory, and the
     /// quota asks before every write.
     size: Mutex<(u64, Option<std::time::Instant>)>,
@@ -32,52 +37,113 @@ const SIZE_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(100);
 /// so a reopen right after a close can find it still held.
 const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// `db` + `suffix`: the copy a defragmentation writes, and where the old store waits while
-/// the copy takes its place.
-fn beside(path: &Path, suffix: &str) -> std::path::PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    std::path::PathBuf::from(name)
-}
-
-const DEFRAG_COPY: &str = ".defrag";
-const DEFRAG_OLD: &str = ".old";
-/// Keys copied per batch by `defragment`.
+/// Keys copied per batch by `defragment`...
 const DEFRAG_BATCH_KEYS: u64 = 4096;
+/// ...and bytes copied between two flushes of the copy: one large flush at the end would
+/// queue the member's WAL fdatasyncs behind it on the disk.
+const DEFRAG_FLUSH_BYTES: u64 = 8 << 20;
+/// The copy's pace, at most: the disk and the cores stay the member's first.
+const DEFRAG_BYTES_PER_SEC: u64 = 100 << 20;
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> BackendError {
     BackendError::Store(format!("{what} {}: {e}", path.display()))
 }
 
+/// `base` + `suffix`, beside it: `db.current`, `db.3`.
+fn beside(base: &Path, suffix: &str) -> PathBuf {
+    let mut name = base.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// The generation of a store directory: 0 for `db`, n for `db.<n>`; `None` for other names.
+fn generation(base: &Path, dir: &Path) -> Option<u64> {
+    let base_name = base.file_name()?.to_str()?;
+    let name = dir.file_name()?.to_str()?;
+    if name == base_name {
+        return Some(0);
+    }
+    name.strip_prefix(base_name)?
+        .strip_prefix('.')?
+        .parse()
+        .ok()
+}
+
 impl SledBackend {
-    pub fn open(path: &Path) -> Result<Self, BackendError> {
-        Self::finish_defragment(path)?;
+    /// Opens the store named `base` (`member/db`): the directory `db.current` names, or `db`.
+    pub fn open(base: &Path) -> Result<Self, BackendError> {
+        let current = Self::current_dir(base)?;
+        Self::remove_other_generations(base, &current)?;
         Ok(SledBackend {
-            db: std::sync::RwLock::new(Self::open_db(path)?),
-            path: path.to_path_buf(),
-            failed: std::sync::atomic::AtomicBool::new(false),
+            base: base.to_path_buf(),
+            db: RwLock::new((Self::open_db(&current)?, current)),
             size: Mutex::new((0, None)),
             applied_during_copy: Mutex::new(None),
             defragmenting: Mutex::new(()),
         })
     }
 
-    /// Finishes or undoes a defragmentation that a crash interrupted: the old store moved
-    /// aside and the copy not yet in its place → the old store goes back; then whatever is
-    /// left beside the store is removed.
-    fn finish_defragment(path: &Path) -> Result<(), BackendError> {
-        let old = beside(path, DEFRAG_OLD);
-        if !path.exists() && old.exists() {
-            tracing::warn!(path = %path.display(), "an interrupted defragmentation: putting the old backend back");
-            std::fs::rename(&old, path).map_err(|e| io_error("cannot rename", &old, e))?;
+    fn pointer(base: &Path) -> PathBuf {
+        beside(base, ".current")
+    }
+
+    /// The directory in use: the one the pointer names, else `base`.
+    fn current_dir(base: &Path) -> Result<PathBuf, BackendError> {
+        let pointer = Self::pointer(base);
+        let name = match std::fs::read_to_string(&pointer) {
+            Ok(name) => name,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(base.to_path_buf()),
+            Err(e) => return Err(io_error("cannot read", &pointer, e)),
+        };
+        let dir = base.with_file_name(name.trim());
+        if generation(base, &dir).is_none() || !dir.is_dir() {
+            return Err(BackendError::Store(format!(
+                "{} names {:?}, which is not a store directory beside it",
+                pointer.display(),
+                name.trim()
+            )));
         }
-        for leftover in [old, beside(path, DEFRAG_COPY)] {
-            if leftover.exists() {
-                std::fs::remove_dir_all(&leftover)
-                    .map_err(|e| io_error("cannot remove", &leftover, e))?;
+        Ok(dir)
+    }
+
+    /// Removes the store directories other than `current`: an older store a defragmentation
+    /// replaced, or a copy it did not finish.
+    fn remove_other_generations(base: &Path, current: &Path) -> Result<(), BackendError> {
+        let Some(parent) = base.parent() else {
+            return Ok(());
+        };
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return Ok(()); // A new member: nothing there yet.
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path != current && path.is_dir() && generation(base, &path).is_some() {
+                tracing::info!(path = %path.display(), "removing a store directory left by a defragmentation");
+                std::fs::remove_dir_all(&path).map_err(|e| io_error("cannot remove", &path, e))?;
             }
         }
         Ok(())
+    }
+
+    /// Points the store at `dir`, atomically and durably.
+    fn set_current(&self, dir: &Path) -> Result<(), BackendError> {
+        let pointer = Self::pointer(&self.base);
+        let tmp = beside(&pointer, ".tmp");
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| BackendError::Store(format!("{} has no name", dir.display())))?;
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, format!("{name}\n").as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &pointer)?;
+            if let Some(parent) = pointer.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| io_error("cannot write", &pointer, e))
     }
 
     /// Opens sled at `path`. sled panics on some damaged files (`tried to serialize
@@ -129,26 +195,66 @@ impl SledBackend {
         }
     }
 
+    /// The directory the store is in now.
+    pub fn dir(&self) -> PathBuf {
+        self.lock_read().1.clone()
+    }
+
     fn copying(&self) -> std::sync::MutexGuard<'_, Option<Vec<WriteBatch>>> {
         self.applied_during_copy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn db(&self) -> Result<std::sync::RwLockReadGuard<'_, sled::Db>, BackendError> {
-        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(BackendError::Store(format!(
-                "{} could not be reopened after defragmenting it",
-                self.path.display()
-            )));
-        }
-        Ok(self.db.read().unwrap_or_else(|p| p.into_inner()))
+    fn lock_read(&self) -> std::sync::RwLockReadGuard<'_, (sled::Db, PathBuf)> {
+        self.db.read().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Copies the store into `copy`, while batches go on (they are kept meanwhile), at
+    /// `DEFRAG_BYTES_PER_SEC` at most, flushing every `DEFRAG_FLUSH_BYTES`.
+    fn copy_into(&self, copy: &sled::Db) -> Result<u64, BackendError> {
+        let db = self.lock_read();
+        let started = std::time::Instant::now();
+        let mut batch = sled::Batch::default();
+        let (mut keys, mut bytes, mut flushed) = (0u64, 0u64, 0u64);
+        for item in db.0.iter() {
+            let (key, value) = item?;
+            bytes += (key.len() + value.len()) as u64;
+            batch.insert(key, value);
+            keys += 1;
+            if keys.is_multiple_of(DEFRAG_BATCH_KEYS) {
+                copy.apply_batch(std::mem::take(&mut batch))?;
+            }
+            if bytes - flushed >= DEFRAG_FLUSH_BYTES {
+                copy.apply_batch(std::mem::take(&mut batch))?;
+                copy.flush()?;
+                flushed = bytes;
+                let due =
+                    std::time::Duration::from_secs_f64(bytes as f64 / DEFRAG_BYTES_PER_SEC as f64);
+                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(ahead);
+                }
+            }
+        }
+        copy.apply_batch(batch)?;
+        Ok(keys)
+    }
+}
+
+fn sled_batch(batch: WriteBatch) -> sled::Batch {
+    let mut sled_batch = sled::Batch::default();
+    for op in batch.ops {
+        match op {
+            BatchOp::Put(k, v) => sled_batch.insert(k, v),
+            BatchOp::Delete(k) => sled_batch.remove(k),
+        }
+    }
+    sled_batch
 }
 
 impl Backend for SledBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
-        Ok(self.db()?.get(key)?.map(|v| v.to_vec()))
+        Ok(self.lock_read().0.get(key)?.map(|v| v.to_vec()))
     }
 
     fn scan(
@@ -157,10 +263,10 @@ impl Backend for SledBackend {
         end: Option<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), BackendError> {
-        let db = self.db()?;
+        let db = self.lock_read();
         let iter = match end {
-            Some(end) => db.range(start..end),
-            None => db.range(start..),
+            Some(end) => db.0.range(start..end),
+            None => db.0.range(start..),
         };
         for item in iter {
             let (k, v) = item?;
@@ -174,25 +280,12 @@ impl Backend for SledBackend {
     fn apply(&self, batch: WriteBatch) -> Result<(), BackendError> {
         // Held across the apply and the note below: the swap of a defragmentation takes it
         // whole, so it sees every batch applied before it.
-        let db = self.db()?;
-        {
-            let mut copying = self
-                .applied_during_copy
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(batches) = copying.as_mut() {
-                batches.push(batch.clone());
-            }
-        }
-        let mut sled_batch = sled::Batch::default();
-        for op in batch.ops {
-            match op {
-                BatchOp::Put(k, v) => sled_batch.insert(k, v),
-                BatchOp::Delete(k) => sled_batch.remove(k),
-            }
+        let db = self.lock_read();
+        if let Some(batches) = self.copying().as_mut() {
+            batches.push(batch.clone());
         }
         let started = std::time::Instant::now();
-        db.apply_batch(sled_batch)?;
+        db.0.apply_batch(sled_batch(batch))?;
         crate::metrics::METRICS
             .backend_commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -200,7 +293,7 @@ impl Backend for SledBackend {
     }
 
     fn flush(&self) -> Result<(), BackendError> {
-        self.db()?.flush()?;
+        self.lock_read().0.flush()?;
         Ok(())
     }
 
@@ -212,7 +305,7 @@ impl Backend for SledBackend {
             .is_none_or(|at| now.duration_since(at) >= SIZE_MAX_AGE)
         {
             // Keeps the last size if the directory cannot be read right now.
-            if let Ok(bytes) = self.db().and_then(|db| Ok(db.size_on_disk()?)) {
+            if let Ok(bytes) = self.lock_read().0.size_on_disk() {
                 size.0 = bytes;
             }
             size.1 = Some(now);
@@ -220,100 +313,66 @@ impl Backend for SledBackend {
         size.0
     }
 
-    /// Copies every key into a new store beside this one while reads and writes go on (the
-    /// batches applied meanwhile are kept); then, holding everyone off for a moment, replays
-    /// those batches into the copy and swaps the two directories: `db` → `db.old`,
-    /// `db.defrag` → `db`, and removes `db.old`. `open` finishes or undoes a swap that a crash
-    /// interrupted.
+    /// Copies every key into the next generation's directory while reads and writes go on
+    /// (the batches applied meanwhile are kept), and makes the copy durable; then, holding
+    /// everyone off for a moment, replays those batches into it, makes them durable, points
+    /// `db.current` at it and serves from it. The old directory is removed afterwards.
     fn defragment(&self) -> Result<(), BackendError> {
         let _one_at_a_time = self
             .defragmenting
             .try_lock()
             .map_err(|_| BackendError::Store("a defragmentation is already running".into()))?;
-        let copy_path = beside(&self.path, DEFRAG_COPY);
-        let old_path = beside(&self.path, DEFRAG_OLD);
-        if copy_path.exists() {
-            std::fs::remove_dir_all(&copy_path)
-                .map_err(|e| io_error("cannot remove", &copy_path, e))?;
+        let old_dir = self.dir();
+        let next = generation(&self.base, &old_dir).unwrap_or(0) + 1;
+        let copy_dir = beside(&self.base, &format!(".{next}"));
+        if copy_dir.exists() {
+            std::fs::remove_dir_all(&copy_dir)
+                .map_err(|e| io_error("cannot remove", &copy_dir, e))?;
         }
-        let copy = Self::open_db(&copy_path)?;
+        let copy = Self::open_db(&copy_dir)?;
         // From here on every batch is kept; the scan below may or may not see it, and
         // replaying it later gives the same result either way (puts and deletes, in order).
         *self.copying() = Some(Vec::new());
-        let copied = (|| -> Result<u64, BackendError> {
-            let db = self.db()?;
-            let mut batch = sled::Batch::default();
-            let mut keys = 0u64;
-            for item in db.iter() {
-                let (key, value) = item?;
-                batch.insert(key, value);
-                keys += 1;
-                if keys.is_multiple_of(DEFRAG_BATCH_KEYS) {
-                    copy.apply_batch(std::mem::take(&mut batch))?;
-                }
-            }
-            copy.apply_batch(batch)?;
-            Ok(keys)
-        })();
+        let copied = self
+            .copy_into(&copy)
+            .and_then(|keys| Ok(copy.flush().map(|_| keys)?));
         let keys = match copied {
             Ok(keys) => keys,
             Err(e) => {
                 *self.copying() = None;
                 drop(copy);
-                let _ = std::fs::remove_dir_all(&copy_path);
+                let _ = std::fs::remove_dir_all(&copy_dir);
                 return Err(e);
             }
         };
         // The short step: nobody reads or writes until the copy is in place.
+        let swap_started = std::time::Instant::now();
         let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
         let during = self.copying().take().unwrap_or_default();
         let replayed = during.len();
-        for batch in during {
-            let mut sled_batch = sled::Batch::default();
-            for op in batch.ops {
-                match op {
-                    BatchOp::Put(k, v) => sled_batch.insert(k, v),
-                    BatchOp::Delete(k) => sled_batch.remove(k),
-                }
+        let switched = (|| {
+            for batch in during {
+                copy.apply_batch(sled_batch(batch))?;
             }
-            copy.apply_batch(sled_batch)?;
+            copy.flush()?;
+            self.set_current(&copy_dir)
+        })();
+        if let Err(e) = switched {
+            drop(db);
+            drop(copy);
+            let _ = std::fs::remove_dir_all(&copy_dir);
+            return Err(e);
         }
-        copy.flush()?;
-        drop(copy);
-        db.flush()?;
-        let placeholder = sled::Config::new().temporary(true).open()?;
-        drop(std::mem::replace(&mut *db, placeholder));
-        let swapped = std::fs::rename(&self.path, &old_path)
-            .map_err(|e| io_error("cannot rename", &self.path, e))
-            .and_then(|()| {
-                std::fs::rename(&copy_path, &self.path)
-                    .map_err(|e| io_error("cannot rename", &copy_path, e))
-            })
-            .and_then(|()| match self.path.parent() {
-                Some(parent) => std::fs::File::open(parent)
-                    .and_then(|dir| dir.sync_all())
-                    .map_err(|e| io_error("cannot sync", parent, e)),
-                None => Ok(()),
-            });
-        // Whatever happened, the store at `path` (old or new, whole) is reopened; if even
-        // that fails, every later call fails and the member stops.
-        let reopened = match &swapped {
-            Ok(()) => Self::open_db(&self.path),
-            Err(_) => Self::finish_defragment(&self.path).and_then(|()| Self::open_db(&self.path)),
-        };
-        match reopened {
-            Ok(reopened) => *db = reopened,
-            Err(e) => {
-                self.failed
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                return Err(e);
-            }
-        }
+        let old = std::mem::replace(&mut *db, (copy, copy_dir.clone()));
         drop(db);
-        swapped?;
-        std::fs::remove_dir_all(&old_path).map_err(|e| io_error("cannot remove", &old_path, e))?;
+        let swap = swap_started.elapsed();
+        drop(old);
         *self.size.lock().unwrap_or_else(|p| p.into_inner()) = (0, None);
-        tracing::info!(keys, replayed_batches = replayed, path = %self.path.display(), "backend defragmented");
+        if let Err(e) = std::fs::remove_dir_all(&old_dir) {
+            // The next start removes it.
+            tracing::warn!(path = %old_dir.display(), error = %e, "cannot remove the store a defragmentation replaced");
+        }
+        tracing::info!(keys, replayed_batches = replayed, swap = ?swap, path = %copy_dir.display(), "backend defragmented");
         Ok(())
     }
 }
@@ -399,14 +458,19 @@ mod tests {
             contents(backend.as_ref()) == model,
             "every batch is in the copy"
         );
-        assert!(!beside(&path, DEFRAG_COPY).exists() && !beside(&path, DEFRAG_OLD).exists());
+        assert_eq!(backend.dir(), beside(&path, ".1"));
+        assert!(!path.exists(), "the old store is gone");
         drop(backend);
         let reopened = SledBackend::open(&path).expect("reopen");
+        assert_eq!(reopened.dir(), beside(&path, ".1"));
         assert!(contents(&reopened) == model, "the copy is durable");
+        reopened.defragment().expect("a second defragmentation");
+        assert_eq!(reopened.dir(), beside(&path, ".2"));
+        assert!(contents(&reopened) == model);
     }
 
     #[test]
-    fn an_interrupted_swap_is_undone_or_finished_at_open() {
+    fn a_copy_left_by_a_crash_is_removed_and_the_store_the_pointer_names_is_opened() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
         {
@@ -416,11 +480,27 @@ mod tests {
             backend.apply(batch).expect("apply");
             backend.flush().expect("flush");
         }
-        // Crashed after moving the store aside, before the copy took its place.
-        std::fs::rename(&path, beside(&path, DEFRAG_OLD)).expect("rename");
-        std::fs::create_dir_all(beside(&path, DEFRAG_COPY)).expect("a partial copy");
+        // Crashed while copying: the copy is there, the pointer not yet.
+        std::fs::create_dir_all(beside(&path, ".1")).expect("a partial copy");
+        {
+            let backend = SledBackend::open(&path).expect("open");
+            assert_eq!(backend.get(b"k").expect("get"), Some(b"v".to_vec()));
+            assert!(
+                !beside(&path, ".1").exists(),
+                "the unfinished copy is removed"
+            );
+            backend.defragment().expect("defragment");
+        }
+        // Crashed after the pointer moved, before the old store was removed.
+        std::fs::create_dir_all(&path).expect("a stale old store");
         let backend = SledBackend::open(&path).expect("open");
+        assert_eq!(backend.dir(), beside(&path, ".1"));
+        assert!(!path.exists(), "the replaced store is removed");
         assert_eq!(backend.get(b"k").expect("get"), Some(b"v".to_vec()));
-        assert!(!beside(&path, DEFRAG_COPY).exists() && !beside(&path, DEFRAG_OLD).exists());
+        // A pointer to nowhere is refused, naming it.
+        drop(backend);
+        std::fs::write(beside(&path, ".current"), "db.7\n").expect("write");
+        let e = SledBackend::open(&path).err().expect("refused").to_string();
+        assert!(e.contains("db.current") && e.contains("db.7"), "{e}");
     }
 }
