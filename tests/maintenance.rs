@@ -300,8 +300,17 @@ fn quota_raises_nospace_then_compact_defrag_and_disarm_bring_writes_back_losing_
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &["--quota-backend-bytes", "3000000"]);
-    let endpoint = server.endpoint();
+    let servers = start_cluster(
+        dir.path(),
+        &["a", "b", "c"],
+        &["--quota-backend-bytes", "3000000"],
+    );
+    let endpoint = servers[0].endpoint();
+    let all = servers
+        .iter()
+        .map(|s| s.endpoint())
+        .collect::<Vec<_>>()
+        .join(",");
     let value = "x".repeat(20_000);
     let mut acknowledged = Vec::new();
     let mut refusal = None;
@@ -323,16 +332,25 @@ fn quota_raises_nospace_then_compact_defrag_and_disarm_bring_writes_back_losing_
     wait_until("the NOSPACE alarm", Duration::from_secs(10), || {
         ok(etcdctl(&endpoint, &["alarm", "list"])).contains("alarm:NOSPACE")
     });
-    let errors = status_json(&endpoint)["errors"].clone();
-    assert!(errors.to_string().contains("alarm:NOSPACE"), "{errors}");
-    let (status, body) = http_get(server.client_port, "/health");
-    assert_eq!(status, 503);
-    assert_eq!(json(&body)["reason"], "ALARM NOSPACE");
-    let (status, _) = http_get(server.client_port, "/health?exclude=NOSPACE");
-    assert_eq!(status, 200, "kubeadm's probe excludes NOSPACE");
+    // The alarm is the cluster's: every member reports it and refuses puts.
+    for server in &servers {
+        let errors = status_json(&server.endpoint())["errors"].clone();
+        assert!(errors.to_string().contains("alarm:NOSPACE"), "{errors}");
+        let (status, body) = http_get(server.client_port, "/health");
+        assert_eq!(status, 503);
+        assert_eq!(json(&body)["reason"], "ALARM NOSPACE");
+        let (status, _) = http_get(server.client_port, "/health?exclude=NOSPACE");
+        assert_eq!(status, 200, "kubeadm's probe excludes NOSPACE");
+        let put = fails(etcdctl(&server.endpoint(), &["put", "more", "x"]));
+        assert!(put.contains("database space exceeded"), "{put}");
+    }
     // Refused: puts, writing txns, lease grants. Served: reads, deletes, compaction.
-    let put = fails(etcdctl(&endpoint, &["put", "more", "x"]));
-    assert!(put.contains("database space exceeded"), "{put}");
+    let txn = fails(common::etcdctl_stdin(
+        &endpoint,
+        &["txn"],
+        "\n\nput t 1\n\n",
+    ));
+    assert!(txn.contains("database space exceeded"), "{txn}");
     let grant = fails(etcdctl(&endpoint, &["lease", "grant", "60"]));
     assert!(grant.contains("database space exceeded"), "{grant}");
     let (key, last) = acknowledged.last().expect("some puts").clone();
@@ -343,9 +361,25 @@ fn quota_raises_nospace_then_compact_defrag_and_disarm_bring_writes_back_losing_
         .as_i64()
         .expect("revision");
     ok(etcdctl(&endpoint, &["compaction", &revision.to_string()]));
-    ok(etcdctl(&endpoint, &["defrag"]));
-    let size = status_json(&endpoint)["dbSize"].as_i64().expect("size");
-    assert!(size < 3_000_000, "defrag gave the space back: {size}");
+    // Each member compacts as it applies the compaction; defragment once all have.
+    for server in &servers {
+        wait_until("the compaction applied", Duration::from_secs(10), || {
+            let old = (revision - 1).to_string();
+            let out = etcdctl(
+                &server.endpoint(),
+                &["get", "key0", "--rev", &old, "--consistency", "s"],
+            );
+            String::from_utf8_lossy(&out.stderr).contains("required revision has been compacted")
+        });
+    }
+    let out = ok(etcdctl(&all, &["defrag"]));
+    assert_eq!(out.matches("Finished defragmenting").count(), 3, "{out}");
+    for server in &servers {
+        let size = status_json(&server.endpoint())["dbSize"]
+            .as_i64()
+            .expect("size");
+        assert!(size < 3_000_000, "defrag gave the space back: {size}");
+    }
     ok(etcdctl(&endpoint, &["alarm", "disarm"]));
     assert_eq!(ok(etcdctl(&endpoint, &["alarm", "list"])).trim(), "");
     ok(etcdctl(&endpoint, &["put", "more", "x"]));
@@ -357,8 +391,10 @@ fn quota_raises_nospace_then_compact_defrag_and_disarm_bring_writes_back_losing_
             assert!(got.starts_with(&format!("{n}x")), "{key}: {}", &got[..20]);
         }
     }
-    let (status, _) = http_get(server.client_port, "/health");
-    assert_eq!(status, 200);
+    for server in &servers {
+        ok(etcdctl(&server.endpoint(), &["put", "again", "x"]));
+        assert_eq!(http_get(server.client_port, "/health").0, 200);
+    }
 }
 
 #[test]
@@ -538,4 +574,38 @@ fn the_leaders_periodic_check_raises_corrupt_for_a_member_whose_data_diverged() 
     });
     let refused = fails(etcdctl(&endpoint, &["put", "more", "x"]));
     assert!(refused.contains("etcdserver: corrupt cluster"), "{refused}");
+}
+
+#[test]
+fn periodic_auto_compaction_compacts_to_the_revision_a_retention_ago() {
+    if !etcdctl_available() {
+        eprintln!("etcdctl not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            "2s",
+        ],
+    );
+    let endpoint = server.endpoint();
+    for i in 0..10 {
+        ok(etcdctl(&endpoint, &["put", "k", &format!("v{i}")]));
+    }
+    assert!(etcdctl(&endpoint, &["get", "k", "--rev", "2"])
+        .status
+        .success());
+    wait_until("an auto-compaction", Duration::from_secs(20), || {
+        let out = etcdctl(&endpoint, &["get", "k", "--rev", "2"]);
+        String::from_utf8_lossy(&out.stderr).contains("required revision has been compacted")
+    });
+    assert_eq!(
+        ok(etcdctl(&endpoint, &["get", "k", "--print-value-only"])).trim(),
+        "v9"
+    );
+    assert!(server.log().contains("finished auto-compaction"));
 }

@@ -164,6 +164,9 @@ impl Maintenance for MaintenanceService {
         _request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
         let before = self.server.status().db_size;
+        // Everything applied so far (a compaction's deletions above all) goes to the backend
+        // first, so the copy leaves out what was deleted.
+        self.server.with_store(|_| ()).await.map_err(to_status)?;
         let backend = self.server.backend();
         tokio::task::spawn_blocking(move || backend.defragment())
             .await
