@@ -4,32 +4,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{etcdctl, etcdctl_available, fails, ok, start_cluster, wait_until, Server};
+use common::{
+    etcdctl, etcdctl_available, fails, http_get, new_cluster, ok, start_cluster, wait_until, Server,
+};
 use sha2::Digest;
-
-/// `GET path` over HTTP/1.1: the status and the body.
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status: u16 = response[9..12].parse().expect("status");
-    let body = response.split_once("\r\n\r\n").expect("head").1.to_string();
-    (status, body)
-}
 
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
@@ -136,32 +118,14 @@ fn snapshot_save_by_etcdctl_restores_into_a_new_three_member_cluster_at_the_same
         server.kill9();
     }
 
-    // A new cluster of three restored from the file.
-    let names = ["x", "y", "z"];
-    let root = dir.path().join("restored");
-    let mut servers: Vec<Server> = names
-        .iter()
-        .map(|name| {
-            let member_root = root.join(name);
-            std::fs::create_dir_all(&member_root).expect("dir");
-            Server::new(&member_root, &[])
-        })
-        .collect();
-    let initial_cluster = names
-        .iter()
-        .zip(&servers)
-        .map(|(name, s)| format!("{name}={}", s.peer_url()))
-        .collect::<Vec<_>>()
-        .join(",");
-    for (name, server) in names.iter().zip(servers.iter_mut()) {
-        let flags = [
-            "--name".to_string(),
-            name.to_string(),
-            "--initial-cluster".into(),
-            initial_cluster.clone(),
-            "--initial-cluster-token".into(),
-            "restored".into(),
-        ];
+    // A new cluster of three restored from the file, started with the flags it was restored
+    // with.
+    let mut servers = new_cluster(
+        &dir.path().join("restored"),
+        &["x", "y", "z"],
+        &["--initial-cluster-token", "restored"],
+    );
+    for server in servers.iter_mut() {
         let mut restore = vec![
             "snapshot".to_string(),
             "restore".into(),
@@ -171,10 +135,9 @@ fn snapshot_save_by_etcdctl_restores_into_a_new_three_member_cluster_at_the_same
             "--initial-advertise-peer-urls".into(),
             server.peer_url(),
         ];
-        restore.extend(flags.iter().cloned());
+        restore.extend(server.extra_args.iter().cloned());
         let args: Vec<&str> = restore.iter().map(String::as_str).collect();
         ok(quorumkv(&args));
-        server.extra_args = flags.to_vec();
         server.spawn();
     }
     for server in servers.iter_mut() {
@@ -481,12 +444,28 @@ fn corrupt_a_value(data_dir: &Path, from: &[u8], to: &[u8]) {
     backend.flush().expect("flush");
 }
 
-/// The member that does not lead, for a test that stops it.
-fn a_follower(servers: &[Server]) -> usize {
-    let leader = common::leader(servers).expect("a leader");
-    (0..servers.len())
+/// A 3-member cluster with `flags` and 20 keys (`k<i>` = `value<ii>`), and the index of a
+/// follower that was stopped and had its stored `value07` changed to `VALUE07` on disk.
+fn a_follower_corrupted_while_down(root: &Path, flags: &[&str]) -> (Vec<Server>, usize) {
+    let mut servers = start_cluster(root, &["a", "b", "c"], flags);
+    let endpoint = servers[0].endpoint();
+    for i in 0..20 {
+        ok(etcdctl(
+            &endpoint,
+            &["put", &format!("k{i}"), &format!("value{i:02}")],
+        ));
+    }
+    // Every member has applied the writes before the follower stops.
+    for server in &servers {
+        ok(etcdctl(&server.endpoint(), &["get", "k19"]));
+    }
+    let leader = common::leader(&servers).expect("a leader");
+    let follower = (0..servers.len())
         .find(|i| *i != leader)
-        .expect("a follower")
+        .expect("a follower");
+    assert!(servers[follower].terminate().success());
+    corrupt_a_value(&servers[follower].data_dir, b"value07", b"VALUE07");
+    (servers, follower)
 }
 
 #[test]
@@ -496,25 +475,8 @@ fn a_follower_whose_backend_changed_while_down_fails_the_initial_check_and_raise
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut servers = start_cluster(
-        dir.path(),
-        &["a", "b", "c"],
-        &["--experimental-initial-corrupt-check=true"],
-    );
-    let endpoint = servers[0].endpoint();
-    for i in 0..20 {
-        ok(etcdctl(
-            &endpoint,
-            &["put", &format!("k{i}"), &format!("value{i:02}")],
-        ));
-    }
-    let follower = a_follower(&servers);
-    // Every member has applied the writes before the follower stops.
-    for server in &servers {
-        ok(etcdctl(&server.endpoint(), &["get", "k19"]));
-    }
-    assert!(servers[follower].terminate().success());
-    corrupt_a_value(&servers[follower].data_dir, b"value07", b"VALUE07");
+    let (mut servers, follower) =
+        a_follower_corrupted_while_down(dir.path(), &["--experimental-initial-corrupt-check=true"]);
     let status = servers[follower].run_to_exit(Duration::from_secs(40));
     assert!(!status.success(), "the corrupt member must not serve");
     let log = servers[follower].log();
@@ -544,27 +506,13 @@ fn the_leaders_periodic_check_raises_corrupt_for_a_member_whose_data_diverged() 
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut servers = start_cluster(
-        dir.path(),
-        &["a", "b", "c"],
-        &["--experimental-corrupt-check-time=1s"],
-    );
-    let endpoint = servers[0].endpoint();
-    for i in 0..20 {
-        ok(etcdctl(
-            &endpoint,
-            &["put", &format!("k{i}"), &format!("value{i:02}")],
-        ));
-    }
-    for server in &servers {
-        ok(etcdctl(&server.endpoint(), &["get", "k19"]));
-    }
-    // No alarm while the members agree.
-    std::thread::sleep(Duration::from_secs(3));
+    let (mut servers, follower) =
+        a_follower_corrupted_while_down(dir.path(), &["--experimental-corrupt-check-time=1s"]);
+    let healthy = (0..3).find(|i| *i != follower).expect("a healthy member");
+    let endpoint = servers[healthy].endpoint();
+    // The members that agree raise nothing, checking every second.
+    std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(ok(etcdctl(&endpoint, &["alarm", "list"])).trim(), "");
-    let follower = a_follower(&servers);
-    assert!(servers[follower].terminate().success());
-    corrupt_a_value(&servers[follower].data_dir, b"value11", b"VALUE11");
     servers[follower].spawn();
     servers[follower].wait_ready();
     let id = u64::from_str_radix(&servers[follower].member_id(), 16).expect("hex id");

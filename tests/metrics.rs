@@ -3,28 +3,20 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{etcdctl, etcdctl_available, free_port, ok, start_cluster};
+use common::{etcdctl, etcdctl_available, free_port, http_get, ok, start_cluster};
 use prometheus_parse::{Sample, Scrape, Value};
 
 fn scrape(port: u16) -> Scrape {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    assert!(response.starts_with("HTTP/1.1 200"), "{}", &response[..60]);
-    assert!(response.contains("text/plain; version=0.0.4"));
-    let body = response.split_once("\r\n\r\n").expect("head").1;
+    let response = common::http_get_raw(port, "/metrics");
+    assert!(
+        response.contains("content-type: text/plain; version=0.0.4"),
+        "Prometheus' content type: {}",
+        &response[..response.len().min(200)]
+    );
+    let (status, body) = http_get(port, "/metrics");
+    assert_eq!(status, 200, "{body}");
     Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format")
 }
 
@@ -168,15 +160,9 @@ fn listen_metrics_urls_serves_metrics_and_health() {
     );
     let scraped = scrape(port);
     assert_eq!(value(&scraped, "etcd_server_is_leader"), 1.0);
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(
-        stream,
-        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    assert!(response.starts_with("HTTP/1.1 200"));
-    assert!(response.contains(r#"{"health":"true","reason":""}"#));
+    assert_eq!(
+        http_get(port, "/health"),
+        (200, r#"{"health":"true","reason":""}"#.to_string())
+    );
     drop(server);
 }

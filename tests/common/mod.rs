@@ -253,6 +253,19 @@ pub fn fails(out: Output) -> String {
 /// The members `names` of one new cluster, each with `extra` flags, started together (none
 /// is ready alone).
 pub fn start_cluster(root: &Path, names: &[&str], extra: &[&str]) -> Vec<Server> {
+    let mut servers = new_cluster(root, names, extra);
+    for server in servers.iter_mut() {
+        server.spawn();
+    }
+    for server in servers.iter_mut() {
+        server.wait_ready();
+    }
+    servers
+}
+
+/// The members `names` of one new cluster, each with its flags (`--name`, `--initial-cluster`,
+/// then `extra`), not started.
+pub fn new_cluster(root: &Path, names: &[&str], extra: &[&str]) -> Vec<Server> {
     let mut servers: Vec<Server> = names
         .iter()
         .map(|name| {
@@ -277,12 +290,33 @@ pub fn start_cluster(root: &Path, names: &[&str], extra: &[&str]) -> Vec<Server>
         server
             .extra_args
             .extend(extra.iter().map(|s| s.to_string()));
-        server.spawn();
-    }
-    for server in servers.iter_mut() {
-        server.wait_ready();
     }
     servers
+}
+
+/// `GET path` over HTTP/1.1 on `port`: the status and the body.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let response = http_get_raw(port, path);
+    let status: u16 = response[9..12].parse().expect("status");
+    let body = response.split_once("\r\n\r\n").expect("head").1.to_string();
+    (status, body)
+}
+
+/// `GET path` over HTTP/1.1 on `port`: the whole answer, head and body.
+pub fn http_get_raw(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
 }
 
 /// The index of the member that says it leads, from `etcdctl endpoint status`.
