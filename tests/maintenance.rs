@@ -58,6 +58,11 @@ fn probes_answer_etcds_json_and_other_paths_are_404_never_200() {
     assert_eq!(version["etcdserver"], "3.5.0");
     assert_eq!(version["etcdcluster"], "3.5.0");
     assert_eq!(version["quorumkv"], env!("CARGO_PKG_VERSION"));
+    let status = ok(etcdctl(&server.endpoint(), &["endpoint", "status"]));
+    assert!(
+        status.contains(&format!(", 3.5.0+quorumkv.{}, ", env!("CARGO_PKG_VERSION"))),
+        "endpoint status names both versions: {status}"
+    );
     for path in ["/nope", "/v3/kv/nope", "/metricz"] {
         let (status, body) = http_get(server.client_port, path);
         assert_eq!(status, 404, "{path}: {body}");

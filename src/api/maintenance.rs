@@ -145,7 +145,7 @@ impl Maintenance for MaintenanceService {
         }
         Ok(Response::new(StatusResponse {
             header: Some(self.server.header(report.revision)),
-            version: ETCD_API_VERSION.to_string(),
+            version: super::STATUS_VERSION.to_string(),
             db_size: report.db_size,
             leader: report.leader,
             raft_index: report.raft_index,

@@ -49,5 +49,9 @@ fn ok_trailers() -> HeaderMap {
 /// The etcd API version quorumkv speaks, reported by `Maintenance.Status`.
 pub const ETCD_API_VERSION: &str = crate::server::ETCD_VERSION;
 
+/// `Maintenance.Status.version`: the etcd API version, with quorumkv's own as semver build
+/// metadata (`3.5.0+quorumkv.0.1.0`): a client that parses it as a version reads 3.5.0.
+pub const STATUS_VERSION: &str = concat!("3.5.0+quorumkv.", env!("CARGO_PKG_VERSION"));
+
 /// Room for gRPC framing above `--max-request-bytes`, as etcd allows.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;

@@ -22,7 +22,8 @@ pub use lease::LeaseClock;
 pub use maintenance::{Unhealthy, DEFAULT_QUOTA_BACKEND_BYTES, MAX_SUGGESTED_QUOTA_BACKEND_BYTES};
 pub use start::{start_member, MemberConfig, RunningMember, StartError, SNAPSHOT_CATCH_UP_ENTRIES};
 
-/// The etcd API version quorumkv serves: `Maintenance.Status`, `/version`, the metrics.
+/// The etcd API version quorumkv serves: `/version`, `Maintenance.Status`, the metrics.
+/// (`api::STATUS_VERSION` repeats it with quorumkv's version.)
 pub const ETCD_VERSION: &str = "3.5.0";
 
 #[cfg(test)]
