@@ -601,6 +601,7 @@ async fn run(flags: Flags) -> Result<(), String> {
         &flags.auto_compaction_retention,
     )?;
     let identity = identity(&flags, &member_dir).await?;
+    quorumkv::api::remove_stale_images(&member_dir);
     let config = member_config(&flags, &identity, &data_dir)?;
     let peer_addrs = split_urls(&flags.listen_peer_urls)
         .iter()
@@ -817,11 +818,12 @@ async fn run(flags: Flags) -> Result<(), String> {
     // A clean stop: the node syncs its WAL and ends; the apply loop applies what it was handed
     // and writes it all to the backend, so that the backend holds every applied entry.
     if !node_ended {
-        member.kv.node().stop().await;
-        if tokio::time::timeout(SHUTDOWN_WAIT, &mut node_task)
-            .await
-            .is_err()
-        {
+        let stopped = tokio::time::timeout(SHUTDOWN_WAIT, async {
+            member.kv.node().stop().await;
+            let _ = (&mut node_task).await;
+        })
+        .await;
+        if stopped.is_err() {
             tracing::warn!("the raft node did not stop in time");
         }
     }

@@ -68,8 +68,13 @@ async fn sigkill_under_write_load_loses_no_acknowledged_write() {
         .filter(|p| p.extension().is_some_and(|e| e == "wal"))
         .collect();
     segments.sort();
-    let last = segments.pop().expect("a segment");
-    let mut bytes = std::fs::read(&last).expect("read segment");
+    // The newest segment with a record (the kill may land right after a new one was made).
+    let (last, mut bytes) = segments
+        .iter()
+        .rev()
+        .map(|path| (path.clone(), std::fs::read(path).expect("read segment")))
+        .find(|(_, bytes)| bytes.iter().any(|b| *b != 0))
+        .expect("a segment with records");
     let end = (bytes.iter().rposition(|b| *b != 0).expect("records") + 1).div_ceil(8) * 8;
     let torn = [
         0xe8, 0x03, 0, 0, 1, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 9, 9, 9,

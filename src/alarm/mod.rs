@@ -55,10 +55,6 @@ impl AlarmTable {
         Ok(AlarmTable { active })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.active.is_empty()
-    }
-
     pub fn is_active(&self, alarm: AlarmType) -> bool {
         self.active.iter().any(|(_, a)| *a == alarm as i32)
     }
@@ -75,9 +71,10 @@ impl AlarmTable {
             .collect()
     }
 
-    /// Applies a committed alarm request: the alarms it answers with and the records to write.
-    /// As etcd: GET lists the active alarms of a type; ACTIVATE and DEACTIVATE answer with the
-    /// alarm they changed, or with nothing if it was already so.
+    /// Applies a committed alarm request: the alarms it answers with and the records to write
+    /// (none when nothing changed). As etcd: GET lists the active alarms of a type; ACTIVATE
+    /// answers with the alarm, active from now or already; DEACTIVATE with the alarm it
+    /// cleared, or with nothing if it was not active.
     pub fn apply(&mut self, request: &AlarmRequest) -> (Vec<AlarmMember>, Vec<AlarmRecordChange>) {
         let key = (request.member_id, request.alarm);
         let changed = vec![AlarmMember {
@@ -90,7 +87,7 @@ impl AlarmTable {
                     let record = (record_name(key.0, key.1), Some(Vec::new()));
                     return (changed, vec![record]);
                 }
-                (vec![], vec![])
+                (changed, vec![])
             }
             Ok(AlarmAction::Deactivate) => {
                 if self.active.remove(&key) {
@@ -124,13 +121,26 @@ impl AlarmTable {
         if self.is_active(AlarmType::Nospace) {
             let adds_data = match request {
                 Request::Put(_) | Request::LeaseGrant(_) => true,
-                Request::Txn(txn) => txn_writes(txn),
+                Request::Txn(txn) => txn_puts(txn),
                 _ => false,
             };
             return adds_data.then_some(Refusal::NoSpace);
         }
         None
     }
+}
+
+/// Does the transaction (either branch, nested ones included) put anything? As etcd's quota
+/// counts a transaction: by its puts; deletes free space and pass under NOSPACE.
+pub fn txn_puts(txn: &TxnRequest) -> bool {
+    txn.success
+        .iter()
+        .chain(&txn.failure)
+        .any(|op| match &op.request {
+            Some(request_op::Request::RequestPut(_)) => true,
+            Some(request_op::Request::RequestTxn(inner)) => txn_puts(inner),
+            _ => false,
+        })
 }
 
 /// Does the transaction (either branch, nested ones included) write anything?
@@ -166,7 +176,8 @@ mod tests {
         assert_eq!(answer.len(), 1);
         assert_eq!(records, vec![(record_name(7, 1), Some(vec![]))]);
         let (again, records) = table.apply(&request(AlarmAction::Activate, 7, AlarmType::Nospace));
-        assert!(again.is_empty() && records.is_empty(), "already active");
+        assert_eq!(again.len(), 1, "already active: answered, as etcd does");
+        assert!(records.is_empty(), "nothing changed");
         table.apply(&request(AlarmAction::Activate, 9, AlarmType::Corrupt));
         assert_eq!(table.list(AlarmType::None as i32).len(), 2);
         assert_eq!(table.list(AlarmType::Corrupt as i32)[0].member_id, 9);
@@ -204,15 +215,27 @@ mod tests {
             ..Default::default()
         });
         let delete = Request::DeleteRange(Default::default());
+        let delete_txn = Request::Txn(TxnRequest {
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(Default::default())),
+            }],
+            ..Default::default()
+        });
         assert_eq!(table.refusal(&put), None);
         table.apply(&request(AlarmAction::Activate, 1, AlarmType::Nospace));
         assert_eq!(table.refusal(&put), Some(Refusal::NoSpace));
         assert_eq!(table.refusal(&nested_write), Some(Refusal::NoSpace));
         assert_eq!(table.refusal(&read_txn), None);
         assert_eq!(table.refusal(&delete), None, "deletes free space");
+        assert_eq!(
+            table.refusal(&delete_txn),
+            None,
+            "so do transactions that only delete"
+        );
         table.apply(&request(AlarmAction::Activate, 1, AlarmType::Corrupt));
         assert_eq!(table.refusal(&delete), Some(Refusal::Corrupt));
         assert_eq!(table.refusal(&nested_write), Some(Refusal::Corrupt));
+        assert_eq!(table.refusal(&delete_txn), Some(Refusal::Corrupt));
         assert_eq!(table.refusal(&read_txn), None, "reads are served");
     }
 }

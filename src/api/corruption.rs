@@ -81,10 +81,10 @@ async fn hashes_at(server: &KvServer, revision: i64) -> BTreeMap<u64, MemberHash
     hashes
 }
 
-/// The members whose hash differs from the majority's among those taken under the same
-/// compaction revision as the most common one. With no majority (a tie), nobody is blamed
-/// but the mismatch is logged.
-pub fn outliers(hashes: &BTreeMap<u64, MemberHash>) -> Vec<u64> {
+/// The members whose hash differs from the one that more than half of the cluster's
+/// `members` agree on, among those taken under the same compaction revision. Without such a
+/// majority (members down, or several versions), nobody is blamed; a disagreement is logged.
+pub fn outliers(hashes: &BTreeMap<u64, MemberHash>, members: usize) -> Vec<u64> {
     let mut votes: BTreeMap<MemberHash, usize> = BTreeMap::new();
     for hash in hashes.values() {
         *votes.entry(*hash).or_default() += 1;
@@ -92,8 +92,14 @@ pub fn outliers(hashes: &BTreeMap<u64, MemberHash>) -> Vec<u64> {
     let Some((&majority, &count)) = votes.iter().max_by_key(|(_, n)| **n) else {
         return vec![];
     };
-    if votes.values().filter(|n| **n == count).count() > 1 && votes.len() > 1 {
-        tracing::error!(?hashes, "members' hashes disagree with no majority");
+    if count * 2 <= members {
+        if votes.len() > 1 {
+            tracing::error!(
+                ?hashes,
+                members,
+                "members' hashes disagree, and no majority of the cluster agrees on one"
+            );
+        }
         return vec![];
     }
     hashes
@@ -129,7 +135,7 @@ async fn raise_corrupt(server: &KvServer, member_id: u64) -> Result<(), ServerEr
 /// Compares the members' hashes at `revision`; raises CORRUPT for each outlier. Returns them.
 pub async fn check_at(server: &KvServer, revision: i64) -> Vec<u64> {
     let hashes = hashes_at(server, revision).await;
-    let bad = outliers(&hashes);
+    let bad = outliers(&hashes, server.members().len());
     for member in &bad {
         tracing::error!(
             revision,
@@ -247,16 +253,29 @@ mod tests {
     fn the_member_that_disagrees_with_the_majority_is_the_outlier() {
         let agree: BTreeMap<u64, MemberHash> =
             [(1, hash(7, 0)), (2, hash(7, 0)), (3, hash(7, 0))].into();
-        assert!(outliers(&agree).is_empty());
+        assert!(outliers(&agree, 3).is_empty());
         let one_off: BTreeMap<u64, MemberHash> =
             [(1, hash(7, 0)), (2, hash(9, 0)), (3, hash(7, 0))].into();
-        assert_eq!(outliers(&one_off), vec![2]);
+        assert_eq!(outliers(&one_off, 3), vec![2]);
         // A member under another compaction is not comparable: not blamed.
         let other_compaction: BTreeMap<u64, MemberHash> =
             [(1, hash(7, 5)), (2, hash(9, 0)), (3, hash(7, 5))].into();
-        assert!(outliers(&other_compaction).is_empty());
+        assert!(outliers(&other_compaction, 3).is_empty());
         // Two members that disagree: no majority, nobody blamed.
         let tie: BTreeMap<u64, MemberHash> = [(1, hash(7, 0)), (2, hash(9, 0))].into();
-        assert!(outliers(&tie).is_empty());
+        assert!(outliers(&tie, 3).is_empty());
+        // A plurality is not a majority: of five, two agreeing blame nobody.
+        let plurality: BTreeMap<u64, MemberHash> = [
+            (1, hash(7, 0)),
+            (2, hash(7, 0)),
+            (3, hash(8, 0)),
+            (4, hash(9, 0)),
+        ]
+        .into();
+        assert!(outliers(&plurality, 5).is_empty());
+        // Three of five agreeing do.
+        let mut majority = plurality.clone();
+        majority.insert(5, hash(7, 0));
+        assert_eq!(outliers(&majority, 5), vec![3, 4]);
     }
 }

@@ -53,29 +53,42 @@ fn internal(what: &str, path: &std::path::Path, e: impl std::fmt::Display) -> St
     Status::internal(format!("etcdserver: {what} {}: {e}", path.display()))
 }
 
-/// Writes a consistent image of the store into a new file at `path` (through the apply loop:
-/// nothing is applied meanwhile) and opens it for reading; the name is removed at once, so
-/// nothing is left behind whatever becomes of the stream. Returns the file and its size.
+/// Writes a consistent image of the store into a new file at `path` (as a store job: nothing
+/// is applied meanwhile) and returns a handle to read it and its size. The name is removed
+/// before the job is queued, so nothing is left behind whatever becomes of the call; a file
+/// left by a crash is removed at the next start (`remove_stale_images`).
 async fn write_image(server: &KvServer, path: PathBuf) -> Result<(std::fs::File, u64), Status> {
     let file = std::fs::File::create(&path).map_err(|e| internal("cannot create", &path, e))?;
-    let written = server
+    let reader = std::fs::File::open(&path);
+    let _ = std::fs::remove_file(&path);
+    let reader = reader.map_err(|e| internal("cannot reopen", &path, e))?;
+    let bytes = server
         .with_store(move |store| -> Result<u64, ServerError> {
             let mut out = std::io::BufWriter::new(file);
             let bytes = store.write_backup(&mut out)?;
-            out.flush()
-                .map(|()| bytes)
-                .and_then(|bytes| out.get_ref().sync_data().map(|()| bytes))
-                .map_err(|e| {
-                    crate::mvcc::MvccError::Backend(crate::io::BackendError::Store(e.to_string()))
-                })?;
+            out.flush().map_err(|e| {
+                crate::mvcc::MvccError::Backend(crate::io::BackendError::Store(e.to_string()))
+            })?;
             Ok(bytes)
         })
-        .await;
-    let opened = std::fs::File::open(&path);
-    let _ = std::fs::remove_file(&path);
-    let bytes = written.map_err(to_status)?.map_err(to_status)?;
-    let file = opened.map_err(|e| internal("cannot reopen", &path, e))?;
-    Ok((file, bytes))
+        .await
+        .map_err(to_status)?
+        .map_err(to_status)?;
+    Ok((reader, bytes))
+}
+
+/// Removes snapshot images a crash left in `dir` (their names were to be removed at once).
+pub fn remove_stale_images(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snapshot-") && name.ends_with(".part") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Sends `file` (`size` bytes) as snapshot chunks, then its SHA-256 as the last chunk, as etcd
@@ -139,10 +152,12 @@ impl Maintenance for MaintenanceService {
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let report = self.server.status();
-        let mut errors = report.alarms;
+        // As etcd: no leader first, then the alarms.
+        let mut errors = Vec::new();
         if report.leader == 0 {
             errors.push("etcdserver: no leader".to_string());
         }
+        errors.extend(report.alarms);
         Ok(Response::new(StatusResponse {
             header: Some(self.server.header(report.revision)),
             version: super::STATUS_VERSION.to_string(),

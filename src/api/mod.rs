@@ -27,7 +27,7 @@ pub use h2fix::AuthorityFix;
 pub use health::{fallback, routes as probe_routes};
 pub use kv::KvService;
 pub use lease::LeaseService;
-pub use maintenance::MaintenanceService;
+pub use maintenance::{remove_stale_images, MaintenanceService};
 pub use serve::serve;
 pub use status::to_status;
 pub use unary::UnaryKvLayer;

@@ -329,10 +329,17 @@ impl Backend for SledBackend {
             std::fs::remove_dir_all(&copy_dir)
                 .map_err(|e| io_error("cannot remove", &copy_dir, e))?;
         }
-        let copy = Self::open_db(&copy_dir)?;
-        // From here on every batch is kept; the scan below may or may not see it, and
-        // replaying it later gives the same result either way (puts and deletes, in order).
-        *self.copying() = Some(Vec::new());
+        // A fresh directory: no damaged files to guard against (and the process-wide panic hook
+        // stays as it is while the member runs).
+        let copy = Self::open_db_unguarded(&copy_dir)?;
+        {
+            // Under the write lock: every batch applied before this is in the store the scan
+            // below reads; every batch after it is kept too. The scan may or may not see a kept
+            // batch, and replaying it gives the same result either way (puts and deletes, in
+            // order).
+            let _no_batch_in_flight = self.db.write().unwrap_or_else(|p| p.into_inner());
+            *self.copying() = Some(Vec::new());
+        }
         let copied = self
             .copy_into(&copy)
             .and_then(|keys| Ok(copy.flush().map(|_| keys)?));

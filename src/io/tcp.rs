@@ -78,8 +78,8 @@ fn bad_data(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string())
 }
 
-/// Reads one batch (all its chunks); `Ok(None)` at a clean end of stream.
-/// The next batch and its payload's size in bytes; `Ok(None)` at a clean end of stream.
+/// The next batch (all its chunks) and its payload's size in bytes; `Ok(None)` at a clean end
+/// of stream.
 async fn read_batch(
     stream: &mut (impl AsyncRead + Unpin),
 ) -> std::io::Result<Option<(Vec<Message>, usize)>> {

@@ -18,9 +18,9 @@ pub struct KvHash {
 impl MvccStore {
     /// CRC32C over every revision record at or below `revision` (0: the newest) still kept,
     /// in revision order: each record's main and sub revision (big-endian) and its encoded
-    /// `KeyValue`. Independent of how a member batched its records into backend keys. Staged
-    /// writes go to the backend first.
-    pub fn hash_kv(&mut self, revision: i64) -> Result<KvHash, MvccError> {
+    /// `KeyValue`. Independent of how a member batched its records into backend keys. Every
+    /// applied write must be in the backend (a store job's view).
+    pub fn hash_kv(&self, revision: i64) -> Result<KvHash, MvccError> {
         let revision = if revision <= 0 {
             self.current_rev
         } else {
@@ -32,7 +32,7 @@ impl MvccStore {
         if revision < self.compact_rev {
             return Err(MvccError::Compacted);
         }
-        self.flush_staged()?;
+        self.require_flushed()?;
         let last = Revision::new(revision, i64::MAX);
         let mut hash = 0u32;
         let mut failure = None;
@@ -64,9 +64,9 @@ impl MvccStore {
         })
     }
 
-    /// CRC32C over every backend key and value, in key order. Staged writes go first.
-    pub fn hash_backend(&mut self) -> Result<u32, MvccError> {
-        self.flush_staged()?;
+    /// CRC32C over every backend key and value, in key order, of a flushed store.
+    pub fn hash_backend(&self) -> Result<u32, MvccError> {
+        self.require_flushed()?;
         let mut hash = 0u32;
         self.backend.scan(&[], None, &mut |key, value| {
             hash = crc32c::crc32c_append(hash, key);
@@ -105,6 +105,9 @@ mod tests {
             a.flush_staged().expect("flush");
             put(&mut b, i as u64 + 1, k, v);
         }
+        a.flush_staged().expect("flush");
+        b.flush_staged().expect("flush");
+        assert!(b.hash_kv(0).is_ok() && a.hash_kv(0).is_ok(), "both flushed");
         let at_a = a.hash_kv(0).expect("hash");
         assert_eq!(at_a, b.hash_kv(0).expect("hash"));
         assert_eq!(at_a.hash_revision, 4);
@@ -119,6 +122,11 @@ mod tests {
             "an older revision hashes less"
         );
         put(&mut b, 4, "c", "4");
+        assert!(
+            b.hash_kv(0).is_err(),
+            "staged writes are refused, not left out"
+        );
+        b.flush_staged().expect("flush");
         assert_ne!(b.hash_kv(0).expect("hash").hash, at_a.hash);
         assert_eq!(
             b.hash_kv(4).expect("hash"),
@@ -145,6 +153,8 @@ mod tests {
         let mut b = MvccStore::open(Arc::new(MemBackend::new())).expect("open");
         put(&mut a, 1, "a", "1");
         put(&mut b, 2, "a", "1");
+        a.flush_staged().expect("flush");
+        b.flush_staged().expect("flush");
         assert_eq!(a.hash_kv(0).expect("hash"), b.hash_kv(0).expect("hash"));
         assert_ne!(
             a.hash_backend().expect("hash"),

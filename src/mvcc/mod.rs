@@ -19,7 +19,7 @@ pub use history::in_range;
 pub use revision::{
     decode_u64, encode_u64, meta_key, parse_run_key, records, Revision, META_CONSISTENT_INDEX,
 };
-pub use snapshot::{check_image, ImageReader, IMAGE_ALIGN};
+pub use snapshot::{ImageReader, IMAGE_ALIGN};
 pub use store::MvccStore;
 pub use write::{ApplyOutcome, ApplyResult};
 

@@ -110,59 +110,12 @@ impl<R: std::io::Read> ImageReader<R> {
     }
 }
 
-/// Checks a whole image without keeping it: the number of backend keys it holds, or what is
-/// wrong with it.
-pub fn check_image(data: &[u8]) -> Result<u64, MvccError> {
-    let mut reader = ImageReader::new(data);
-    let mut keys = 0;
-    while reader.next_pair()?.is_some() {
-        keys += 1;
-    }
-    Ok(keys)
-}
-
-fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8], MvccError> {
-    if data.len() < n {
-        return Err(corrupt("truncated"));
-    }
-    let (head, rest) = data.split_at(n);
-    *data = rest;
-    Ok(head)
-}
-
-fn take_chunk<'a>(data: &mut &'a [u8]) -> Result<&'a [u8], MvccError> {
-    let len = take(data, 4)?;
-    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    take(data, len)
-}
-
 /// In place of a key's length: the image ends here; zeros up to a multiple of `IMAGE_ALIGN`
 /// follow.
 const IMAGE_END: [u8; 4] = u32::MAX.to_le_bytes();
 /// Image files are a whole number of these bytes long (etcdctl's `snapshot save` wants a file
 /// whose length modulo 512 is its 32-byte SHA-256 trailer, as a bolt file's pages give).
 pub const IMAGE_ALIGN: u64 = 512;
-
-/// A key and its value, as an image holds them.
-type Pair<'a> = (&'a [u8], &'a [u8]);
-
-/// The next key and value of an image, `None` at its end (the data's end, or an end mark
-/// followed by zeros only).
-fn next_pair<'a>(rest: &mut &'a [u8]) -> Result<Option<Pair<'a>>, MvccError> {
-    if rest.is_empty() {
-        return Ok(None);
-    }
-    if rest.starts_with(&IMAGE_END) {
-        if rest[IMAGE_END.len()..].iter().any(|b| *b != 0) {
-            return Err(corrupt("bytes after the end mark"));
-        }
-        *rest = &[];
-        return Ok(None);
-    }
-    let key = take_chunk(rest)?;
-    let value = take_chunk(rest)?;
-    Ok(Some((key, value)))
-}
 
 /// Ends an image of `written` bytes (as `write_image` counts them) for a file: the end mark,
 /// then zeros to a multiple of `IMAGE_ALIGN`. Returns the image's new length.
@@ -187,26 +140,28 @@ impl MvccStore {
     /// image is never held in memory whole); staged writes go to the backend first. Returns
     /// the bytes written. The caller keeps the store from changing meanwhile.
     pub fn write_image(&mut self, out: &mut dyn std::io::Write) -> Result<u64, MvccError> {
+        self.flush_staged()?;
         let lose_tail = crate::hooks::injected(crate::hooks::Bug::LoseSnapshotTail);
         self.write_image_as(out, lose_tail)
     }
 
     /// A backup, as the Snapshot RPC streams it: the image, ended and padded for a file
-    /// (`end_image`). Returns its length.
-    pub fn write_backup(&mut self, out: &mut dyn std::io::Write) -> Result<u64, MvccError> {
+    /// (`end_image`). Returns its length. Every applied write must be in the backend (a store
+    /// job's view); otherwise it refuses.
+    pub fn write_backup(&self, out: &mut dyn std::io::Write) -> Result<u64, MvccError> {
+        self.require_flushed()?;
         let lose_tail = crate::hooks::injected(crate::hooks::Bug::BackupMissesLastBatch);
         let written = self.write_image_as(out, lose_tail)?;
         end_image(out, written).map_err(image_error)
     }
 
-    /// `write_image`, leaving out the run of the newest revision when `lose_tail` (a planted
-    /// bug).
+    /// `write_image` of a flushed store, leaving out the run of the newest revision when
+    /// `lose_tail` (a planted bug).
     fn write_image_as(
-        &mut self,
+        &self,
         out: &mut dyn std::io::Write,
         lose_tail: bool,
     ) -> Result<u64, MvccError> {
-        self.flush_staged()?;
         let mut written = MAGIC.len() as u64;
         let mut failure = None;
         out.write_all(MAGIC).map_err(image_error)?;
@@ -238,13 +193,10 @@ impl MvccStore {
     /// Replaces the whole store with `data`, the state as of raft index `index`. Durable on
     /// return (the backend is flushed), so the WAL before `index` is no longer needed.
     pub fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), MvccError> {
-        let mut rest = data;
-        if take(&mut rest, MAGIC.len())? != MAGIC {
-            return Err(corrupt("bad magic"));
-        }
+        let mut reader = ImageReader::new(data);
         let mut pairs = Vec::new();
-        while let Some((key, value)) = next_pair(&mut rest)? {
-            pairs.push((key.to_vec(), value.to_vec()));
+        while let Some(pair) = reader.next_pair()? {
+            pairs.push(pair);
         }
         // Checked in full before anything is deleted.
         assert!(
@@ -336,6 +288,34 @@ mod tests {
         );
         let reopened = MvccStore::open(Arc::new(backend.crashed_copy())).expect("reopen");
         assert_eq!(reopened.consistent_index(), 10, "restore is durable");
+    }
+
+    #[test]
+    fn a_backup_is_padded_to_512_bytes_restores_and_refuses_bytes_after_its_end_mark() {
+        let mut leader = MvccStore::open(Arc::new(MemBackend::new())).expect("open");
+        put(&mut leader, 1, "a", "1");
+        put(&mut leader, 2, "b", "2");
+        let mut backup = Vec::new();
+        assert!(
+            leader.write_backup(&mut backup).is_err(),
+            "staged writes are refused, not left out"
+        );
+        leader.flush_staged().expect("flush");
+        let length = leader.write_backup(&mut backup).expect("backup");
+        assert_eq!(length as usize, backup.len());
+        assert_eq!(backup.len() as u64 % IMAGE_ALIGN, 0);
+        let mut follower = MvccStore::open(Arc::new(MemBackend::new())).expect("open");
+        follower.restore(7, &backup).expect("restore");
+        assert_eq!(follower.current_rev(), leader.current_rev());
+        let mut damaged = backup.clone();
+        let last = damaged.len() - 1;
+        damaged[last] = 1;
+        assert!(follower.restore(8, &damaged).is_err());
+        assert_eq!(
+            follower.consistent_index(),
+            7,
+            "the refused restore changed nothing"
+        );
     }
 
     #[test]

@@ -231,6 +231,17 @@ impl MvccStore {
         &self.backend
     }
 
+    /// `Ok` when every applied write is in the backend (nothing staged or on its way): what
+    /// reads of the backend alone (hashes, backups) need.
+    pub(super) fn require_flushed(&self) -> Result<(), MvccError> {
+        if self.staged.is_empty() && self.staged_runs.is_empty() && self.writing_values.is_empty() {
+            return Ok(());
+        }
+        Err(MvccError::Backend(crate::io::BackendError::Store(
+            "applied writes are not all in the backend yet".into(),
+        )))
+    }
+
     /// Backend writes staged and not yet handed to the backend (each revision's record counts).
     pub fn staged_ops(&self) -> usize {
         self.staged.ops.len() + self.staged_values.len()

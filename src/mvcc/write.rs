@@ -124,6 +124,17 @@ impl MvccStore {
             }
             Request::Alarm(req) => {
                 let (alarms, records) = self.alarms.apply(req);
+                if let Some(alarm) = alarms.first().filter(|_| !records.is_empty()) {
+                    // Raised or cleared: worth a warning on every member.
+                    let name = crate::proto::etcdserverpb::AlarmType::try_from(alarm.alarm)
+                        .map(|a| a.as_str_name())
+                        .unwrap_or("UNKNOWN");
+                    let member = format!("{:x}", alarm.member_id);
+                    match records[0].1 {
+                        Some(_) => tracing::warn!(alarm = name, member, "alarm raised"),
+                        None => tracing::warn!(alarm = name, member, "alarm cleared"),
+                    }
+                }
                 for (name, value) in records {
                     match value {
                         Some(value) => pending.batch.put(meta_key(&name), value),

@@ -199,13 +199,13 @@ impl NodeHandle {
         response.await.map_err(|_| NodeError::Stopped)
     }
 
-    /// Hands raft the applied state at `index`, for followers behind the compacted log.
     /// Asks the node to stop cleanly: it syncs its WAL and ends, and the apply loop, once it
     /// has applied what it was handed, writes everything to the backend and ends too.
     pub async fn stop(&self) {
         let _ = self.control.send(Command::Stop).await;
     }
 
+    /// Hands raft the applied state at `index`, for followers behind the compacted log.
     pub async fn offer_snapshot(&self, index: u64, data: Vec<u8>) -> Result<(), NodeError> {
         self.send_control(Command::OfferSnapshot { index, data })
             .await

@@ -16,14 +16,12 @@ use super::lease::LeaseClock;
 use crate::cluster::{Members, RecordChange};
 use crate::hooks::{self, Observation};
 use crate::io::{BackendError, Clock};
-use crate::mvcc::{ApplyOutcome, MvccError, MvccStore};
-use crate::proto::etcdserverpb::alarm_request::AlarmAction;
-use crate::proto::etcdserverpb::{AlarmRequest, AlarmResponse, AlarmType};
+use crate::mvcc::{MvccError, MvccStore};
 use crate::proto::mvccpb::Event;
 use crate::proto::quorumkvpb::raft_request::Request;
 use crate::proto::quorumkvpb::ConfChangeContext;
 use crate::proto::quorumkvpb::RaftRequest;
-use crate::raft::{ApplyBatch, NodeHandle, SnapshotRequests};
+use crate::raft::{ApplyBatch, NodeError, NodeHandle, SnapshotRequests};
 use crate::watch::WatchHub;
 
 pub struct ApplyLoop {
@@ -54,12 +52,16 @@ pub struct ApplyLoop {
     /// The leader's lease clock, brought up to date around each lease grant.
     pub leases: LeaseClock,
     /// Work that needs the whole store still, in the backend, between two entries (hashes,
-    /// snapshot images, defragmentation).
+    /// snapshot images).
     pub jobs: mpsc::Receiver<StoreJob>,
+    /// The node stopped under a configuration change: nothing after it may be applied (its
+    /// index must stay unapplied, so that the next start applies it whole).
+    pub halted: bool,
 }
 
-/// A job run by the apply loop with the store to itself, every applied write in the backend.
-pub type StoreJob = Box<dyn FnOnce(&mut MvccStore) + Send>;
+/// A job the apply loop runs between two entries, every applied write in the backend: on a
+/// blocking thread, with the store read-locked (reads go on; applying waits for it).
+pub type StoreJob = Box<dyn FnOnce(&MvccStore) + Send>;
 
 /// An entry whose apply takes longer is logged (etcd's `apply request took too long`).
 pub const SLOW_APPLY: Duration = Duration::from_millis(100);
@@ -102,9 +104,17 @@ pub async fn run_apply_loop(
             }
             Some(job) = apply.jobs.recv() => {
                 apply.finish_write().await?;
-                let mut store = apply.lock();
-                store.flush_staged()?;
-                job(&mut store);
+                apply.lock().flush_staged()?;
+                let store = apply.store.clone();
+                // Under the simulator this is an ordinary task (madsim marks it deprecated).
+                #[allow(deprecated)]
+                let ran = tokio::task::spawn_blocking(move || {
+                    job(&store.read().unwrap_or_else(|p| p.into_inner()));
+                })
+                .await;
+                if let Err(e) = ran {
+                    tracing::error!(error = %e, "a store job failed");
+                }
                 continue;
             }
         };
@@ -133,6 +143,9 @@ pub async fn run_apply_loop(
                         );
                     }
                     apply.observe_state(index);
+                    if apply.halted {
+                        break;
+                    }
                 }
                 let events = std::mem::take(&mut apply.events);
                 apply.watches.publish(events);
@@ -146,6 +159,9 @@ pub async fn run_apply_loop(
                 {
                     apply.write_staged().await?;
                     last_flush_ms = now_ms;
+                }
+                if apply.halted {
+                    break;
                 }
                 // Replay after a restart re-delivers entries the backend already holds: the
                 // applied index never goes back.
@@ -176,22 +192,6 @@ pub async fn run_apply_loop(
     apply.finish_write().await?;
     apply.lock().flush_staged()?;
     Ok(())
-}
-
-/// An alarm raised or cleared is worth a warning on every member.
-fn log_alarm_change(request: &AlarmRequest, response: &AlarmResponse) {
-    let Some(changed) = response.alarms.first() else {
-        return;
-    };
-    let alarm = AlarmType::try_from(changed.alarm)
-        .map(|a| a.as_str_name())
-        .unwrap_or("UNKNOWN");
-    let member = format!("{:x}", changed.member_id);
-    match AlarmAction::try_from(request.action) {
-        Ok(AlarmAction::Activate) => tracing::warn!(alarm, member, "alarm raised"),
-        Ok(AlarmAction::Deactivate) => tracing::warn!(alarm, member, "alarm cleared"),
-        _ => {}
-    }
 }
 
 impl ApplyLoop {
@@ -329,9 +329,6 @@ impl ApplyLoop {
             return Ok(());
         };
         let result = store.apply(index, body);
-        if let (Request::Alarm(req), Ok(ApplyOutcome::Alarm(resp))) = (body, &result) {
-            log_alarm_change(req, resp);
-        }
         let events = store.take_published();
         if matches!(
             result,
@@ -372,6 +369,11 @@ impl ApplyLoop {
                 let list = members.list();
                 self.publish_members(members);
                 Ok(list)
+            }
+            Err(NodeError::Stopped) => {
+                // Shutting down: the change is applied at the next start, with what follows.
+                self.halted = true;
+                Err(NodeError::Stopped)
             }
             Err(e) => {
                 tracing::error!(index, error = %e, "configuration change not applied");

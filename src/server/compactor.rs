@@ -1,7 +1,8 @@
-//! Auto-compaction (`--auto-compaction-mode`, `--auto-compaction-retention`), as etcd runs it
-//! on the leader only: in `periodic` mode the leader notes the revision every tenth of the
-//! retention and compacts to the one it noted a retention ago; in `revision` mode it compacts
-//! every 5 minutes to the revision `retention` revisions behind the newest.
+//! Auto-compaction (`--auto-compaction-mode`, `--auto-compaction-retention`), on the leader
+//! only, as in etcd. In `periodic` mode the leader notes the revision every tenth of the
+//! retention and, as often, compacts to the one it noted a retention ago (etcd samples as
+//! often but compacts less often for long retentions); in `revision` mode it compacts every 5
+//! minutes to the revision `retention` revisions behind the newest.
 
 use std::collections::VecDeque;
 use std::time::Duration;

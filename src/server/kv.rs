@@ -271,7 +271,7 @@ impl KvServer {
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, ServerError> {
         mvcc::check_txn(&req, self.config.max_txn_ops)?;
         METRICS.mvcc_txn.inc();
-        if crate::alarm::txn_writes(&req) {
+        if crate::alarm::txn_puts(&req) {
             self.check_quota(req.encoded_len())?;
         }
         match self.propose(Request::Txn(req)).await? {
@@ -380,7 +380,7 @@ impl KvServer {
             revision: store.current_rev(),
             alarms: store
                 .alarms()
-                .list(0)
+                .list(crate::proto::etcdserverpb::AlarmType::None as i32)
                 .iter()
                 .map(|a| {
                     let name = crate::proto::etcdserverpb::AlarmType::try_from(a.alarm)

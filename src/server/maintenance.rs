@@ -89,14 +89,14 @@ impl KvServer {
         }
     }
 
-    /// Runs `job` in the apply loop with the whole store to itself: every write applied so far
-    /// is in the backend, and nothing is applied until it returns.
+    /// Runs `job` between two entries: every write applied so far is in the backend, nothing is
+    /// applied until it returns, and reads go on meanwhile (it runs on a blocking thread).
     pub async fn with_store<T: Send + 'static>(
         &self,
-        job: impl FnOnce(&mut MvccStore) -> T + Send + 'static,
+        job: impl FnOnce(&MvccStore) -> T + Send + 'static,
     ) -> Result<T, ServerError> {
         let (tx, rx) = oneshot::channel();
-        let job = Box::new(move |store: &mut MvccStore| {
+        let job = Box::new(move |store: &MvccStore| {
             let _ = tx.send(job(store));
         });
         self.jobs

@@ -197,6 +197,7 @@ pub fn start_member(
         acks: Vec::new(),
         leases: leases.clone(),
         jobs: jobs_rx,
+        halted: false,
     };
     let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
     let server_config = ServerConfig {

@@ -278,6 +278,7 @@ mod tests {
             store.apply(i as u64 + 2, &Request::Put(put)).expect("put");
         }
         let mut image = Vec::new();
+        store.flush_staged().expect("flush");
         store.write_backup(&mut image).expect("image");
         let sha = Sha256::digest(&image);
         image.extend_from_slice(&sha);
