@@ -142,6 +142,7 @@ mod tests {
             }),
         )
         .expect("compact");
+        a.flush_staged().expect("flush");
         assert!(matches!(a.hash_kv(2), Err(MvccError::Compacted)));
         assert_eq!(a.hash_kv(0).expect("hash").compact_revision, 3);
     }
