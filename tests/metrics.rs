@@ -128,6 +128,18 @@ fn metrics_have_etcds_names_types_and_labels_and_follow_the_cluster() {
             .sum()
     };
     assert_eq!(count("Put", "OK"), 20.0);
+    let started_puts: f64 = samples(&scraped, "grpc_server_started_total")
+        .iter()
+        .filter(|s| s.labels.get("grpc_method") == Some("Put"))
+        .map(|s| match s.value {
+            Value::Counter(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert_eq!(
+        started_puts, 20.0,
+        "each put started once, and none is in flight"
+    );
     assert!(
         count("Range", "OutOfRange") >= 1.0,
         "a future revision's read"

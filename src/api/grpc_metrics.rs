@@ -1,7 +1,9 @@
 //! `grpc_server_started_total` and `grpc_server_handled_total`, as go-grpc-prometheus counts
-//! them for etcd: a layer in front of every gRPC call on the client port. A call is handled once
-//! its status is known: from the headers of a trailers-only answer, from the trailers, or as
-//! `Canceled` when the client goes away first.
+//! them for etcd: a layer in front of the routed gRPC services. A call is handled once its
+//! status is known: from the headers of a trailers-only answer, from the trailers, or as
+//! `Canceled` when the client goes away first. The KV short path (`unary`), in front of this
+//! layer, counts the calls it answers itself (`kv_method`), without wrapping their bodies; a
+//! call it passes on carries `StartCounted` so that it is not counted as started twice.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -122,14 +124,25 @@ fn grpc_type(service: &str, method: &str) -> &'static str {
 }
 
 /// One method's counters, the handled ones made on first use.
-struct MethodMetrics {
+pub(super) struct MethodMetrics {
     labels: [&'static str; 3],
-    started: IntCounter,
+    pub(super) started: IntCounter,
     handled: [OnceLock<IntCounter>; 17],
 }
 
+/// A request extension: its call was counted as started already.
+#[derive(Clone, Copy)]
+pub(super) struct StartCounted;
+
+/// The counters of `etcdserverpb.KV/<method>`.
+pub(super) fn kv_method(method: &str) -> Option<&'static MethodMetrics> {
+    BY_PATH
+        .get(&format!("/etcdserverpb.KV/{method}"))
+        .map(|m| &**m)
+}
+
 impl MethodMetrics {
-    fn handled(&self, code: usize) {
+    pub(super) fn handled(&self, code: usize) {
         let code = code.min(CODE_NAMES.len() - 1);
         self.handled[code]
             .get_or_init(|| {
@@ -142,7 +155,7 @@ impl MethodMetrics {
     }
 
     /// Counts the call by the `grpc-status` in `headers`, if there is one.
-    fn handled_by(&self, headers: &HeaderMap) -> bool {
+    pub(super) fn handled_by(&self, headers: &HeaderMap) -> bool {
         let Some(status) = headers.get(GRPC_STATUS) else {
             return false;
         };
@@ -211,7 +224,9 @@ where
     fn call(&mut self, request: http::Request<Body>) -> ResponseFuture {
         let method = BY_PATH.get(request.uri().path()).cloned();
         if let Some(method) = &method {
-            method.started.inc();
+            if request.extensions().get::<StartCounted>().is_none() {
+                method.started.inc();
+            }
         }
         let answer = self.inner.call(request);
         Box::pin(async move {

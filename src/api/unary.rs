@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -19,6 +19,7 @@ use tonic::body::Body;
 use tonic::codegen::http::{self, HeaderMap, HeaderValue};
 use tonic::codegen::Service;
 
+use super::grpc_metrics::{kv_method, MethodMetrics, StartCounted};
 use super::status::to_status;
 use super::{ok_trailers, GRPC_ENCODING};
 use crate::server::{KvServer, ServerError};
@@ -38,6 +39,15 @@ enum Method {
 }
 
 impl Method {
+    /// Its counters, for the calls this path answers.
+    fn metrics(self) -> &'static MethodMetrics {
+        static KV: LazyLock<[&'static MethodMetrics; 5]> = LazyLock::new(|| {
+            ["Range", "Put", "DeleteRange", "Txn", "Compact"]
+                .map(|name| kv_method(name).expect("the KV methods are counted"))
+        });
+        KV[self as usize]
+    }
+
     fn of(path: &str) -> Option<Method> {
         Some(match path.strip_prefix("/etcdserverpb.KV/")? {
             "Range" => Method::Range,
@@ -118,10 +128,22 @@ where
         let server = self.server.clone();
         let limit = self.max_decoding_message_size;
         Box::pin(async move {
-            let (parts, body) = req.into_parts();
+            let (mut parts, body) = req.into_parts();
+            let metrics = method.metrics();
+            metrics.started.inc();
+            parts.extensions.insert(StartCounted);
+            // Counted as cancelled if the client goes away before the answer.
+            let mut pending = Unanswered(Some(metrics));
             let passed_on = match read_message(body, limit).await {
                 Read::Message(message) => match answer(&server, method, message.clone()).await {
-                    Some(response) => return Ok(response),
+                    Some(response) => {
+                        pending.0 = None;
+                        // A success carries its status in the trailers, an error in the head.
+                        if !metrics.handled_by(response.headers()) {
+                            metrics.handled(0);
+                        }
+                        return Ok(response);
+                    }
                     None => Body::new(Prefixed {
                         head: Some(message),
                         held: None,
@@ -134,12 +156,29 @@ where
                     rest: Some(rest),
                 }),
             };
+            // The routed services' layer counts how it ends.
+            pending.0 = None;
             inner
                 .call(http::Request::from_parts(parts, passed_on))
                 .await
         })
     }
 }
+
+/// A call this path counted as started and has not answered yet: dropped unanswered (the
+/// client went away), it counts as cancelled.
+struct Unanswered(Option<&'static MethodMetrics>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.0.take() {
+            metrics.handled(CANCELED_CODE);
+        }
+    }
+}
+
+/// gRPC's code for a call its client cancelled.
+const CANCELED_CODE: usize = 1;
 
 /// An uncompressed gRPC request: the ones this path decodes.
 fn takes(headers: &HeaderMap) -> bool {
