@@ -71,6 +71,21 @@ fn bad_flags_are_refused_with_a_clear_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("only http://"));
 }
 
+/// Starts `command` (output dropped) and waits until a read of `k` through `endpoint` answers.
+fn serving(mut command: Command, endpoint: &str, failure: &str) -> std::process::Child {
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !etcdctl(endpoint, &["get", "k"]).status.success() {
+        assert!(Instant::now() < deadline, "{failure}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 /// The flags of a kubeadm etcd manifest (its TLS flags aside: TLS is not built) start a member
 /// unchanged, from the command line, from `ETCD_*` variables, or from etcd's YAML config file.
 #[test]
@@ -128,19 +143,7 @@ fn a_kubeadm_manifests_flags_etcd_variables_and_config_file_start_a_member() {
             value,
         );
     }
-    let mut child = etcd_env
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !etcdctl(&client_url, &["get", "k"]).status.success() {
-        assert!(
-            Instant::now() < deadline,
-            "ETCD_* variables did not start it"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = serving(etcd_env, &client_url, "ETCD_* variables did not start it");
     assert!(ok(etcdctl(&client_url, &["get", "k", "--print-value-only"])).contains('v'));
     let _ = child.kill();
     let _ = child.wait();
@@ -158,21 +161,9 @@ fn a_kubeadm_manifests_flags_etcd_variables_and_config_file_start_a_member() {
         .collect();
     let config = dir.path().join("etcd.conf.yml");
     std::fs::write(&config, yaml).expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quorumkv"))
-        .arg("--config-file")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !etcdctl(&client_url, &["get", "k"]).status.success() {
-        assert!(
-            Instant::now() < deadline,
-            "the config file did not start it"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut from_file = Command::new(env!("CARGO_BIN_EXE_quorumkv"));
+    from_file.arg("--config-file").arg(&config);
+    let mut child = serving(from_file, &client_url, "the config file did not start it");
     let _ = child.kill();
     let _ = child.wait();
 

@@ -83,17 +83,9 @@ mod tests {
 
     use super::*;
     use crate::io::MemBackend;
-    use crate::proto::etcdserverpb::{CompactionRequest, PutRequest};
+    use crate::mvcc::snapshot::tests::put;
+    use crate::proto::etcdserverpb::CompactionRequest;
     use crate::proto::quorumkvpb::raft_request::Request;
-
-    fn put(store: &mut MvccStore, index: u64, key: &str, value: &str) {
-        let req = PutRequest {
-            key: key.into(),
-            value: value.into(),
-            ..Default::default()
-        };
-        store.apply(index, &Request::Put(req)).expect("put");
-    }
 
     #[test]
     fn hash_kv_is_equal_whatever_the_batching_and_changes_with_any_record() {

@@ -229,13 +229,14 @@ impl MvccStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::io::MemBackend;
     use crate::proto::etcdserverpb::{PutRequest, RangeRequest};
     use crate::proto::quorumkvpb::raft_request::Request;
 
-    fn put(store: &mut MvccStore, index: u64, key: &str, value: &str) {
+    /// Applies a put of `key` = `value` as raft entry `index`.
+    pub(in crate::mvcc) fn put(store: &mut MvccStore, index: u64, key: &str, value: &str) {
         let req = PutRequest {
             key: key.into(),
             value: value.into(),
