@@ -47,36 +47,33 @@ pub struct Metrics {
     pub grpc_handled: IntCounterVec,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let metric = IntCounter::new(name, help).expect("valid metric");
+/// `metric`, registered in `registry`.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> M {
     registry
         .register(Box::new(metric.clone()))
         .expect("metric registered once");
     metric
 }
 
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    registered(registry, IntCounter::new(name, help).expect("valid metric"))
+}
+
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let metric = IntGauge::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric registered once");
-    metric
+    registered(registry, IntGauge::new(name, help).expect("valid metric"))
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric registered once");
-    metric
+    registered(registry, metric)
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     let metric = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric registered once");
-    metric
+    registered(registry, metric)
 }
 
 /// etcd's disk histograms: 1 ms doubling to about 8 s.
@@ -87,10 +84,7 @@ fn disk_buckets() -> Vec<f64> {
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     let metric =
         Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric registered once");
-    metric
+    registered(registry, metric)
 }
 
 impl Metrics {
@@ -102,17 +96,18 @@ impl Metrics {
             r.register(Box::new(process))
                 .expect("process metrics registered once");
         }
-        let peer_round_trip_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "etcd_network_peer_round_trip_time_seconds",
-                "Round-Trip-Time histogram between peers",
+        let peer_round_trip_seconds = registered(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "etcd_network_peer_round_trip_time_seconds",
+                    "Round-Trip-Time histogram between peers",
+                )
+                .buckets(exponential_buckets(0.0001, 2.0, 16).expect("valid buckets")),
+                &["To"],
             )
-            .buckets(exponential_buckets(0.0001, 2.0, 16).expect("valid buckets")),
-            &["To"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(peer_round_trip_seconds.clone()))
-            .expect("metric registered once");
+            .expect("valid metric"),
+        );
         Metrics {
             has_leader: gauge(&r, "etcd_server_has_leader", "Whether or not a leader exists. 1 is existence, 0 is not."),
             is_leader: gauge(&r, "etcd_server_is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise."),

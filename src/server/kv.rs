@@ -137,6 +137,10 @@ pub struct KvServer {
     pub(super) lease_clock: LeaseClock,
     watches: WatchHub,
     pub(super) jobs: mpsc::Sender<StoreJob>,
+    /// The store's backend, the same for the member's life (a restore and a defragmentation
+    /// change what is in it, not which it is): the quota asks its size before every write
+    /// without taking the store's lock.
+    pub(super) backend: Arc<dyn crate::io::Backend>,
 }
 
 impl KvServer {
@@ -152,7 +156,13 @@ impl KvServer {
         // Ids must not collide across members (each applies everyone's entries) nor across
         // restarts: the member's low 16 bits, then a counter from a random start.
         let first_id = ((config.member_id & 0xffff) << 48) | (config.id_seed & ((1 << 47) - 1));
+        let backend = store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .backend()
+            .clone();
         KvServer {
+            backend,
             config: Arc::new(config),
             node,
             store,

@@ -50,7 +50,7 @@ impl KvServer {
     /// Refuses a write of about `cost` bytes that would take the backend past its quota, and
     /// raises the NOSPACE alarm for this member (through the log), as etcd does.
     pub(super) fn check_quota(&self, cost: usize) -> Result<(), ServerError> {
-        let size = self.read_store().backend().size_bytes();
+        let size = self.backend.size_bytes();
         if size.saturating_add(cost as u64) <= self.quota_bytes() {
             return Ok(());
         }
@@ -139,7 +139,7 @@ impl KvServer {
 
     /// The backend under the store.
     pub fn backend(&self) -> std::sync::Arc<dyn crate::io::Backend> {
-        self.read_store().backend().clone()
+        self.backend.clone()
     }
 
     /// The revision of the last compaction.
