@@ -24,10 +24,12 @@ pub enum Bug {
     LockSkipsWait,
     /// Leave the last batch of revisions out of a backup (`Maintenance.Snapshot`'s image).
     BackupMissesLastBatch,
+    /// Apply a client's request without checking its permissions again at apply.
+    SkipAuthCheckAtApply,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 9] = [
+    pub const ALL: [Bug; 10] = [
         Bug::AckBeforeFsync,
         Bug::ApplyBeforeCommit,
         Bug::ServeStaleRead,
@@ -37,6 +39,7 @@ impl Bug {
         Bug::WatchOutOfOrder,
         Bug::LockSkipsWait,
         Bug::BackupMissesLastBatch,
+        Bug::SkipAuthCheckAtApply,
     ];
 
     pub fn name(self) -> &'static str {
@@ -50,6 +53,7 @@ impl Bug {
             Bug::WatchOutOfOrder => "watch-out-of-order",
             Bug::LockSkipsWait => "lock-skips-wait",
             Bug::BackupMissesLastBatch => "backup-misses-last-batch",
+            Bug::SkipAuthCheckAtApply => "skip-auth-check-at-apply",
         }
     }
 
@@ -66,6 +70,9 @@ impl Bug {
             }
             Bug::LockSkipsWait => "grant locks without waiting for older holders to go",
             Bug::BackupMissesLastBatch => "a backup (Snapshot RPC image) lacks its last batch",
+            Bug::SkipAuthCheckAtApply => {
+                "apply a client's request without checking its permissions again at apply"
+            }
         }
     }
 

@@ -4,6 +4,7 @@ pub mod alarm;
 /// The gRPC services: not part of the simulated build (the simulator drives `server` directly).
 #[cfg(not(madsim))]
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod hash;

@@ -10,15 +10,16 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 use prost::Message as _;
 use quorumkv::api::{
-    fallback, gateway_routes, probe_routes, serve, ClusterService, ElectionService, GrpcMetrics,
-    KvService, LeaseService, LockService, MaintenanceService, UnaryKvLayer, WatchService,
-    GRPC_OVERHEAD_BYTES,
+    fallback, gateway_routes, probe_routes, serve, AuthService, ClusterService, ElectionService,
+    GrpcMetrics, KvService, LeaseService, LockService, MaintenanceService, UnaryKvLayer,
+    WatchService, GRPC_OVERHEAD_BYTES,
 };
 use quorumkv::cluster::Members;
 use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
 use quorumkv::io::transport::INBOX_BATCHES;
 use quorumkv::io::{os_seed, SledBackend, StdDisk, TcpTransport, TokioClock};
 use quorumkv::mvcc::MvccError;
+use quorumkv::proto::etcdserverpb::auth_server::AuthServer as AuthGrpc;
 use quorumkv::proto::etcdserverpb::cluster_server::ClusterServer as ClusterGrpc;
 use quorumkv::proto::etcdserverpb::kv_server::KvServer as KvGrpc;
 use quorumkv::proto::etcdserverpb::lease_server::LeaseServer as LeaseGrpc;
@@ -167,6 +168,16 @@ struct Flags {
     /// mode, a number of revisions in revision mode; 0 turns it off.
     #[arg(long, env = "QUORUMKV_AUTO_COMPACTION_RETENTION", default_value = "0")]
     auto_compaction_retention: String,
+    /// Token type: 'simple' (random tokens, known to every member). JWT tokens are not built
+    /// yet and refused.
+    #[arg(long, env = "QUORUMKV_AUTH_TOKEN", default_value = "simple")]
+    auth_token: String,
+    /// Seconds a simple token stays valid without use.
+    #[arg(long, env = "QUORUMKV_AUTH_TOKEN_TTL", default_value_t = 300)]
+    auth_token_ttl: u64,
+    /// Cost of the bcrypt hashes of user passwords (4 to 31).
+    #[arg(long, env = "QUORUMKV_BCRYPT_COST", default_value_t = quorumkv::auth::DEFAULT_BCRYPT_COST)]
+    bcrypt_cost: u32,
     /// Log level: debug, info, warn, error.
     #[arg(long, env = "QUORUMKV_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -432,7 +443,26 @@ fn member_config(
     if flags.heartbeat_interval == 0 || flags.election_timeout < 5 * flags.heartbeat_interval {
         return Err("--election-timeout should be at least 5 times --heartbeat-interval".into());
     }
+    if !flags.auth_token.eq_ignore_ascii_case("simple") {
+        return Err(format!(
+            "--auth-token {:?} is not supported: quorumkv issues simple tokens only (JWT is not built yet)",
+            flags.auth_token
+        ));
+    }
+    if !(4..=31).contains(&flags.bcrypt_cost) {
+        return Err(format!(
+            "--bcrypt-cost {} is out of range: it must be between 4 and 31",
+            flags.bcrypt_cost
+        ));
+    }
+    if flags.auth_token_ttl == 0 {
+        return Err("--auth-token-ttl must be at least 1 second".into());
+    }
     Ok(MemberConfig {
+        auth: quorumkv::server::AuthConfig {
+            bcrypt_cost: flags.bcrypt_cost,
+            token_ttl: Duration::from_secs(flags.auth_token_ttl),
+        },
         watch_progress_notify_interval: flags.experimental_watch_progress_notify_interval,
         quota_backend_bytes: flags.quota_backend_bytes,
         member_id: identity.member_id,
@@ -588,14 +618,41 @@ async fn shutdown_signal() {
     }
 }
 
+/// etcd's check of an existing data dir: others must not be able to read it.
+fn warn_if_open_to_others(dir: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(meta) = std::fs::metadata(dir) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %dir.display(),
+                    permission = format!("{mode:o}"),
+                    recommended = "700",
+                    "the data dir can be read by other users: `chmod 700` it to keep its keys and values private"
+                );
+            }
+        }
+    }
+}
+
 async fn run(flags: Flags) -> Result<(), String> {
     let data_dir = flags
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.quorumkv", flags.name)));
     let member_dir = data_dir.join("member");
+    // Everything the member writes (the data dir, the WAL, the backend, its identity) is
+    // readable by its own user only, as etcd's (0700 directories, 0600 files; CVE-2020-15113).
+    #[cfg(unix)]
+    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     std::fs::create_dir_all(&member_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", member_dir.display()))?;
+    warn_if_open_to_others(&data_dir);
     let auto_compaction = AutoCompaction::from_flags(
         &flags.auto_compaction_mode,
         &flags.auto_compaction_retention,
@@ -748,9 +805,13 @@ async fn run(flags: Flags) -> Result<(), String> {
         let election = ElectionGrpc::new(ElectionService::new(member.kv.clone()))
             .max_decoding_message_size(max_decode)
             .max_encoding_message_size(usize::MAX);
+        let auth = AuthGrpc::new(AuthService::new(member.kv.clone()))
+            .max_decoding_message_size(max_decode)
+            .max_encoding_message_size(usize::MAX);
         let mut stop = stop_rx.clone();
         // gRPC and the JSON gateway share the port (HTTP/2 and HTTP/1.1), as in etcd.
         let grpc = tonic::service::Routes::new(kv)
+            .add_service(auth)
             .add_service(maintenance)
             .add_service(cluster)
             .add_service(lease)

@@ -3,8 +3,10 @@
 
 use tonic::{Request, Response, Status};
 
+use super::auth::caller;
 use super::forward::{forwarded, ToLeader};
 use super::to_status;
+use crate::auth::AuthError;
 use crate::proto::etcdserverpb::cluster_client::ClusterClient;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::{
@@ -34,6 +36,14 @@ impl ClusterService {
         Ok(ClusterClient::new(self.to_leader.channel(request).await?))
     }
 
+    /// Membership changes need root once auth is on.
+    fn require_root<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let who = caller(&self.server, request)?;
+        self.server
+            .require_root(&who, AuthError::PermissionDenied)
+            .map_err(to_status)
+    }
+
     fn members_response_header(&self) -> crate::proto::etcdserverpb::ResponseHeader {
         self.server.header(self.server.status().revision)
     }
@@ -45,6 +55,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.require_root(&request)?;
         let req = request.get_ref().clone();
         match self
             .server
@@ -59,7 +70,7 @@ impl Cluster for ClusterService {
             Err(ServerError::NotLeader) => {
                 self.leader(&request)
                     .await?
-                    .member_add(forwarded(req))
+                    .member_add(forwarded(req, &request))
                     .await
             }
             Err(e) => Err(to_status(e)),
@@ -70,6 +81,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.require_root(&request)?;
         let req = *request.get_ref();
         match self.server.member_remove(req.id).await {
             Ok(members) => Ok(Response::new(MemberRemoveResponse {
@@ -79,7 +91,7 @@ impl Cluster for ClusterService {
             Err(ServerError::NotLeader) => {
                 self.leader(&request)
                     .await?
-                    .member_remove(forwarded(req))
+                    .member_remove(forwarded(req, &request))
                     .await
             }
             Err(e) => Err(to_status(e)),
@@ -90,6 +102,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.require_root(&request)?;
         let req = request.get_ref().clone();
         match self
             .server
@@ -103,7 +116,7 @@ impl Cluster for ClusterService {
             Err(ServerError::NotLeader) => {
                 self.leader(&request)
                     .await?
-                    .member_update(forwarded(req))
+                    .member_update(forwarded(req, &request))
                     .await
             }
             Err(e) => Err(to_status(e)),
@@ -114,6 +127,9 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
+        // Any user (GHSA-q8m4-xhhv-38mg: not anyone, once auth is on).
+        let who = caller(&self.server, &request)?;
+        self.server.require_user(&who).map_err(to_status)?;
         let members = self
             .server
             .member_list(request.get_ref().linearizable)
@@ -129,6 +145,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.require_root(&request)?;
         let req = *request.get_ref();
         match self.server.member_promote(req.id).await {
             Ok(members) => Ok(Response::new(MemberPromoteResponse {
@@ -138,7 +155,7 @@ impl Cluster for ClusterService {
             Err(ServerError::NotLeader) => {
                 self.leader(&request)
                     .await?
-                    .member_promote(forwarded(req))
+                    .member_promote(forwarded(req, &request))
                     .await
             }
             Err(e) => Err(to_status(e)),

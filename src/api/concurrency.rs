@@ -6,7 +6,9 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
+use super::auth::caller;
 use super::to_status;
+use crate::auth::Access;
 use crate::proto::v3electionpb::election_server::Election;
 use crate::proto::v3electionpb::{
     CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse, ProclaimRequest,
@@ -14,7 +16,31 @@ use crate::proto::v3electionpb::{
 };
 use crate::proto::v3lockpb::lock_server::Lock;
 use crate::proto::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
+use crate::server::{holder_key, prefix_end};
 use crate::server::{KvServer, ServerError};
+
+/// What a lock or an election needs of `who`, as the client operations etcd's recipes make
+/// would: reading every key of `name` (the holders, in line), and, with `write`, writing
+/// `key` (its own holder key). Any other access is refused with etcd's message.
+fn authorize<T>(
+    server: &KvServer,
+    request: &Request<T>,
+    name: &[u8],
+    write: Option<&[u8]>,
+) -> Result<(), Status> {
+    let who = caller(server, request)?;
+    let mut prefix = name.to_vec();
+    prefix.push(b'/');
+    server
+        .authorize_range(&who, &prefix, &prefix_end(&prefix), Access::Read)
+        .map_err(to_status)?;
+    if let Some(key) = write {
+        server
+            .authorize_range(&who, key, &[], Access::Write)
+            .map_err(to_status)?;
+    }
+    Ok(())
+}
 
 /// Leader changes queued for one Observe stream, at most.
 const OBSERVE_QUEUE: usize = 16;
@@ -32,6 +58,8 @@ impl LockService {
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let key = holder_key(&request.get_ref().name, request.get_ref().lease);
+        authorize(&self.server, &request, &request.get_ref().name, Some(&key))?;
         let req = request.into_inner();
         let (header, key) = self
             .server
@@ -48,6 +76,10 @@ impl Lock for LockService {
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
+        let who = caller(&self.server, &request)?;
+        self.server
+            .authorize_range(&who, &request.get_ref().key, &[], Access::Write)
+            .map_err(to_status)?;
         let header = self
             .server
             .unlock(&request.into_inner().key)
@@ -122,6 +154,8 @@ impl Election for ElectionService {
         &self,
         request: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let key = holder_key(&request.get_ref().name, request.get_ref().lease);
+        authorize(&self.server, &request, &request.get_ref().name, Some(&key))?;
         let req = request.into_inner();
         let (header, leader) = self
             .server
@@ -138,8 +172,9 @@ impl Election for ElectionService {
         &self,
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        let leader = leader_key(request.get_ref().leader.clone())?;
+        authorize(&self.server, &request, &leader.name, Some(&leader.key))?;
         let req = request.into_inner();
-        let leader = leader_key(req.leader)?;
         let header = self
             .server
             .proclaim(&leader, &req.value)
@@ -154,6 +189,7 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
+        authorize(&self.server, &request, &request.get_ref().name, None)?;
         let (header, kv) = self
             .server
             .election_leader(&request.into_inner().name)
@@ -169,6 +205,7 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<BoxStream<LeaderResponse>>, Status> {
+        authorize(&self.server, &request, &request.get_ref().name, None)?;
         let (tx, rx) = mpsc::channel(OBSERVE_QUEUE);
         tokio::spawn(observe(self.server.clone(), request.into_inner().name, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -178,7 +215,8 @@ impl Election for ElectionService {
         &self,
         request: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
-        let leader = leader_key(request.into_inner().leader)?;
+        let leader = leader_key(request.get_ref().leader.clone())?;
+        authorize(&self.server, &request, &leader.name, Some(&leader.key))?;
         let header = self.server.resign(&leader).await.map_err(to_status)?;
         Ok(Response::new(ResignResponse {
             header: Some(header),

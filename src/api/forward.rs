@@ -64,11 +64,17 @@ impl ToLeader {
     }
 }
 
-/// `message` as a request marked forwarded.
-pub fn forwarded<T>(message: T) -> Request<T> {
+/// `message` as a request marked forwarded, with the token `from` carried (if any): the
+/// leader checks it too.
+pub fn forwarded<T, F>(message: T, from: &Request<F>) -> Request<T> {
     let mut request = Request::new(message);
     request
         .metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    for name in [super::auth::TOKEN_METADATA, super::auth::AUTHORIZATION] {
+        if let Some(token) = from.metadata().get(name) {
+            request.metadata_mut().insert(name, token.clone());
+        }
+    }
     request
 }

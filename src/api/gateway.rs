@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
@@ -19,8 +19,11 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Status};
 
-use super::MaintenanceService;
+use super::auth::{caller_of, AUTHORIZATION};
+use super::{AuthService, MaintenanceService};
 use super::{ClusterService, ElectionService, KvService, LeaseService, LockService};
+use crate::auth::Access;
+use crate::proto::etcdserverpb::auth_server::Auth;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::lease_server::Lease;
@@ -118,7 +121,8 @@ fn lines<T: Serialize + Send + 'static>(
 
 /// `/v3/watch`: one create request in the body; the created answer and the events follow as
 /// lines until the client goes away.
-fn watch(hub: WatchHub, body: &[u8]) -> Response {
+fn watch(server: &KvServer, headers: &HeaderMap, body: &[u8]) -> Response {
+    let hub = server.watches().clone();
     let request: WatchRequest = match parse(body) {
         Ok(request) => request,
         Err(response) => return *response,
@@ -128,6 +132,14 @@ fn watch(hub: WatchHub, body: &[u8]) -> Response {
             "the JSON gateway's watch takes one create_request",
         ));
     };
+    let allowed = caller_of(server, headers, &Default::default()).and_then(|who| {
+        server
+            .authorize_range(&who, &create.key, &create.range_end, Access::Read)
+            .map_err(super::to_status)
+    });
+    if let Err(status) = allowed {
+        return error(&status);
+    }
     let (stream, tx, rx) = hub.open_stream();
     let created = hub.create(stream, &tx, &create);
     let (watch_id, ok) = (created.watch_id, !created.canceled);
@@ -159,7 +171,8 @@ impl Drop for StreamGuard {
 }
 
 /// `/v3/lease/keepalive`: each JSON object in the body is a keep-alive; one line answers each.
-async fn keep_alive(lease: Arc<LeaseService>, body: Bytes) -> Response {
+async fn keep_alive(lease: Arc<LeaseService>, headers: HeaderMap, body: Bytes) -> Response {
+    let from = with_token((), &headers);
     let mut ids = Vec::new();
     for request in serde_json::Deserializer::from_slice(&body).into_iter::<LeaseKeepAliveRequest>()
     {
@@ -175,7 +188,7 @@ async fn keep_alive(lease: Arc<LeaseService>, body: Bytes) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel(ids.len().max(1));
     tokio::spawn(async move {
         for id in ids {
-            let answer = lease.keep_alive_once(id).await;
+            let answer = lease.keep_alive_once(id, &from).await;
             let failed = answer.is_err();
             if tx.send(answer).await.is_err() || failed {
                 return;
@@ -185,17 +198,30 @@ async fn keep_alive(lease: Arc<LeaseService>, body: Bytes) -> Response {
     lines(ReceiverStream::new(rx))
 }
 
+/// `message` as a gRPC request, with the token of the HTTP request's `Authorization` header
+/// (as grpc-gateway passes it on).
+fn with_token<T>(message: T, headers: &HeaderMap) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| tonic::metadata::MetadataValue::try_from(v.as_bytes()).ok())
+    {
+        request.metadata_mut().insert(AUTHORIZATION, token);
+    }
+    request
+}
+
 /// `POST path` calling `method` of `service` with the JSON body's request.
 macro_rules! unary_route {
     ($router:expr, $path:expr, $service:expr, $trait:ident :: $method:ident) => {{
         let service = $service.clone();
         $router.route(
             $path,
-            post(move |body: Bytes| {
+            post(move |headers: HeaderMap, body: Bytes| {
                 let service = service.clone();
                 async move {
                     unary(body, |request| async move {
-                        $trait::$method(&*service, Request::new(request)).await
+                        $trait::$method(&*service, with_token(request, &headers)).await
                     })
                     .await
                 }
@@ -286,14 +312,14 @@ pub fn routes(server: KvServer) -> Router {
     let snapshots = maintenance.clone();
     router = router.route(
         "/v3/maintenance/snapshot",
-        post(move |body: Bytes| {
+        post(move |headers: HeaderMap, body: Bytes| {
             let maintenance = snapshots.clone();
             async move {
                 let request = match parse(&body) {
                     Ok(request) => request,
                     Err(response) => return *response,
                 };
-                match Maintenance::snapshot(&*maintenance, Request::new(request)).await {
+                match Maintenance::snapshot(&*maintenance, with_token(request, &headers)).await {
                     Ok(stream) => lines(stream.into_inner()),
                     Err(status) => error(&status),
                 }
@@ -325,30 +351,91 @@ pub fn routes(server: KvServer) -> Router {
     let observing = election.clone();
     router = router.route(
         "/v3/election/observe",
-        post(move |body: Bytes| {
+        post(move |headers: HeaderMap, body: Bytes| {
             let election = observing.clone();
             async move {
                 let request = match parse(&body) {
                     Ok(request) => request,
                     Err(response) => return *response,
                 };
-                match Election::observe(&*election, Request::new(request)).await {
+                match Election::observe(&*election, with_token(request, &headers)).await {
                     Ok(stream) => lines(stream.into_inner()),
                     Err(status) => error(&status),
                 }
             }
         }),
     );
-    let hub = server.watches().clone();
+    let watching = server.clone();
     router = router.route(
         "/v3/watch",
-        post(move |body: Bytes| {
-            let hub = hub.clone();
-            async move { watch(hub, &body) }
+        post(move |headers: HeaderMap, body: Bytes| {
+            let server = watching.clone();
+            async move { watch(&server, &headers, &body) }
         }),
     );
+    let auth = Arc::new(AuthService::new(server.clone()));
+    for (path, route) in AUTH_ROUTES {
+        router = route(router, path, auth.clone());
+    }
     router.route(
         "/v3/lease/keepalive",
-        post(move |body: Bytes| keep_alive(lease.clone(), body)),
+        post(move |headers: HeaderMap, body: Bytes| keep_alive(lease.clone(), headers, body)),
     )
 }
+
+type AuthRoute = fn(Router, &'static str, Arc<AuthService>) -> Router;
+
+/// The Auth service's paths, as etcd's gateway maps them.
+const AUTH_ROUTES: [(&str, AuthRoute); 17] = [
+    ("/v3/auth/enable", |r, p, s| {
+        unary_route!(r, p, s, Auth::auth_enable)
+    }),
+    ("/v3/auth/disable", |r, p, s| {
+        unary_route!(r, p, s, Auth::auth_disable)
+    }),
+    ("/v3/auth/status", |r, p, s| {
+        unary_route!(r, p, s, Auth::auth_status)
+    }),
+    ("/v3/auth/authenticate", |r, p, s| {
+        unary_route!(r, p, s, Auth::authenticate)
+    }),
+    ("/v3/auth/user/add", |r, p, s| {
+        unary_route!(r, p, s, Auth::user_add)
+    }),
+    ("/v3/auth/user/get", |r, p, s| {
+        unary_route!(r, p, s, Auth::user_get)
+    }),
+    ("/v3/auth/user/list", |r, p, s| {
+        unary_route!(r, p, s, Auth::user_list)
+    }),
+    ("/v3/auth/user/delete", |r, p, s| {
+        unary_route!(r, p, s, Auth::user_delete)
+    }),
+    ("/v3/auth/user/changepw", |r, p, s| {
+        unary_route!(r, p, s, Auth::user_change_password)
+    }),
+    ("/v3/auth/user/grant", |r, p, s| {
+        unary_route!(r, p, s, Auth::user_grant_role)
+    }),
+    ("/v3/auth/user/revoke", |r, p, s| {
+        unary_route!(r, p, s, Auth::user_revoke_role)
+    }),
+    ("/v3/auth/role/add", |r, p, s| {
+        unary_route!(r, p, s, Auth::role_add)
+    }),
+    ("/v3/auth/role/get", |r, p, s| {
+        unary_route!(r, p, s, Auth::role_get)
+    }),
+    ("/v3/auth/role/list", |r, p, s| {
+        unary_route!(r, p, s, Auth::role_list)
+    }),
+    ("/v3/auth/role/delete", |r, p, s| {
+        unary_route!(r, p, s, Auth::role_delete)
+    }),
+    ("/v3/auth/role/grant", |r, p, s| {
+        unary_route!(r, p, s, Auth::role_grant_permission)
+    }),
+    ("/v3/auth/role/revoke", |r, p, s| {
+        unary_route!(r, p, s, Auth::role_revoke_permission)
+    }),
+];

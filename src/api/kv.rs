@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::auth::caller;
 use super::status::to_status;
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::{
@@ -26,16 +27,18 @@ impl Kv for KvService {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
+        let who = caller(&self.server, &request)?;
         self.server
-            .range(request.into_inner())
+            .range_as(&who, request.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let who = caller(&self.server, &request)?;
         self.server
-            .put(request.into_inner())
+            .put_as(&who, request.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)
@@ -45,16 +48,18 @@ impl Kv for KvService {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let who = caller(&self.server, &request)?;
         self.server
-            .delete_range(request.into_inner())
+            .delete_range_as(&who, request.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let who = caller(&self.server, &request)?;
         self.server
-            .txn(request.into_inner())
+            .txn_as(&who, request.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)
@@ -64,8 +69,9 @@ impl Kv for KvService {
         &self,
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        let who = caller(&self.server, &request)?;
         self.server
-            .compact(request.into_inner())
+            .compact_as(&who, request.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)

@@ -7,6 +7,7 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::caller;
 use super::forward::{forwarded, ToLeader};
 use super::to_status;
 use crate::proto::etcdserverpb::lease_client::LeaseClient;
@@ -34,9 +35,15 @@ impl LeaseService {
         }
     }
 
-    /// One keep-alive outside a gRPC stream (the JSON gateway's).
-    pub async fn keep_alive_once(&self, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
-        keep_alive(&self.server, &self.to_leader, &Request::new(()), id).await
+    /// One keep-alive outside a gRPC stream (the JSON gateway's), for the caller of `from`.
+    pub async fn keep_alive_once(
+        &self,
+        id: i64,
+        from: &Request<()>,
+    ) -> Result<LeaseKeepAliveResponse, Status> {
+        let who = caller(&self.server, from)?;
+        self.server.require_user(&who).map_err(to_status)?;
+        keep_alive(&self.server, &self.to_leader, from, id).await
     }
 }
 
@@ -55,7 +62,7 @@ async fn keep_alive<T>(
         }),
         Err(ServerError::NotLeader) => {
             let channel = to_leader.channel(stream).await?;
-            let request = forwarded(tokio_stream::once(LeaseKeepAliveRequest { id }));
+            let request = forwarded(tokio_stream::once(LeaseKeepAliveRequest { id }), stream);
             let mut answers = LeaseClient::new(channel)
                 .lease_keep_alive(request)
                 .await?
@@ -75,8 +82,9 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let who = caller(&self.server, &request)?;
         self.server
-            .lease_grant(request.into_inner())
+            .lease_grant_as(&who, request.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)
@@ -86,8 +94,9 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let who = caller(&self.server, &request)?;
         self.server
-            .lease_revoke(request.into_inner())
+            .lease_revoke_as(&who, request.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)
@@ -97,6 +106,8 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<BoxStream<LeaseKeepAliveResponse>>, Status> {
+        let who = caller(&self.server, &request)?;
+        self.server.require_user(&who).map_err(to_status)?;
         let (tx, rx) = mpsc::channel(KEEP_ALIVE_QUEUE);
         let server = self.server.clone();
         let to_leader = self.to_leader.clone();
@@ -127,12 +138,20 @@ impl Lease for LeaseService {
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let req = *request.get_ref();
+        let who = caller(&self.server, &request)?;
+        self.server.require_user(&who).map_err(to_status)?;
+        if req.keys {
+            // CVE-2023-32082: the keys are listed only to whom may read them all.
+            self.server
+                .authorize_lease_keys_read(&who, req.id)
+                .map_err(to_status)?;
+        }
         match self.server.lease_time_to_live(req).await {
             Ok(resp) => Ok(Response::new(resp)),
             Err(ServerError::NotLeader) => {
                 let channel = self.to_leader.channel(&request).await?;
                 LeaseClient::new(channel)
-                    .lease_time_to_live(forwarded(req))
+                    .lease_time_to_live(forwarded(req, &request))
                     .await
             }
             Err(e) => Err(to_status(e)),
@@ -141,8 +160,10 @@ impl Lease for LeaseService {
 
     async fn lease_leases(
         &self,
-        _request: Request<LeaseLeasesRequest>,
+        request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let who = caller(&self.server, &request)?;
+        self.server.require_user(&who).map_err(to_status)?;
         self.server
             .lease_leases()
             .await

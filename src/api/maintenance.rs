@@ -10,8 +10,10 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
+use super::auth::caller;
 use super::to_status;
 use super::ETCD_API_VERSION;
+use crate::auth::AuthError;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
     AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
@@ -32,6 +34,15 @@ pub struct MaintenanceService {
 impl MaintenanceService {
     pub fn new(server: KvServer) -> Self {
         MaintenanceService { server }
+    }
+
+    /// Everything but Status needs root once auth is on; etcd's refusal here is gRPC `Unknown`
+    /// `auth: permission denied`.
+    fn require_root<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let who = caller(&self.server, request)?;
+        self.server
+            .require_root(&who, AuthError::MaintenanceDenied)
+            .map_err(to_status)
     }
 
     fn header(&self) -> crate::proto::etcdserverpb::ResponseHeader {
@@ -136,6 +147,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
+        self.require_root(&request)?;
         let alarms = self
             .server
             .alarm(request.into_inner())
@@ -176,8 +188,9 @@ impl Maintenance for MaintenanceService {
     /// meanwhile: they wait only for the final swap of the copy into place.
     async fn defragment(
         &self,
-        _request: Request<DefragmentRequest>,
+        request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.require_root(&request)?;
         let before = self.server.status().db_size;
         // Everything applied so far (a compaction's deletions above all) goes to the backend
         // first, so the copy leaves out what was deleted.
@@ -197,7 +210,8 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.require_root(&request)?;
         let (hash, revision) = self.server.hash_backend().await.map_err(to_status)?;
         Ok(Response::new(HashResponse {
             header: Some(self.server.header(revision)),
@@ -209,6 +223,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.require_root(&request)?;
         let hash = self
             .server
             .hash_kv(request.get_ref().revision)
@@ -226,8 +241,9 @@ impl Maintenance for MaintenanceService {
     /// first (the member's memory does not grow with the store), SHA-256 last.
     async fn snapshot(
         &self,
-        _request: Request<SnapshotRequest>,
+        request: Request<SnapshotRequest>,
     ) -> Result<Response<BoxStream<SnapshotResponse>>, Status> {
+        self.require_root(&request)?;
         let path = scratch_path(&self.server.config().scratch_dir);
         let (file, size) = write_image(&self.server, path).await?;
         tracing::info!(
@@ -245,6 +261,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.require_root(&request)?;
         self.server
             .move_leader(request.get_ref().target_id)
             .await

@@ -1,6 +1,7 @@
 //! The client-facing API: etcd's v3 gRPC services over tonic. Services (and methods) not built
 //! yet answer gRPC `Unimplemented`.
 
+mod auth;
 mod cluster;
 mod coalesce;
 mod concurrency;
@@ -18,6 +19,7 @@ mod status;
 mod unary;
 mod watch;
 
+pub use auth::{AuthService, PeerCommonName};
 pub use cluster::ClusterService;
 pub use coalesce::CoalescedWrites;
 pub use concurrency::{ElectionService, LockService};

@@ -35,6 +35,7 @@ pub fn to_status(error: ServerError) -> Status {
             MvccError::CorruptCluster => (Code::DataLoss, e.to_string()),
             MvccError::Corrupt { .. } => (Code::DataLoss, format!("etcdserver: {e}")),
             MvccError::Backend(_) => (Code::Internal, format!("etcdserver: {e}")),
+            MvccError::Auth(auth) => (auth.code(), auth.to_string()),
         },
         ServerError::RequestTooLarge => (Code::InvalidArgument, error.to_string()),
         ServerError::Timeout
@@ -47,6 +48,7 @@ pub fn to_status(error: ServerError) -> Status {
             (Code::Unknown, error.to_string())
         }
         ServerError::MissingLeaderKey => (Code::InvalidArgument, error.to_string()),
+        ServerError::Internal(_) => (Code::Internal, error.to_string()),
         ServerError::BadMemberUrls => (Code::InvalidArgument, error.to_string()),
         ServerError::NotLeader
         | ServerError::MemberNotLearner

@@ -19,6 +19,7 @@ use tonic::body::Body;
 use tonic::codegen::http::{self, HeaderMap, HeaderValue};
 use tonic::codegen::Service;
 
+use super::auth::caller_of;
 use super::grpc_metrics::{kv_method, MethodMetrics, StartCounted};
 use super::status::to_status;
 use super::{ok_trailers, GRPC_ENCODING};
@@ -135,21 +136,23 @@ where
             // Counted as cancelled if the client goes away before the answer.
             let mut pending = Unanswered(Some(metrics));
             let passed_on = match read_message(body, limit).await {
-                Read::Message(message) => match answer(&server, method, message.clone()).await {
-                    Some(response) => {
-                        pending.0 = None;
-                        // A success carries its status in the trailers, an error in the head.
-                        if !metrics.handled_by(response.headers()) {
-                            metrics.handled(0);
+                Read::Message(message) => {
+                    match answer(&server, method, &parts, message.clone()).await {
+                        Some(response) => {
+                            pending.0 = None;
+                            // A success carries its status in the trailers, an error in the head.
+                            if !metrics.handled_by(response.headers()) {
+                                metrics.handled(0);
+                            }
+                            return Ok(response);
                         }
-                        return Ok(response);
+                        None => Body::new(Prefixed {
+                            head: Some(message),
+                            held: None,
+                            rest: None,
+                        }),
                     }
-                    None => Body::new(Prefixed {
-                        head: Some(message),
-                        held: None,
-                        rest: None,
-                    }),
-                },
+                }
                 Read::Other { head, held, rest } => Body::new(Prefixed {
                     head: (!head.is_empty()).then_some(head),
                     held,
@@ -261,14 +264,51 @@ fn other(first: Option<Bytes>, head: BytesMut, held: Option<Held>, rest: Body) -
 }
 
 /// The response to `message` (with its gRPC header), or `None` when it does not decode.
-async fn answer(server: &KvServer, method: Method, message: Bytes) -> Option<http::Response<Body>> {
+async fn answer(
+    server: &KvServer,
+    method: Method,
+    parts: &http::request::Parts,
+    message: Bytes,
+) -> Option<http::Response<Body>> {
     let payload = message.slice(GRPC_HEADER_BYTES..);
+    // Who it runs as: resolved only for a message that decodes, as tonic's would be.
+    let who = |server: &KvServer| caller_of(server, &parts.headers, &parts.extensions);
     Some(match method {
-        Method::Range => reply(server.range(Message::decode(payload).ok()?).await),
-        Method::Put => reply(server.put(Message::decode(payload).ok()?).await),
-        Method::DeleteRange => reply(server.delete_range(Message::decode(payload).ok()?).await),
-        Method::Txn => reply(server.txn(Message::decode(payload).ok()?).await),
-        Method::Compact => reply(server.compact(Message::decode(payload).ok()?).await),
+        Method::Range => {
+            let req = Message::decode(payload).ok()?;
+            match who(server) {
+                Ok(who) => reply(server.range_as(&who, req).await),
+                Err(status) => status.into_http(),
+            }
+        }
+        Method::Put => {
+            let req = Message::decode(payload).ok()?;
+            match who(server) {
+                Ok(who) => reply(server.put_as(&who, req).await),
+                Err(status) => status.into_http(),
+            }
+        }
+        Method::DeleteRange => {
+            let req = Message::decode(payload).ok()?;
+            match who(server) {
+                Ok(who) => reply(server.delete_range_as(&who, req).await),
+                Err(status) => status.into_http(),
+            }
+        }
+        Method::Txn => {
+            let req = Message::decode(payload).ok()?;
+            match who(server) {
+                Ok(who) => reply(server.txn_as(&who, req).await),
+                Err(status) => status.into_http(),
+            }
+        }
+        Method::Compact => {
+            let req = Message::decode(payload).ok()?;
+            match who(server) {
+                Ok(who) => reply(server.compact_as(&who, req).await),
+                Err(status) => status.into_http(),
+            }
+        }
     })
 }
 

@@ -79,15 +79,29 @@ where
                     return Ok(status.into_http());
                 }
             }
+            let (parts, body) = req.into_parts();
+            let headers = parts.headers;
+            let common_name = super::auth::common_name_of(&parts.extensions).map(str::to_string);
             let inbound = Streaming::new_request(
                 tonic_prost::ProstDecoder::<WatchRequest>::default(),
-                req.into_body(),
+                body,
                 None,
                 Some(max_decode),
             );
+            // Who the stream's watches run as: resolved again at each create (a token expires,
+            // a permission changes), from what the stream opened with.
+            let token = super::auth::token_of(&headers).map(str::to_string);
+            if let Err(status) = server.auth_info(token.as_deref(), common_name.as_deref()) {
+                return Ok(super::to_status(status).into_http());
+            }
+            let identity = StreamIdentity {
+                server: server.clone(),
+                token,
+                common_name,
+            };
             let hub = server.watches().clone();
             let (stream, tx, rx) = hub.open_stream();
-            tokio::spawn(serve_stream(hub, stream, tx, inbound));
+            tokio::spawn(serve_stream(hub, identity, stream, tx, inbound));
             let mut response = http::Response::new(tonic::body::Body::new(WatchBody {
                 queue: rx,
                 buf: BytesMut::new(),
@@ -147,24 +161,63 @@ impl Body for WatchBody {
     }
 }
 
+/// Who a watch stream's client is, to check each watch it creates.
+struct StreamIdentity {
+    server: KvServer,
+    token: Option<String>,
+    common_name: Option<String>,
+}
+
+impl StreamIdentity {
+    /// May this client watch what `create` names? `Err`: etcd's reason.
+    fn may_watch(
+        &self,
+        create: &crate::proto::etcdserverpb::WatchCreateRequest,
+    ) -> Result<(), String> {
+        self.server
+            .auth_info(self.token.as_deref(), self.common_name.as_deref())
+            .and_then(|who| {
+                self.server.authorize_range(
+                    &who,
+                    &create.key,
+                    &create.range_end,
+                    crate::auth::Access::Read,
+                )
+            })
+            .map_err(|e| super::to_status(e).message().to_string())
+    }
+}
+
 /// Reads the stream's requests until the client closes it, then drops its watchers.
 async fn serve_stream(
     hub: WatchHub,
+    identity: StreamIdentity,
     stream: u64,
     tx: WatchSender,
     mut inbound: Streaming<WatchRequest>,
 ) {
     while let Ok(Some(request)) = inbound.message().await {
         let answered = match request.request_union {
-            Some(RequestUnion::CreateRequest(create)) => {
-                let created = hub.create(stream, &tx, &create);
-                let (watch_id, ok) = (created.watch_id, !created.canceled);
-                let sent = tx.send(created.into()).await.is_ok();
-                if ok {
-                    hub.activate(stream, watch_id);
+            Some(RequestUnion::CreateRequest(create)) => match identity.may_watch(&create) {
+                Err(reason) => {
+                    // As etcd: created and canceled at once, with the reason.
+                    let mut refused = hub.progress(stream);
+                    refused.watch_id = -1;
+                    refused.created = true;
+                    refused.canceled = true;
+                    refused.cancel_reason = reason;
+                    tx.send(refused.into()).await.is_ok()
                 }
-                sent
-            }
+                Ok(()) => {
+                    let created = hub.create(stream, &tx, &create);
+                    let (watch_id, ok) = (created.watch_id, !created.canceled);
+                    let sent = tx.send(created.into()).await.is_ok();
+                    if ok {
+                        hub.activate(stream, watch_id);
+                    }
+                    sent
+                }
+            },
             // As etcd: a cancel of an unknown watch gets no answer.
             Some(RequestUnion::CancelRequest(cancel)) if hub.cancel(stream, cancel.watch_id) => {
                 let mut canceled = hub.progress(stream);

@@ -84,10 +84,6 @@ const FOREIGN_FLAGS: &[(&str, Policy)] = &[
         Policy::RefuseUnless(&[""], "discovery is not built"),
     ),
     (
-        "auth-token",
-        Policy::RefuseUnless(&["", "simple"], "auth is not built"),
-    ),
-    (
         "experimental-enable-distributed-tracing",
         Policy::RefuseUnless(EMPTY_OR_FALSE, "tracing is not built"),
     ),

@@ -42,4 +42,7 @@ pub enum MvccError {
     Corrupt { main: i64, sub: i64, reason: String },
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// Refused by the auth store (a permission, a user, a stale check).
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }

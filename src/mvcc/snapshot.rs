@@ -220,7 +220,11 @@ impl MvccStore {
         let backend: Arc<dyn Backend> = self.backend.clone();
         let min_lease_ttl = self.leases.min_ttl();
         let publish_events = self.publish_events;
+        let auth = self.auth.clone();
         *self = MvccStore::open(backend)?;
+        // The request path holds the view: it sees the snapshot's auth state in the same one.
+        auth.publish((*self.auth.current()).clone());
+        self.auth = auth;
         self.leases.set_min_ttl(min_lease_ttl);
         self.publish_events = publish_events;
         debug_assert_eq!(self.consistent_index, index);

@@ -44,6 +44,9 @@ pub struct MvccStore {
     pub(super) published: Vec<Event>,
     /// The active alarms: applied with the keys, in the same batches.
     pub(super) alarms: AlarmTable,
+    /// The users, roles and permissions, shared with the request path (which reads them
+    /// without this store's lock); replaced at each applied change.
+    pub(super) auth: Arc<crate::auth::AuthView>,
     /// Bytes the backend's keys and values take (runs exactly; metadata as of opening):
     /// `Status.db_size_in_use`.
     pub(super) in_use_bytes: u64,
@@ -162,6 +165,7 @@ impl MvccStore {
             publish_events: false,
             published: Vec::new(),
             alarms: AlarmTable::default(),
+            auth: Arc::default(),
             in_use_bytes,
         };
         let meta_end = [super::revision::META_PREFIX + 1];
@@ -180,6 +184,14 @@ impl MvccStore {
                 sub: -1,
                 reason,
             })?;
+        let auth =
+            crate::auth::AuthState::from_records(&store.records(crate::auth::AUTH_RECORD_PREFIX)?)
+                .map_err(|reason| MvccError::Corrupt {
+                    main: -1,
+                    sub: -1,
+                    reason,
+                })?;
+        store.auth = Arc::new(crate::auth::AuthView::new(auth));
         store.leases =
             LeaseTable::load(store.records(LEASE_RECORD_PREFIX)?, key_lease).map_err(|e| {
                 MvccError::Corrupt {
@@ -193,6 +205,11 @@ impl MvccStore {
 
     pub fn alarms(&self) -> &AlarmTable {
         &self.alarms
+    }
+
+    /// The auth store, as the request path reads it.
+    pub fn auth(&self) -> &Arc<crate::auth::AuthView> {
+        &self.auth
     }
 
     /// Bytes the backend's keys and values take: the runs of revisions exactly, the metadata

@@ -35,6 +35,7 @@ pub enum ApplyOutcome {
     LeaseRevoke(LeaseRevokeResponse),
     LeaseCheckpoint(LeaseCheckpointResponse),
     Alarm(AlarmResponse),
+    Auth(crate::auth::AuthApplied),
 }
 
 pub type ApplyResult = Result<ApplyOutcome, MvccError>;
@@ -146,12 +147,39 @@ impl MvccStore {
                     alarms,
                 })
             }
+            Request::Auth(change) => {
+                let mut next = (*self.auth.current()).clone();
+                let applied = next.apply(change)?;
+                for (name, value) in &applied.records {
+                    match value {
+                        Some(value) => pending.batch.put(meta_key(name), value.clone()),
+                        None => pending.batch.delete(meta_key(name)),
+                    }
+                }
+                self.commit(index, pending)?;
+                if !applied.records.is_empty() {
+                    self.auth.publish(next);
+                }
+                return Ok(ApplyOutcome::Auth(applied));
+            }
             Request::MemberAttributes(_) | Request::MemberPeerUrls(_) => {
                 return Err(MvccError::NotKeyValue)
             }
         };
         self.commit(index, pending)?;
         Ok(outcome)
+    }
+
+    /// May `who` make `request`, with the auth store and the leases as they are now (at its
+    /// apply)? A request checked at an older auth revision is refused.
+    pub fn authorize(
+        &self,
+        who: &crate::auth::AuthInfo,
+        request: &Request,
+    ) -> Result<(), MvccError> {
+        let state = self.auth.current();
+        crate::auth::check_request(&state, who, request, Some(&self.leases))?;
+        Ok(())
     }
 
     /// Records that entry `index` was applied without changing state (a failed request, an

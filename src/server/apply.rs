@@ -57,6 +57,8 @@ pub struct ApplyLoop {
     /// The node stopped under a configuration change: nothing after it may be applied (its
     /// index must stay unapplied, so that the next start applies it whole).
     pub halted: bool,
+    /// The simple tokens this member knows: learned as their entries apply.
+    pub tokens: Arc<crate::auth::TokenTable>,
 }
 
 /// A job the apply loop runs between two entries, every applied write in the backend: on a
@@ -328,7 +330,18 @@ impl ApplyLoop {
             store.skip(index);
             return Ok(());
         };
-        let result = store.apply(index, body);
+        let who = crate::auth::AuthInfo {
+            user: request.username.clone(),
+            revision: request.auth_revision,
+        };
+        // Checked again here, against the auth store in force at this entry: a permission
+        // revoked since the request was checked at the API is not honoured.
+        let authorized = if hooks::injected(hooks::Bug::SkipAuthCheckAtApply) {
+            Ok(())
+        } else {
+            store.authorize(&who, body)
+        };
+        let result = authorized.and_then(|()| store.apply(index, body));
         let events = store.take_published();
         if matches!(
             result,
@@ -343,6 +356,9 @@ impl ApplyLoop {
         }
         let revision = store.current_rev();
         drop(store);
+        if let Ok(crate::mvcc::ApplyOutcome::Auth(applied)) = &result {
+            self.learn_tokens(applied);
+        }
         if grant {
             // On the leader, the new lease's clock starts as it applies.
             drop(self.leases.current(&self.node, &self.store));
@@ -352,6 +368,20 @@ impl ApplyLoop {
             self.acks.push((waiter, (result, revision)));
         }
         Ok(())
+    }
+
+    /// Tokens issued, or voided, by an applied auth change.
+    fn learn_tokens(&self, applied: &crate::auth::AuthApplied) {
+        if applied.forget_all {
+            self.tokens.clear();
+        }
+        if let Some(user) = &applied.forget_user {
+            self.tokens.forget_user(user);
+        }
+        if let Some((token, user)) = &applied.token {
+            self.tokens
+                .insert(token.clone(), user.clone(), self.clock.now_ms());
+        }
     }
 
     /// raft's configuration and the membership table change together; the member that

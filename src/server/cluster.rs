@@ -348,7 +348,7 @@ impl KvServer {
         let data = RaftRequest {
             id: request_id,
             request: Some(request),
-            leader_term: 0,
+            ..Default::default()
         }
         .encode_to_vec();
         self.await_member_request(request_id, self.node().propose(data))

@@ -46,4 +46,7 @@ pub enum ServerError {
     ElectionNoLeader,
     #[error("\"leader\" field must be provided")]
     MissingLeaderKey,
+    /// A failure inside the member that is not the request's fault.
+    #[error("etcdserver: {0}")]
+    Internal(String),
 }

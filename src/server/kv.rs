@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::apply::StoreJob;
 use super::error::ServerError;
 use super::lease::LeaseClock;
+use crate::auth::AuthInfo;
 use crate::cluster::Members;
 use crate::hooks::{self, Bug};
 use crate::metrics::METRICS;
@@ -39,6 +40,7 @@ pub struct ServerConfig {
     pub quota_backend_bytes: u64,
     /// Where maintenance writes files it streams out (snapshot images): the member's dir.
     pub scratch_dir: std::path::PathBuf,
+    pub auth: super::auth::AuthConfig,
 }
 
 /// What the apply loop sends back: the result and the store's revision after it.
@@ -108,6 +110,8 @@ pub struct Coordination {
     pub watches: WatchHub,
     /// Jobs for the apply loop to run with the whole store (hashes, snapshot images).
     pub jobs: mpsc::Sender<StoreJob>,
+    /// The simple tokens this member knows (the apply loop learns them).
+    pub tokens: Arc<crate::auth::TokenTable>,
 }
 
 /// Numbers for `Maintenance.Status`.
@@ -141,6 +145,10 @@ pub struct KvServer {
     /// change what is in it, not which it is): the quota asks its size before every write
     /// without taking the store's lock.
     pub(super) backend: Arc<dyn crate::io::Backend>,
+    /// The auth store as the store publishes it (read without the store's lock).
+    pub(super) auth: Arc<crate::auth::AuthView>,
+    /// The simple tokens this member knows.
+    pub(super) tokens: Arc<crate::auth::TokenTable>,
 }
 
 impl KvServer {
@@ -156,13 +164,14 @@ impl KvServer {
         // Ids must not collide across members (each applies everyone's entries) nor across
         // restarts: the member's low 16 bits, then a counter from a random start.
         let first_id = ((config.member_id & 0xffff) << 48) | (config.id_seed & ((1 << 47) - 1));
-        let backend = store
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .backend()
-            .clone();
+        let (backend, auth) = {
+            let store = store.read().unwrap_or_else(|p| p.into_inner());
+            (store.backend().clone(), store.auth().clone())
+        };
         KvServer {
             backend,
+            auth,
+            tokens: coordination.tokens,
             config: Arc::new(config),
             node,
             store,
@@ -239,11 +248,21 @@ impl KvServer {
     }
 
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, ServerError> {
+        self.range_as(&AuthInfo::INTERNAL, req).await
+    }
+
+    /// A range for `who`: they must be allowed to read all of it.
+    pub async fn range_as(
+        &self,
+        who: &AuthInfo,
+        req: RangeRequest,
+    ) -> Result<RangeResponse, ServerError> {
         mvcc::check_range(&req)?;
         METRICS.mvcc_range.inc();
         if !req.serializable {
             self.linearizable_barrier().await?;
         }
+        self.authorize_read(who, &req)?;
         let store = self.read_store();
         let mut resp = store.range(&req)?;
         resp.header = Some(self.header(store.current_rev()));
@@ -251,10 +270,22 @@ impl KvServer {
     }
 
     pub async fn put(&self, req: PutRequest) -> Result<PutResponse, ServerError> {
+        self.put_as(&AuthInfo::INTERNAL, req).await
+    }
+
+    pub async fn put_as(
+        &self,
+        who: &AuthInfo,
+        req: PutRequest,
+    ) -> Result<PutResponse, ServerError> {
         mvcc::check_put(&req)?;
-        self.check_quota(req.key.len() + req.value.len())?;
+        let request = Request::Put(req);
+        self.authorize(who, &request)?;
+        if let Request::Put(req) = &request {
+            self.check_quota(req.key.len() + req.value.len())?;
+        }
         METRICS.mvcc_put.inc();
-        match self.propose(Request::Put(req)).await? {
+        match self.propose_as(who, request).await? {
             (ApplyOutcome::Put(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
                 Ok(resp)
@@ -267,9 +298,19 @@ impl KvServer {
         &self,
         req: DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse, ServerError> {
+        self.delete_range_as(&AuthInfo::INTERNAL, req).await
+    }
+
+    pub async fn delete_range_as(
+        &self,
+        who: &AuthInfo,
+        req: DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, ServerError> {
         mvcc::check_delete(&req)?;
+        let request = Request::DeleteRange(req);
+        self.authorize(who, &request)?;
         METRICS.mvcc_delete.inc();
-        match self.propose(Request::DeleteRange(req)).await? {
+        match self.propose_as(who, request).await? {
             (ApplyOutcome::DeleteRange(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
                 Ok(resp)
@@ -279,12 +320,24 @@ impl KvServer {
     }
 
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, ServerError> {
+        self.txn_as(&AuthInfo::INTERNAL, req).await
+    }
+
+    pub async fn txn_as(
+        &self,
+        who: &AuthInfo,
+        req: TxnRequest,
+    ) -> Result<TxnResponse, ServerError> {
         mvcc::check_txn(&req, self.config.max_txn_ops)?;
+        let request = Request::Txn(req);
+        self.authorize(who, &request)?;
         METRICS.mvcc_txn.inc();
-        if crate::alarm::txn_puts(&req) {
-            self.check_quota(req.encoded_len())?;
+        if let Request::Txn(req) = &request {
+            if crate::alarm::txn_puts(req) {
+                self.check_quota(req.encoded_len())?;
+            }
         }
-        match self.propose(Request::Txn(req)).await? {
+        match self.propose_as(who, request).await? {
             (ApplyOutcome::Txn(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
                 Ok(resp)
@@ -294,7 +347,17 @@ impl KvServer {
     }
 
     pub async fn compact(&self, req: CompactionRequest) -> Result<CompactionResponse, ServerError> {
-        match self.propose(Request::Compaction(req)).await? {
+        self.compact_as(&AuthInfo::INTERNAL, req).await
+    }
+
+    pub async fn compact_as(
+        &self,
+        who: &AuthInfo,
+        req: CompactionRequest,
+    ) -> Result<CompactionResponse, ServerError> {
+        let request = Request::Compaction(req);
+        self.authorize(who, &request)?;
+        match self.propose_as(who, request).await? {
             (ApplyOutcome::Compaction(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
                 Ok(resp)
@@ -329,16 +392,36 @@ impl KvServer {
         self.applied.has_changed().is_err()
     }
 
+    /// Proposes the member's own `request` (not checked against the auth store).
     pub(super) async fn propose(
         &self,
         request: Request,
     ) -> Result<(ApplyOutcome, i64), ServerError> {
-        self.propose_in_term(request, 0).await
+        self.propose_full(&AuthInfo::INTERNAL, request, 0).await
+    }
+
+    /// Proposes `who`'s `request`, checked again at apply against the auth store then.
+    pub(super) async fn propose_as(
+        &self,
+        who: &AuthInfo,
+        request: Request,
+    ) -> Result<(ApplyOutcome, i64), ServerError> {
+        self.propose_full(who, request, 0).await
     }
 
     /// Proposes `request`, to be applied only if appended in `leader_term` (0: in any term).
     pub(super) async fn propose_in_term(
         &self,
+        request: Request,
+        leader_term: u64,
+    ) -> Result<(ApplyOutcome, i64), ServerError> {
+        self.propose_full(&AuthInfo::INTERNAL, request, leader_term)
+            .await
+    }
+
+    async fn propose_full(
+        &self,
+        who: &AuthInfo,
         request: Request,
         leader_term: u64,
     ) -> Result<(ApplyOutcome, i64), ServerError> {
@@ -348,6 +431,8 @@ impl KvServer {
             id,
             request: Some(request),
             leader_term,
+            username: who.user.clone(),
+            auth_revision: who.revision,
         }
         .encode_to_vec();
         if data.len() > self.config.max_request_bytes {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::error::ServerError;
 use super::kv::KvServer;
 use super::maintenance::LEASE_GRANT_COST_BYTES;
+use crate::auth::AuthInfo;
 use crate::hooks::{self, Bug};
 use crate::io::Clock;
 use crate::lease::{Lessor, RenewError, EXPIRY_CHECK_INTERVAL_MS, MAX_LEASE_TTL};
@@ -84,14 +85,23 @@ impl KvServer {
         self.lease_clock.current(self.node(), self.store())
     }
 
-    fn now_ms(&self) -> u64 {
+    pub(super) fn now_ms(&self) -> u64 {
         self.lease_clock.clock.now_ms()
     }
 
     pub async fn lease_grant(
         &self,
+        req: LeaseGrantRequest,
+    ) -> Result<LeaseGrantResponse, ServerError> {
+        self.lease_grant_as(&AuthInfo::INTERNAL, req).await
+    }
+
+    pub async fn lease_grant_as(
+        &self,
+        who: &AuthInfo,
         mut req: LeaseGrantRequest,
     ) -> Result<LeaseGrantResponse, ServerError> {
+        self.require_user(who)?;
         if req.ttl > MAX_LEASE_TTL {
             return Err(MvccError::LeaseTtlTooLarge.into());
         }
@@ -101,7 +111,7 @@ impl KvServer {
             req.id = (self.next_request_id() & i64::MAX as u64) as i64;
         }
         // The apply loop starts the new lease's clock on the leader (`LeaseClock::current`).
-        match self.propose(Request::LeaseGrant(req)).await? {
+        match self.propose_as(who, Request::LeaseGrant(req)).await? {
             (ApplyOutcome::LeaseGrant(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
                 crate::metrics::METRICS.lease_granted.inc();
@@ -115,7 +125,19 @@ impl KvServer {
         &self,
         req: LeaseRevokeRequest,
     ) -> Result<LeaseRevokeResponse, ServerError> {
-        match self.propose(Request::LeaseRevoke(req)).await? {
+        self.lease_revoke_as(&AuthInfo::INTERNAL, req).await
+    }
+
+    /// A revoke for `who`: they must be allowed to write every key on the lease (checked at
+    /// apply, with the keys attached then).
+    pub async fn lease_revoke_as(
+        &self,
+        who: &AuthInfo,
+        req: LeaseRevokeRequest,
+    ) -> Result<LeaseRevokeResponse, ServerError> {
+        let request = Request::LeaseRevoke(req);
+        self.authorize(who, &request)?;
+        match self.propose_as(who, request).await? {
             (ApplyOutcome::LeaseRevoke(mut resp), revision) => {
                 resp.header = Some(self.header(revision));
                 crate::metrics::METRICS.lease_revoked.inc();

@@ -3,6 +3,7 @@
 //! straight to local state (serializable).
 
 mod apply;
+mod auth;
 mod cluster;
 mod compactor;
 mod concurrency;
@@ -13,6 +14,7 @@ mod maintenance;
 mod start;
 
 pub use apply::{run_apply_loop, StoreJob};
+pub use auth::{auth_error, AuthConfig, UserInfo};
 pub use cluster::valid_peer_urls;
 pub use compactor::{AutoCompaction, Compactor};
 pub use concurrency::{holder_key, prefix_end};

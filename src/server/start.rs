@@ -49,6 +49,8 @@ pub struct MemberConfig {
     pub quota_backend_bytes: u64,
     /// How often watchers that asked for progress notifications get one (etcd: 10 minutes).
     pub watch_progress_notify_interval: Duration,
+    /// `--bcrypt-cost`, `--auth-token-ttl`.
+    pub auth: super::auth::AuthConfig,
 }
 
 impl MemberConfig {
@@ -179,6 +181,7 @@ pub fn start_member(
     );
     let leases = LeaseClock::new(clock.clone(), config.election_timeout);
     let (jobs_tx, jobs_rx) = tokio::sync::mpsc::channel(STORE_JOBS_QUEUED);
+    let tokens = Arc::new(crate::auth::TokenTable::new(config.auth.token_ttl));
     let apply = ApplyLoop {
         store: store.clone(),
         waiters: waiters.clone(),
@@ -198,6 +201,7 @@ pub fn start_member(
         leases: leases.clone(),
         jobs: jobs_rx,
         halted: false,
+        tokens: tokens.clone(),
     };
     let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
     let server_config = ServerConfig {
@@ -211,6 +215,7 @@ pub fn start_member(
         request_timeout: Duration::from_secs(5) + 2 * config.election_timeout,
         quota_backend_bytes: config.quota_backend_bytes,
         scratch_dir: config.member_dir.clone(),
+        auth: config.auth,
     };
     let kv = KvServer::new(
         server_config,
@@ -227,6 +232,7 @@ pub fn start_member(
             leases,
             watches: watches.clone(),
             jobs: jobs_tx,
+            tokens,
         },
     );
     tokio::spawn(kv.clone().run_lease_expiry());

@@ -14,6 +14,7 @@ use raft::eraftpb::ConfChangeType;
 
 fn config(id: u64, voters: &[u64], root: &std::path::Path) -> MemberConfig {
     MemberConfig {
+        auth: Default::default(),
         watch_progress_notify_interval: crate::watch::PROGRESS_NOTIFY_INTERVAL,
         quota_backend_bytes: 0,
         member_id: id,

@@ -108,6 +108,12 @@ impl Server {
 
     /// Waits until `etcdctl endpoint health` answers, or panics with the server's log.
     pub fn wait_ready(&mut self) {
+        self.wait_ready_as(&[]);
+    }
+
+    /// `wait_ready` with more etcdctl flags (`--user=root:pw` once auth is on: as with etcd,
+    /// health asks for a key, which needs a user).
+    pub fn wait_ready_as(&mut self, etcdctl_flags: &[&str]) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
@@ -115,7 +121,9 @@ impl Server {
                     panic!("server exited early with {status}; log:\n{}", self.log());
                 }
             }
-            let out = etcdctl(&self.endpoint(), &["endpoint", "health"]);
+            let mut args = etcdctl_flags.to_vec();
+            args.extend(["endpoint", "health"]);
+            let out = etcdctl(&self.endpoint(), &args);
             if out.status.success() {
                 return;
             }

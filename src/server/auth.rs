@@ -1,0 +1,298 @@
+//! The request path's side of auth: who a request runs as, what it may do, and the Auth
+//! service's requests (changes go through the log; reads wait for a linearizable barrier).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::error::ServerError;
+use super::kv::KvServer;
+use crate::auth::{self, AuthApplied, AuthError, AuthInfo, AuthView};
+use crate::mvcc::ApplyOutcome;
+use crate::proto::authpb::Permission;
+use crate::proto::etcdserverpb::RangeRequest;
+use crate::proto::quorumkvpb::auth_change::Change;
+use crate::proto::quorumkvpb::raft_request::Request;
+use crate::proto::quorumkvpb::{AuthChange, SimpleToken};
+
+/// Auth settings of a member (etcd's `--bcrypt-cost`, `--auth-token-ttl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub bcrypt_cost: u32,
+    pub token_ttl: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            bcrypt_cost: auth::DEFAULT_BCRYPT_COST,
+            token_ttl: auth::DEFAULT_TOKEN_TTL,
+        }
+    }
+}
+
+/// A user as UserGet reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserInfo {
+    pub roles: Vec<String>,
+}
+
+impl KvServer {
+    pub fn auth_view(&self) -> &Arc<AuthView> {
+        &self.auth
+    }
+
+    /// Who a request carrying `token` (if any) runs as. With auth off: nobody, and nothing is
+    /// checked. With it on: the token's user, `InvalidToken` for a token this member does not
+    /// know (or that expired); a request without one runs as `common_name` (the client
+    /// certificate's, with `--client-cert-auth`) or as nobody, refused wherever a user is needed.
+    pub fn auth_info(
+        &self,
+        token: Option<&str>,
+        common_name: Option<&str>,
+    ) -> Result<AuthInfo, ServerError> {
+        let revision = self.auth.revision();
+        if !self.auth.enabled() {
+            return Ok(AuthInfo {
+                user: String::new(),
+                revision,
+            });
+        }
+        let user = match token {
+            Some(token) => self
+                .tokens
+                .user(token, self.lease_clock_now_ms())
+                .ok_or(AuthError::InvalidToken)
+                .map_err(auth_error)?,
+            None => common_name.unwrap_or_default().to_string(),
+        };
+        Ok(AuthInfo { user, revision })
+    }
+
+    /// May `who` make `request`? (Checked again at apply, with the leases.)
+    pub(super) fn authorize(&self, who: &AuthInfo, request: &Request) -> Result<(), ServerError> {
+        if who.is_internal() || !self.auth.enabled() {
+            return Ok(());
+        }
+        auth::check_request(&self.auth.current(), who, request, None).map_err(auth_error)
+    }
+
+    pub(super) fn authorize_read(
+        &self,
+        who: &AuthInfo,
+        req: &RangeRequest,
+    ) -> Result<(), ServerError> {
+        self.authorize_range(who, &req.key, &req.range_end, auth::Access::Read)
+    }
+
+    /// May `who` have `access` to `[key, range_end)` (a watch reads; a lock writes)?
+    pub fn authorize_range(
+        &self,
+        who: &AuthInfo,
+        key: &[u8],
+        range_end: &[u8],
+        access: auth::Access,
+    ) -> Result<(), ServerError> {
+        if who.is_internal() || !self.auth.enabled() {
+            return Ok(());
+        }
+        let state = self.auth.current();
+        match access {
+            auth::Access::Read => auth::check_read(&state, who, key, range_end),
+            auth::Access::Write => auth::check_write(&state, who, key, range_end),
+        }
+        .map_err(auth_error)
+    }
+
+    /// Is `who` a user (auth on), or is auth off? For what any user may do (leases, the
+    /// member list, compaction).
+    pub fn require_user(&self, who: &AuthInfo) -> Result<(), ServerError> {
+        if who.is_internal() || !self.auth.enabled() {
+            return Ok(());
+        }
+        self.auth
+            .current()
+            .check_user(&who.user, who.revision)
+            .map_err(auth_error)
+    }
+
+    /// Is `who` root (or auth off)? `denied` answers a user who is not.
+    pub fn require_root(&self, who: &AuthInfo, denied: AuthError) -> Result<(), ServerError> {
+        if who.is_internal() || !self.auth.enabled() {
+            return Ok(());
+        }
+        self.auth
+            .current()
+            .check_admin(&who.user, who.revision, denied)
+            .map_err(auth_error)
+    }
+
+    /// May `who` read every key attached to `lease` (LeaseTimeToLive listing its keys)?
+    pub fn authorize_lease_keys_read(&self, who: &AuthInfo, lease: i64) -> Result<(), ServerError> {
+        if who.is_internal() || !self.auth.enabled() {
+            return Ok(());
+        }
+        let state = self.auth.current();
+        let store = self.read_store();
+        let Some(lease) = store.leases().get(lease) else {
+            return Ok(());
+        };
+        for key in &lease.keys {
+            auth::check_read(&state, who, key, &[]).map_err(auth_error)?;
+        }
+        Ok(())
+    }
+
+    /// Authenticate: the password checked here (bcrypt, on a blocking thread), then a token
+    /// issued through the log so that every member knows it. Failures are logged without the
+    /// password.
+    pub async fn authenticate(&self, name: &str, password: &str) -> Result<String, ServerError> {
+        self.refuse_learner()?;
+        let state = self.auth.current();
+        if !state.enabled() {
+            return Err(auth_error(AuthError::NotEnabled));
+        }
+        let hash = state
+            .user(name)
+            .filter(|u| !u.options.as_ref().is_some_and(|o| o.no_password))
+            .map(|u| String::from_utf8_lossy(&u.password).into_owned());
+        let verified = match hash {
+            Some(hash) if !password.is_empty() => {
+                let password = password.to_string();
+                // Under the simulator this is an ordinary task (madsim marks it deprecated).
+                #[allow(deprecated)]
+                let checked =
+                    tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
+                        .await;
+                checked.unwrap_or(false)
+            }
+            _ => false,
+        };
+        if !verified {
+            tracing::warn!(
+                user = name,
+                "authentication failed: invalid user ID or password"
+            );
+            return Err(auth_error(AuthError::AuthFailed));
+        }
+        let token = auth::new_simple_token(self.status().raft_index);
+        let change = Change::SimpleToken(SimpleToken {
+            name: name.to_string(),
+            token: token.clone(),
+        });
+        self.auth_change(&AuthInfo::INTERNAL, change).await?;
+        Ok(token)
+    }
+
+    /// Applies an Auth service change for `who` (root, once auth is on). Passwords are hashed
+    /// here and travel only as hashes.
+    pub async fn auth_change(
+        &self,
+        who: &AuthInfo,
+        mut change: Change,
+    ) -> Result<AuthApplied, ServerError> {
+        match &mut change {
+            Change::UserAdd(req) => {
+                let no_password = req.options.as_ref().is_some_and(|o| o.no_password);
+                if !no_password {
+                    if req.name.is_empty() {
+                        return Err(auth_error(AuthError::UserEmpty));
+                    }
+                    if req.password.is_empty() && req.hashed_password.is_empty() {
+                        return Err(auth_error(AuthError::PasswordEmpty));
+                    }
+                }
+                self.hash_into(&mut req.password, &mut req.hashed_password)
+                    .await?;
+            }
+            Change::UserChangePassword(req) => {
+                if req.password.is_empty() && req.hashed_password.is_empty() {
+                    return Err(auth_error(AuthError::PasswordEmpty));
+                }
+                self.hash_into(&mut req.password, &mut req.hashed_password)
+                    .await?;
+            }
+            _ => {}
+        }
+        let request = Request::Auth(AuthChange {
+            change: Some(change),
+        });
+        self.authorize(who, &request)?;
+        match self.propose_as(who, request).await? {
+            (ApplyOutcome::Auth(applied), _) => Ok(applied),
+            _ => unreachable!("an auth change applies as one"),
+        }
+    }
+
+    /// Replaces a password in the clear with its bcrypt hash (a hash given is kept as is).
+    async fn hash_into(
+        &self,
+        password: &mut String,
+        hashed: &mut String,
+    ) -> Result<(), ServerError> {
+        let clear = std::mem::take(password);
+        if clear.is_empty() {
+            return Ok(());
+        }
+        let cost = self.config().auth.bcrypt_cost;
+        // Under the simulator this is an ordinary task (madsim marks it deprecated).
+        #[allow(deprecated)]
+        let hash = tokio::task::spawn_blocking(move || auth::hash_password(&clear, cost))
+            .await
+            .map_err(|e| ServerError::Internal(format!("password hashing failed: {e}")))?
+            .map_err(ServerError::Internal)?;
+        *hashed = hash;
+        Ok(())
+    }
+
+    /// For the Auth service's reads: root (once auth is on), after a linearizable barrier.
+    async fn auth_read(&self, who: &AuthInfo) -> Result<Arc<auth::AuthState>, ServerError> {
+        self.require_root(who, AuthError::PermissionDenied)?;
+        self.linearizable_barrier().await?;
+        Ok(self.auth.current())
+    }
+
+    pub async fn auth_status(&self) -> Result<(bool, u64), ServerError> {
+        self.linearizable_barrier().await?;
+        let state = self.auth.current();
+        Ok((state.enabled(), state.revision()))
+    }
+
+    pub async fn user_get(&self, who: &AuthInfo, name: &str) -> Result<UserInfo, ServerError> {
+        let state = self.auth_read(who).await?;
+        let user = state
+            .user(name)
+            .ok_or(AuthError::UserNotFound)
+            .map_err(auth_error)?;
+        Ok(UserInfo {
+            roles: user.roles.clone(),
+        })
+    }
+
+    pub async fn user_list(&self, who: &AuthInfo) -> Result<Vec<String>, ServerError> {
+        Ok(self.auth_read(who).await?.user_names())
+    }
+
+    pub async fn role_get(
+        &self,
+        who: &AuthInfo,
+        role: &str,
+    ) -> Result<Vec<Permission>, ServerError> {
+        let state = self.auth_read(who).await?;
+        state
+            .permissions(role)
+            .ok_or(AuthError::RoleNotFound)
+            .map_err(auth_error)
+    }
+
+    pub async fn role_list(&self, who: &AuthInfo) -> Result<Vec<String>, ServerError> {
+        Ok(self.auth_read(who).await?.role_names())
+    }
+
+    fn lease_clock_now_ms(&self) -> u64 {
+        self.now_ms()
+    }
+}
+
+pub fn auth_error(error: AuthError) -> ServerError {
+    ServerError::Mvcc(crate::mvcc::MvccError::Auth(error))
+}
