@@ -186,7 +186,7 @@ impl Cluster {
             member.starting = true;
             member.incarnation += 1;
             let config = MemberConfig {
-            auth: Default::default(),
+                auth: Default::default(),
                 watch_progress_notify_interval: quorumkv::watch::PROGRESS_NOTIFY_INTERVAL,
                 quota_backend_bytes: 0,
                 member_id: id,

@@ -5,6 +5,7 @@
 #[cfg(not(madsim))]
 compile_error!("quorumkv-sim builds only with RUSTFLAGS=\"--cfg madsim\": use ci/sim");
 
+pub mod auth;
 pub mod backup;
 pub mod check;
 pub mod clock;

@@ -43,6 +43,9 @@ pub struct Facts {
     /// Raft-safety violations, in the order found (kept short).
     pub violations: Vec<String>,
     pub entries_applied: u64,
+    /// Index → the applied entries that change the auth store or carry a user's request
+    /// (the first node's), for `check::auth`.
+    pub auth_entries: BTreeMap<u64, quorumkv::proto::quorumkvpb::RaftRequest>,
     /// (voter, term) → the candidate it granted its vote to.
     pub votes: HashMap<(u64, u64), u64>,
 }
@@ -160,6 +163,11 @@ impl Recorder {
                 match facts.applied.get(&entry.index).copied() {
                     None => {
                         facts.applied.insert(entry.index, seen);
+                        if entry.get_entry_type() == EntryType::EntryNormal {
+                            if let Some(request) = crate::auth::auth_relevant(&entry.data) {
+                                facts.auth_entries.insert(entry.index, request);
+                            }
+                        }
                         if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
                             if let Ok(change) = ConfChangeV2::parse_from_bytes(&entry.data) {
                                 for single in change.get_changes() {

@@ -350,6 +350,13 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
             stop.clone(),
         )));
     }
+    let auth_log = crate::auth::AuthLog::default();
+    clients.push(clients_node.spawn(crate::auth::admin(cluster.clone(), stop.clone())));
+    clients.push(clients_node.spawn(crate::auth::probe(
+        cluster.clone(),
+        auth_log.clone(),
+        stop.clone(),
+    )));
     let faults_node = Handle::current().create_node().name("operator").build();
     let mut backup = None;
     match (options.scenario, options.schedule.clone()) {
@@ -426,6 +433,10 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
     ));
     verdicts.push(final_watches(&cluster, &watch_log.sessions()));
     verdicts.push(final_locks(&cluster, &lock_log.acquired()));
+    verdicts.push(check::auth::check(
+        &recorder.lock().auth_entries,
+        &auth_log.succeeded(),
+    ));
     for verdict in &verdicts {
         recorder.event(EventKind::Check {
             name: verdict.name.to_string(),

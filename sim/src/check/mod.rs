@@ -1,6 +1,7 @@
 //! The checkers, one file per property. Each returns a verdict the run prints; any failure
 //! fails the seed.
 
+pub mod auth;
 pub mod backup;
 pub mod durability;
 pub mod leases;
