@@ -19,5 +19,8 @@ pub mod server;
 /// The snapshot tool's verbs (save, status, restore): not part of the simulated build.
 #[cfg(not(madsim))]
 pub mod snapshot;
+/// TLS for the client and peer ports: not part of the simulated build.
+#[cfg(not(madsim))]
+pub mod tls;
 pub mod wal;
 pub mod watch;

@@ -15,7 +15,7 @@ use quorumkv::api::{
     WatchService, GRPC_OVERHEAD_BYTES,
 };
 use quorumkv::cluster::Members;
-use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory};
+use quorumkv::io::tcp::{fetch_directory, serve_peers, Directory, PeerTls};
 use quorumkv::io::transport::INBOX_BATCHES;
 use quorumkv::io::{os_seed, SledBackend, StdDisk, TcpTransport, TokioClock};
 use quorumkv::mvcc::MvccError;
@@ -30,6 +30,7 @@ use quorumkv::proto::v3electionpb::election_server::ElectionServer as ElectionGr
 use quorumkv::proto::v3lockpb::lock_server::LockServer as LockGrpc;
 use quorumkv::server::StartError;
 use quorumkv::server::{start_member, AutoCompaction, KvServer, MemberConfig};
+use quorumkv::tls::{ClientTls, ServerTls, TlsOptions};
 use quorumkv::wal::{WalError, WalOptions};
 use tower_layer::Layer as _;
 
@@ -178,6 +179,49 @@ struct Flags {
     /// Cost of the bcrypt hashes of user passwords (4 to 31).
     #[arg(long, env = "QUORUMKV_BCRYPT_COST", default_value_t = quorumkv::auth::DEFAULT_BCRYPT_COST)]
     bcrypt_cost: u32,
+    /// Path to the client server TLS cert file.
+    #[arg(long, env = "QUORUMKV_CERT_FILE")]
+    cert_file: Option<PathBuf>,
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "QUORUMKV_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Enable client cert authentication (a certificate signed by --trusted-ca-file is required).
+    #[arg(long, env = "QUORUMKV_CLIENT_CERT_AUTH", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    client_cert_auth: bool,
+    /// Path to the client server TLS trusted CA cert file.
+    #[arg(long, env = "QUORUMKV_TRUSTED_CA_FILE")]
+    trusted_ca_file: Option<PathBuf>,
+    /// Client TLS using generated certificates.
+    #[arg(long, env = "QUORUMKV_AUTO_TLS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    auto_tls: bool,
+    /// Path to the peer server TLS cert file.
+    #[arg(long, env = "QUORUMKV_PEER_CERT_FILE")]
+    peer_cert_file: Option<PathBuf>,
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "QUORUMKV_PEER_KEY_FILE")]
+    peer_key_file: Option<PathBuf>,
+    /// Enable peer client cert authentication.
+    #[arg(long, env = "QUORUMKV_PEER_CLIENT_CERT_AUTH", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    peer_client_cert_auth: bool,
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "QUORUMKV_PEER_TRUSTED_CA_FILE")]
+    peer_trusted_ca_file: Option<PathBuf>,
+    /// Peer TLS using generated certificates.
+    #[arg(long, env = "QUORUMKV_PEER_AUTO_TLS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    peer_auto_tls: bool,
+    /// Allowed CN for inter peer authentication.
+    #[arg(long, env = "QUORUMKV_PEER_CERT_ALLOWED_CN")]
+    peer_cert_allowed_cn: Option<String>,
+    /// Comma-separated list of supported TLS cipher suites between client/server and peers
+    /// (empty: rustls' defaults).
+    #[arg(long, env = "QUORUMKV_CIPHER_SUITES", default_value = "")]
+    cipher_suites: String,
+    /// Minimum TLS version supported: TLS1.2 or TLS1.3.
+    #[arg(long, env = "QUORUMKV_TLS_MIN_VERSION")]
+    tls_min_version: Option<String>,
+    /// Maximum TLS version supported: TLS1.2 or TLS1.3.
+    #[arg(long, env = "QUORUMKV_TLS_MAX_VERSION")]
+    tls_max_version: Option<String>,
     /// Log level: debug, info, warn, error.
     #[arg(long, env = "QUORUMKV_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -220,12 +264,12 @@ fn init_logging(flags: &Flags) -> Result<(), String> {
     Ok(())
 }
 
-/// `http://host:port` → a socket address to bind.
+/// `http://host:port` (or `https://`) → a socket address to bind.
 fn parse_listen_url(url: &str) -> Result<SocketAddr, String> {
     let parsed = url::Url::parse(url).map_err(|e| format!("invalid URL {url:?}: {e}"))?;
-    if parsed.scheme() != "http" {
+    if parsed.scheme() != "http" && parsed.scheme() != "https" {
         return Err(format!(
-            "URL {url:?}: only http:// is supported (TLS is not built yet)"
+            "URL {url:?}: only http:// and https:// are supported"
         ));
     }
     let host = parsed
@@ -316,7 +360,7 @@ async fn join_cluster(
     let mut errors = Vec::new();
     for (_, urls) in members.iter().filter(|(name, _)| *name != flags.name) {
         for url in urls {
-            let answer = match fetch_directory(url).await {
+            let answer = match fetch_directory(url, &peer_tls()).await {
                 Ok(answer) => answer,
                 Err(e) => {
                     errors.push(format!("{url}: {e}"));
@@ -520,7 +564,7 @@ async fn notice_removal(
         }
         for peer in members.iter().filter(|m| m.id != me) {
             for url in &peer.peer_ur_ls {
-                let Ok(answer) = fetch_directory(url).await else {
+                let Ok(answer) = fetch_directory(url, &peer_tls()).await else {
                     continue;
                 };
                 let Ok(directory) = ClusterMembers::decode(answer.as_slice()) else {
@@ -637,6 +681,120 @@ fn warn_if_open_to_others(dir: &Path) {
     }
 }
 
+/// The peer port's TLS, set once at start (joining and removal checks dial peers too).
+static PEER_TLS: std::sync::OnceLock<PeerTls> = std::sync::OnceLock::new();
+
+fn peer_tls() -> PeerTls {
+    PEER_TLS.get().cloned().unwrap_or_default()
+}
+
+fn is_https(url: &str) -> bool {
+    url.trim().to_ascii_lowercase().starts_with("https://")
+}
+
+/// The hosts of `urls`, for a self-signed certificate (`--auto-tls`).
+fn hosts_of(urls: &str) -> Vec<String> {
+    let mut hosts: Vec<String> = split_urls(urls)
+        .iter()
+        .filter_map(|u| url::Url::parse(u).ok()?.host_str().map(str::to_string))
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+/// The client and peer ports' TLS, from the flags (as etcd: https:// URLs need a certificate
+/// or auto TLS).
+struct Security {
+    client: Option<Arc<ServerTls>>,
+    /// For requests forwarded to the leader's client URL.
+    client_dial: Option<Arc<ClientTls>>,
+    peer: PeerTls,
+}
+
+fn security(flags: &Flags, data_dir: &Path) -> Result<Security, String> {
+    let suites: Vec<String> = split_urls(&flags.cipher_suites);
+    let client = TlsOptions {
+        cert_file: flags.cert_file.clone(),
+        key_file: flags.key_file.clone(),
+        trusted_ca_file: flags.trusted_ca_file.clone(),
+        client_cert_auth: flags.client_cert_auth,
+        auto_tls: flags.auto_tls,
+        allowed_cn: None,
+        cipher_suites: suites.clone(),
+        min_version: flags.tls_min_version.clone(),
+        max_version: flags.tls_max_version.clone(),
+    };
+    let peer = TlsOptions {
+        cert_file: flags.peer_cert_file.clone(),
+        key_file: flags.peer_key_file.clone(),
+        trusted_ca_file: flags.peer_trusted_ca_file.clone(),
+        client_cert_auth: flags.peer_client_cert_auth,
+        auto_tls: flags.peer_auto_tls,
+        allowed_cn: flags
+            .peer_cert_allowed_cn
+            .clone()
+            .filter(|cn| !cn.is_empty()),
+        cipher_suites: suites,
+        min_version: flags.tls_min_version.clone(),
+        max_version: flags.tls_max_version.clone(),
+    };
+    let fixtures = data_dir.join("fixtures");
+    let client = client.resolve_auto(
+        &fixtures.join("client"),
+        &hosts_of(&format!(
+            "{},{}",
+            flags.listen_client_urls, flags.advertise_client_urls
+        )),
+    )?;
+    let peer = peer.resolve_auto(
+        &fixtures.join("peer"),
+        &hosts_of(&format!(
+            "{},{}",
+            flags.listen_peer_urls, flags.initial_advertise_peer_urls
+        )),
+    )?;
+    for url in split_urls(&flags.listen_client_urls) {
+        if is_https(&url) && !client.is_set() {
+            return Err(format!("TLS key/cert (--cert-file, --key-file) must be provided for client url {url} with HTTPS scheme"));
+        }
+    }
+    for url in split_urls(&flags.listen_peer_urls) {
+        if is_https(&url) && !peer.is_set() {
+            return Err(format!("TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url {url} with HTTPS scheme"));
+        }
+    }
+    const H2: &[u8] = b"h2";
+    const HTTP1: &[u8] = b"http/1.1";
+    let (client_tls, client_dial) = if client.is_set() {
+        (
+            Some(
+                ServerTls::new(client.clone(), &[H2, HTTP1], "client")
+                    .map_err(|e| format!("client TLS: {e}"))?,
+            ),
+            ClientTls::new(client, &[H2]).ok(),
+        )
+    } else {
+        (None, None)
+    };
+    let peer_tls = if peer.is_set() {
+        PeerTls {
+            server: Some(
+                ServerTls::new(peer.clone(), &[], "peer").map_err(|e| format!("peer TLS: {e}"))?,
+            ),
+            client: Some(ClientTls::new(peer, &[]).map_err(|e| format!("peer TLS: {e}"))?),
+        }
+    } else {
+        PeerTls::default()
+    };
+    Ok(Security {
+        client: client_tls,
+        client_dial,
+        peer: peer_tls,
+    })
+}
+
 async fn run(flags: Flags) -> Result<(), String> {
     let data_dir = flags
         .data_dir
@@ -653,6 +811,9 @@ async fn run(flags: Flags) -> Result<(), String> {
     std::fs::create_dir_all(&member_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", member_dir.display()))?;
     warn_if_open_to_others(&data_dir);
+    let security = security(&flags, &data_dir)?;
+    let _ = PEER_TLS.set(security.peer.clone());
+    quorumkv::api::set_forwarding_tls(security.client_dial.clone());
     let auto_compaction = AutoCompaction::from_flags(
         &flags.auto_compaction_mode,
         &flags.auto_compaction_retention,
@@ -660,13 +821,14 @@ async fn run(flags: Flags) -> Result<(), String> {
     let identity = identity(&flags, &member_dir).await?;
     quorumkv::api::remove_stale_images(&member_dir);
     let config = member_config(&flags, &identity, &data_dir)?;
+    // Each listen address, and whether it takes TLS (an https:// URL).
     let peer_addrs = split_urls(&flags.listen_peer_urls)
         .iter()
-        .map(|u| parse_listen_url(u))
+        .map(|u| parse_listen_url(u).map(|a| (a, is_https(u))))
         .collect::<Result<Vec<_>, _>>()?;
     let client_addrs = split_urls(&flags.listen_client_urls)
         .iter()
-        .map(|u| parse_listen_url(u))
+        .map(|u| parse_listen_url(u).map(|a| (a, is_https(u))))
         .collect::<Result<Vec<_>, _>>()?;
     let metrics_addrs = split_urls(flags.listen_metrics_urls.as_deref().unwrap_or(""))
         .iter()
@@ -691,7 +853,7 @@ async fn run(flags: Flags) -> Result<(), String> {
                 .unwrap_or_default()
         })
     };
-    for addr in peer_addrs {
+    for (addr, https) in peer_addrs {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen for peers on {addr}: {e}"))?;
@@ -699,14 +861,16 @@ async fn run(flags: Flags) -> Result<(), String> {
         let inbox_tx = inbox_tx.clone();
         let cluster_id = config.cluster_id;
         let directory = directory.clone();
+        let tls = security.peer.server.clone().filter(|_| https);
         tokio::spawn(async move {
-            if let Err(e) = serve_peers(listener, cluster_id, inbox_tx, directory).await {
+            if let Err(e) = serve_peers(listener, cluster_id, inbox_tx, directory, tls).await {
                 tracing::error!(%addr, error = %e, "peer listener failed");
             }
         });
     }
     drop(inbox_tx);
-    let transport = TcpTransport::new(config.cluster_id, config.member_id);
+    let transport =
+        TcpTransport::new(config.cluster_id, config.member_id).with_tls(security.peer.clone());
     for (id, urls) in &identity.peers {
         if let Some(url) = urls.first() {
             transport.set_peer(*id, url);
@@ -780,7 +944,7 @@ async fn run(flags: Flags) -> Result<(), String> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for addr in client_addrs {
+    for (addr, https) in client_addrs {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -827,7 +991,8 @@ async fn run(flags: Flags) -> Result<(), String> {
         let service = UnaryKvLayer::new(member.kv.clone(), max_decode).layer(GrpcMetrics::new(
             tonic::service::Routes::from(routes).prepare(),
         ));
-        servers.push(tokio::spawn(serve(listener, service, async move {
+        let tls = security.client.clone().filter(|_| https);
+        servers.push(tokio::spawn(serve(listener, service, tls, async move {
             let _ = stop.wait_for(|s| *s).await;
         })));
     }
@@ -840,7 +1005,7 @@ async fn run(flags: Flags) -> Result<(), String> {
             tonic::service::Routes::from(probe_routes(member.kv.clone()).fallback(fallback))
                 .prepare();
         let mut stop = stop_rx.clone();
-        servers.push(tokio::spawn(serve(listener, service, async move {
+        servers.push(tokio::spawn(serve(listener, service, None, async move {
             let _ = stop.wait_for(|s| *s).await;
         })));
     }

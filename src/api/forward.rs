@@ -1,13 +1,45 @@
 //! Forwarding a request this member cannot answer (it is not the leader) to the leader's
 //! client URL, once: a forwarded request carries a mark and is never forwarded again.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 use crate::server::KvServer;
+use crate::tls::ClientTls;
+
+/// The TLS to reach the leader's `https://` client URLs with (the member's client-port
+/// settings, as etcd's), set once at start.
+static FORWARDING_TLS: OnceLock<Option<Arc<ClientTls>>> = OnceLock::new();
+
+pub fn set_forwarding_tls(tls: Option<Arc<ClientTls>>) {
+    let _ = FORWARDING_TLS.set(tls);
+}
+
+/// A channel to `url`: over TLS for `https://`.
+async fn connect(endpoint: Endpoint, url: &str) -> Result<Channel, String> {
+    if !url.to_ascii_lowercase().starts_with("https://") {
+        return endpoint.connect().await.map_err(|e| e.to_string());
+    }
+    let Some(tls) = FORWARDING_TLS.get().cloned().flatten() else {
+        return Err("the leader's client URL is https:// and this member has no client TLS".into());
+    };
+    let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+        let tls = tls.clone();
+        async move {
+            let host = uri.host().unwrap_or("localhost").to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let stream = tls.connect(&format!("{host}:{port}")).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| e.to_string())
+}
 
 /// Marks a request a follower forwarded: the receiver does not forward it again.
 const FORWARDED: &str = "x-quorumkv-forwarded";
@@ -46,7 +78,7 @@ impl ToLeader {
             let Ok(endpoint) = Endpoint::from_shared(url.clone()) else {
                 continue;
             };
-            match endpoint.connect_timeout(CONNECT_TIMEOUT).connect().await {
+            match connect(endpoint.connect_timeout(CONNECT_TIMEOUT), url).await {
                 Ok(channel) => {
                     *self.lock() = Some((url.clone(), channel.clone()));
                     return Ok(channel);

@@ -23,6 +23,7 @@ pub use auth::{AuthService, PeerCommonName};
 pub use cluster::ClusterService;
 pub use coalesce::CoalescedWrites;
 pub use concurrency::{ElectionService, LockService};
+pub use forward::set_forwarding_tls;
 pub use gateway::routes as gateway_routes;
 pub use grpc_metrics::GrpcMetrics;
 pub use h2fix::AuthorityFix;

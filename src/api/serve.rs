@@ -19,16 +19,22 @@ use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::Service;
 
-use super::{AuthorityFix, CoalescedWrites};
+use super::{AuthorityFix, CoalescedWrites, PeerCommonName};
+use crate::tls::ServerTls;
+use std::sync::Arc;
 
 /// How long to wait before accepting again after `accept` failed (out of file descriptors, say).
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// Serves every connection `listener` accepts with `service` until `stop` resolves; then stops
 /// accepting, asks each connection to finish the calls it has, and returns once all are closed.
+/// With `tls`, each connection's handshake comes first (on its own task: a slow or garbage
+/// handshake holds up no one); the common name of a client certificate goes with each request
+/// when client certificates are required (`--client-cert-auth`).
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
+    tls: Option<Arc<ServerTls>>,
     stop: impl std::future::Future<Output = ()>,
 ) where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
@@ -63,14 +69,27 @@ pub async fn serve<S>(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        // etcdctl's `endpoint status` sends the endpoint URL as :authority, which h2 refuses.
-        let io = TokioIo::new(CoalescedWrites::new(AuthorityFix::new(stream)));
-        let connection = builder
-            .serve_connection(io, TowerToHyperService::new(FromIncoming(service.clone())))
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let Some(tls) = tls.clone() else {
+            let service = FromIncoming(service.clone(), None);
+            let connection = serve_io(&builder, stream, service);
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        let (builder, service, watcher) = (builder.clone(), service.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let Some((stream, common_name)) = tls.accept(stream).await else {
+                return;
+            };
+            let common_name = common_name
+                .filter(|_| tls.options().client_cert_auth)
+                .map(|cn| Arc::new(PeerCommonName(cn)));
+            let connection = serve_io(&builder, stream, FromIncoming(service, common_name));
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
@@ -80,9 +99,39 @@ pub async fn serve<S>(
     graceful.shutdown().await;
 }
 
-/// `service` taking hyper's request body, as tonic's services take it.
+/// One client connection as hyper serves it.
+type Connection<IO, S> = auto::Connection<
+    'static,
+    TokioIo<CoalescedWrites<AuthorityFix<IO>>>,
+    TowerToHyperService<FromIncoming<S>>,
+    TokioExecutor,
+>;
+
+/// One connection served by `builder` with `service`.
+fn serve_io<IO, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: IO,
+    service: FromIncoming<S>,
+) -> Connection<IO, S>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    // etcdctl's `endpoint status` sends the endpoint URL as :authority, which h2 refuses.
+    let io = TokioIo::new(CoalescedWrites::new(AuthorityFix::new(io)));
+    builder
+        .serve_connection(io, TowerToHyperService::new(service))
+        .into_owned()
+}
+
+/// `service` taking hyper's request body, as tonic's services take it; with the common name
+/// of the connection's client certificate put on each request.
 #[derive(Clone)]
-struct FromIncoming<S>(S);
+struct FromIncoming<S>(S, Option<Arc<PeerCommonName>>);
 
 impl<S> Service<Request<Incoming>> for FromIncoming<S>
 where
@@ -100,6 +149,10 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        self.0.call(request.map(Body::new))
+        let mut request = request.map(Body::new);
+        if let Some(cn) = &self.1 {
+            request.extensions_mut().insert((**cn).clone());
+        }
+        self.0.call(request)
     }
 }

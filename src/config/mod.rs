@@ -21,7 +21,7 @@ enum Policy {
     RefuseUnless(&'static [&'static str], &'static str),
 }
 
-const TLS: &str = "TLS is not built yet (quorumkv serves http:// only)";
+const CRL: &str = "certificate revocation lists are not supported yet";
 const EMPTY_OR_FALSE: &[&str] = &["", "false"];
 
 /// etcd 3.4/3.5 flags quorumkv has no flag for, and what it does with each.
@@ -87,28 +87,8 @@ const FOREIGN_FLAGS: &[(&str, Policy)] = &[
         "experimental-enable-distributed-tracing",
         Policy::RefuseUnless(EMPTY_OR_FALSE, "tracing is not built"),
     ),
-    ("cert-file", Policy::RefuseUnless(&[""], TLS)),
-    ("key-file", Policy::RefuseUnless(&[""], TLS)),
-    ("trusted-ca-file", Policy::RefuseUnless(&[""], TLS)),
-    (
-        "client-cert-auth",
-        Policy::RefuseUnless(EMPTY_OR_FALSE, TLS),
-    ),
-    ("client-crl-file", Policy::RefuseUnless(&[""], TLS)),
-    ("auto-tls", Policy::RefuseUnless(EMPTY_OR_FALSE, TLS)),
-    ("peer-cert-file", Policy::RefuseUnless(&[""], TLS)),
-    ("peer-key-file", Policy::RefuseUnless(&[""], TLS)),
-    ("peer-trusted-ca-file", Policy::RefuseUnless(&[""], TLS)),
-    (
-        "peer-client-cert-auth",
-        Policy::RefuseUnless(EMPTY_OR_FALSE, TLS),
-    ),
-    ("peer-crl-file", Policy::RefuseUnless(&[""], TLS)),
-    ("peer-auto-tls", Policy::RefuseUnless(EMPTY_OR_FALSE, TLS)),
-    ("peer-cert-allowed-cn", Policy::RefuseUnless(&[""], TLS)),
-    ("cipher-suites", Policy::RefuseUnless(&[""], TLS)),
-    ("tls-min-version", Policy::RefuseUnless(&[""], TLS)),
-    ("tls-max-version", Policy::RefuseUnless(&[""], TLS)),
+    ("client-crl-file", Policy::RefuseUnless(&[""], CRL)),
+    ("peer-crl-file", Policy::RefuseUnless(&[""], CRL)),
     ("cors", Policy::Refuse("CORS is not built")),
     (
         "host-whitelist",
@@ -411,7 +391,13 @@ mod tests {
     fn known(flag: &str) -> bool {
         matches!(
             flag,
-            "name" | "data-dir" | "snapshot-count" | "listen-metrics-urls" | "initial-cluster"
+            "name"
+                | "data-dir"
+                | "snapshot-count"
+                | "listen-metrics-urls"
+                | "initial-cluster"
+                | "cert-file"
+                | "client-cert-auth"
         )
     }
 
@@ -452,16 +438,19 @@ mod tests {
     }
 
     #[test]
-    fn tls_flags_are_refused_by_name() {
+    fn revocation_lists_are_refused_by_name() {
         let e = resolve(
-            &args(&["--cert-file=/etc/kubernetes/pki/etcd/server.crt"]),
+            &args(&["--client-crl-file=/etc/kubernetes/pki/etcd/crl.pem"]),
             &[],
             &known,
             &no_file,
         )
         .expect_err("refused");
-        assert!(e.contains("--cert-file") && e.contains("TLS"), "{e}");
-        assert!(resolve(&args(&["--client-cert-auth=false"]), &[], &known, &no_file).is_ok());
+        assert!(
+            e.contains("--client-crl-file") && e.contains("revocation"),
+            "{e}"
+        );
+        assert!(resolve(&args(&["--peer-crl-file="]), &[], &known, &no_file).is_ok());
     }
 
     #[test]
@@ -485,12 +474,12 @@ mod tests {
             .any(|n| n.contains("unrecognized environment variable ETCD_UNSUPPORTED_ARCH")));
         let e = resolve(
             &args(&[]),
-            &[("ETCD_CERT_FILE".to_string(), "/c".to_string())],
+            &[("ETCD_PEER_CRL_FILE".to_string(), "/c".to_string())],
             &known,
             &no_file,
         )
         .expect_err("refused");
-        assert!(e.contains("--cert-file"), "{e}");
+        assert!(e.contains("--peer-crl-file"), "{e}");
     }
 
     #[test]

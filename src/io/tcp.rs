@@ -17,11 +17,45 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use raft::eraftpb::Message;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::transport::{decode_batch, encode_batch, Transport};
+use crate::tls::{ClientTls, ServerTls};
+
+/// A peer connection, over TLS or not.
+pub trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerIo for T {}
+type PeerStream = Box<dyn PeerIo>;
+
+/// The TLS of the peer port: to accept with, and to dial peers with (`https://` peer URLs).
+#[derive(Clone, Default)]
+pub struct PeerTls {
+    pub server: Option<Arc<ServerTls>>,
+    pub client: Option<Arc<ClientTls>>,
+}
+
+impl PeerTls {
+    /// A connection to the peer at `url`'s `address`: TLS for an `https://` URL.
+    async fn dial(&self, address: &str, https: bool) -> std::io::Result<PeerStream> {
+        if !https {
+            let stream = TcpStream::connect(address).await?;
+            let _ = stream.set_nodelay(true);
+            return Ok(Box::new(stream));
+        }
+        let Some(client) = &self.client else {
+            return Err(std::io::Error::other(
+                "the peer URL is https:// but no peer TLS is configured (--peer-cert-file or --peer-auto-tls)",
+            ));
+        };
+        Ok(Box::new(client.connect(address).await?))
+    }
+}
+
+fn is_https(url: &str) -> bool {
+    url.trim().to_ascii_lowercase().starts_with("https://")
+}
 
 const MAGIC: &[u8; 8] = b"QKVPEER1";
 /// A member joining a running cluster asks a peer for the cluster's members: it sends this,
@@ -92,21 +126,22 @@ async fn read_batch(
 }
 
 /// Echoes a prober's pings until it goes away.
-async fn echo_pings(stream: &mut TcpStream) {
+async fn echo_pings(stream: &mut (impl AsyncRead + AsyncWrite + Unpin)) {
     let mut ping = [0u8; 8];
     while stream.read_exact(&mut ping).await.is_ok() {
-        if stream.write_all(&ping).await.is_err() {
+        if stream.write_all(&ping).await.is_err() || stream.flush().await.is_err() {
             return;
         }
     }
 }
 
 /// Asks the peer at `url` for its directory (see `DIRECTORY_MAGIC`).
-pub async fn fetch_directory(url: &str) -> std::io::Result<Vec<u8>> {
+pub async fn fetch_directory(url: &str, tls: &PeerTls) -> std::io::Result<Vec<u8>> {
     let address = peer_address(url).ok_or_else(|| bad_data("peer URL has no host and port"))?;
     tokio::time::timeout(DIRECTORY_TIMEOUT, async {
-        let mut stream = TcpStream::connect(&address).await?;
+        let mut stream = tls.dial(&address, is_https(url)).await?;
         stream.write_all(DIRECTORY_MAGIC).await?;
+        stream.flush().await?;
         read_payload(&mut stream)
             .await?
             .ok_or_else(|| bad_data("peer closed without an answer"))
@@ -158,13 +193,24 @@ pub async fn serve_peers(
     cluster_id: u64,
     inbox: mpsc::Sender<Vec<Message>>,
     directory: Directory,
+    tls: Option<Arc<ServerTls>>,
 ) -> std::io::Result<()> {
     loop {
-        let (mut stream, from_addr) = listener.accept().await?;
+        let (stream, from_addr) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let inbox = inbox.clone();
         let directory = directory.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let mut stream: PeerStream = match tls {
+                // A peer without a certificate from the trusted CA (or with another common
+                // name than --peer-cert-allowed-cn) is refused here, with the reason logged.
+                Some(tls) => match tls.accept(stream).await {
+                    Some((stream, _)) => Box::new(stream),
+                    None => return,
+                },
+                None => Box::new(stream),
+            };
             let mut preamble = [0u8; 24];
             if stream.read_exact(&mut preamble[..8]).await.is_err() {
                 return;
@@ -231,7 +277,7 @@ pub fn peer_address(url: &str) -> Option<String> {
 }
 
 struct Peer {
-    address: String,
+    url: String,
     queue: mpsc::Sender<Vec<Message>>,
 }
 
@@ -241,6 +287,7 @@ pub struct TcpTransport {
     cluster_id: u64,
     member_id: u64,
     peers: Arc<Mutex<HashMap<u64, Peer>>>,
+    tls: PeerTls,
 }
 
 impl TcpTransport {
@@ -249,7 +296,14 @@ impl TcpTransport {
             cluster_id,
             member_id,
             peers: Arc::default(),
+            tls: PeerTls::default(),
         }
+    }
+
+    /// Dials `https://` peers with `tls`.
+    pub fn with_tls(mut self, tls: PeerTls) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, Peer>> {
@@ -267,18 +321,29 @@ impl TcpTransport {
             return;
         };
         let mut peers = self.lock();
-        if peers.get(&id).is_some_and(|p| p.address == address) {
+        if peers.get(&id).is_some_and(|p| p.url == url) {
             return;
         }
         let (queue, batches) = mpsc::channel(PEER_QUEUE_BATCHES);
+        let dialer = Dialer {
+            address,
+            https: is_https(url),
+            tls: self.tls.clone(),
+        };
         tokio::spawn(stream_to_peer(
-            address.clone(),
+            dialer.clone(),
             (self.cluster_id, self.member_id, id),
             batches,
         ));
-        tokio::spawn(probe_peer(address.clone(), id, queue.downgrade()));
+        tokio::spawn(probe_peer(dialer, id, queue.downgrade()));
         // Replacing the entry closes the old queue, which ends the old task.
-        peers.insert(id, Peer { address, queue });
+        peers.insert(
+            id,
+            Peer {
+                url: url.to_string(),
+                queue,
+            },
+        );
     }
 
     pub fn remove_peer(&self, id: u64) {
@@ -295,21 +360,35 @@ impl Transport for TcpTransport {
     }
 }
 
-/// Measures the round trip to peer `to` at `address` every `PROBE_INTERVAL` into
+/// How to reach one peer.
+#[derive(Clone)]
+struct Dialer {
+    address: String,
+    https: bool,
+    tls: PeerTls,
+}
+
+impl Dialer {
+    async fn dial(&self) -> std::io::Result<PeerStream> {
+        self.tls.dial(&self.address, self.https).await
+    }
+}
+
+/// Measures the round trip to peer `to` every `PROBE_INTERVAL` into
 /// `etcd_network_peer_round_trip_time_seconds`, until the peer's queue is gone.
-async fn probe_peer(address: String, to: u64, alive: mpsc::WeakSender<Vec<Message>>) {
+async fn probe_peer(dialer: Dialer, to: u64, alive: mpsc::WeakSender<Vec<Message>>) {
     let round_trip = crate::metrics::METRICS
         .peer_round_trip_seconds
         .with_label_values(&[&crate::metrics::peer_label(to)]);
-    let mut connection: Option<TcpStream> = None;
+    let mut connection: Option<PeerStream> = None;
     let mut ping = 0u64;
     while alive.upgrade().is_some() {
         tokio::time::sleep(PROBE_INTERVAL).await;
         if connection.is_none() {
             connection = async {
-                let mut stream = TcpStream::connect(&address).await.ok()?;
-                let _ = stream.set_nodelay(true);
+                let mut stream = dialer.dial().await.ok()?;
                 stream.write_all(PROBE_MAGIC).await.ok()?;
+                stream.flush().await.ok()?;
                 Some(stream)
             }
             .await;
@@ -321,6 +400,7 @@ async fn probe_peer(address: String, to: u64, alive: mpsc::WeakSender<Vec<Messag
         let sent = std::time::Instant::now();
         let echoed = tokio::time::timeout(PROBE_TIMEOUT, async {
             stream.write_all(&ping.to_le_bytes()).await?;
+            stream.flush().await?;
             let mut echo = [0u8; 8];
             stream.read_exact(&mut echo).await?;
             Ok::<_, std::io::Error>(u64::from_le_bytes(echo) == ping)
@@ -336,19 +416,20 @@ async fn probe_peer(address: String, to: u64, alive: mpsc::WeakSender<Vec<Messag
 /// Keeps a connection to one peer and writes its batches, until the queue closes. `ids`: the
 /// cluster's, this member's and the peer's.
 async fn stream_to_peer(
-    address: String,
+    dialer: Dialer,
     ids: (u64, u64, u64),
     mut batches: mpsc::Receiver<Vec<Message>>,
 ) {
+    let address = dialer.address.clone();
     let (cluster_id, member_id, to) = ids;
     let sent = crate::metrics::METRICS
         .peer_sent_bytes
         .with_label_values(&[&crate::metrics::peer_label(to)]);
     let mut backoff = BACKOFF_MIN;
-    let mut connection: Option<BufWriter<TcpStream>> = None;
+    let mut connection: Option<BufWriter<PeerStream>> = None;
     while let Some(batch) = batches.recv().await {
         if connection.is_none() {
-            match connect(&address, cluster_id, member_id).await {
+            match connect(&dialer, cluster_id, member_id).await {
                 Ok(stream) => {
                     backoff = BACKOFF_MIN;
                     connection = Some(stream);
@@ -387,12 +468,11 @@ async fn stream_to_peer(
 }
 
 async fn connect(
-    address: &str,
+    dialer: &Dialer,
     cluster_id: u64,
     member_id: u64,
-) -> std::io::Result<BufWriter<TcpStream>> {
-    let stream = TcpStream::connect(address).await?;
-    let _ = stream.set_nodelay(true);
+) -> std::io::Result<BufWriter<PeerStream>> {
+    let stream = dialer.dial().await?;
     let mut stream = BufWriter::with_capacity(64 * 1024, stream);
     let mut preamble = MAGIC.to_vec();
     preamble.extend_from_slice(&cluster_id.to_le_bytes());
@@ -402,7 +482,10 @@ async fn connect(
 }
 
 /// Writes one batch's frames; returns the bytes written.
-async fn write_batch(stream: &mut BufWriter<TcpStream>, batch: &[Message]) -> std::io::Result<u64> {
+async fn write_batch(
+    stream: &mut BufWriter<PeerStream>,
+    batch: &[Message],
+) -> std::io::Result<u64> {
     let mut bytes = 0;
     for frame in frames(&encode_batch(batch)) {
         stream.write_all(&frame).await?;
@@ -430,6 +513,7 @@ mod tests {
             7,
             tx,
             Arc::new(|| b"members".to_vec()),
+            None,
         ));
         inbox
     }
@@ -443,11 +527,13 @@ mod tests {
     #[tokio::test]
     async fn a_joining_member_gets_the_directory() {
         let (url, _inbox) = listening_peer().await;
-        let directory = fetch_directory(&url).await.expect("directory");
+        let directory = fetch_directory(&url, &PeerTls::default())
+            .await
+            .expect("directory");
         assert_eq!(directory, b"members");
         let (listener, silent) = listener().await;
         drop(listener);
-        assert!(fetch_directory(&silent).await.is_err());
+        assert!(fetch_directory(&silent, &PeerTls::default()).await.is_err());
     }
 
     #[tokio::test]

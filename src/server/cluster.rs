@@ -24,12 +24,12 @@ fn quorum(voters: usize) -> usize {
     voters / 2 + 1
 }
 
-/// Peer URLs must be `http://host:port` (TLS peers are not built).
+/// Peer URLs must be `http://host:port` or `https://host:port`.
 pub fn valid_peer_urls(urls: &[String]) -> bool {
     !urls.is_empty()
         && urls.iter().all(|u| {
             url::Url::parse(u).is_ok_and(|p| {
-                p.scheme() == "http"
+                (p.scheme() == "http" || p.scheme() == "https")
                     && p.host_str().is_some()
                     && p.port().is_some()
                     && p.path() == "/"

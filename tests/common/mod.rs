@@ -48,6 +48,9 @@ pub struct Server {
     pub peer_port: u16,
     pub log_path: PathBuf,
     pub extra_args: Vec<String>,
+    /// `http` or `https`, for the client and the peer URLs.
+    pub client_scheme: &'static str,
+    pub peer_scheme: &'static str,
 }
 
 impl Server {
@@ -68,15 +71,17 @@ impl Server {
             peer_port: free_port(),
             log_path: root.join("server.log"),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            client_scheme: "http",
+            peer_scheme: "http",
         }
     }
 
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        format!("{}://127.0.0.1:{}", self.peer_scheme, self.peer_port)
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.client_scheme, self.client_port)
     }
 
     /// Starts the process (on the same data dir and ports) without waiting.
@@ -95,9 +100,9 @@ impl Server {
             .arg("--advertise-client-urls")
             .arg(self.endpoint())
             .arg("--listen-peer-urls")
-            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .arg(self.peer_url())
             .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .arg(self.peer_url())
             .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
