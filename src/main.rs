@@ -715,21 +715,24 @@ struct Security {
 
 fn security(flags: &Flags, data_dir: &Path) -> Result<Security, String> {
     let suites: Vec<String> = split_urls(&flags.cipher_suites);
+    // An empty file name (`cert-file: ''` in etcd's YAML) is no file.
+    let file = |f: &Option<PathBuf>| f.clone().filter(|p| !p.as_os_str().is_empty());
+    let text = |t: &Option<String>| t.clone().filter(|t| !t.trim().is_empty());
     let client = TlsOptions {
-        cert_file: flags.cert_file.clone(),
-        key_file: flags.key_file.clone(),
-        trusted_ca_file: flags.trusted_ca_file.clone(),
+        cert_file: file(&flags.cert_file),
+        key_file: file(&flags.key_file),
+        trusted_ca_file: file(&flags.trusted_ca_file),
         client_cert_auth: flags.client_cert_auth,
         auto_tls: flags.auto_tls,
         allowed_cn: None,
         cipher_suites: suites.clone(),
-        min_version: flags.tls_min_version.clone(),
-        max_version: flags.tls_max_version.clone(),
+        min_version: text(&flags.tls_min_version),
+        max_version: text(&flags.tls_max_version),
     };
     let peer = TlsOptions {
-        cert_file: flags.peer_cert_file.clone(),
-        key_file: flags.peer_key_file.clone(),
-        trusted_ca_file: flags.peer_trusted_ca_file.clone(),
+        cert_file: file(&flags.peer_cert_file),
+        key_file: file(&flags.peer_key_file),
+        trusted_ca_file: file(&flags.peer_trusted_ca_file),
         client_cert_auth: flags.peer_client_cert_auth,
         auto_tls: flags.peer_auto_tls,
         allowed_cn: flags
@@ -737,8 +740,8 @@ fn security(flags: &Flags, data_dir: &Path) -> Result<Security, String> {
             .clone()
             .filter(|cn| !cn.is_empty()),
         cipher_suites: suites,
-        min_version: flags.tls_min_version.clone(),
-        max_version: flags.tls_max_version.clone(),
+        min_version: text(&flags.tls_min_version),
+        max_version: text(&flags.tls_max_version),
     };
     let fixtures = data_dir.join("fixtures");
     let client = client.resolve_auto(

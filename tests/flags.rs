@@ -86,7 +86,7 @@ fn serving(mut command: Command, endpoint: &str, failure: &str) -> std::process:
     child
 }
 
-/// The flags of a kubeadm etcd manifest (its TLS flags aside: TLS is not built) start a member
+/// The flags of a kubeadm etcd manifest (its TLS flags aside: `tests/tls.rs` has those) start a member
 /// unchanged, from the command line, from `ETCD_*` variables, or from etcd's YAML config file.
 #[test]
 fn a_kubeadm_manifests_flags_etcd_variables_and_config_file_start_a_member() {
@@ -170,8 +170,8 @@ fn a_kubeadm_manifests_flags_etcd_variables_and_config_file_start_a_member() {
     // A flag of etcd's that is not built is refused by name, not ignored.
     for (flag, named) in [
         (
-            "--cert-file=/etc/kubernetes/pki/etcd/server.crt",
-            "--cert-file",
+            "--client-crl-file=/etc/kubernetes/pki/etcd/crl.pem",
+            "--client-crl-file",
         ),
         ("--enable-v2=true", "--enable-v2"),
         ("--no-such-flag=1", "--no-such-flag"),
