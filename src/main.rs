@@ -169,8 +169,8 @@ struct Flags {
     /// mode, a number of revisions in revision mode; 0 turns it off.
     #[arg(long, env = "QUORUMKV_AUTO_COMPACTION_RETENTION", default_value = "0")]
     auto_compaction_retention: String,
-    /// Token type: 'simple' (random tokens, known to every member). JWT tokens are not built
-    /// yet and refused.
+    /// Token type: 'simple' (random tokens issued through the log, known to every member), or
+    /// 'jwt,pub-key=PATH,priv-key=PATH,sign-method=RS256|ES256|EdDSA|...[,ttl=5m]'.
     #[arg(long, env = "QUORUMKV_AUTH_TOKEN", default_value = "simple")]
     auth_token: String,
     /// Seconds a simple token stays valid without use.
@@ -487,12 +487,18 @@ fn member_config(
     if flags.heartbeat_interval == 0 || flags.election_timeout < 5 * flags.heartbeat_interval {
         return Err("--election-timeout should be at least 5 times --heartbeat-interval".into());
     }
-    if !flags.auth_token.eq_ignore_ascii_case("simple") {
-        return Err(format!(
-            "--auth-token {:?} is not supported: quorumkv issues simple tokens only (JWT is not built yet)",
-            flags.auth_token
-        ));
-    }
+    let jwt = match flags.auth_token.split_once(',') {
+        _ if flags.auth_token.eq_ignore_ascii_case("simple") => None,
+        Some((kind, options)) if kind.eq_ignore_ascii_case("jwt") => Some(Arc::new(
+            quorumkv::auth::JwtTokens::from_options(options)?,
+        )),
+        _ => {
+            return Err(format!(
+                "--auth-token {:?}: expected 'simple' or 'jwt,pub-key=...,priv-key=...,sign-method=...'",
+                flags.auth_token
+            ))
+        }
+    };
     if !(4..=31).contains(&flags.bcrypt_cost) {
         return Err(format!(
             "--bcrypt-cost {} is out of range: it must be between 4 and 31",
@@ -506,6 +512,7 @@ fn member_config(
         auth: quorumkv::server::AuthConfig {
             bcrypt_cost: flags.bcrypt_cost,
             token_ttl: Duration::from_secs(flags.auth_token_ttl),
+            jwt,
         },
         watch_progress_notify_interval: flags.experimental_watch_progress_notify_interval,
         quota_backend_bytes: flags.quota_backend_bytes,

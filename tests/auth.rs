@@ -765,3 +765,63 @@ fn the_gateway_takes_auth_paths_and_the_authorization_header() {
     let (status, _) = post("/v3/auth/disable", "{}", &token);
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_tokens_are_signed_checked_and_grow_old_with_the_auth_store() {
+    if skip_without_etcdctl() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let private = dir.path().join("jwt.key");
+    let public = dir.path().join("jwt.pub");
+    std::fs::write(&private, key.serialize_pem()).expect("write");
+    std::fs::write(&public, key.public_key_pem()).expect("write");
+    let option = format!(
+        "jwt,pub-key={},priv-key={},sign-method=ES256,ttl=10m",
+        public.display(),
+        private.display()
+    );
+    let server = Server::start(dir.path(), &["--auth-token", &option, "--bcrypt-cost", "4"]);
+    let ep = server.endpoint();
+    enable_auth(&ep);
+    root(&ep, &["put", "k", "v"]);
+    let ch = channel(&server).await;
+    let jwt = token(&ch, "root", "rootpw").await;
+    assert_eq!(jwt.split('.').count(), 3, "not a JWT: {jwt}");
+    let mut kv = KvClient::new(ch.clone());
+    let get = |token: String| {
+        let mut kv = kv.clone();
+        async move {
+            kv.range(with_token(
+                RangeRequest {
+                    key: b"k".to_vec(),
+                    ..Default::default()
+                },
+                &token,
+            ))
+            .await
+        }
+    };
+    get(jwt.clone()).await.expect("a fresh token");
+    // A changed signature is refused.
+    let forged = format!("{}x", &jwt[..jwt.len() - 1]);
+    let err = get(forged).await.expect_err("forged");
+    assert_eq!(err.message(), "etcdserver: invalid auth token");
+    // After an auth change the token is old, as with etcd; a new one works.
+    root(&ep, &["role", "add", "another"]);
+    let err = get(jwt).await.expect_err("old");
+    assert_eq!(err.message(), "etcdserver: revision of auth store is old");
+    let fresh = token(&ch, "root", "rootpw").await;
+    get(fresh).await.expect("a token issued after the change");
+    kv.put(with_token(
+        PutRequest {
+            key: b"k".to_vec(),
+            value: b"w".to_vec(),
+            ..Default::default()
+        },
+        "",
+    ))
+    .await
+    .expect_err("no token, no user");
+}

@@ -9,6 +9,8 @@
 
 mod check;
 mod error;
+#[cfg(not(madsim))]
+mod jwt;
 mod password;
 mod perms;
 mod state;
@@ -16,6 +18,8 @@ mod tokens;
 
 pub use check::{check_lease_keys, check_range, check_read, check_request, check_write};
 pub use error::AuthError;
+#[cfg(not(madsim))]
+pub use jwt::{JwtTokens, DEFAULT_JWT_TTL};
 pub use password::{hash_password, verify_password, DEFAULT_BCRYPT_COST};
 pub use perms::{Access, KeyRange};
 pub use state::{AuthApplied, AuthState, AuthView, AUTH_RECORD_PREFIX, ROOT_ROLE, ROOT_USER};

@@ -14,11 +14,15 @@ use crate::proto::quorumkvpb::auth_change::Change;
 use crate::proto::quorumkvpb::raft_request::Request;
 use crate::proto::quorumkvpb::{AuthChange, SimpleToken};
 
-/// Auth settings of a member (etcd's `--bcrypt-cost`, `--auth-token-ttl`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Auth settings of a member (etcd's `--bcrypt-cost`, `--auth-token`, `--auth-token-ttl`).
+#[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub bcrypt_cost: u32,
+    /// Simple tokens' TTL.
     pub token_ttl: Duration,
+    /// JWT tokens instead of simple ones.
+    #[cfg(not(madsim))]
+    pub jwt: Option<Arc<auth::JwtTokens>>,
 }
 
 impl Default for AuthConfig {
@@ -26,6 +30,8 @@ impl Default for AuthConfig {
         AuthConfig {
             bcrypt_cost: auth::DEFAULT_BCRYPT_COST,
             token_ttl: auth::DEFAULT_TOKEN_TTL,
+            #[cfg(not(madsim))]
+            jwt: None,
         }
     }
 }
@@ -56,6 +62,16 @@ impl KvServer {
                 user: String::new(),
                 revision,
             });
+        }
+        #[cfg(not(madsim))]
+        if let (Some(jwt), Some(token)) = (&self.config().auth.jwt, token) {
+            // As etcd's: the token's own revision, so a token older than an auth change is
+            // refused as old (and the client authenticates again).
+            let (user, revision) = jwt
+                .check(token)
+                .ok_or(AuthError::InvalidToken)
+                .map_err(auth_error)?;
+            return Ok(AuthInfo { user, revision });
         }
         let user = match token {
             Some(token) => self
@@ -173,6 +189,12 @@ impl KvServer {
                 "authentication failed: invalid user ID or password"
             );
             return Err(auth_error(AuthError::AuthFailed));
+        }
+        #[cfg(not(madsim))]
+        if let Some(jwt) = &self.config().auth.jwt {
+            return jwt
+                .sign(name, state.revision())
+                .map_err(ServerError::Internal);
         }
         let token = auth::new_simple_token(self.status().raft_index);
         let change = Change::SimpleToken(SimpleToken {

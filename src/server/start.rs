@@ -215,7 +215,7 @@ pub fn start_member(
         request_timeout: Duration::from_secs(5) + 2 * config.election_timeout,
         quota_backend_bytes: config.quota_backend_bytes,
         scratch_dir: config.member_dir.clone(),
-        auth: config.auth,
+        auth: config.auth.clone(),
     };
     let kv = KvServer::new(
         server_config,
