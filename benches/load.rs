@@ -14,6 +14,9 @@
 //! The watchers count each response's events off the wire (`summarize`) rather than build
 //! every event, so that the tool, on the same cores as the server, takes as little as it can.
 //!
+//! `--cacert FILE [--cert FILE --key FILE]`: TLS to `https://` endpoints (as etcdctl's flags).
+//! `--user NAME:PASSWORD`: authenticates once and sends the token with every call (auth on).
+//!
 //! `--client h2` (the default) speaks gRPC over a bare HTTP/2 connection per `--conns`: each
 //! call's message framed by hand, its answer read to the trailers and failed unless
 //! `grpc-status` is 0. `--client tonic` goes through tonic's generated client instead (several
@@ -58,6 +61,34 @@ struct Args {
     /// `--keep-going`: a failed request is counted (its time to fail is its latency) instead of
     /// ending the run.
     keep_going: bool,
+    cacert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    user: Option<String>,
+}
+
+/// TLS to `https://` endpoints (`--cacert`, `--cert`, `--key`), set once.
+static TLS: std::sync::OnceLock<Arc<quorumkv::tls::ClientTls>> = std::sync::OnceLock::new();
+/// The token every call carries (`--user`), set once.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn tls_for(endpoint: &str) -> Result<Option<Arc<quorumkv::tls::ClientTls>>, String> {
+    if !endpoint.starts_with("https://") {
+        return Ok(None);
+    }
+    TLS.get()
+        .cloned()
+        .map(Some)
+        .ok_or_else(|| format!("{endpoint} is https://: give --cacert"))
+}
+
+/// `message` as a tonic request with the token, if any.
+fn with_token<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = TOKEN.get().and_then(|t| t.parse().ok()) {
+        request.metadata_mut().insert("token", token);
+    }
+    request
 }
 
 /// Requests that failed under `--keep-going`.
@@ -79,6 +110,10 @@ fn parse_args() -> Result<Args, String> {
         threads: 0,
         latency_log: None,
         keep_going: false,
+        cacert: None,
+        cert: None,
+        key: None,
+        user: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -118,6 +153,10 @@ fn parse_args() -> Result<Args, String> {
             "--client" => args.client = value()?,
             "--latency-log" => args.latency_log = Some(value()?),
             "--keep-going" => args.keep_going = true,
+            "--cacert" => args.cacert = Some(value()?),
+            "--cert" => args.cert = Some(value()?),
+            "--key" => args.key = Some(value()?),
+            "--user" => args.user = Some(value()?),
             "--threads" => {
                 args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?
             }
@@ -176,19 +215,19 @@ async fn client_loop(
         let put = args.op != "get";
         let result = match &mut conn {
             Conn::Tonic(kv) if put => kv
-                .put(PutRequest {
+                .put(with_token(PutRequest {
                     key,
                     value: value.clone(),
                     ..Default::default()
-                })
+                }))
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
             Conn::Tonic(kv) => kv
-                .range(RangeRequest {
+                .range(with_token(RangeRequest {
                     key,
                     ..Default::default()
-                })
+                }))
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
@@ -253,24 +292,47 @@ impl H2Conn {
             .authority()
             .ok_or_else(|| format!("endpoint {endpoint} has no host:port"))?
             .clone();
-        let tcp = tokio::net::TcpStream::connect(authority.as_str())
-            .await
-            .map_err(|e| format!("connect {endpoint}: {e}"))?;
-        tcp.set_nodelay(true)
-            .map_err(|e| format!("connect {endpoint}: {e}"))?;
         // The windows hyper's client opens with (tonic's channel is a hyper client).
-        let (send, connection) = h2::client::Builder::new()
+        let mut builder = h2::client::Builder::new();
+        builder
             .initial_window_size(2 << 20)
-            .initial_connection_window_size(5 << 20)
-            .handshake(tcp)
-            .await
-            .map_err(|e| format!("connect {endpoint}: {e}"))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+            .initial_connection_window_size(5 << 20);
+        let tls = tls_for(endpoint)?;
+        let send = match &tls {
+            Some(tls) => {
+                let stream = tls
+                    .connect(authority.as_str())
+                    .await
+                    .map_err(|e| format!("connect {endpoint}: {e}"))?;
+                let (send, connection) = builder
+                    .handshake(stream)
+                    .await
+                    .map_err(|e| format!("connect {endpoint}: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                send
+            }
+            None => {
+                let tcp = tokio::net::TcpStream::connect(authority.as_str())
+                    .await
+                    .map_err(|e| format!("connect {endpoint}: {e}"))?;
+                tcp.set_nodelay(true)
+                    .map_err(|e| format!("connect {endpoint}: {e}"))?;
+                let (send, connection) = builder
+                    .handshake(tcp)
+                    .await
+                    .map_err(|e| format!("connect {endpoint}: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                send
+            }
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let uri = |path: &str| -> Result<http::Uri, String> {
             http::Uri::builder()
-                .scheme("http")
+                .scheme(scheme)
                 .authority(authority.clone())
                 .path_and_query(path)
                 .build()
@@ -320,11 +382,13 @@ impl H2Conn {
         body: Vec<u8>,
         end: bool,
     ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), String> {
-        let request = http::Request::post(uri.clone())
+        let mut request = http::Request::post(uri.clone())
             .header(http::header::CONTENT_TYPE, "application/grpc")
-            .header(http::header::TE, "trailers")
-            .body(())
-            .map_err(|e| e.to_string())?;
+            .header(http::header::TE, "trailers");
+        if let Some(token) = TOKEN.get() {
+            request = request.header("token", token.as_str());
+        }
+        let request = request.body(()).map_err(|e| e.to_string())?;
         std::future::poll_fn(|cx| self.send.poll_ready(cx))
             .await
             .map_err(|e| e.to_string())?;
@@ -658,12 +722,61 @@ async fn run_watch(args: Arc<Args>, endpoints: &[&str]) -> Result<(), String> {
 }
 
 async fn connect(endpoint: &str) -> Result<Channel, String> {
-    Endpoint::from_shared(endpoint.to_string())
+    let channel = Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| e.to_string())?
-        .tcp_nodelay(true)
-        .connect()
+        .tcp_nodelay(true);
+    let Some(tls) = tls_for(endpoint)? else {
+        return channel
+            .connect()
+            .await
+            .map_err(|e| format!("connect {endpoint}: {e}"));
+    };
+    let connector = tower::service_fn(move |uri: http::Uri| {
+        let tls = tls.clone();
+        async move {
+            let address = format!(
+                "{}:{}",
+                uri.host().unwrap_or("127.0.0.1"),
+                uri.port_u16().unwrap_or(443)
+            );
+            let stream = tls.connect(&address).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    channel
+        .connect_with_connector(connector)
         .await
         .map_err(|e| format!("connect {endpoint}: {e}"))
+}
+
+/// Sets up `--cacert`/`--cert`/`--key` and `--user` before any connection.
+async fn set_up_security(args: &Args, endpoint: &str) -> Result<(), String> {
+    if let Some(cacert) = &args.cacert {
+        let options = quorumkv::tls::TlsOptions {
+            trusted_ca_file: Some(cacert.into()),
+            cert_file: args.cert.as_ref().map(Into::into),
+            key_file: args.key.as_ref().map(Into::into),
+            ..Default::default()
+        };
+        let tls = quorumkv::tls::ClientTls::new(options, &[b"h2"])?;
+        let _ = TLS.set(tls);
+    }
+    if let Some(user) = &args.user {
+        let (name, password) = user.split_once(':').ok_or("--user is NAME:PASSWORD")?;
+        let mut auth =
+            quorumkv::proto::etcdserverpb::auth_client::AuthClient::new(connect(endpoint).await?);
+        let token = auth
+            .authenticate(quorumkv::proto::etcdserverpb::AuthenticateRequest {
+                name: name.into(),
+                password: password.into(),
+            })
+            .await
+            .map_err(|e| format!("authenticate: {e}"))?
+            .into_inner()
+            .token;
+        let _ = TOKEN.set(token);
+    }
+    Ok(())
 }
 
 /// Connects, then runs the `--clients` request loops for `--seconds`: their latencies, and
@@ -741,6 +854,7 @@ fn write_latency_log(path: &str, requests: &[(Instant, Duration)]) -> Result<(),
 async fn run(args: Args) -> Result<(), String> {
     let args = Arc::new(args);
     let endpoints: Vec<&str> = args.endpoint.split(',').map(str::trim).collect();
+    set_up_security(&args, endpoints[0]).await?;
     if args.op == "watch" {
         return run_watch(args.clone(), &endpoints).await;
     }

@@ -64,16 +64,21 @@ fn permission() -> Permission {
     }
 }
 
+/// A member that is up, chosen at random.
+fn some_member(cluster: &Cluster) -> Option<quorumkv::server::KvServer> {
+    let up = cluster.up_ids();
+    let node = {
+        let mut rng = madsim::rand::thread_rng();
+        up.get(rng.gen_range(0..up.len().max(1))).copied()
+    };
+    node.and_then(|n| cluster.kv(n))
+}
+
 /// Applies `change` through some member, retrying until it is applied or refused for a
 /// reason (already done, say); `false` once stopped.
 async fn apply(cluster: &Cluster, stop: &AtomicBool, change: Change) -> bool {
     while !stop.load(Ordering::Relaxed) {
-        let up = cluster.up_ids();
-        let node = {
-            let mut rng = madsim::rand::thread_rng();
-            up.get(rng.gen_range(0..up.len().max(1))).copied()
-        };
-        let Some(kv) = node.and_then(|n| cluster.kv(n)) else {
+        let Some(kv) = some_member(cluster) else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -153,12 +158,7 @@ pub async fn admin(cluster: Cluster, stop: Arc<AtomicBool>) {
 pub async fn probe(cluster: Cluster, log: AuthLog, stop: Arc<AtomicBool>) {
     let mut sequence = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let up = cluster.up_ids();
-        let node = {
-            let mut rng = madsim::rand::thread_rng();
-            up.get(rng.gen_range(0..up.len().max(1))).copied()
-        };
-        let Some(kv) = node.and_then(|n| cluster.kv(n)) else {
+        let Some(kv) = some_member(&cluster) else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };

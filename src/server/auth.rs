@@ -74,11 +74,19 @@ impl KvServer {
             return Ok(AuthInfo { user, revision });
         }
         let user = match token {
-            Some(token) => self
-                .tokens
-                .user(token, self.lease_clock_now_ms())
-                .ok_or(AuthError::InvalidToken)
-                .map_err(auth_error)?,
+            Some(token) => {
+                let user = self
+                    .tokens
+                    .user(token, self.lease_clock_now_ms())
+                    .ok_or(AuthError::InvalidToken)
+                    .map_err(auth_error)?;
+                // A token outlives its user only in a member that learned of the deletion
+                // from a snapshot: refused all the same.
+                if self.auth.current().user(&user).is_none() {
+                    return Err(auth_error(AuthError::InvalidToken));
+                }
+                user
+            }
             None => common_name.unwrap_or_default().to_string(),
         };
         Ok(AuthInfo { user, revision })

@@ -245,12 +245,76 @@ impl RateLimitedLog {
     }
 }
 
+/// A configuration built from files, built again when they change.
+struct Reloading<C> {
+    current: RwLock<(Arc<C>, Stamp)>,
+    checked: Mutex<Instant>,
+}
+
+impl<C> Reloading<C> {
+    fn new(
+        options: &TlsOptions,
+        build: impl FnOnce() -> Result<Arc<C>, String>,
+    ) -> Result<Self, String> {
+        let stamped = stamp(&[
+            &options.cert_file,
+            &options.key_file,
+            &options.trusted_ca_file,
+        ]);
+        Ok(Reloading {
+            current: RwLock::new((build()?, stamped)),
+            checked: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// The configuration: built again by `build` first if one of `options`' files changed
+    /// (looked at, at most once per `RELOAD_CHECK`). `what` names it in the log.
+    fn get(
+        &self,
+        options: &TlsOptions,
+        what: &str,
+        build: impl FnOnce() -> Result<Arc<C>, String>,
+    ) -> Arc<C> {
+        let due = {
+            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+            let due = checked.elapsed() >= RELOAD_CHECK;
+            if due {
+                *checked = Instant::now();
+            }
+            due
+        };
+        if due {
+            let now = stamp(&[
+                &options.cert_file,
+                &options.key_file,
+                &options.trusted_ca_file,
+            ]);
+            if self.current.read().unwrap_or_else(|p| p.into_inner()).1 != now {
+                match build() {
+                    Ok(config) => {
+                        tracing::info!(port = what, "TLS certificate files changed: reloaded");
+                        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (config, now);
+                    }
+                    Err(e) => {
+                        tracing::error!(port = what, error = %e, "TLS certificate files changed but do not load; keeping the previous ones");
+                        self.current.write().unwrap_or_else(|p| p.into_inner()).1 = now;
+                    }
+                }
+            }
+        }
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+}
+
 /// The accepting side of one port, re-read when its files change.
 pub struct ServerTls {
     options: TlsOptions,
     alpn: Vec<Vec<u8>>,
-    current: RwLock<(Arc<ServerConfig>, Stamp)>,
-    checked: Mutex<Instant>,
+    config: Reloading<ServerConfig>,
     rejections: RateLimitedLog,
     what: &'static str,
 }
@@ -264,18 +328,11 @@ impl ServerTls {
         what: &'static str,
     ) -> Result<Arc<ServerTls>, String> {
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
-        let files = [
-            &options.cert_file,
-            &options.key_file,
-            &options.trusted_ca_file,
-        ];
-        let stamped = stamp(&files);
-        let config = build_server(&options, &alpn)?;
+        let config = Reloading::new(&options, || build_server(&options, &alpn))?;
         Ok(Arc::new(ServerTls {
             options,
             alpn,
-            current: RwLock::new((config, stamped)),
-            checked: Mutex::new(Instant::now()),
+            config,
             rejections: RateLimitedLog::default(),
             what,
         }))
@@ -287,36 +344,9 @@ impl ServerTls {
 
     /// The configuration for the next handshake: rebuilt first if a file changed.
     pub fn config(&self) -> Arc<ServerConfig> {
-        let due = {
-            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
-            let due = checked.elapsed() >= RELOAD_CHECK;
-            if due {
-                *checked = Instant::now();
-            }
-            due
-        };
-        if due {
-            let o = &self.options;
-            let now = stamp(&[&o.cert_file, &o.key_file, &o.trusted_ca_file]);
-            let changed = self.current.read().unwrap_or_else(|p| p.into_inner()).1 != now;
-            if changed {
-                match build_server(o, &self.alpn) {
-                    Ok(config) => {
-                        tracing::info!(port = self.what, "TLS certificate files changed: reloaded");
-                        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (config, now);
-                    }
-                    Err(e) => {
-                        tracing::error!(port = self.what, error = %e, "TLS certificate files changed but do not load; keeping the previous ones");
-                        self.current.write().unwrap_or_else(|p| p.into_inner()).1 = now;
-                    }
-                }
-            }
-        }
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .clone()
+        self.config.get(&self.options, self.what, || {
+            build_server(&self.options, &self.alpn)
+        })
     }
 
     /// The TLS handshake on an accepted connection, and the common name of the certificate
@@ -414,58 +444,26 @@ pub struct ClientTls {
     /// Trust any certificate (auto TLS: self-signed, as etcd's `InsecureSkipVerify`).
     insecure: bool,
     alpn: Vec<Vec<u8>>,
-    current: RwLock<(Arc<ClientConfig>, Stamp)>,
-    checked: Mutex<Instant>,
+    config: Reloading<ClientConfig>,
 }
 
 impl ClientTls {
     pub fn new(options: TlsOptions, alpn: &[&[u8]]) -> Result<Arc<ClientTls>, String> {
         let insecure = options.auto_tls && options.trusted_ca_file.is_none();
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
-        let stamped = stamp(&[
-            &options.cert_file,
-            &options.key_file,
-            &options.trusted_ca_file,
-        ]);
-        let config = build_client(&options, insecure, &alpn)?;
+        let config = Reloading::new(&options, || build_client(&options, insecure, &alpn))?;
         Ok(Arc::new(ClientTls {
             options,
             insecure,
             alpn,
-            current: RwLock::new((config, stamped)),
-            checked: Mutex::new(Instant::now()),
+            config,
         }))
     }
 
     fn config(&self) -> Arc<ClientConfig> {
-        let due = {
-            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
-            let due = checked.elapsed() >= RELOAD_CHECK;
-            if due {
-                *checked = Instant::now();
-            }
-            due
-        };
-        if due {
-            let o = &self.options;
-            let now = stamp(&[&o.cert_file, &o.key_file, &o.trusted_ca_file]);
-            if self.current.read().unwrap_or_else(|p| p.into_inner()).1 != now {
-                match build_client(o, self.insecure, &self.alpn) {
-                    Ok(config) => {
-                        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (config, now)
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "TLS files changed but do not load; keeping the previous ones");
-                        self.current.write().unwrap_or_else(|p| p.into_inner()).1 = now;
-                    }
-                }
-            }
-        }
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .clone()
+        self.config.get(&self.options, "dialing", || {
+            build_client(&self.options, self.insecure, &self.alpn)
+        })
     }
 
     /// Connects to `address` (`host:port`) and makes the TLS handshake, checking the
