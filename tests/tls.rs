@@ -509,3 +509,67 @@ fn a_cluster_over_peer_tls_refuses_a_peer_from_another_ca() {
         intruder.kill9();
     }
 }
+
+/// `--peer-auto-tls`: the members make their own certificates and speak TLS to each other
+/// (without checking each other's, as etcd's auto TLS).
+#[test]
+fn peers_with_auto_tls_form_a_cluster() {
+    if skip_without_etcdctl() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let names = ["p1", "p2", "p3"];
+    let mut servers: Vec<Server> = names
+        .iter()
+        .map(|name| {
+            let root = dir.path().join(name);
+            std::fs::create_dir_all(&root).expect("dir");
+            let mut server = Server::new(&root, &[]);
+            server.peer_scheme = "https";
+            server
+        })
+        .collect();
+    let initial = names
+        .iter()
+        .zip(&servers)
+        .map(|(name, s)| format!("{name}={}", s.peer_url()))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (name, server) in names.iter().zip(servers.iter_mut()) {
+        server.extra_args = vec![
+            "--name".into(),
+            name.to_string(),
+            "--initial-cluster".into(),
+            initial.clone(),
+            "--peer-auto-tls".into(),
+        ];
+        server.spawn();
+    }
+    for server in servers.iter_mut() {
+        server.wait_ready();
+    }
+    ok(etcdctl(
+        &servers[0].endpoint(),
+        &["put", "k", "over peer TLS"],
+    ));
+    wait_until(
+        "the put on the third member",
+        Duration::from_secs(10),
+        || {
+            etcdctl(
+                &servers[2].endpoint(),
+                &["get", "k", "--print-value-only", "--consistency=s"],
+            )
+            .stdout
+                == b"over peer TLS\n"
+        },
+    );
+    assert!(servers[1].data_dir.join("fixtures/peer/cert.pem").exists());
+    // A plain-TCP peer connection to a TLS peer port is refused.
+    let mut plain =
+        std::net::TcpStream::connect(("127.0.0.1", servers[0].peer_port)).expect("connect");
+    let _ = plain.write_all(b"QKVPEER1 not TLS at all");
+    wait_until("the refusal in the log", Duration::from_secs(5), || {
+        servers[0].log().contains("rejected a TLS connection")
+    });
+}
