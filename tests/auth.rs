@@ -679,31 +679,10 @@ fn auth_is_replicated_and_survives_restarts() {
 
 #[test]
 fn the_gateway_takes_auth_paths_and_the_authorization_header() {
-    use std::io::{Read, Write};
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &FAST_BCRYPT);
-    let post = |path: &str, body: &str, token: &str| -> (u16, serde_json::Value) {
-        let mut stream =
-            std::net::TcpStream::connect(("127.0.0.1", server.client_port)).expect("connect");
-        let auth = if token.is_empty() {
-            String::new()
-        } else {
-            format!("Authorization: {token}\r\n")
-        };
-        write!(
-            stream,
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .expect("write");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("read");
-        let status: u16 = response[9..12].parse().expect("status");
-        let body = response.split_once("\r\n\r\n").expect("head").1;
-        (
-            status,
-            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-        )
+    let post = |path: &str, body: &str, token: &str| {
+        common::http_post(server.client_port, path, body, token)
     };
     let (status, _) = post(
         "/v3/auth/user/add",

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -13,22 +13,7 @@ use serde_json::Value;
 
 /// `POST path` with `body` over HTTP/1.1: the status and the JSON answer.
 fn post(server: &Server, path: &str, body: &str) -> (u16, Value) {
-    let mut stream = TcpStream::connect(("127.0.0.1", server.client_port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status: u16 = response[9..12].parse().expect("status");
-    let body = response.split_once("\r\n\r\n").expect("head").1;
-    // A chunked body (streams) is not expected here; a plain one is JSON.
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    common::http_post(server.client_port, path, body, "")
 }
 
 fn b64(s: &str) -> String {

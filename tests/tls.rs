@@ -9,7 +9,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{etcdctl, etcdctl_available, fails, ok, wait_until, Server};
+use common::{etcdctl, etcdctl_available, fails, new_cluster_over, ok, wait_until, Server};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -376,23 +376,6 @@ fn a_cluster_over_peer_tls_refuses_a_peer_from_another_ca() {
     let rogue = Ca::new(dir.path(), "rogue");
     let client = client_flags(&ca.ca_file(), Some(&ca.issue("client")));
     let names = ["m1", "m2", "m3"];
-    let mut servers: Vec<Server> = names
-        .iter()
-        .map(|name| {
-            let root = dir.path().join(name);
-            std::fs::create_dir_all(&root).expect("dir");
-            let mut server = Server::new(&root, &[]);
-            server.client_scheme = "https";
-            server.peer_scheme = "https";
-            server
-        })
-        .collect();
-    let initial = names
-        .iter()
-        .zip(&servers)
-        .map(|(name, s)| format!("{name}={}", s.peer_url()))
-        .collect::<Vec<_>>()
-        .join(",");
     let peer_pair = ca.issue("peer");
     let server_pair = ca.issue("server");
     let peer_flags = |pair: &Pair, ca_file: &Path| -> Vec<String> {
@@ -415,16 +398,12 @@ fn a_cluster_over_peer_tls_refuses_a_peer_from_another_ca() {
             "--client-cert-auth".into(),
         ]
     };
-    for (name, server) in names.iter().zip(servers.iter_mut()) {
-        server.extra_args = vec![
-            "--name".into(),
-            name.to_string(),
-            "--initial-cluster".into(),
-            initial.clone(),
-        ];
-        server
-            .extra_args
-            .extend(peer_flags(&peer_pair, &ca.ca_file()));
+    let flags = peer_flags(&peer_pair, &ca.ca_file());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut servers = new_cluster_over(dir.path(), &names, &flags, "https", "https");
+    // The members' --initial-cluster, for the intruders below.
+    let initial = servers[0].extra_args[3].clone();
+    for server in servers.iter_mut() {
         server.spawn();
     }
     let wait: Vec<&str> = client.iter().map(String::as_str).collect();
@@ -519,30 +498,8 @@ fn peers_with_auto_tls_form_a_cluster() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let names = ["p1", "p2", "p3"];
-    let mut servers: Vec<Server> = names
-        .iter()
-        .map(|name| {
-            let root = dir.path().join(name);
-            std::fs::create_dir_all(&root).expect("dir");
-            let mut server = Server::new(&root, &[]);
-            server.peer_scheme = "https";
-            server
-        })
-        .collect();
-    let initial = names
-        .iter()
-        .zip(&servers)
-        .map(|(name, s)| format!("{name}={}", s.peer_url()))
-        .collect::<Vec<_>>()
-        .join(",");
-    for (name, server) in names.iter().zip(servers.iter_mut()) {
-        server.extra_args = vec![
-            "--name".into(),
-            name.to_string(),
-            "--initial-cluster".into(),
-            initial.clone(),
-            "--peer-auto-tls".into(),
-        ];
+    let mut servers = new_cluster_over(dir.path(), &names, &["--peer-auto-tls"], "http", "https");
+    for server in servers.iter_mut() {
         server.spawn();
     }
     for server in servers.iter_mut() {

@@ -279,12 +279,26 @@ pub fn start_cluster(root: &Path, names: &[&str], extra: &[&str]) -> Vec<Server>
 /// The members `names` of one new cluster, each with its flags (`--name`, `--initial-cluster`,
 /// then `extra`), not started.
 pub fn new_cluster(root: &Path, names: &[&str], extra: &[&str]) -> Vec<Server> {
+    new_cluster_over(root, names, extra, "http", "http")
+}
+
+/// `new_cluster` with these schemes for the client and the peer URLs (`https` for TLS).
+pub fn new_cluster_over(
+    root: &Path,
+    names: &[&str],
+    extra: &[&str],
+    client_scheme: &'static str,
+    peer_scheme: &'static str,
+) -> Vec<Server> {
     let mut servers: Vec<Server> = names
         .iter()
         .map(|name| {
             let dir = root.join(name);
             std::fs::create_dir_all(&dir).expect("dir");
-            Server::new(&dir, &[])
+            let mut server = Server::new(&dir, &[]);
+            server.client_scheme = client_scheme;
+            server.peer_scheme = peer_scheme;
+            server
         })
         .collect();
     let initial_cluster = names
@@ -305,6 +319,35 @@ pub fn new_cluster(root: &Path, names: &[&str], extra: &[&str]) -> Vec<Server> {
             .extend(extra.iter().map(|s| s.to_string()));
     }
     servers
+}
+
+/// `POST path` with `body` (and `token` in `Authorization`, if not empty) over HTTP/1.1 on
+/// `port`: the status and the JSON answer (`Null` if it is not JSON).
+pub fn http_post(port: u16, path: &str, body: &str, token: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let auth = if token.is_empty() {
+        String::new()
+    } else {
+        format!("Authorization: {token}\r\n")
+    };
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status: u16 = response[9..12].parse().expect("status");
+    let body = response.split_once("\r\n\r\n").expect("head").1;
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// `GET path` over HTTP/1.1 on `port`: the status and the body.
