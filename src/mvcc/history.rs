@@ -48,14 +48,16 @@ impl MvccStore {
     }
 
     /// The events in `[start, end)` of revisions `from_rev..=current`, at most `max_revs`
-    /// revisions of them (those that touch the range count), in order; and the revision to
-    /// read from next. `Compacted` if `from_rev` is compacted away.
+    /// revisions of them (those that touch the range count) and about `max_bytes` of keys
+    /// and values (whole revisions, at least one), in order; and the revision to read from
+    /// next. `Compacted` if `from_rev` is compacted away.
     pub fn events_since(
         &self,
         from_rev: i64,
         start: &[u8],
         end: &[u8],
         max_revs: usize,
+        max_bytes: usize,
     ) -> Result<(Vec<Event>, i64), MvccError> {
         if from_rev < self.compact_rev {
             return Err(MvccError::Compacted);
@@ -65,6 +67,7 @@ impl MvccStore {
         // that far: the next read starts there.
         let mut stopped_at: Option<i64> = None;
         let (mut mains, mut last_main) = (0, None);
+        let mut read_bytes = 0usize;
         let mut failure = None;
         self.backend.scan(
             &run_key(Revision::new(from_rev, 0)),
@@ -82,13 +85,15 @@ impl MvccStore {
                     match decode_at(rev, bytes) {
                         Ok(kv) if in_range(&kv.key, start, end) => {
                             if last_main != Some(rev.main) {
-                                if mains == max_revs {
+                                // Whole revisions: the limits are looked at between two.
+                                if mains == max_revs || (mains > 0 && read_bytes >= max_bytes) {
                                     stopped_at = Some(rev.main);
                                     return false;
                                 }
                                 mains += 1;
                                 last_main = Some(rev.main);
                             }
+                            read_bytes += kv.key.len() + kv.value.len();
                             changes.insert(rev, kv);
                         }
                         Ok(_) => {}
@@ -110,17 +115,19 @@ impl MvccStore {
                 changes.insert(*rev, kv.clone());
             }
         }
+        // The same limits over what was read and what is staged (not in the backend yet).
         let mut events = Vec::new();
-        let mut revs = 0;
+        let (mut revs, mut taken_bytes) = (0, 0usize);
         let mut last_main = None;
         for (rev, kv) in changes {
             if last_main != Some(rev.main) {
-                if revs == max_revs {
+                if revs == max_revs || (revs > 0 && taken_bytes >= max_bytes) {
                     return Ok((events, rev.main));
                 }
                 revs += 1;
                 last_main = Some(rev.main);
             }
+            taken_bytes += kv.key.len() + kv.value.len();
             events.push(event_of(kv));
         }
         if let Some(next) = stopped_at {

@@ -731,7 +731,10 @@ fn many_writes_share_a_run_and_read_compact_and_reopen_as_separate_revisions() {
         );
     }
     assert!(at_rev(&f, "b", 14).expect("b").is_empty(), "deleted");
-    let (events, next) = f.store.events_since(9, b"a", b"", 100).expect("history");
+    let (events, next) = f
+        .store
+        .events_since(9, b"a", b"", 100, usize::MAX)
+        .expect("history");
     let values: Vec<_> = events
         .iter()
         .map(|e| String::from_utf8_lossy(&e.kv.as_ref().expect("kv").value).into_owned())

@@ -199,7 +199,7 @@ impl KvServer {
     ) -> Result<Vec<crate::proto::mvccpb::Event>, ServerError> {
         Ok(self
             .read_store()
-            .events_since(from_rev, start, end, usize::MAX)?
+            .events_since(from_rev, start, end, usize::MAX, usize::MAX)?
             .0)
     }
 

@@ -14,6 +14,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -32,8 +33,14 @@ use crate::proto::mvccpb::{event::EventType, Event};
 /// that finds the queue full falls back to catching up from history. Many watchers share a
 /// stream: an entry is one response, or one delivery's responses to several of its watchers.
 pub const STREAM_QUEUE: usize = 4096;
-/// Revisions read from history per catch-up step of one watcher.
+/// Bytes of responses queued for one watch stream, at most (a single response bigger than
+/// this still goes out, alone): with 1 MiB values, a stream that reads slowly holds tens of
+/// MiB, not GiBs; its watchers fall back to catching up from history.
+pub const STREAM_QUEUE_BYTES: usize = 32 << 20;
+/// Revisions read from history per catch-up step of one watcher...
 pub const CATCH_UP_REVISIONS: usize = 1000;
+/// ...and bytes of keys and values (whole revisions, at least one).
+pub const CATCH_UP_BYTES: usize = 4 << 20;
 /// How often unsynced watchers are looked at even without a wake-up.
 pub const CATCH_UP_INTERVAL: Duration = Duration::from_millis(100);
 /// How often a watcher that asked for progress notifications gets one (etcd: 10 minutes).
@@ -43,6 +50,8 @@ pub const MIN_PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_millis(100);
 /// New events queued for delivery, at most: past this, the synced watchers fall back to
 /// catching up from history (which is bounded per step) rather than the queue growing.
 pub const PENDING_EVENTS: usize = 4096;
+/// ...or this many bytes of keys and values.
+pub const PENDING_BYTES: usize = 64 << 20;
 /// `WatchResponse`'s field numbers.
 const HEADER_FIELD: u32 = 1;
 const WATCH_ID_FIELD: u32 = 2;
@@ -74,6 +83,14 @@ pub const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchSt
 
 /// Makes response headers (cluster, member, term) for a revision.
 pub type HeaderFn = Arc<dyn Fn(i64) -> ResponseHeader + Send + Sync>;
+
+/// An event's keys and values, in bytes (what it holds in memory, about).
+fn event_bytes(event: &Event) -> usize {
+    let kv = |kv: &Option<crate::proto::mvccpb::KeyValue>| {
+        kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len())
+    };
+    kv(&event.kv) + kv(&event.prev_kv)
+}
 
 /// What a watch stream's queue carries.
 #[derive(Debug, Clone)]
@@ -195,13 +212,71 @@ impl Queued {
     }
 }
 
-/// The sending end of a watch stream's queue.
-pub type WatchSender = mpsc::Sender<Queued>;
+impl Queued {
+    /// The bytes it holds (a fan-out's shared parts once: its watchers share them).
+    fn bytes(&self) -> usize {
+        match self {
+            Queued::One(out) => out.encoded_len(),
+            Queued::Fanout { header, events, .. } => header.len() + events.len(),
+        }
+    }
+}
+
+/// The sending end of a watch stream's queue, bounded in entries (`STREAM_QUEUE`) and in
+/// bytes (`STREAM_QUEUE_BYTES`).
+#[derive(Clone)]
+pub struct WatchSender {
+    tx: mpsc::Sender<Queued>,
+    /// Bytes queued and not yet taken by the receiver.
+    bytes: Arc<AtomicUsize>,
+}
+
+impl WatchSender {
+    /// Queues `queued` if there is room (in entries and in bytes; one entry is always let in
+    /// when nothing else waits, however big).
+    pub fn try_send(&self, queued: Queued) -> Result<(), mpsc::error::TrySendError<Queued>> {
+        let size = queued.bytes();
+        let before = self.bytes.fetch_add(size, Ordering::AcqRel);
+        if before > 0 && before + size > STREAM_QUEUE_BYTES {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            return Err(if self.tx.is_closed() {
+                mpsc::error::TrySendError::Closed(queued)
+            } else {
+                mpsc::error::TrySendError::Full(queued)
+            });
+        }
+        self.tx.try_send(queued).inspect_err(|_| {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+        })
+    }
+
+    /// Queues `queued`, waiting for a slot (answers that must go out: created, canceled,
+    /// progress; not held to the byte bound).
+    pub async fn send(&self, queued: Queued) -> Result<(), mpsc::error::SendError<Queued>> {
+        let size = queued.bytes();
+        self.bytes.fetch_add(size, Ordering::AcqRel);
+        self.tx.send(queued).await.inspect_err(|_| {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+        })
+    }
+
+    /// Entries that may still be queued.
+    pub fn capacity(&self) -> usize {
+        self.tx.capacity()
+    }
+
+    /// Bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
 
 /// The receiving end of a watch stream's queue: one response at a time (a fan-out entry
 /// handed out a watcher at a time).
 pub struct WatchReceiver {
     rx: mpsc::Receiver<Queued>,
+    /// Shared with the sender: what is taken out is no longer queued.
+    bytes: Arc<AtomicUsize>,
     /// What is left of the fan-out entry being handed out.
     fanout: Option<(Bytes, Bytes, std::vec::IntoIter<i64>)>,
 }
@@ -224,6 +299,7 @@ impl WatchReceiver {
                 return Ok(out);
             }
             let queued = self.rx.try_recv()?;
+            self.bytes.fetch_sub(queued.bytes(), Ordering::AcqRel);
             if let Some(out) = self.take(queued) {
                 return Ok(out);
             }
@@ -239,7 +315,11 @@ impl WatchReceiver {
         if let Some(out) = self.next_of_fanout() {
             return std::task::Poll::Ready(Some(Queued::One(out)));
         }
-        self.rx.poll_recv(cx)
+        let queued = std::task::ready!(self.rx.poll_recv(cx));
+        if let Some(queued) = &queued {
+            self.bytes.fetch_sub(queued.bytes(), Ordering::AcqRel);
+        }
+        std::task::Poll::Ready(queued)
     }
 
     fn poll_out(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<WatchOut>> {
@@ -472,6 +552,8 @@ struct HubState {
     open_streams: usize,
     /// Events applied but not yet delivered to the synced watchers, in revision order.
     pending: Vec<Event>,
+    /// Their keys' and values' bytes.
+    pending_bytes: usize,
 }
 
 #[derive(Clone)]
@@ -528,11 +610,16 @@ impl WatchHub {
     /// A new watch stream: its id and where its responses arrive.
     pub fn open_stream(&self) -> (u64, WatchSender, WatchReceiver) {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let bytes = Arc::new(AtomicUsize::new(0));
         let mut state = self.lock();
         state.next_stream += 1;
         state.open_streams += 1;
-        let rx = WatchReceiver { rx, fanout: None };
-        (state.next_stream, tx, rx)
+        let rx = WatchReceiver {
+            rx,
+            bytes: bytes.clone(),
+            fanout: None,
+        };
+        (state.next_stream, WatchSender { tx, bytes }, rx)
     }
 
     pub fn close_stream(&self, stream: u64) {
@@ -667,14 +754,19 @@ impl WatchHub {
         if events.is_empty() {
             return;
         }
+        let bytes: usize = events.iter().map(event_bytes).sum();
         let mut state = self.lock();
-        if state.pending.len() + events.len() > PENDING_EVENTS {
+        if state.pending.len() + events.len() > PENDING_EVENTS
+            || state.pending_bytes + bytes > PENDING_BYTES
+        {
             state.pending.clear();
+            state.pending_bytes = 0;
             for watcher in state.watchers.values_mut() {
                 watcher.synced = false;
             }
         } else {
             state.pending.extend(events);
+            state.pending_bytes += bytes;
         }
         drop(state);
         self.wake.notify_one();
@@ -698,6 +790,7 @@ impl WatchHub {
             return;
         }
         let events = std::mem::take(&mut state.pending);
+        state.pending_bytes = 0;
         let source = Source {
             store: store.as_deref(),
             events: &events,
@@ -859,7 +952,7 @@ impl WatchHub {
             let found = match read.entry(from) {
                 Entry::Occupied(found) => Ok(found.into_mut()),
                 Entry::Vacant(slot) => store
-                    .events_since(from.0, from.1, from.2, CATCH_UP_REVISIONS)
+                    .events_since(from.0, from.1, from.2, CATCH_UP_REVISIONS, CATCH_UP_BYTES)
                     .map(|(events, next)| slot.insert((events, next, Encodings::default()))),
             };
             let (events, next, encodings) = match found {

@@ -462,3 +462,79 @@ fn a_fanout_its_queue_refuses_sends_each_of_its_watchers_to_history_without_gaps
         );
     }
 }
+
+/// A slow stream's queue holds at most `STREAM_QUEUE_BYTES` (plus one response), whatever the
+/// values' size: with 1 MiB values it takes a few dozen, not thousands; the rest waits in
+/// history, read back in steps of `CATCH_UP_BYTES`, every revision once and in order.
+#[test]
+fn a_slow_streams_queue_is_bounded_in_bytes_and_catches_up_without_gaps() {
+    let mut f = Fixture::with_response_limit(64 << 20);
+    let (stream, tx, mut rx) = f.hub.open_stream();
+    let created = f.hub.create(
+        stream,
+        &tx,
+        &WatchCreateRequest {
+            key: "big".into(),
+            ..Default::default()
+        },
+    );
+    f.hub.activate(stream, created.watch_id);
+    f.hub.catch_up();
+    let value = "x".repeat(1 << 20);
+    let writes = 200;
+    for _ in 0..writes {
+        f.put("big", &value);
+        // Absolute figures: the test fails if the bound goes (or grows past them).
+        assert!(
+            tx.queued_bytes() <= 40 << 20,
+            "{} bytes queued for one stream",
+            tx.queued_bytes()
+        );
+    }
+    let first = drain(&mut rx);
+    assert!(
+        first.len() <= 40,
+        "{} MiB responses were queued",
+        first.len()
+    );
+    assert_eq!(tx.queued_bytes(), 0, "what was taken is no longer counted");
+    let mut got = first;
+    while got.len() < writes {
+        let before = got.len();
+        f.hub.catch_up();
+        let step = drain(&mut rx);
+        assert!(step.len() <= 8, "a catch-up step read {} MiB", step.len());
+        got.extend(step);
+        assert!(got.len() > before, "catch-up makes progress");
+    }
+    let revisions: Vec<i64> = got.iter().map(|(rev, _)| *rev).collect();
+    let expected: Vec<i64> = (2..2 + writes as i64).collect();
+    assert_eq!(revisions, expected, "every revision once, in order");
+}
+
+/// Events waiting for the hub's task are bounded in bytes too (`PENDING_BYTES`): past it the
+/// watchers catch up from history instead, without gaps.
+#[test]
+fn pending_events_are_bounded_in_bytes() {
+    let mut f = Fixture::with_response_limit(64 << 20);
+    let (mut rx, _) = f.watch("big", 0);
+    f.hub.catch_up();
+    let value = "y".repeat(1 << 20);
+    let writes = 100;
+    for _ in 0..writes {
+        f.apply_queued(put_request("big", &value));
+        let pending: usize = f.hub.lock().pending.iter().map(event_bytes).sum();
+        assert!(pending <= 66 << 20, "{pending} bytes of events pending");
+    }
+    f.hub.deliver_pending();
+    let mut got = drain(&mut rx);
+    while got.len() < writes {
+        let before = got.len();
+        f.hub.catch_up();
+        got.extend(drain(&mut rx));
+        assert!(got.len() > before, "catch-up makes progress");
+    }
+    let revisions: Vec<i64> = got.iter().map(|(rev, _)| *rev).collect();
+    let expected: Vec<i64> = (2..2 + writes as i64).collect();
+    assert_eq!(revisions, expected, "every revision once, in order");
+}
