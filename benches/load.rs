@@ -14,6 +14,9 @@
 //! The watchers count each response's events off the wire (`summarize`) rather than build
 //! every event, so that the tool, on the same cores as the server, takes as little as it can.
 //!
+//! `--read-rate BYTES` with `--op watch`: each stream reads at most that many bytes a second
+//! (a slow watcher); the run then reports what was put while the watchers lagged.
+//!
 //! `--cacert FILE [--cert FILE --key FILE]`: TLS to `https://` endpoints (as etcdctl's flags).
 //! `--user NAME:PASSWORD`: authenticates once and sends the token with every call (auth on).
 //!
@@ -65,6 +68,9 @@ struct Args {
     cert: Option<String>,
     key: Option<String>,
     user: Option<String>,
+    /// `--read-rate BYTES`: each watch stream reads at most this many bytes a second (h2
+    /// client; 0: as fast as it can). A slow reader, as in etcd #16839.
+    read_rate: u64,
 }
 
 /// TLS to `https://` endpoints (`--cacert`, `--cert`, `--key`), set once.
@@ -114,6 +120,7 @@ fn parse_args() -> Result<Args, String> {
         cert: None,
         key: None,
         user: None,
+        read_rate: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -157,6 +164,9 @@ fn parse_args() -> Result<Args, String> {
             "--cert" => args.cert = Some(value()?),
             "--key" => args.key = Some(value()?),
             "--user" => args.user = Some(value()?),
+            "--read-rate" => {
+                args.read_rate = value()?.parse().map_err(|e| format!("--read-rate: {e}"))?
+            }
             "--threads" => {
                 args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?
             }
@@ -595,7 +605,11 @@ fn watch_creates(count: usize) -> Vec<WatchRequest> {
 
 /// One watch stream over a bare HTTP/2 connection: the creates sent as gRPC messages, then
 /// the answers' DATA read and cut into messages, each summarized in place.
-async fn watch_stream_h2(endpoint: String, mut tally: WatchTally) -> Result<(), String> {
+async fn watch_stream_h2(
+    endpoint: String,
+    mut tally: WatchTally,
+    read_rate: u64,
+) -> Result<(), String> {
     let mut conn = H2Conn::connect(&endpoint).await?;
     let mut body = Vec::new();
     for create in watch_creates(tally.count) {
@@ -615,6 +629,11 @@ async fn watch_stream_h2(endpoint: String, mut tally: WatchTally) -> Result<(), 
     let mut pending: Vec<u8> = Vec::new();
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(|e| e.to_string())?;
+        if read_rate > 0 {
+            // Taking the bytes at `read_rate`: the window opens again only as fast.
+            let secs = chunk.len() as f64 / read_rate as f64;
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        }
         let _ = body.flow_control().release_capacity(chunk.len());
         let summary = if pending.is_empty() {
             let (summary, used) = summarize_messages(&chunk)?;
@@ -677,11 +696,12 @@ async fn run_watch(args: Arc<Args>, endpoints: &[&str]) -> Result<(), String> {
             ready: ready_tx.clone(),
         };
         let tonic = args.client == "tonic";
+        let read_rate = args.read_rate;
         tokio::spawn(async move {
             let result = if tonic {
                 watch_stream(endpoint, tally).await
             } else {
-                watch_stream_h2(endpoint, tally).await
+                watch_stream_h2(endpoint, tally, read_rate).await
             };
             if let Err(e) = result {
                 eprintln!("load: watch stream: {e}");

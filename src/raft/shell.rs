@@ -111,6 +111,9 @@ enum Command {
     },
     Snapshot {
         index: u64,
+        /// Entries to keep in memory behind it, at most (fewer than `catch_up_entries` when
+        /// they are large).
+        keep: u64,
     },
     OfferSnapshot {
         index: u64,
@@ -211,9 +214,11 @@ impl NodeHandle {
             .await
     }
 
-    /// Asks for a snapshot at `index`: everything up to it is applied and flushed.
-    pub async fn snapshot(&self, index: u64) -> Result<(), NodeError> {
-        self.send_control(Command::Snapshot { index }).await
+    /// Asks for a snapshot at `index`: everything up to it is applied and flushed. At most
+    /// `keep` entries behind it stay in memory for slow followers (and never more than
+    /// `--experimental-snapshot-catchup-entries`).
+    pub async fn snapshot(&self, index: u64, keep: u64) -> Result<(), NodeError> {
+        self.send_control(Command::Snapshot { index, keep }).await
     }
 }
 
@@ -482,16 +487,17 @@ impl Shell {
                 let _ = reply.send(self.core.progress());
             }
             Command::OfferSnapshot { index, data } => self.core.offer_snapshot(index, data),
-            Command::Snapshot { index } => {
-                if let Err(e) = self.snapshot(index) {
+            Command::Snapshot { index, keep } => {
+                if let Err(e) = self.snapshot(index, keep) {
                     tracing::error!(index, error = %e, "snapshot failed");
                 }
             }
         }
     }
 
-    fn snapshot(&mut self, index: u64) -> Result<(), WalError> {
-        let Some(snapshot) = self.core.compact_to(index, self.catch_up_entries) else {
+    fn snapshot(&mut self, index: u64, keep: u64) -> Result<(), WalError> {
+        let keep = keep.min(self.catch_up_entries);
+        let Some(snapshot) = self.core.compact_to(index, keep) else {
             return Ok(());
         };
         let meta = snapshot.get_metadata();

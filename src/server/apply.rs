@@ -59,6 +59,40 @@ pub struct ApplyLoop {
     pub halted: bool,
     /// The simple tokens this member knows: learned as their entries apply.
     pub tokens: Arc<crate::auth::TokenTable>,
+    /// Bytes of the entries applied since the last snapshot (the raft log holds them in
+    /// memory until a snapshot compacts it).
+    pub log_bytes: u64,
+    /// The sizes of the latest entries applied (up to `catch_up_entries` of them), newest
+    /// last: how many a snapshot keeps behind it within `KEPT_LOG_BYTES`.
+    pub recent_sizes: std::collections::VecDeque<u64>,
+    /// `--experimental-snapshot-catchup-entries`.
+    pub catch_up_entries: u64,
+}
+
+/// A snapshot is taken once the entries applied since the last one hold this many bytes,
+/// whatever `--snapshot-count` says: the raft log they stay in is in memory.
+pub const LOG_MEMORY_BYTES: u64 = 128 << 20;
+/// Entries kept in memory behind a snapshot for slow followers: at most this many bytes of them.
+pub const KEPT_LOG_BYTES: u64 = 64 << 20;
+
+/// Is a snapshot due, `since` entries and `log_bytes` bytes after the last one?
+fn snapshot_due(since: u64, snapshot_count: u64, log_bytes: u64) -> bool {
+    since >= snapshot_count || log_bytes >= LOG_MEMORY_BYTES
+}
+
+/// How many of the latest entries (`sizes`, newest last) a snapshot keeps behind it: as many
+/// as fit in `limit` bytes, at least one.
+fn entries_to_keep(sizes: &std::collections::VecDeque<u64>, limit: u64) -> u64 {
+    let mut bytes = 0;
+    let mut kept = 0;
+    for size in sizes.iter().rev() {
+        bytes += size;
+        if bytes > limit && kept > 0 {
+            break;
+        }
+        kept += 1;
+    }
+    kept.max(1)
 }
 
 /// A job the apply loop runs between two entries, every applied write in the backend: on a
@@ -128,6 +162,7 @@ pub async fn run_apply_loop(
                 };
                 for entry in entries {
                     let index = entry.index;
+                    apply.note_size(entry.data.len() as u64);
                     hooks::observe(|| Observation::Applied {
                         node: apply.node.id(),
                         entry: &entry,
@@ -472,9 +507,23 @@ impl ApplyLoop {
         Ok(())
     }
 
+    /// Counts an applied entry's bytes (see `log_bytes`, `recent_sizes`).
+    fn note_size(&mut self, bytes: u64) {
+        self.log_bytes += bytes;
+        self.recent_sizes.push_back(bytes);
+        while self.recent_sizes.len() as u64 > self.catch_up_entries {
+            self.recent_sizes.pop_front();
+        }
+    }
+
+    fn entries_to_keep(&self) -> u64 {
+        entries_to_keep(&self.recent_sizes, KEPT_LOG_BYTES)
+    }
+
     /// `Err` when the backend fails: fatal, like any backend failure.
     async fn maybe_snapshot(&mut self, applied: u64) -> Result<(), MvccError> {
-        if applied < self.last_snapshot_index + self.snapshot_count {
+        let since = applied.saturating_sub(self.last_snapshot_index);
+        if !snapshot_due(since, self.snapshot_count, self.log_bytes) {
             return Ok(());
         }
         // Everything the snapshot covers must be durable in the backend before the WAL that
@@ -485,9 +534,39 @@ impl ApplyLoop {
             store.flush_staged()?;
             store.backend().flush()?;
         }
-        if self.node.snapshot(applied).await.is_ok() {
+        if self
+            .node
+            .snapshot(applied, self.entries_to_keep())
+            .await
+            .is_ok()
+        {
             self.last_snapshot_index = applied;
+            self.log_bytes = 0;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod log_memory_tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_due_by_count_or_by_bytes() {
+        assert!(!snapshot_due(10, 100_000, 1 << 20));
+        assert!(snapshot_due(100_000, 100_000, 0));
+        // 200 entries of 1 MiB: due long before --snapshot-count.
+        assert!(snapshot_due(200, 100_000, 200 << 20));
+    }
+
+    #[test]
+    fn the_entries_kept_behind_a_snapshot_fit_in_the_byte_bound() {
+        let small: std::collections::VecDeque<u64> = std::iter::repeat_n(100, 5000).collect();
+        assert_eq!(entries_to_keep(&small, KEPT_LOG_BYTES), 5000);
+        let large: std::collections::VecDeque<u64> = std::iter::repeat_n(1 << 20, 5000).collect();
+        assert_eq!(entries_to_keep(&large, KEPT_LOG_BYTES), 64);
+        let huge: std::collections::VecDeque<u64> = [1 << 30].into_iter().collect();
+        assert_eq!(entries_to_keep(&huge, KEPT_LOG_BYTES), 1, "at least one");
+        assert_eq!(entries_to_keep(&Default::default(), KEPT_LOG_BYTES), 1);
     }
 }

@@ -202,6 +202,9 @@ pub fn start_member(
         jobs: jobs_rx,
         halted: false,
         tokens: tokens.clone(),
+        log_bytes: 0,
+        recent_sizes: std::collections::VecDeque::new(),
+        catch_up_entries: config.snapshot_catch_up_entries,
     };
     let apply_task = tokio::spawn(run_apply_loop(apply, started.apply_rx));
     let server_config = ServerConfig {
