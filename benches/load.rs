@@ -14,6 +14,8 @@
 //! The watchers count each response's events off the wire (`summarize`) rather than build
 //! every event, so that the tool, on the same cores as the server, takes as little as it can.
 //!
+//! `--op kubernetes`: kube-apiserver's requests (see `KubeClient`), through tonic's client.
+//!
 //! `--read-rate BYTES` with `--op watch`: each stream reads at most that many bytes a second
 //! (a slow watcher); the run then reports what was put while the watchers lagged.
 //!
@@ -180,8 +182,12 @@ fn parse_args() -> Result<Args, String> {
     if args.conns == 0 {
         args.conns = args.clients.clamp(1, 8);
     }
-    if !["put", "get", "watch"].contains(&args.op.as_str()) {
-        return Err("--op is put, get or watch".into());
+    if !["put", "get", "watch", "kubernetes"].contains(&args.op.as_str()) {
+        return Err("--op is put, get, watch or kubernetes".into());
+    }
+    if args.op == "kubernetes" {
+        // It reads the answers (revisions, `more`): through tonic's client.
+        args.client = "tonic".into();
     }
     if !["h2", "tonic"].contains(&args.client.as_str()) {
         return Err("--client is h2 or tonic".into());
@@ -209,6 +215,7 @@ async fn client_loop(
     let log_starts = args.latency_log.is_some();
     let value = vec![b'v'; args.value_size];
     let mut n = 0u64;
+    let mut kube = KubeClient::new(id);
     // A cheap deterministic key sequence per client.
     let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (id as u64);
     while n < budget && Instant::now() < deadline {
@@ -224,6 +231,7 @@ async fn client_loop(
         let start = Instant::now();
         let put = args.op != "get";
         let result = match &mut conn {
+            Conn::Tonic(kv) if args.op == "kubernetes" => kube.step(kv, state, &value).await,
             Conn::Tonic(kv) if put => kv
                 .put(with_token(PutRequest {
                     key,
@@ -275,6 +283,180 @@ async fn client_loop(
         n += 1;
     }
     Ok((latencies, starts))
+}
+
+/// kube-apiserver's requests to etcd, as etcd's robustness tests model them (`--op
+/// kubernetes`, through tonic's client): objects under `registry/pods/`, each client its own;
+/// creates as a Txn on `mod_revision == 0`, updates and deletes as a Txn on the
+/// `mod_revision` last seen, gets, lists of the whole prefix a page of 500 at a time (continuing
+/// from the last key), and count-only ranges. (Not yet: the watches from `rev + 1` and the
+/// compactions through a compact key that the API server also makes.)
+struct KubeClient {
+    prefix: String,
+    /// This client's objects: number → mod revision last seen.
+    objects: std::collections::BTreeMap<u64, i64>,
+    next_object: u64,
+    /// Where the next list page starts (empty: a new list).
+    list_from: Vec<u8>,
+}
+
+const KUBE_PREFIX: &str = "registry/pods/";
+
+impl KubeClient {
+    fn new(id: usize) -> KubeClient {
+        KubeClient {
+            prefix: format!("{KUBE_PREFIX}c{id:03}/"),
+            objects: Default::default(),
+            next_object: 0,
+            list_from: Vec::new(),
+        }
+    }
+
+    fn key(&self, object: u64) -> Vec<u8> {
+        format!("{}{object:08}", self.prefix).into_bytes()
+    }
+
+    /// One request, chosen by `dice`: 40% updates, 20% creates, 10% deletes, 20% gets, 7% list
+    /// pages, 3% counts (an update, delete or get with no object yet creates one).
+    async fn step(
+        &mut self,
+        kv: &mut KvClient<Channel>,
+        dice: u64,
+        value: &[u8],
+    ) -> Result<(), String> {
+        use quorumkv::proto::etcdserverpb::{compare, request_op, Compare, RequestOp, TxnRequest};
+        let roll = dice % 100;
+        let existing = (!self.objects.is_empty())
+            .then(|| {
+                let nth = (dice / 100) as usize % self.objects.len();
+                self.objects.iter().nth(nth).map(|(o, r)| (*o, *r))
+            })
+            .flatten();
+        let on_mod = |key: &[u8], rev: i64| Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Mod as i32,
+            key: key.to_vec(),
+            target_union: Some(compare::TargetUnion::ModRevision(rev)),
+            ..Default::default()
+        };
+        let read_back = |key: &[u8]| RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: key.to_vec(),
+                ..Default::default()
+            })),
+        };
+        let err = |e: tonic::Status| e.to_string();
+        match (roll, existing) {
+            (0..40, Some((object, rev))) | (60..70, Some((object, rev))) => {
+                let key = self.key(object);
+                let op = if roll < 40 {
+                    request_op::Request::RequestPut(PutRequest {
+                        key: key.clone(),
+                        value: value.to_vec(),
+                        ..Default::default()
+                    })
+                } else {
+                    request_op::Request::RequestDeleteRange(
+                        quorumkv::proto::etcdserverpb::DeleteRangeRequest {
+                            key: key.clone(),
+                            ..Default::default()
+                        },
+                    )
+                };
+                let resp = kv
+                    .txn(with_token(TxnRequest {
+                        compare: vec![on_mod(&key, rev)],
+                        success: vec![RequestOp { request: Some(op) }],
+                        failure: vec![read_back(&key)],
+                    }))
+                    .await
+                    .map_err(err)?
+                    .into_inner();
+                let revision = resp.header.map_or(0, |h| h.revision);
+                match (resp.succeeded, roll < 40) {
+                    (true, true) => {
+                        self.objects.insert(object, revision);
+                    }
+                    (true, false) => {
+                        self.objects.remove(&object);
+                    }
+                    // A conflict: the API server reads the object again (done in the txn).
+                    (false, _) => {
+                        self.objects.remove(&object);
+                    }
+                }
+                Ok(())
+            }
+            (70..90, Some((object, _))) => kv
+                .range(with_token(RangeRequest {
+                    key: self.key(object),
+                    ..Default::default()
+                }))
+                .await
+                .map(drop)
+                .map_err(err),
+            (90..97, _) => {
+                let start = if self.list_from.is_empty() {
+                    KUBE_PREFIX.as_bytes().to_vec()
+                } else {
+                    std::mem::take(&mut self.list_from)
+                };
+                let resp = kv
+                    .range(with_token(RangeRequest {
+                        key: start,
+                        range_end: b"registry/pods0".to_vec(),
+                        limit: 500,
+                        ..Default::default()
+                    }))
+                    .await
+                    .map_err(err)?
+                    .into_inner();
+                if resp.more {
+                    if let Some(last) = resp.kvs.last() {
+                        let mut next = last.key.clone();
+                        next.push(0);
+                        self.list_from = next;
+                    }
+                }
+                Ok(())
+            }
+            (97.., _) => kv
+                .range(with_token(RangeRequest {
+                    key: KUBE_PREFIX.as_bytes().to_vec(),
+                    range_end: b"registry/pods0".to_vec(),
+                    count_only: true,
+                    ..Default::default()
+                }))
+                .await
+                .map(drop)
+                .map_err(err),
+            _ => {
+                let object = self.next_object;
+                self.next_object += 1;
+                let key = self.key(object);
+                let resp = kv
+                    .txn(with_token(TxnRequest {
+                        compare: vec![on_mod(&key, 0)],
+                        success: vec![RequestOp {
+                            request: Some(request_op::Request::RequestPut(PutRequest {
+                                key: key.clone(),
+                                value: value.to_vec(),
+                                ..Default::default()
+                            })),
+                        }],
+                        failure: vec![read_back(&key)],
+                    }))
+                    .await
+                    .map_err(err)?
+                    .into_inner();
+                if resp.succeeded {
+                    let revision = resp.header.map_or(0, |h| h.revision);
+                    self.objects.insert(object, revision);
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// How a request loop reaches the server: through tonic's client, or over a bare HTTP/2
