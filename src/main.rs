@@ -30,7 +30,7 @@ use quorumkv::proto::v3electionpb::election_server::ElectionServer as ElectionGr
 use quorumkv::proto::v3lockpb::lock_server::LockServer as LockGrpc;
 use quorumkv::server::StartError;
 use quorumkv::server::{start_member, AutoCompaction, KvServer, MemberConfig};
-use quorumkv::tls::{ClientTls, ServerTls, TlsOptions};
+use quorumkv::tls::{is_https, ClientTls, ServerTls, TlsOptions};
 use quorumkv::wal::{WalError, WalOptions};
 use tower_layer::Layer as _;
 
@@ -693,10 +693,6 @@ static PEER_TLS: std::sync::OnceLock<PeerTls> = std::sync::OnceLock::new();
 
 fn peer_tls() -> PeerTls {
     PEER_TLS.get().cloned().unwrap_or_default()
-}
-
-fn is_https(url: &str) -> bool {
-    url.trim().to_ascii_lowercase().starts_with("https://")
 }
 
 /// The hosts of `urls`, for a self-signed certificate (`--auto-tls`).

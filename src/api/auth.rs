@@ -49,16 +49,7 @@ pub fn caller_of(
 
 /// Who a tonic request runs as.
 pub fn caller<T>(server: &KvServer, request: &Request<T>) -> Result<AuthInfo, Status> {
-    let token = request
-        .metadata()
-        .get(TOKEN_METADATA)
-        .or_else(|| request.metadata().get(AUTHORIZATION))
-        .and_then(|v| v.to_str().ok())
-        .map(|t| t.strip_prefix("Bearer ").unwrap_or(t))
-        .filter(|t| !t.is_empty());
-    server
-        .auth_info(token, common_name_of(request.extensions()))
-        .map_err(to_status)
+    caller_of(server, request.metadata().as_ref(), request.extensions())
 }
 
 pub struct AuthService {

@@ -16,7 +16,7 @@ use crate::proto::v3electionpb::{
 };
 use crate::proto::v3lockpb::lock_server::Lock;
 use crate::proto::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
-use crate::server::{holder_key, prefix_end};
+use crate::server::{holder_key, prefix, prefix_end};
 use crate::server::{KvServer, ServerError};
 
 /// What a lock or an election needs of `who`, as the client operations etcd's recipes make
@@ -29,8 +29,7 @@ fn authorize<T>(
     write: Option<&[u8]>,
 ) -> Result<(), Status> {
     let who = caller(server, request)?;
-    let mut prefix = name.to_vec();
-    prefix.push(b'/');
+    let prefix = prefix(name);
     server
         .authorize_range(&who, &prefix, &prefix_end(&prefix), Access::Read)
         .map_err(to_status)?;

@@ -20,7 +20,7 @@ pub fn set_forwarding_tls(tls: Option<Arc<ClientTls>>) {
 
 /// A channel to `url`: over TLS for `https://`.
 async fn connect(endpoint: Endpoint, url: &str) -> Result<Channel, String> {
-    if !url.to_ascii_lowercase().starts_with("https://") {
+    if !crate::tls::is_https(url) {
         return endpoint.connect().await.map_err(|e| e.to_string());
     }
     let Some(tls) = FORWARDING_TLS.get().cloned().flatten() else {

@@ -271,44 +271,23 @@ async fn answer(
     message: Bytes,
 ) -> Option<http::Response<Body>> {
     let payload = message.slice(GRPC_HEADER_BYTES..);
-    // Who it runs as: resolved only for a message that decodes, as tonic's would be.
-    let who = |server: &KvServer| caller_of(server, &parts.headers, &parts.extensions);
+    // The message decoded, then who it runs as (resolved only for a message that decodes,
+    // as tonic's would be), then the call.
+    macro_rules! call {
+        ($method:ident) => {{
+            let req = Message::decode(payload).ok()?;
+            match caller_of(server, &parts.headers, &parts.extensions) {
+                Ok(who) => reply(server.$method(&who, req).await),
+                Err(status) => status.into_http(),
+            }
+        }};
+    }
     Some(match method {
-        Method::Range => {
-            let req = Message::decode(payload).ok()?;
-            match who(server) {
-                Ok(who) => reply(server.range_as(&who, req).await),
-                Err(status) => status.into_http(),
-            }
-        }
-        Method::Put => {
-            let req = Message::decode(payload).ok()?;
-            match who(server) {
-                Ok(who) => reply(server.put_as(&who, req).await),
-                Err(status) => status.into_http(),
-            }
-        }
-        Method::DeleteRange => {
-            let req = Message::decode(payload).ok()?;
-            match who(server) {
-                Ok(who) => reply(server.delete_range_as(&who, req).await),
-                Err(status) => status.into_http(),
-            }
-        }
-        Method::Txn => {
-            let req = Message::decode(payload).ok()?;
-            match who(server) {
-                Ok(who) => reply(server.txn_as(&who, req).await),
-                Err(status) => status.into_http(),
-            }
-        }
-        Method::Compact => {
-            let req = Message::decode(payload).ok()?;
-            match who(server) {
-                Ok(who) => reply(server.compact_as(&who, req).await),
-                Err(status) => status.into_http(),
-            }
-        }
+        Method::Range => call!(range_as),
+        Method::Put => call!(put_as),
+        Method::DeleteRange => call!(delete_range_as),
+        Method::Txn => call!(txn_as),
+        Method::Compact => call!(compact_as),
     })
 }
 

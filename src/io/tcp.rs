@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::transport::{decode_batch, encode_batch, Transport};
-use crate::tls::{ClientTls, ServerTls};
+use crate::tls::{is_https, ClientTls, ServerTls};
 
 /// A peer connection, over TLS or not.
 pub trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -51,10 +51,6 @@ impl PeerTls {
         };
         Ok(Box::new(client.connect(address).await?))
     }
-}
-
-fn is_https(url: &str) -> bool {
-    url.trim().to_ascii_lowercase().starts_with("https://")
 }
 
 const MAGIC: &[u8; 8] = b"QKVPEER1";

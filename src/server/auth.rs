@@ -77,7 +77,7 @@ impl KvServer {
             Some(token) => {
                 let user = self
                     .tokens
-                    .user(token, self.lease_clock_now_ms())
+                    .user(token, self.now_ms())
                     .ok_or(AuthError::InvalidToken)
                     .map_err(auth_error)?;
                 // A token outlives its user only in a member that learned of the deletion
@@ -316,10 +316,6 @@ impl KvServer {
 
     pub async fn role_list(&self, who: &AuthInfo) -> Result<Vec<String>, ServerError> {
         Ok(self.auth_read(who).await?.role_names())
-    }
-
-    fn lease_clock_now_ms(&self) -> u64 {
-        self.now_ms()
     }
 }
 

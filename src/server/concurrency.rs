@@ -24,7 +24,8 @@ pub fn holder_key(name: &[u8], lease: i64) -> Vec<u8> {
     key
 }
 
-fn prefix(name: &[u8]) -> Vec<u8> {
+/// The prefix of the keys of lock or election `name` (`name/`).
+pub fn prefix(name: &[u8]) -> Vec<u8> {
     let mut prefix = name.to_vec();
     prefix.push(b'/');
     prefix

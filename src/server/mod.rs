@@ -17,7 +17,7 @@ pub use apply::{run_apply_loop, StoreJob};
 pub use auth::{auth_error, AuthConfig, UserInfo};
 pub use cluster::valid_peer_urls;
 pub use compactor::{AutoCompaction, Compactor};
-pub use concurrency::{holder_key, prefix_end};
+pub use concurrency::{holder_key, prefix, prefix_end};
 pub use error::ServerError;
 pub use kv::{KvServer, ServerConfig, StatusReport};
 pub use lease::LeaseClock;

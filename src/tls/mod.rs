@@ -203,6 +203,13 @@ fn versions(
     Ok(out)
 }
 
+/// Does `url` name a TLS endpoint (`https://`)?
+pub fn is_https(url: &str) -> bool {
+    url.trim()
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+}
+
 /// The common name of a DER certificate's subject.
 pub fn common_name(cert: &[u8]) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
@@ -590,6 +597,14 @@ mod tests {
         assert!(provider(&["TLS_RSA_WITH_RC4_128_SHA".into()])
             .expect_err("no RC4")
             .contains("unsupported cipher suite"));
+    }
+
+    #[test]
+    fn https_urls_are_told_by_their_scheme() {
+        assert!(is_https("https://127.0.0.1:2380"));
+        assert!(is_https(" HTTPS://a:1"));
+        assert!(!is_https("http://127.0.0.1:2380"));
+        assert!(!is_https("https"));
     }
 
     #[test]
