@@ -91,12 +91,23 @@ pub enum Observation<'a> {
         node: u64,
         entry: &'a raft::eraftpb::Entry,
     },
+    /// A snapshot image transfer: the leader `node` started sending one, or resent from the
+    /// last acknowledged offset; or the follower `node` received one whole.
+    ImageTransfer { node: u64, event: ImageEvent },
     /// The store's state right after applying `index` (or restoring a snapshot at `index`).
     State {
         node: u64,
         index: u64,
         store: &'a crate::mvcc::MvccStore,
     },
+}
+
+/// What happened to a snapshot image transfer (`Observation::ImageTransfer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageEvent {
+    Started,
+    Resent,
+    Received,
 }
 
 #[cfg(madsim)]

@@ -124,6 +124,10 @@ struct Flags {
     /// Raise alarms when backend size exceeds the given quota (0 defaults to etcd's 2 GiB).
     #[arg(long, env = "QUORUMKV_QUOTA_BACKEND_BYTES", default_value_t = 0)]
     quota_backend_bytes: u64,
+    /// The backend's page cache, at most, in bytes (quorumkv's own flag: etcd's bolt backend
+    /// leaves caching to the kernel).
+    #[arg(long, env = "QUORUMKV_BACKEND_CACHE_BYTES", default_value_t = quorumkv::metrics::memory::DEFAULT_BACKEND_CACHE_BYTES)]
+    backend_cache_bytes: u64,
     /// Log entries kept behind a snapshot for slow followers (etcd 3.5's experimental flag).
     #[arg(
         long,
@@ -529,6 +533,7 @@ fn member_config(
         wal: WalOptions::default(),
         id_seed: os_seed(),
         snapshot_catch_up_entries: flags.experimental_snapshot_catchup_entries,
+        snapshot_chunk_bytes: quorumkv::raft::SNAPSHOT_CHUNK_BYTES,
         initial_members: identity.initial_members.clone(),
     })
 }
@@ -841,6 +846,10 @@ async fn run(flags: Flags) -> Result<(), String> {
         .map(|u| parse_listen_url(u))
         .collect::<Result<Vec<_>, _>>()?;
     let disk = StdDisk::shared();
+    quorumkv::metrics::memory::BACKEND_CACHE_BYTES.store(
+        flags.backend_cache_bytes.max(1 << 20),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let backend = Arc::new(
         SledBackend::open(&config.db_path())
             .map_err(|e| format!("cannot open the backend: {e}; {DAMAGED_DATA}"))?,

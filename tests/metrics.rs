@@ -178,3 +178,64 @@ fn listen_metrics_urls_serves_metrics_and_health() {
     );
     drop(server);
 }
+
+/// One part's gauge: `quorumkv_memory_bytes` or `quorumkv_memory_limit_bytes`.
+fn memory_part(scrape: &Scrape, name: &str, part: &str) -> f64 {
+    let found: Vec<&Sample> = samples(scrape, name)
+        .into_iter()
+        .filter(|s| s.labels.get("part") == Some(part))
+        .collect();
+    assert_eq!(found.len(), 1, "{name}{{part={part}}}");
+    match &found[0].value {
+        Value::Gauge(v) | Value::Untyped(v) => *v,
+        other => panic!("{name} is {other:?}"),
+    }
+}
+
+#[test]
+fn metrics_report_each_memory_part_and_its_bound() {
+    if !etcdctl_available() {
+        eprintln!("etcdctl not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = common::Server::start(dir.path(), &["--backend-cache-bytes", "67108864"]);
+    let endpoint = server.endpoint();
+    let before = scrape(server.client_port);
+    let index_before = memory_part(&before, "quorumkv_memory_bytes", "key_index");
+    for i in 0..200 {
+        ok(etcdctl(
+            &endpoint,
+            &["put", &format!("key-{i:04}"), "value"],
+        ));
+    }
+    let after = scrape(server.client_port);
+    for part in [
+        "backend_cache",
+        "raft_log",
+        "key_index",
+        "watch_queues",
+        "snapshot_transfer",
+    ] {
+        memory_part(&after, "quorumkv_memory_bytes", part);
+        memory_part(&after, "quorumkv_memory_limit_bytes", part);
+    }
+    assert_eq!(
+        memory_part(&after, "quorumkv_memory_limit_bytes", "backend_cache"),
+        64.0 * 1024.0 * 1024.0,
+        "--backend-cache-bytes is the backend cache's bound"
+    );
+    let index_after = memory_part(&after, "quorumkv_memory_bytes", "key_index");
+    assert!(
+        index_after - index_before >= 200.0 * 8.0,
+        "200 new keys grow the key index: {index_before} -> {index_after}"
+    );
+    assert!(
+        memory_part(&after, "quorumkv_memory_bytes", "raft_log") >= 200.0 * 8.0,
+        "the raft log holds the 200 entries (no snapshot yet)"
+    );
+    assert!(
+        memory_part(&after, "quorumkv_memory_limit_bytes", "raft_log") > 0.0,
+        "the raft log has a bound"
+    );
+}

@@ -30,6 +30,9 @@ pub struct MemberSettings {
     pub snapshot_count: u64,
     /// Entries kept behind a snapshot: small values make followers catch up from snapshots.
     pub catch_up_entries: u64,
+    /// The chunks a snapshot image is sent in: small, so that every transfer takes many and
+    /// faults land in the middle of them.
+    pub snapshot_chunk_bytes: usize,
     pub segment_bytes: u64,
     /// Largest clock skew, in parts per million either way.
     pub max_skew_ppm: u64,
@@ -204,6 +207,7 @@ impl Cluster {
                 },
                 id_seed: madsim::rand::thread_rng().gen(),
                 snapshot_catch_up_entries: self.settings.catch_up_entries,
+                snapshot_chunk_bytes: self.settings.snapshot_chunk_bytes,
                 // The names and URLs `add` gives every member.
                 initial_members: member
                     .initial_voters

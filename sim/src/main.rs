@@ -230,6 +230,8 @@ struct SeedOutcome {
     last_line: String,
     output: String,
     sim_secs: f64,
+    images: u64,
+    resends: u64,
 }
 
 impl SeedOutcome {
@@ -266,7 +268,17 @@ fn run_seed_process(args: &Args, seed: u64) -> Result<SeedOutcome, String> {
         last_line,
         output,
         sim_secs: 0.0,
+        images: 0,
+        resends: 0,
     };
+    outcome.images = outcome
+        .field("images")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    outcome.resends = outcome
+        .field("resends")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     outcome.sim_secs = outcome
         .field("sim")
         .and_then(|v| v.trim_end_matches('s').parse().ok())
@@ -274,14 +286,24 @@ fn run_seed_process(args: &Args, seed: u64) -> Result<SeedOutcome, String> {
     Ok(outcome)
 }
 
+/// What a sweep did, over the seeds it ran.
+struct SweepTotals {
+    ran: u64,
+    sim_secs: f64,
+    wall: Duration,
+    /// Snapshot images received whole, and transfers resumed from an offset.
+    images: u64,
+    resends: u64,
+}
+
 /// Runs the seeds on `jobs` workers; stops at the first failure. Returns the failures (the
-/// lowest seed first), the number of seeds run, simulated seconds and wall time.
+/// lowest seed first) and the totals.
 fn sweep(
     args: &Args,
     seeds: std::ops::RangeInclusive<u64>,
     jobs: usize,
     label: &str,
-) -> Result<(Vec<SeedOutcome>, u64, f64, Duration), String> {
+) -> Result<(Vec<SeedOutcome>, SweepTotals), String> {
     let first = *seeds.start();
     let total = seeds.end() - seeds.start() + 1;
     for seed in seeds.clone() {
@@ -293,6 +315,8 @@ fn sweep(
     let failures = Mutex::new(Vec::new());
     let errors = Mutex::new(Vec::new());
     let sim_ms = AtomicU64::new(0);
+    let images = AtomicU64::new(0);
+    let resends = AtomicU64::new(0);
     let terminal = std::io::stderr().is_terminal();
     let wall = Instant::now();
     std::thread::scope(|scope| {
@@ -314,6 +338,8 @@ fn sweep(
                     }
                 };
                 sim_ms.fetch_add((outcome.sim_secs * 1000.0) as u64, Ordering::Relaxed);
+                images.fetch_add(outcome.images, Ordering::Relaxed);
+                resends.fetch_add(outcome.resends, Ordering::Relaxed);
                 let finished = done.fetch_add(1, Ordering::Relaxed) + 1;
                 if terminal {
                     let width = 40;
@@ -350,9 +376,13 @@ fn sweep(
     failures.sort_by_key(|f| f.seed);
     Ok((
         failures,
-        done.load(Ordering::Relaxed),
-        sim_ms.load(Ordering::Relaxed) as f64 / 1000.0,
-        wall.elapsed(),
+        SweepTotals {
+            ran: done.load(Ordering::Relaxed),
+            sim_secs: sim_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            wall: wall.elapsed(),
+            images: images.load(Ordering::Relaxed),
+            resends: resends.load(Ordering::Relaxed),
+        },
     ))
 }
 
@@ -366,9 +396,16 @@ fn jobs(args: &Args) -> Result<usize, String> {
 fn command_sweep(args: &Args) -> Result<ExitCode, String> {
     let seeds = args.seeds()?;
     let total = seeds.end() - seeds.start() + 1;
-    let (failures, ran, sim_secs, wall) = sweep(args, seeds, jobs(args)?, "sweep")?;
+    let (failures, totals) = sweep(args, seeds, jobs(args)?, "sweep")?;
+    let SweepTotals {
+        ran,
+        sim_secs,
+        wall,
+        images,
+        resends,
+    } = totals;
     println!(
-        "{ran} seeds: simulated {sim_secs:.0}s in {:.1}s wall: {:.0}x real time",
+        "{ran} seeds: simulated {sim_secs:.0}s in {:.1}s wall: {:.0}x real time; {images} snapshot images received whole, {resends} transfers resumed from an offset",
         wall.as_secs_f64(),
         sim_secs / wall.as_secs_f64().max(1e-9)
     );
@@ -430,7 +467,8 @@ fn command_bugs(args: &Args) -> Result<ExitCode, String> {
         bug_args
             .flags
             .insert("inject-bug".into(), bug.name().to_string());
-        let (failures, ran, _, wall) = sweep(&bug_args, seeds.clone(), jobs(args)?, bug.name())?;
+        let (failures, SweepTotals { ran, wall, .. }) =
+            sweep(&bug_args, seeds.clone(), jobs(args)?, bug.name())?;
         match failures.first() {
             Some(failure) => {
                 println!(

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use protobuf::Message as _;
-use quorumkv::hooks::Observation;
+use quorumkv::hooks::{ImageEvent, Observation};
 use quorumkv::mvcc::MvccStore;
 use quorumkv::proto::etcdserverpb::RangeRequest;
 use raft::eraftpb::{ConfChangeType, ConfChangeV2, EntryType};
@@ -43,6 +43,10 @@ pub struct Facts {
     /// Raft-safety violations, in the order found (kept short).
     pub violations: Vec<String>,
     pub entries_applied: u64,
+    /// Snapshot image transfers started, resent from an offset, and received whole.
+    pub images_started: u64,
+    pub image_resends: u64,
+    pub images_received: u64,
     /// Index → the applied entries that change the auth store or carry a user's request
     /// (the first node's), for `check::auth`.
     pub auth_entries: BTreeMap<u64, quorumkv::proto::quorumkvpb::RaftRequest>,
@@ -150,6 +154,11 @@ impl Recorder {
                     }
                 }
             }
+            Observation::ImageTransfer { event, .. } => match event {
+                ImageEvent::Started => facts.images_started += 1,
+                ImageEvent::Resent => facts.image_resends += 1,
+                ImageEvent::Received => facts.images_received += 1,
+            },
             Observation::Applied { node, entry } => {
                 let mut hash = Fnv::default();
                 hash.write_u64(entry.get_entry_type() as u64);

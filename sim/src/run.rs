@@ -67,6 +67,9 @@ pub struct RunReport {
     pub end_us: u64,
     pub faults: String,
     pub stats: String,
+    /// Snapshot images received whole, and transfers resumed from an offset.
+    pub images_received: u64,
+    pub image_resends: u64,
     /// The run itself broke (a panic in node code counts as a failure).
     pub panic: Option<String>,
 }
@@ -84,10 +87,12 @@ impl RunReport {
             .map_or(String::new(), |b| format!(" bug={}", b.name()));
         if self.passed {
             format!(
-                "PASS seed={} {what}{bug} ops={} sim={:.1}s {hash}",
+                "PASS seed={} {what}{bug} ops={} sim={:.1}s images={} resends={} {hash}",
                 self.options.seed,
                 self.ops.len(),
-                self.end_us as f64 / 1e6
+                self.end_us as f64 / 1e6,
+                self.images_received,
+                self.image_resends,
             )
         } else {
             let failed: Vec<&str> = self
@@ -119,6 +124,8 @@ struct Simulated {
     end_us: u64,
     faults: String,
     stats: String,
+    images_received: u64,
+    image_resends: u64,
 }
 
 /// Some dependencies keep process-wide random state that they fill on first use (ahash's
@@ -175,6 +182,8 @@ pub fn run(options: &RunOptions) -> RunReport {
                 end_us: simulated.end_us,
                 faults: simulated.faults,
                 stats: simulated.stats,
+                images_received: simulated.images_received,
+                image_resends: simulated.image_resends,
                 panic: None,
             }
         }
@@ -193,6 +202,8 @@ pub fn run(options: &RunOptions) -> RunReport {
             ops,
             faults: String::new(),
             stats: String::new(),
+            images_received: 0,
+            image_resends: 0,
             panic: Some(panic),
         },
     }
@@ -287,9 +298,16 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
         election_timeout: Duration::from_millis(1000),
         snapshot_count: rng.gen_range(30..=300),
         catch_up_entries: [0, 10, 100, 5000][rng.gen_range(0..4)],
+        snapshot_chunk_bytes: 0,
         segment_bytes: rng.gen_range(8..=128) * 1024,
         max_skew_ppm: swarm.max_skew_ppm,
         torn_writes: swarm.torn_writes,
+    };
+    // From a draw already made (a new draw would change every recorded seed's run): 64 bytes
+    // to 2 KiB.
+    let settings = MemberSettings {
+        snapshot_chunk_bytes: 64 << (settings.snapshot_count % 6),
+        ..settings
     };
     let shape = WorkloadShape {
         clients: rng.gen_range(3..=8),
@@ -448,17 +466,25 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
         let net = cluster.network.stats();
         let facts = recorder.lock();
         format!(
-            "clients={} keys={} snapshot-count={} segment={}KiB; network: {} batches sent, {} delivered, {} dropped, {} duplicated; {} entries applied",
+            "clients={} keys={} snapshot-count={} segment={}KiB image-chunk={}B; network: {} batches sent, {} delivered, {} dropped, {} duplicated; {} entries applied; snapshot images: {} sent, {} received, {} resends",
             shape.clients,
             shape.keys,
             settings.snapshot_count,
             settings.segment_bytes / 1024,
+            settings.snapshot_chunk_bytes,
             net.sent,
             net.delivered,
             net.dropped,
             net.duplicated,
-            facts.entries_applied
+            facts.entries_applied,
+            facts.images_started,
+            facts.images_received,
+            facts.image_resends,
         )
+    };
+    let (images_received, image_resends) = {
+        let facts = recorder.lock();
+        (facts.images_received, facts.image_resends)
     };
     let events = recorder.lock().events.clone();
     let end_us = recorder.now_us();
@@ -475,6 +501,8 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
         end_us,
         faults: swarm.describe(),
         stats,
+        images_received,
+        image_resends,
     }
 }
 

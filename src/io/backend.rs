@@ -69,7 +69,16 @@ pub trait Backend: Send + Sync {
     /// applied before it returns is in the rewritten store. Durable on return; a crash during
     /// it leaves the store as before or as after, whole. One at a time.
     fn defragment(&self) -> Result<(), BackendError>;
+    /// Replaces the whole contents with the pairs `next` yields (until it yields `None`; of
+    /// two pairs with one key, the later wins), atomically: a crash during it leaves the old contents, whole,
+    /// and once it returns `Ok` the new ones are durable. The pairs are taken a batch at a
+    /// time, so contents of any size go through bounded memory. The caller applies nothing
+    /// meanwhile. Returns the number of pairs.
+    fn replace_all(&self, next: &mut PairSource<'_>) -> Result<u64, BackendError>;
 }
+
+/// Yields a backend's new contents a pair at a time (`replace_all`).
+pub type PairSource<'a> = dyn FnMut() -> Result<Option<(Vec<u8>, Vec<u8>)>, BackendError> + 'a;
 
 /// An in-memory backend: everything applied is kept, and `flush` marks it durable. Used by
 /// tests and by the simulator, which keeps the durable image across simulated crashes.
@@ -183,6 +192,21 @@ impl Backend for MemBackend {
     fn defragment(&self) -> Result<(), BackendError> {
         Ok(())
     }
+
+    fn replace_all(&self, next: &mut PairSource<'_>) -> Result<u64, BackendError> {
+        let mut contents = BTreeMap::new();
+        let mut bytes = 0;
+        while let Some((key, value)) = next()? {
+            bytes += entry_bytes(&key, &value);
+            contents.insert(key, value);
+        }
+        let pairs = contents.len() as u64;
+        let mut images = self.lock();
+        images.durable = contents.clone();
+        images.live = contents;
+        images.live_bytes = bytes;
+        Ok(pairs)
+    }
 }
 
 #[doc(hidden)]
@@ -240,6 +264,46 @@ pub mod conformance {
             reopened.get(&[b'k', 1]).expect("get"),
             None,
             "flushed delete survives reopen"
+        );
+        // Replacing everything: only the new pairs are left, durably.
+        let mut left = (0..10_000u32).map(|i| (format!("r{i:05}").into_bytes(), vec![7u8; 100]));
+        let pairs = reopened
+            .replace_all(&mut || Ok(left.next()))
+            .expect("replace_all");
+        assert_eq!(pairs, 10_000);
+        assert_eq!(
+            reopened.get(&[b'k', 9]).expect("get"),
+            None,
+            "the old contents go"
+        );
+        drop(reopened);
+        let reopened = open();
+        let mut count = 0;
+        reopened
+            .scan(&[], None, &mut |k, v| {
+                assert!(k.starts_with(b"r") && v == [7u8; 100]);
+                count += 1;
+                true
+            })
+            .expect("scan");
+        assert_eq!(count, 10_000, "replaced contents survive reopen");
+        // A source that fails leaves the contents as they were.
+        let mut failing = {
+            let mut n = 0;
+            move || {
+                n += 1;
+                if n > 5 {
+                    Err(BackendError::Store("the image is damaged".into()))
+                } else {
+                    Ok(Some((vec![n as u8], vec![n as u8])))
+                }
+            }
+        };
+        assert!(reopened.replace_all(&mut failing).is_err());
+        assert_eq!(
+            reopened.get(b"r00000").expect("get"),
+            Some(vec![7u8; 100]),
+            "a failed replacement changes nothing"
         );
     }
 }

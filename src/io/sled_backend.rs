@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
-use super::backend::{Backend, BackendError, BatchOp, WriteBatch};
+use super::backend::{Backend, BackendError, BatchOp, PairSource, WriteBatch};
 
 /// Production backend on sled.
 pub struct SledBackend {
@@ -42,6 +42,8 @@ const DEFRAG_BATCH_KEYS: u64 = 4096;
 /// ...and bytes copied between two flushes of the copy: one large flush at the end would
 /// queue the member's WAL fdatasyncs behind it on the disk.
 const DEFRAG_FLUSH_BYTES: u64 = 8 << 20;
+/// Bytes of pairs per batch while `replace_all` writes a store (values may be large).
+const REPLACE_BATCH_BYTES: u64 = 4 << 20;
 /// The copy's pace, at most: the disk and the cores stay the member's first.
 const DEFRAG_BYTES_PER_SEC: u64 = 100 << 20;
 
@@ -178,7 +180,7 @@ impl SledBackend {
         let config = sled::Config::new()
             .path(path)
             .flush_every_ms(Some(1000))
-            .cache_capacity(256 << 20);
+            .cache_capacity(crate::metrics::memory::backend_cache_bytes());
         let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
         loop {
             match config.open() {
@@ -381,6 +383,60 @@ impl Backend for SledBackend {
         }
         tracing::info!(keys, replayed_batches = replayed, swap = ?swap, path = %copy_dir.display(), "backend defragmented");
         Ok(())
+    }
+
+    /// Writes the pairs into the next generation's directory, a batch at a time, makes it
+    /// durable, and points `db.current` at it (the atomic step); the old directory goes.
+    fn replace_all(&self, next: &mut PairSource<'_>) -> Result<u64, BackendError> {
+        let _no_defragmentation = self.defragmenting.lock().unwrap_or_else(|p| p.into_inner());
+        let old_dir = self.dir();
+        let generation = generation(&self.base, &old_dir).unwrap_or(0) + 1;
+        let new_dir = beside(&self.base, &format!(".{generation}"));
+        if new_dir.exists() {
+            std::fs::remove_dir_all(&new_dir)
+                .map_err(|e| io_error("cannot remove", &new_dir, e))?;
+        }
+        let new = Self::open_db_unguarded(&new_dir)?;
+        let filled = (|| -> Result<u64, BackendError> {
+            let mut batch = sled::Batch::default();
+            let (mut keys, mut batch_bytes, mut unflushed) = (0u64, 0u64, 0u64);
+            while let Some((key, value)) = next()? {
+                let bytes = (key.len() + value.len()) as u64;
+                batch.insert(key, value);
+                keys += 1;
+                batch_bytes += bytes;
+                unflushed += bytes;
+                if keys.is_multiple_of(DEFRAG_BATCH_KEYS) || batch_bytes >= REPLACE_BATCH_BYTES {
+                    new.apply_batch(std::mem::take(&mut batch))?;
+                    batch_bytes = 0;
+                }
+                if unflushed >= DEFRAG_FLUSH_BYTES {
+                    new.flush()?;
+                    unflushed = 0;
+                }
+            }
+            new.apply_batch(batch)?;
+            new.flush()?;
+            Ok(keys)
+        })();
+        let keys = match filled.and_then(|keys| self.set_current(&new_dir).map(|_| keys)) {
+            Ok(keys) => keys,
+            Err(e) => {
+                drop(new);
+                let _ = std::fs::remove_dir_all(&new_dir);
+                return Err(e);
+            }
+        };
+        let old = {
+            let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *db, (new, new_dir.clone()))
+        };
+        drop(old);
+        *self.size.lock().unwrap_or_else(|p| p.into_inner()) = (0, None);
+        if let Err(e) = std::fs::remove_dir_all(&old_dir) {
+            tracing::warn!(path = %old_dir.display(), error = %e, "cannot remove the store a snapshot replaced");
+        }
+        Ok(keys)
     }
 }
 

@@ -72,7 +72,8 @@ pub const PEER_QUEUE_BATCHES: usize = 4096;
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Largest frame payload; bigger batches go in chunks.
 pub const CHUNK_BYTES: usize = 1 << 20;
-/// Largest batch accepted from a peer (a whole snapshot), bytes.
+/// Largest batch accepted from a peer, bytes (a snapshot's image travels apart, in chunks:
+/// `raft::transfer`; this bounds a batch of raft's appends).
 pub const MAX_BATCH_BYTES: usize = 1 << 31;
 const MORE_CHUNKS: u32 = 1 << 31;
 /// Reconnect backoff, first and largest.

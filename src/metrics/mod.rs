@@ -3,6 +3,8 @@
 //! the thing happens; gauges of state (leader, sizes, indexes, watchers) are read from the
 //! member when `/metrics` is scraped (`refresh`), so they cost nothing in between.
 
+pub mod memory;
+
 use std::sync::LazyLock;
 
 use prometheus::{
@@ -45,6 +47,9 @@ pub struct Metrics {
     pub peer_received_bytes: IntCounterVec,
     pub grpc_started: IntCounterVec,
     pub grpc_handled: IntCounterVec,
+    /// Bytes each part of the member holds in memory (`memory`), and its bound.
+    pub memory_bytes: GaugeVec,
+    pub memory_limit_bytes: GaugeVec,
 }
 
 /// `metric`, registered in `registry`.
@@ -141,6 +146,8 @@ impl Metrics {
             peer_received_bytes: counter_vec(&r, "etcd_network_peer_received_bytes_total", "The total number of bytes received from peers.", &["From"]),
             grpc_started: counter_vec(&r, "grpc_server_started_total", "Total number of RPCs started on the server.", &["grpc_type", "grpc_service", "grpc_method"]),
             grpc_handled: counter_vec(&r, "grpc_server_handled_total", "Total number of RPCs completed on the server, regardless of success or failure.", &["grpc_type", "grpc_service", "grpc_method", "grpc_code"]),
+            memory_bytes: gauge_vec(&r, "quorumkv_memory_bytes", "Bytes held in memory by each part of the member (key_index: an estimate; backend_cache: at most).", &["part"]),
+            memory_limit_bytes: gauge_vec(&r, "quorumkv_memory_limit_bytes", "The bound on the bytes each part of the member holds in memory (0: bounded through another limit, see the README).", &["part"]),
             registry: r,
         }
     }

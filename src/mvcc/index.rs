@@ -203,18 +203,44 @@ pub struct TreeIndex {
     keys: HashMap<IndexKey, KeyIndex>,
     /// The same keys, in order: for ranges.
     order: BTreeSet<IndexKey>,
+    /// Roughly the bytes all this takes (`estimate`), kept as it changes.
+    bytes: usize,
+}
+
+/// What the index takes per key besides the key's bytes and its revisions: its entries in the
+/// hash map and the tree, the key's allocation, and the `KeyIndex` (an estimate).
+const KEY_OVERHEAD_BYTES: usize = 96;
+const REVISION_BYTES: usize = std::mem::size_of::<Revision>();
+const GENERATION_BYTES: usize = std::mem::size_of::<Generation>();
+
+/// Roughly the bytes the index takes for `key` and its `index`.
+fn estimate(key: &[u8], index: &KeyIndex) -> usize {
+    key.len()
+        + KEY_OVERHEAD_BYTES
+        + index
+            .generations
+            .iter()
+            .map(|g| GENERATION_BYTES + g.revs.len() * REVISION_BYTES)
+            .sum::<usize>()
 }
 
 impl TreeIndex {
     pub fn put(&mut self, key: &[u8], rev: Revision) {
+        self.bytes += REVISION_BYTES;
         match self.keys.get_mut(key) {
             Some(index) => index.put(rev),
             None => self.insert_new(key).put(rev),
         }
     }
 
+    /// Roughly the bytes the index takes in memory.
+    pub fn approx_bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// The key's state as of `at` (as `get`), then `rev` recorded as its newest put: one lookup.
     pub fn get_then_put(&mut self, key: &[u8], at: i64, rev: Revision) -> Option<KeyAt> {
+        self.bytes += REVISION_BYTES;
         match self.keys.get_mut(key) {
             Some(index) => {
                 let prev = index.get(at);
@@ -230,6 +256,7 @@ impl TreeIndex {
 
     /// Adds `key`, which the index does not hold, with no revision yet.
     fn insert_new(&mut self, key: &[u8]) -> &mut KeyIndex {
+        self.bytes += key.len() + KEY_OVERHEAD_BYTES + GENERATION_BYTES;
         let key = IndexKey::new(key);
         self.order.insert(key.clone());
         self.keys.entry(key).or_default()
@@ -238,6 +265,7 @@ impl TreeIndex {
     /// Rebuilds from the backend, where compaction may have removed the start of a key's life:
     /// the stored value carries its creation revision and version.
     pub fn restore(&mut self, key: &[u8], rev: Revision, created_main: i64, version: i64) {
+        self.bytes += REVISION_BYTES;
         let index = match self.keys.get_mut(key) {
             Some(index) => index,
             None => self.insert_new(key),
@@ -260,6 +288,7 @@ impl TreeIndex {
         if let Some(index) = self.keys.get_mut(key) {
             if index.is_live() {
                 index.tombstone(rev);
+                self.bytes += REVISION_BYTES + GENERATION_BYTES;
             }
         }
     }
@@ -308,13 +337,17 @@ impl TreeIndex {
     pub fn compact(&mut self, at: i64) -> HashSet<Revision> {
         let mut keep = HashSet::new();
         let order = &mut self.order;
+        let mut bytes = 0;
         self.keys.retain(|key, index| {
             let gone = index.compact(at, &mut keep);
             if gone {
                 order.remove(key);
+            } else {
+                bytes += estimate(key.as_slice(), index);
             }
             !gone
         });
+        self.bytes = bytes;
         keep
     }
 
@@ -329,6 +362,34 @@ mod tests {
 
     fn rev(main: i64) -> Revision {
         Revision::new(main, 0)
+    }
+
+    #[test]
+    fn the_size_estimate_follows_puts_deletes_and_compaction() {
+        let mut index = TreeIndex::default();
+        assert_eq!(index.approx_bytes(), 0);
+        for i in 0..100i64 {
+            index.put(format!("key{i:03}").as_bytes(), rev(i + 1));
+        }
+        let after_puts = index.approx_bytes();
+        assert!(after_puts >= 100 * (6 + KEY_OVERHEAD_BYTES + REVISION_BYTES));
+        for i in 0..100i64 {
+            index.put(format!("key{i:03}").as_bytes(), rev(200 + i));
+        }
+        assert_eq!(index.approx_bytes(), after_puts + 100 * REVISION_BYTES);
+        for i in 0..50i64 {
+            index.tombstone(format!("key{i:03}").as_bytes(), rev(400 + i));
+        }
+        // Compaction forgets the deleted keys and the old revisions: the estimate is then
+        // exactly the sum over what is left.
+        index.compact(1000);
+        let left: usize = index
+            .keys
+            .iter()
+            .map(|(k, i)| estimate(k.as_slice(), i))
+            .sum();
+        assert_eq!(index.approx_bytes(), left);
+        assert!(index.approx_bytes() < after_puts / 2 + 50 * REVISION_BYTES);
     }
 
     #[test]

@@ -145,6 +145,14 @@ impl MvccStore {
         self.write_image_as(out, lose_tail)
     }
 
+    /// `write_image` of a store whose staged writes are in the backend already (`Err`
+    /// otherwise): it needs only to read, so readers go on meanwhile.
+    pub fn write_flushed_image(&self, out: &mut dyn std::io::Write) -> Result<u64, MvccError> {
+        self.require_flushed()?;
+        let lose_tail = crate::hooks::injected(crate::hooks::Bug::LoseSnapshotTail);
+        self.write_image_as(out, lose_tail)
+    }
+
     /// A backup, as the Snapshot RPC streams it: the image, ended and padded for a file
     /// (`end_image`). Returns its length. Every applied write must be in the backend (a store
     /// job's view); otherwise it refuses.
@@ -193,12 +201,13 @@ impl MvccStore {
     /// Replaces the whole store with `data`, the state as of raft index `index`. Durable on
     /// return (the backend is flushed), so the WAL before `index` is no longer needed.
     pub fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), MvccError> {
-        let mut reader = ImageReader::new(data);
-        let mut pairs = Vec::new();
-        while let Some(pair) = reader.next_pair()? {
-            pairs.push(pair);
-        }
-        // Checked in full before anything is deleted.
+        self.restore_from(index, data)
+    }
+
+    /// `restore`, from an image read a pair at a time: the backend takes it in batches, so an
+    /// image of any size is restored in bounded memory. Atomic: a crash, or an image found
+    /// damaged partway, leaves the store as it was.
+    pub fn restore_from(&mut self, index: u64, image: impl std::io::Read) -> Result<(), MvccError> {
         assert!(
             self.writing_values.is_empty(),
             "restore while a staged batch is being written"
@@ -206,17 +215,32 @@ impl MvccStore {
         self.staged = WriteBatch::default();
         self.staged_runs.clear();
         self.staged_values.clear();
-        let mut batch = WriteBatch::default();
-        self.backend.scan(&[], None, &mut |key, _| {
-            batch.delete(key.to_vec());
-            true
-        })?;
-        for (key, value) in pairs {
-            batch.put(key, value);
+        let mut reader = ImageReader::new(image);
+        let mut image_error = None;
+        let mut ended = false;
+        let mut next = || {
+            if ended {
+                return Ok(None);
+            }
+            match reader.next_pair() {
+                Ok(Some(pair)) => Ok(Some(pair)),
+                Ok(None) => {
+                    // Last, so that it wins over the sender's own.
+                    ended = true;
+                    Ok(Some((meta_key(META_CONSISTENT_INDEX), encode_u64(index))))
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    image_error = Some(e);
+                    Err(crate::io::BackendError::Store(message))
+                }
+            }
+        };
+        let replaced = self.backend.replace_all(&mut next);
+        if let Some(e) = image_error {
+            return Err(e);
         }
-        batch.put(meta_key(META_CONSISTENT_INDEX), encode_u64(index));
-        self.backend.apply(batch)?;
-        self.backend.flush()?;
+        replaced?;
         let backend: Arc<dyn Backend> = self.backend.clone();
         let min_lease_ttl = self.leases.min_ttl();
         let publish_events = self.publish_events;

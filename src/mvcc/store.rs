@@ -244,6 +244,11 @@ impl MvccStore {
         self.index.len()
     }
 
+    /// Roughly the bytes the key index takes in memory.
+    pub fn index_bytes(&self) -> usize {
+        self.index.approx_bytes()
+    }
+
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }

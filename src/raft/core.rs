@@ -158,6 +158,25 @@ impl RaftCore {
         }
     }
 
+    /// Does raft still wait on the snapshot it sent `to`?
+    pub fn awaits_snapshot(&self, to: u64) -> bool {
+        self.snapshots_in_flight.contains_key(&to)
+            && self
+                .raw
+                .raft
+                .prs()
+                .get(to)
+                .is_some_and(|pr| pr.state == ProgressState::Snapshot)
+    }
+
+    /// The snapshot to `to` is on its way (its image's transfer progressed): its clock starts
+    /// again.
+    pub fn snapshot_progressed(&mut self, to: u64) {
+        if let Some(ticks) = self.snapshots_in_flight.get_mut(&to) {
+            *ticks = 0;
+        }
+    }
+
     /// The shell sent `msg`: a snapshot starts its clock.
     pub fn sent(&mut self, msg: &Message) {
         if msg.get_msg_type() == MessageType::MsgSnapshot {

@@ -3,14 +3,21 @@
 
 mod core;
 mod dedupe;
+mod image;
 mod shell;
 mod storage;
+mod transfer;
 
 pub use self::core::{
     single_change, CoreOptions, PeerMessageRefused, PeerProgress, RaftCore, ReadyWork,
 };
+pub use image::{ImageRef, ImageStore};
 pub use shell::{
     spawn_node, Applied, ApplyBatch, NodeError, NodeHandle, NodeOptions, NodeStatus, StartedNode,
     BOOTSTRAP_INDEX,
 };
 pub use storage::SnapshotRequests;
+pub use transfer::{
+    TransferStats, CHUNK_BYTES as SNAPSHOT_CHUNK_BYTES,
+    TRANSFER_BYTES_PER_FOLLOWER as SNAPSHOT_TRANSFER_BYTES_PER_FOLLOWER,
+};

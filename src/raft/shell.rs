@@ -16,7 +16,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::core::{is_member, CoreOptions, PeerProgress, RaftCore, ReadyWork};
 use super::dedupe::ForwardedProposals;
+use super::image::ImageStore;
 use super::storage::SnapshotRequests;
+use super::transfer::{TransferMessage, Transfers};
 use crate::hooks::{self, Bug, Observation};
 use crate::io::transport::Inbox;
 use crate::io::{Clock, Disk, Transport};
@@ -64,6 +66,9 @@ pub struct NodeOptions {
     pub read_seed: u64,
     /// Log entries kept in memory behind a snapshot (etcd: 5000).
     pub snapshot_catch_up_entries: u64,
+    /// The size of the chunks a snapshot's image is sent in (`transfer::CHUNK_BYTES`; the
+    /// simulator uses small ones, so that every transfer takes many).
+    pub snapshot_chunk_bytes: usize,
     /// The last index the backend has applied. Only entries this member had made durable are
     /// ever applied, so a log that ends before it lost durable entries: the start is refused.
     pub backend_applied_index: u64,
@@ -234,6 +239,8 @@ pub struct StartedNode {
     pub snapshot: Option<Snapshot>,
     /// raft's requests for snapshots with data, served by the apply loop.
     pub snapshot_requests: Arc<SnapshotRequests>,
+    /// The snapshot images: written by the apply loop, sent and received by the node.
+    pub images: Arc<ImageStore>,
 }
 
 struct Shell {
@@ -252,6 +259,8 @@ struct Shell {
     ticks_since_read_retry: usize,
     control: mpsc::Receiver<Command>,
     forwarded: ForwardedProposals,
+    /// Snapshot images on their way to followers, or from the leader.
+    transfers: Transfers,
     /// In-memory log entries kept before a snapshot, for followers a little behind.
     catch_up_entries: u64,
     /// This member was removed from the configuration: it stops.
@@ -269,6 +278,9 @@ pub fn spawn_node(
     clock: Arc<dyn Clock>,
 ) -> Result<StartedNode, WalError> {
     let snaps = SnapStore::new(disk.clone(), &opts.snap_dir)?;
+    let images = ImageStore::new(disk.clone(), &opts.snap_dir);
+    // No transfer runs yet: what one left half written is of no use.
+    images.remove_parts();
     let mut snapshot = snaps.load_newest()?;
     let snapshot_index = snapshot.as_ref().map_or(0, |s| s.get_metadata().index);
     let (wal, replay) = Wal::open(disk, &opts.wal_dir, opts.wal, snapshot_index)?;
@@ -365,6 +377,7 @@ pub fn spawn_node(
         ticks_since_read_retry: 0,
         control: control_rx,
         forwarded: ForwardedProposals::default(),
+        transfers: Transfers::new(opts.id, images.clone(), opts.snapshot_chunk_bytes),
         catch_up_entries: opts.snapshot_catch_up_entries,
         removed: false,
         stopping: false,
@@ -377,6 +390,7 @@ pub fn spawn_node(
         snapshot_index,
         snapshot,
         snapshot_requests,
+        images,
     })
 }
 
@@ -396,6 +410,9 @@ impl Shell {
                     self.core.tick();
                     next_tick = clock.sleep(tick_interval);
                     self.retry_reads();
+                    let core = &self.core;
+                    let resend = self.transfers.tick(|to| core.awaits_snapshot(to));
+                    self.send_now(resend);
                 }
                 Some(command) = self.control.recv() => self.handle(command),
                 Some(batch) = inbox.recv() => self.step_batch(batch),
@@ -451,13 +468,64 @@ impl Shell {
 
     fn step_batch(&mut self, batch: Vec<Message>) {
         for msg in batch {
-            if self.removed || !self.forwarded.first_time(&msg) {
+            if self.removed {
+                continue;
+            }
+            if let Some(transfer) = TransferMessage::parse(&msg) {
+                self.on_transfer(msg.from, transfer);
+                continue;
+            }
+            if !self.forwarded.first_time(&msg) {
+                continue;
+            }
+            if !self.transfers.may_step(&msg) {
+                // Its image is not here whole: as if lost; raft sends it again.
+                tracing::debug!(
+                    from = msg.from,
+                    "dropped a snapshot whose image has not arrived"
+                );
                 continue;
             }
             // A refused message is as good as lost on the network; raft retries.
             if let Err(refused) = self.core.step_from_peer(msg) {
                 tracing::debug!(%refused, "dropped a peer message");
             }
+        }
+    }
+
+    /// A chunk of a snapshot image, or an acknowledgement of one.
+    fn on_transfer(&mut self, from: u64, transfer: Result<TransferMessage, String>) {
+        if from == self.core.id() || from == raft::INVALID_ID {
+            return;
+        }
+        match transfer {
+            Ok(TransferMessage::Chunk(chunk)) => {
+                let ack = self.transfers.on_chunk(from, chunk);
+                self.send_now(ack.into_iter().collect());
+            }
+            Ok(TransferMessage::Ack(ack)) => {
+                let (next, progressed) = self.transfers.on_ack(from, ack);
+                if progressed {
+                    self.core.snapshot_progressed(from);
+                }
+                self.send_now(next);
+            }
+            Err(refused) => tracing::debug!(%refused, "dropped a peer message"),
+        }
+    }
+
+    /// Sends transfer messages, and raft's snapshot once its image has arrived.
+    fn send_now(&mut self, messages: Vec<Message>) {
+        let mut by_peer: BTreeMap<u64, Vec<Message>> = BTreeMap::new();
+        for msg in messages {
+            if msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                // Its timeout counts from now, not from when its image started.
+                self.core.sent(&msg);
+            }
+            by_peer.entry(msg.to).or_default().push(msg);
+        }
+        for (to, batch) in by_peer {
+            self.transport.send(to, batch);
         }
     }
 
@@ -520,6 +588,13 @@ impl Shell {
         let mut by_peer: BTreeMap<u64, Vec<Message>> = BTreeMap::new();
         for msg in messages {
             self.core.sent(&msg);
+            if Transfers::needs_image(&msg) {
+                // Held back until its image has arrived; the image's chunks go first.
+                for chunk in self.transfers.start(msg) {
+                    by_peer.entry(chunk.to).or_default().push(chunk);
+                }
+                continue;
+            }
             by_peer.entry(msg.to).or_default().push(msg);
         }
         for (to, batch) in by_peer {

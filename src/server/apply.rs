@@ -21,7 +21,7 @@ use crate::proto::mvccpb::Event;
 use crate::proto::quorumkvpb::raft_request::Request;
 use crate::proto::quorumkvpb::ConfChangeContext;
 use crate::proto::quorumkvpb::RaftRequest;
-use crate::raft::{ApplyBatch, NodeError, NodeHandle, SnapshotRequests};
+use crate::raft::{ApplyBatch, ImageRef, ImageStore, NodeError, NodeHandle, SnapshotRequests};
 use crate::watch::WatchHub;
 
 pub struct ApplyLoop {
@@ -34,6 +34,9 @@ pub struct ApplyLoop {
     pub last_snapshot_index: u64,
     pub clock: Arc<dyn Clock>,
     pub snapshot_requests: Arc<SnapshotRequests>,
+    /// Snapshot images: written here for followers, and read here to restore from the
+    /// leader's.
+    pub images: Arc<ImageStore>,
     /// The staged batch being written to the backend off the apply path, if any.
     pub writing: Option<tokio::task::JoinHandle<Result<(), BackendError>>>,
     /// The membership table, published to the request path and the peer transport.
@@ -62,6 +65,8 @@ pub struct ApplyLoop {
     /// Bytes of the entries applied since the last snapshot (the raft log holds them in
     /// memory until a snapshot compacts it).
     pub log_bytes: u64,
+    /// Bytes of the entries the last snapshot kept behind it.
+    pub kept_log_bytes: u64,
     /// The sizes of the latest entries applied (up to `catch_up_entries` of them), newest
     /// last: how many a snapshot keeps behind it within `KEPT_LOG_BYTES`.
     pub recent_sizes: std::collections::VecDeque<u64>,
@@ -215,7 +220,7 @@ pub async fn run_apply_loop(
             ApplyBatch::Snapshot(snapshot) => {
                 let index = snapshot.get_metadata().index;
                 apply.finish_write().await?;
-                apply.lock().restore(index, &snapshot.data)?;
+                restore_snapshot(&mut apply.lock(), &apply.images, &snapshot)?;
                 apply.watches.resync_all();
                 let members = Members::load(&apply.lock())?;
                 apply.publish_members(members);
@@ -228,6 +233,30 @@ pub async fn run_apply_loop(
     }
     apply.finish_write().await?;
     apply.lock().flush_staged()?;
+    Ok(())
+}
+
+/// Replaces the store with the state of raft's `snapshot`: from the image its data names (read
+/// a buffer at a time, checked whole first), or from its data itself (an inline image). The
+/// image is removed once the backend holds the state durably.
+pub fn restore_snapshot(
+    store: &mut MvccStore,
+    images: &ImageStore,
+    snapshot: &raft::eraftpb::Snapshot,
+) -> Result<(), MvccError> {
+    let index = snapshot.get_metadata().index;
+    match ImageRef::parse(&snapshot.data) {
+        Some(image) => {
+            let reader = images.open(index, image).map_err(|e| {
+                MvccError::Backend(BackendError::Store(format!(
+                    "cannot restore the snapshot at {index}: {e}"
+                )))
+            })?;
+            store.restore_from(index, std::io::BufReader::new(reader))?;
+            images.remove_through(index);
+        }
+        None => store.restore(index, &snapshot.data)?,
+    }
     Ok(())
 }
 
@@ -485,31 +514,51 @@ impl ApplyLoop {
         });
     }
 
-    /// raft wants to send a follower the state: dump it, labelled with the index the data
-    /// really reflects (read under the same lock).
+    /// raft wants to send a follower the state: write its image to a file, and offer raft a
+    /// snapshot that names it, labelled with the index the image really reflects (read under
+    /// the same lock). The image never sits in memory whole.
     async fn offer_snapshot(&mut self) -> Result<(), MvccError> {
         self.finish_write().await?;
-        let (index, data) = {
-            let mut store = self.lock();
-            let data = store.snapshot_data()?;
-            (
-                store.consistent_index().max(*self.applied_tx.borrow()),
-                data,
-            )
+        self.lock().flush_staged()?;
+        let (index, image) = {
+            // Only this loop changes the store, and it is here: a read lock is enough, and
+            // requests go on reading while the image is written.
+            let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+            let index = store.consistent_index().max(*self.applied_tx.borrow());
+            let mut failure = None;
+            let written = self.images.write(index, |out| {
+                store.write_flushed_image(out).map(|_| ()).map_err(|e| {
+                    let message = e.to_string();
+                    failure = Some(e);
+                    std::io::Error::other(message)
+                })
+            });
+            match (written, failure) {
+                (_, Some(e)) => return Err(e),
+                (Err(e), None) => {
+                    // The disk refused the image: raft asks again later.
+                    tracing::warn!(index, error = %e, "cannot write a snapshot image");
+                    return Ok(());
+                }
+                (Ok(image), None) => (index, image),
+            }
         };
         tracing::info!(
             index,
-            bytes = data.len(),
+            bytes = image.len,
             "offering a snapshot for a follower"
         );
         // A stopped node needs no snapshot.
-        let _ = self.node.offer_snapshot(index, data).await;
+        let _ = self.node.offer_snapshot(index, image.descriptor()).await;
         Ok(())
     }
 
     /// Counts an applied entry's bytes (see `log_bytes`, `recent_sizes`).
     fn note_size(&mut self, bytes: u64) {
         self.log_bytes += bytes;
+        crate::metrics::memory::MEMORY
+            .raft_log
+            .set(self.log_bytes + self.kept_log_bytes);
         self.recent_sizes.push_back(bytes);
         while self.recent_sizes.len() as u64 > self.catch_up_entries {
             self.recent_sizes.pop_front();
@@ -534,14 +583,14 @@ impl ApplyLoop {
             store.flush_staged()?;
             store.backend().flush()?;
         }
-        if self
-            .node
-            .snapshot(applied, self.entries_to_keep())
-            .await
-            .is_ok()
-        {
+        let keep = self.entries_to_keep();
+        if self.node.snapshot(applied, keep).await.is_ok() {
             self.last_snapshot_index = applied;
             self.log_bytes = 0;
+            self.kept_log_bytes = self.recent_sizes.iter().rev().take(keep as usize).sum();
+            crate::metrics::memory::MEMORY
+                .raft_log
+                .set(self.kept_log_bytes);
         }
         Ok(())
     }

@@ -178,15 +178,51 @@ impl KvServer {
             .db_total_size_in_use_bytes
             .set(status.db_size_in_use);
         METRICS.current_revision.set(status.revision);
-        let (keys, compact_rev) = {
+        let (keys, compact_rev, index_bytes) = {
             let store = self.read_store();
-            (store.key_count(), store.compact_rev())
+            (store.key_count(), store.compact_rev(), store.index_bytes())
         };
         METRICS.keys_total.set(keys as i64);
         METRICS.compact_revision.set(compact_rev);
         let (streams, watchers) = self.watches().counts();
         METRICS.watch_streams.set(streams as i64);
         METRICS.watchers.set(watchers as i64);
+        use crate::metrics::memory::{backend_cache_bytes, MEMORY};
+        let followers = self.members().len().saturating_sub(1) as u64;
+        let memory = [
+            (
+                "backend_cache",
+                (status.db_size.max(0) as u64).min(backend_cache_bytes()),
+                backend_cache_bytes(),
+            ),
+            (
+                "raft_log",
+                MEMORY.raft_log.get() as u64,
+                super::apply::LOG_MEMORY_BYTES + super::apply::KEPT_LOG_BYTES,
+            ),
+            // Bounded through the backend's quota: every revision it holds is in the backend.
+            ("key_index", index_bytes as u64, 0),
+            (
+                "watch_queues",
+                self.watches().memory_bytes() as u64,
+                (crate::watch::PENDING_BYTES + streams * crate::watch::STREAM_QUEUE_BYTES) as u64,
+            ),
+            (
+                "snapshot_transfer",
+                MEMORY.snapshot_transfer.get() as u64,
+                crate::raft::SNAPSHOT_TRANSFER_BYTES_PER_FOLLOWER * followers.max(1),
+            ),
+        ];
+        for (part, bytes, limit) in memory {
+            METRICS
+                .memory_bytes
+                .with_label_values(&[part])
+                .set(bytes as f64);
+            METRICS
+                .memory_limit_bytes
+                .with_label_values(&[part])
+                .set(limit as f64);
+        }
     }
 
     /// A read of the key `health` (linearizable unless `serializable`) that answers in time.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::apply::{run_apply_loop, ApplyLoop, STORE_JOBS_QUEUED};
+use super::apply::{restore_snapshot, run_apply_loop, ApplyLoop, STORE_JOBS_QUEUED};
 use super::kv::{Coordination, KvServer, MembershipView, ServerConfig, Waiters};
 use super::lease::LeaseClock;
 use crate::cluster::Members;
@@ -41,6 +41,8 @@ pub struct MemberConfig {
     pub id_seed: u64,
     /// Log entries kept in memory behind a snapshot, for slow followers (etcd: 5000).
     pub snapshot_catch_up_entries: u64,
+    /// The chunks a snapshot's image is sent to a follower in (`raft::SNAPSHOT_CHUNK_BYTES`).
+    pub snapshot_chunk_bytes: usize,
     /// A new cluster's members (id, name, peer URLs), from --initial-cluster; written once,
     /// into an empty store. A member joining a running cluster learns them by snapshot.
     pub initial_members: Vec<Member>,
@@ -114,6 +116,7 @@ pub fn start_member(
         wal: config.wal,
         read_seed: config.id_seed.rotate_left(32),
         snapshot_catch_up_entries: config.snapshot_catch_up_entries,
+        snapshot_chunk_bytes: config.snapshot_chunk_bytes,
         backend_applied_index: consistent_index,
     };
     let started = spawn_node(node_options, disk, transport, inbox, clock.clone())?;
@@ -125,10 +128,12 @@ pub fn start_member(
         let index = snapshot.get_metadata().index;
         if index > store.consistent_index() {
             // A leader's snapshot was saved but the backend did not take it before a crash.
-            store.restore(index, &snapshot.data)?;
+            restore_snapshot(&mut store, &started.images, snapshot)?;
             tracing::info!(index, "restored the backend from the saved snapshot");
         }
     }
+    // Images at or below what the backend holds are of no more use.
+    started.images.remove_through(store.consistent_index());
     let mut members = Members::load(&store)?;
     if !members.is_empty()
         && !config.initial_members.is_empty()
@@ -191,6 +196,7 @@ pub fn start_member(
         last_snapshot_index: started.snapshot_index,
         clock: clock.clone(),
         snapshot_requests: started.snapshot_requests.clone(),
+        images: started.images.clone(),
         writing: None,
         members: members_tx,
         member_waiters: member_waiters.clone(),
@@ -203,6 +209,7 @@ pub fn start_member(
         halted: false,
         tokens: tokens.clone(),
         log_bytes: 0,
+        kept_log_bytes: 0,
         recent_sizes: std::collections::VecDeque::new(),
         catch_up_entries: config.snapshot_catch_up_entries,
     };

@@ -631,6 +631,18 @@ impl WatchHub {
     }
 
     /// Open streams and their watchers, for the metrics.
+    /// Bytes queued to the streams that have watchers, and events waiting for delivery.
+    pub fn memory_bytes(&self) -> usize {
+        let state = self.lock();
+        let mut streams = std::collections::BTreeMap::new();
+        for ((stream, _), watcher) in &state.watchers {
+            streams
+                .entry(*stream)
+                .or_insert_with(|| watcher.tx.queued_bytes());
+        }
+        state.pending_bytes + streams.values().sum::<usize>()
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         let state = self.lock();
         (state.open_streams, state.watchers.len())

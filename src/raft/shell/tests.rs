@@ -68,6 +68,7 @@ async fn appends_queued_while_the_node_was_busy_share_one_fdatasync() {
         wal: WalOptions::default(),
         read_seed: 0,
         snapshot_catch_up_entries: 10,
+        snapshot_chunk_bytes: 1024,
     };
     let disk = Arc::new(InstrumentedDisk::default());
     let node = spawn_node(
