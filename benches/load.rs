@@ -14,7 +14,21 @@
 //! The watchers count each response's events off the wire (`summarize`) rather than build
 //! every event, so that the tool, on the same cores as the server, takes as little as it can.
 //!
-//! `--op kubernetes`: kube-apiserver's requests (see `KubeClient`), through tonic's client.
+//! `--op kubernetes` (or `--profile kubernetes`): kube-apiserver's requests (see
+//! `KubeClient`), through tonic's client, with `--kube-watchers` watch streams on the objects'
+//! prefix (from the current revision + 1, with `prev_kv` and progress notifications, as the
+//! API server's watch cache opens them) and a compaction every `--compact-every` seconds (a Txn
+//! on the compact key, then Compact to the revision recorded one round before, as the API
+//! server does every 5 minutes). The line adds `watch_events=` and `compactions=`.
+//!
+//! `--profile large-values`: puts of values from 100 KiB to 1 MiB (drawn per request).
+//!
+//! `--op fill --objects N --prefix P`: puts keys `P00000000` .. `P{N-1}` once each (spread over
+//! the clients), then ends: the objects a run then reads or lists.
+//!
+//! `--op list --prefix P`: each request lists every key under `P` a page of 500 at a time
+//! (continuing after the last key, as Kubernetes' paginated lists do); a request's latency is
+//! the whole list's, and `ops_per_sec` is whole lists a second.
 //!
 //! `--read-rate BYTES` with `--op watch`: each stream reads at most that many bytes a second
 //! (a slow watcher); the run then reports what was put while the watchers lagged.
@@ -73,7 +87,21 @@ struct Args {
     /// `--read-rate BYTES`: each watch stream reads at most this many bytes a second (h2
     /// client; 0: as fast as it can). A slow reader, as in etcd #16839.
     read_rate: u64,
+    /// `--prefix`: the keys `fill` writes, `list` lists (default `list/`).
+    prefix: String,
+    /// `--objects`: how many keys `fill` writes.
+    objects: u64,
+    /// `--kube-watchers`: watch streams the kubernetes profile keeps open.
+    kube_watchers: usize,
+    /// `--compact-every SECS`: the kubernetes profile's compaction interval (0: none).
+    compact_every: f64,
+    /// `--profile large-values`: each put's value is 100 KiB to 1 MiB.
+    large_values: bool,
 }
+
+/// Events the kubernetes profile's watchers received, and its compactions.
+static KUBE_WATCH_EVENTS: AtomicU64 = AtomicU64::new(0);
+static KUBE_COMPACTIONS: AtomicU64 = AtomicU64::new(0);
 
 /// TLS to `https://` endpoints (`--cacert`, `--cert`, `--key`), set once.
 static TLS: std::sync::OnceLock<Arc<quorumkv::tls::ClientTls>> = std::sync::OnceLock::new();
@@ -123,6 +151,11 @@ fn parse_args() -> Result<Args, String> {
         key: None,
         user: None,
         read_rate: 0,
+        prefix: "list/".into(),
+        objects: 10_000,
+        kube_watchers: 4,
+        compact_every: 60.0,
+        large_values: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -169,6 +202,32 @@ fn parse_args() -> Result<Args, String> {
             "--read-rate" => {
                 args.read_rate = value()?.parse().map_err(|e| format!("--read-rate: {e}"))?
             }
+            "--prefix" => args.prefix = value()?,
+            "--objects" => {
+                args.objects = value()?.parse().map_err(|e| format!("--objects: {e}"))?
+            }
+            "--kube-watchers" => {
+                args.kube_watchers = value()?
+                    .parse()
+                    .map_err(|e| format!("--kube-watchers: {e}"))?
+            }
+            "--compact-every" => {
+                args.compact_every = value()?
+                    .parse()
+                    .map_err(|e| format!("--compact-every: {e}"))?
+            }
+            "--profile" => match value()?.as_str() {
+                "kubernetes" => args.op = "kubernetes".into(),
+                "large-values" => {
+                    args.op = "put".into();
+                    args.large_values = true;
+                }
+                other => {
+                    return Err(format!(
+                        "--profile is kubernetes or large-values, not {other}"
+                    ))
+                }
+            },
             "--threads" => {
                 args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?
             }
@@ -182,10 +241,10 @@ fn parse_args() -> Result<Args, String> {
     if args.conns == 0 {
         args.conns = args.clients.clamp(1, 8);
     }
-    if !["put", "get", "watch", "kubernetes"].contains(&args.op.as_str()) {
-        return Err("--op is put, get, watch or kubernetes".into());
+    if !["put", "get", "watch", "kubernetes", "fill", "list"].contains(&args.op.as_str()) {
+        return Err("--op is put, get, watch, kubernetes, fill or list".into());
     }
-    if args.op == "kubernetes" {
+    if args.op == "kubernetes" || args.op == "list" {
         // It reads the answers (revisions, `more`): through tonic's client.
         args.client = "tonic".into();
     }
@@ -218,6 +277,9 @@ async fn client_loop(
     let mut kube = KubeClient::new(id);
     // A cheap deterministic key sequence per client.
     let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (id as u64);
+    let fill = args.op == "fill";
+    let large_value =
+        |state: u64| vec![b'v'; LARGE_VALUE_MIN + (state % LARGE_VALUE_SPREAD) as usize];
     while n < budget && Instant::now() < deadline {
         state ^= state << 13;
         state ^= state >> 7;
@@ -227,15 +289,29 @@ async fn client_loop(
         } else {
             "load/"
         };
-        let key = format!("{prefix}{:012}", state % args.key_space).into_bytes();
+        let key = if fill {
+            let object = id as u64 + n * args.clients as u64;
+            if object >= args.objects {
+                break;
+            }
+            format!("{}{object:08}", args.prefix).into_bytes()
+        } else {
+            format!("{prefix}{:012}", state % args.key_space).into_bytes()
+        };
         let start = Instant::now();
         let put = args.op != "get";
+        let value = if args.large_values {
+            std::borrow::Cow::Owned(large_value(state))
+        } else {
+            std::borrow::Cow::Borrowed(&value)
+        };
         let result = match &mut conn {
             Conn::Tonic(kv) if args.op == "kubernetes" => kube.step(kv, state, &value).await,
+            Conn::Tonic(kv) if args.op == "list" => list_all(kv, &args.prefix).await,
             Conn::Tonic(kv) if put => kv
                 .put(with_token(PutRequest {
                     key,
-                    value: value.clone(),
+                    value: value.to_vec(),
                     ..Default::default()
                 }))
                 .await
@@ -252,7 +328,7 @@ async fn client_loop(
             Conn::H2(h2) if put => {
                 let request = PutRequest {
                     key,
-                    value: value.clone(),
+                    value: value.to_vec(),
                     ..Default::default()
                 };
                 let uri = h2.put_uri.clone();
@@ -285,12 +361,181 @@ async fn client_loop(
     Ok((latencies, starts))
 }
 
+/// `--profile large-values`: values from this many bytes...
+const LARGE_VALUE_MIN: usize = 100 << 10;
+/// ...to this many more (1 MiB in all, at most).
+const LARGE_VALUE_SPREAD: u64 = (1 << 20) - (100 << 10) + 1;
+/// A list's page (Kubernetes' default `limit`).
+const LIST_PAGE: i64 = 500;
+
+/// The end of the range of keys under `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Lists every key under `prefix`, a page of `LIST_PAGE` at a time.
+async fn list_all(kv: &mut KvClient<Channel>, prefix: &str) -> Result<(), String> {
+    let end = prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    loop {
+        let resp = kv
+            .range(with_token(RangeRequest {
+                key: from,
+                range_end: end.clone(),
+                limit: LIST_PAGE,
+                // Every page at the first page's revision, as Kubernetes' continue tokens.
+                revision,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        if revision == 0 {
+            revision = resp.header.as_ref().map_or(0, |h| h.revision);
+        }
+        match resp.kvs.last() {
+            Some(last) if resp.more => {
+                from = last.key.clone();
+                from.push(0);
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// The kubernetes profile's watchers: `count` streams on the objects' prefix from the current
+/// revision + 1, with `prev_kv` and progress notifications, counting the events they get.
+async fn kube_watchers(endpoint: &str, count: usize) -> Result<(), String> {
+    use quorumkv::proto::etcdserverpb::watch_client::WatchClient;
+    let mut kv = KvClient::new(connect(endpoint).await?);
+    let revision = kv
+        .range(with_token(RangeRequest {
+            key: b"compact_rev_key".to_vec(),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .header
+        .map_or(0, |h| h.revision);
+    for _ in 0..count {
+        let mut client =
+            WatchClient::new(connect(endpoint).await?).max_decoding_message_size(usize::MAX);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let create = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: KUBE_PREFIX.as_bytes().to_vec(),
+                range_end: prefix_end(KUBE_PREFIX),
+                start_revision: revision + 1,
+                prev_kv: true,
+                progress_notify: true,
+                ..Default::default()
+            })),
+        };
+        tx.send(create).await.map_err(|e| e.to_string())?;
+        let mut stream = client
+            .watch(with_token(ReceiverStream::new(rx)))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        tokio::spawn(async move {
+            let _keep_open = tx;
+            while let Ok(Some(resp)) = stream.message().await {
+                KUBE_WATCH_EVENTS.fetch_add(resp.events.len() as u64, Ordering::Relaxed);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The API server's compactor: every `every`, a Txn on `compact_rev_key` (its version as last
+/// seen) records the current revision; when it succeeds, Compact to the revision recorded the
+/// round before.
+async fn kube_compactor(
+    endpoint: String,
+    every: Duration,
+    deadline: Instant,
+) -> Result<(), String> {
+    use quorumkv::proto::etcdserverpb::{
+        compare, request_op, CompactionRequest, Compare, RequestOp, TxnRequest,
+    };
+    let mut kv = KvClient::new(connect(&endpoint).await?);
+    let key = b"compact_rev_key".to_vec();
+    let (mut version, mut recorded) = (0i64, 0i64);
+    loop {
+        tokio::time::sleep(every).await;
+        if Instant::now() >= deadline {
+            return Ok(());
+        }
+        let resp = kv
+            .txn(with_token(TxnRequest {
+                compare: vec![Compare {
+                    result: compare::CompareResult::Equal as i32,
+                    target: compare::CompareTarget::Version as i32,
+                    key: key.clone(),
+                    target_union: Some(compare::TargetUnion::Version(version)),
+                    ..Default::default()
+                }],
+                success: vec![RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: key.clone(),
+                        value: b"compact".to_vec(),
+                        ..Default::default()
+                    })),
+                }],
+                failure: vec![RequestOp {
+                    request: Some(request_op::Request::RequestRange(RangeRequest {
+                        key: key.clone(),
+                        ..Default::default()
+                    })),
+                }],
+            }))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        let revision = resp.header.map_or(0, |h| h.revision);
+        if !resp.succeeded {
+            // Another API server compacted: take its version and wait a round.
+            version = resp
+                .responses
+                .first()
+                .and_then(|r| match &r.response {
+                    Some(quorumkv::proto::etcdserverpb::response_op::Response::ResponseRange(
+                        range,
+                    )) => range.kvs.first().map(|kv| kv.version),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            continue;
+        }
+        version += 1;
+        if recorded > 0 {
+            kv.compact(with_token(CompactionRequest {
+                revision: recorded,
+                physical: false,
+            }))
+            .await
+            .map_err(|e| e.to_string())?;
+            KUBE_COMPACTIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        recorded = revision;
+    }
+}
+
 /// kube-apiserver's requests to etcd, as etcd's robustness tests model them (`--op
 /// kubernetes`, through tonic's client): objects under `registry/pods/`, each client its own;
 /// creates as a Txn on `mod_revision == 0`, updates and deletes as a Txn on the
 /// `mod_revision` last seen, gets, lists of the whole prefix a page of 500 at a time (continuing
-/// from the last key), and count-only ranges. (Not yet: the watches from `rev + 1` and the
-/// compactions through a compact key that the API server also makes.)
+/// from the last key), and count-only ranges. The watches and the compactions the API server
+/// also makes run beside the clients (`kube_watchers`, `kube_compactor`).
 struct KubeClient {
     prefix: String,
     /// This client's objects: number → mod revision last seen.
@@ -1060,15 +1305,38 @@ async fn run(args: Args) -> Result<(), String> {
     if args.op == "watch" {
         return run_watch(args.clone(), &endpoints).await;
     }
+    let kube = args.op == "kubernetes";
+    if kube {
+        kube_watchers(endpoints[0], args.kube_watchers).await?;
+        if args.compact_every > 0.0 {
+            let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+            let every = Duration::from_secs_f64(args.compact_every);
+            let endpoint = endpoints[0].to_string();
+            tokio::spawn(async move {
+                if let Err(e) = kube_compactor(endpoint, every, deadline).await {
+                    eprintln!("load: compactor: {e}");
+                }
+            });
+        }
+    }
     let (mut latencies, start) = request_loops(&args, &endpoints).await?;
     let elapsed = start.elapsed().as_secs_f64();
     latencies.sort_unstable();
+    let kube_line = if kube {
+        format!(
+            " watch_events={} compactions={}",
+            KUBE_WATCH_EVENTS.load(Ordering::Relaxed),
+            KUBE_COMPACTIONS.load(Ordering::Relaxed)
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "op={} clients={} conns={} value_size={} ops={} secs={:.2} ops_per_sec={:.0} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} failed={}",
+        "op={} clients={} conns={} value_size={} ops={} secs={:.2} ops_per_sec={:.0} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} failed={}{kube_line}",
         args.op,
         args.clients,
         args.conns,
-        args.value_size,
+        if args.large_values { "102400-1048576".to_string() } else { args.value_size.to_string() },
         latencies.len(),
         elapsed,
         latencies.len() as f64 / elapsed,

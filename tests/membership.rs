@@ -324,3 +324,65 @@ fn a_start_that_fails_leaves_no_identity_for_a_corrected_retry_to_obey() {
         "{saved} vs {listed:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_member_restarted_with_a_log_still_takes_a_new_member() {
+    use quorumkv::proto::etcdserverpb::PutRequest;
+    if !etcdctl_available() {
+        eprintln!("etcdctl not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut first = new_server(dir.path(), "a");
+    first.spawn();
+    first.wait_ready();
+    // More than raft hands out in one ready (16 MiB), so that the replay after the restart
+    // commits over several.
+    let client = first.client().await;
+    let mut writers = Vec::new();
+    for worker in 0..16u32 {
+        let mut client = client.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..1250u32 {
+                client
+                    .put(PutRequest {
+                        key: format!("k{worker}-{i}").into_bytes(),
+                        value: vec![b'v'; 2048],
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("put");
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    first.terminate();
+    first.spawn();
+    // Asked as soon as it serves, while it replays its log: the entries since the last
+    // snapshot commit again as they are replayed, and raft must count them applied, or it
+    // turns the configuration change into an empty entry as if one were still pending.
+    wait_until("it serves", Duration::from_secs(20), || {
+        etcdctl(&first.endpoint(), &["get", "--consistency=s", "probe"])
+            .status
+            .success()
+    });
+    let mut second = new_server(dir.path(), "b");
+    let added = etcdctl(
+        &first.endpoint(),
+        &[
+            "member",
+            "add",
+            "b",
+            &format!("--peer-urls={}", second.peer_url()),
+        ],
+    );
+    ok(added);
+    let cluster = initial_cluster(&["default", "b"], &[&first, &second]);
+    joining_member("b", &cluster, &mut second);
+    second.wait_ready();
+    wait_until("both members serve", Duration::from_secs(20), || {
+        value_of(&second.endpoint(), "k15-1249") != ""
+    });
+}

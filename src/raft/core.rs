@@ -390,9 +390,18 @@ impl RaftCore {
         if let Some(commit) = light.commit_index() {
             self.raw.store().mem.wl().mut_hard_state().commit = commit;
         }
+        let committed = light.take_committed_entries();
+        if let Some(last) = committed.last() {
+            // Handed to the apply loop now, as the ready's own committed entries are (which
+            // `advance` counts applied). Without this, raft's applied index stayed behind on a
+            // member whose entries commit as they are persisted (a single member): after a
+            // restart it never passed the configuration-change guard raft sets when it becomes
+            // leader, and refused every membership change.
+            self.raw.advance_apply_to(last.index);
+        }
         PersistedWork {
             messages: light.take_messages(),
-            committed: light.take_committed_entries(),
+            committed,
         }
     }
 
