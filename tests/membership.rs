@@ -383,6 +383,6 @@ async fn a_single_member_restarted_with_a_log_still_takes_a_new_member() {
     joining_member("b", &cluster, &mut second);
     second.wait_ready();
     wait_until("both members serve", Duration::from_secs(20), || {
-        value_of(&second.endpoint(), "k15-1249") != ""
+        !value_of(&second.endpoint(), "k15-1249").is_empty()
     });
 }
