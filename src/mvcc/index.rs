@@ -3,7 +3,7 @@
 //! A generation is one life of a key, from its creation to its deletion (tombstone). The index
 //! answers "which revision holds key K as of revision R" without touching the backend.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 
 use super::revision::Revision;
@@ -197,12 +197,19 @@ impl std::fmt::Debug for IndexKey {
 /// All keys' indexes.
 #[derive(Debug, Default)]
 pub struct TreeIndex {
-    /// Every key's index, found by its key's hash: what a put, a delete and a single-key read
+    /// Every key's slot, found by its key's hash: what a put, a delete and a single-key read
     /// look up. (Found in a tree instead, the search down to a key among 100,000 was 6 to 9% of
-    /// the server's CPU in a 64-client put load: a cache miss or more at each level.)
-    keys: HashMap<IndexKey, KeyIndex>,
-    /// The same keys, in order: for ranges.
-    order: BTreeSet<IndexKey>,
+    /// the server's CPU in a 64-client put load: a cache miss or more at each level.) Hashed
+    /// with aHash, keyed at random per process (std's SipHash cost twice as much).
+    keys: HashMap<IndexKey, u32, ahash::RandomState>,
+    /// The same keys and slots, in order: for ranges, which go from the tree to the slot
+    /// without hashing (a paginated list's walk over a prefix looked every key up in `keys`,
+    /// most of its CPU).
+    order: BTreeMap<IndexKey, u32>,
+    /// The keys' indexes, by slot.
+    slots: Vec<KeyIndex>,
+    /// Slots of keys compaction removed, for new keys.
+    free: Vec<u32>,
     /// Roughly the bytes all this takes (`estimate`), kept as it changes.
     bytes: usize,
 }
@@ -227,10 +234,16 @@ fn estimate(key: &[u8], index: &KeyIndex) -> usize {
 impl TreeIndex {
     pub fn put(&mut self, key: &[u8], rev: Revision) {
         self.bytes += REVISION_BYTES;
-        match self.keys.get_mut(key) {
-            Some(index) => index.put(rev),
-            None => self.insert_new(key).put(rev),
-        }
+        self.slot_or_new(key).put(rev);
+    }
+
+    /// The index of `key`, a new one if the index does not hold it.
+    fn slot_or_new(&mut self, key: &[u8]) -> &mut KeyIndex {
+        let slot = match self.keys.get(key) {
+            Some(slot) => *slot,
+            None => self.insert_new(key),
+        };
+        &mut self.slots[slot as usize]
     }
 
     /// Roughly the bytes the index takes in memory.
@@ -241,35 +254,34 @@ impl TreeIndex {
     /// The key's state as of `at` (as `get`), then `rev` recorded as its newest put: one lookup.
     pub fn get_then_put(&mut self, key: &[u8], at: i64, rev: Revision) -> Option<KeyAt> {
         self.bytes += REVISION_BYTES;
-        match self.keys.get_mut(key) {
-            Some(index) => {
-                let prev = index.get(at);
-                index.put(rev);
-                prev
-            }
-            None => {
-                self.insert_new(key).put(rev);
-                None
-            }
-        }
+        let index = self.slot_or_new(key);
+        let prev = index.get(at);
+        index.put(rev);
+        prev
     }
 
-    /// Adds `key`, which the index does not hold, with no revision yet.
-    fn insert_new(&mut self, key: &[u8]) -> &mut KeyIndex {
+    /// Adds `key`, which the index does not hold, with no revision yet; returns its slot.
+    fn insert_new(&mut self, key: &[u8]) -> u32 {
         self.bytes += key.len() + KEY_OVERHEAD_BYTES + GENERATION_BYTES;
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(KeyIndex::default());
+                (self.slots.len() - 1) as u32
+            }
+        };
+        debug_assert!(self.slots[slot as usize].generations.is_empty());
         let key = IndexKey::new(key);
-        self.order.insert(key.clone());
-        self.keys.entry(key).or_default()
+        self.order.insert(key.clone(), slot);
+        self.keys.insert(key, slot);
+        slot
     }
 
     /// Rebuilds from the backend, where compaction may have removed the start of a key's life:
     /// the stored value carries its creation revision and version.
     pub fn restore(&mut self, key: &[u8], rev: Revision, created_main: i64, version: i64) {
         self.bytes += REVISION_BYTES;
-        let index = match self.keys.get_mut(key) {
-            Some(index) => index,
-            None => self.insert_new(key),
-        };
+        let index = self.slot_or_new(key);
         if index.is_live() {
             index.put(rev);
             debug_assert_eq!(index.generations.last().map(|g| g.version), Some(version));
@@ -285,7 +297,8 @@ impl TreeIndex {
     }
 
     pub fn tombstone(&mut self, key: &[u8], rev: Revision) {
-        if let Some(index) = self.keys.get_mut(key) {
+        if let Some(slot) = self.keys.get(key) {
+            let index = &mut self.slots[*slot as usize];
             if index.is_live() {
                 index.tombstone(rev);
                 self.bytes += REVISION_BYTES + GENERATION_BYTES;
@@ -294,7 +307,7 @@ impl TreeIndex {
     }
 
     pub fn get(&self, key: &[u8], at: i64) -> Option<KeyAt> {
-        self.keys.get(key)?.get(at)
+        self.slots[*self.keys.get(key)? as usize].get(at)
     }
 
     /// Keys in `[start, end)` (`end` `None`: the single key `start`; empty `end`: no upper
@@ -319,13 +332,9 @@ impl TreeIndex {
         } else {
             Bound::Excluded(end)
         };
-        for key in self.order.range::<[u8], _>((Bound::Included(start), upper)) {
+        for (key, slot) in self.order.range::<[u8], _>((Bound::Included(start), upper)) {
             let key = key.as_slice();
-            let Some(index) = self.keys.get(key) else {
-                debug_assert!(false, "a key in order but not in keys");
-                continue;
-            };
-            if let Some(found) = index.get(at) {
+            if let Some(found) = self.slots[*slot as usize].get(at) {
                 if !visit(key, found) {
                     return;
                 }
@@ -336,17 +345,23 @@ impl TreeIndex {
     /// Compacts every key at `at`; returns the revisions at or before `at` still needed.
     pub fn compact(&mut self, at: i64) -> HashSet<Revision> {
         let mut keep = HashSet::new();
-        let order = &mut self.order;
         let mut bytes = 0;
-        self.keys.retain(|key, index| {
-            let gone = index.compact(at, &mut keep);
-            if gone {
-                order.remove(key);
+        let mut gone = Vec::new();
+        for (key, slot) in &self.order {
+            let index = &mut self.slots[*slot as usize];
+            if index.compact(at, &mut keep) {
+                gone.push(key.clone());
             } else {
                 bytes += estimate(key.as_slice(), index);
             }
-            !gone
-        });
+        }
+        for key in gone {
+            if let Some(slot) = self.order.remove(&key) {
+                self.keys.remove(&key);
+                self.slots[slot as usize] = KeyIndex::default();
+                self.free.push(slot);
+            }
+        }
         self.bytes = bytes;
         keep
     }
@@ -362,6 +377,37 @@ mod tests {
 
     fn rev(main: i64) -> Revision {
         Revision::new(main, 0)
+    }
+
+    #[test]
+    fn slots_freed_by_compaction_serve_new_keys_without_mixing_them_up() {
+        let mut index = TreeIndex::default();
+        for i in 0..10i64 {
+            index.put(format!("old{i}").as_bytes(), rev(i + 1));
+        }
+        for i in 0..10i64 {
+            index.tombstone(format!("old{i}").as_bytes(), rev(20 + i));
+        }
+        index.compact(100);
+        assert_eq!(index.len(), 0);
+        assert_eq!(index.free.len(), 10, "every slot is free again");
+        for i in 0..12i64 {
+            index.put(format!("new{i}").as_bytes(), rev(200 + i));
+        }
+        assert_eq!(index.slots.len(), 12, "ten slots reused, two added");
+        for i in 0..12i64 {
+            let found = index.get(format!("new{i}").as_bytes(), 1000).expect("live");
+            assert_eq!(found.modified, rev(200 + i));
+            assert_eq!(found.version, 1);
+            assert!(index.get(format!("old{i}").as_bytes(), 1000).is_none());
+        }
+        let mut seen = Vec::new();
+        index.range(b"new", Some(b"nex"), 1000, &mut |key, at| {
+            seen.push((key.to_vec(), at.modified.main));
+            true
+        });
+        assert_eq!(seen.len(), 12);
+        assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "in key order");
     }
 
     #[test]
@@ -384,9 +430,9 @@ mod tests {
         // exactly the sum over what is left.
         index.compact(1000);
         let left: usize = index
-            .keys
+            .order
             .iter()
-            .map(|(k, i)| estimate(k.as_slice(), i))
+            .map(|(k, slot)| estimate(k.as_slice(), &index.slots[*slot as usize]))
             .sum();
         assert_eq!(index.approx_bytes(), left);
         assert!(index.approx_bytes() < after_puts / 2 + 50 * REVISION_BYTES);

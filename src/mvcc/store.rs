@@ -55,6 +55,11 @@ pub struct MvccStore {
 /// Where a range reads values from: the backend, or (inside a write) the revision being written.
 pub(super) trait ValueSource {
     fn value(&self, rev: Revision) -> Result<KeyValue, MvccError>;
+
+    /// The values at `revs`, in that order.
+    fn values(&self, revs: &[Revision]) -> Result<Vec<KeyValue>, MvccError> {
+        revs.iter().map(|rev| self.value(*rev)).collect()
+    }
 }
 
 /// `Corrupt` for a run that does not hold together.
@@ -78,6 +83,10 @@ pub(super) fn decode_at(rev: Revision, bytes: &[u8]) -> Result<KeyValue, MvccErr
 impl ValueSource for MvccStore {
     fn value(&self, rev: Revision) -> Result<KeyValue, MvccError> {
         self.read_value(rev)
+    }
+
+    fn values(&self, revs: &[Revision]) -> Result<Vec<KeyValue>, MvccError> {
+        self.read_values(revs)
     }
 }
 
@@ -352,6 +361,76 @@ impl MvccStore {
         })
     }
 
+    /// The values at `revs`, in that order: the revisions that share a run of the backend
+    /// are read from it in one look-up (a page of keys written together, as a list reads
+    /// them, sits in a few runs), not one each.
+    pub(super) fn read_values(&self, revs: &[Revision]) -> Result<Vec<KeyValue>, MvccError> {
+        if revs.len() < 2 {
+            return revs.iter().map(|rev| self.read_value(*rev)).collect();
+        }
+        let mut out: Vec<Option<KeyValue>> = vec![None; revs.len()];
+        let mut wanted: Vec<usize> = Vec::with_capacity(revs.len());
+        for (i, rev) in revs.iter().enumerate() {
+            match self
+                .staged_values
+                .get(rev)
+                .or_else(|| self.writing_values.get(rev))
+            {
+                Some(kv) => out[i] = Some(kv.clone()),
+                None => wanted.push(i),
+            }
+        }
+        wanted.sort_unstable_by_key(|i| revs[*i]);
+        let mut next = 0;
+        while next < wanted.len() {
+            let first = revs[wanted[next]];
+            let mut taken = 0;
+            let mut failure = None;
+            self.backend
+                .scan(&run_key(first), Some(&runs_end()), &mut |_, run| {
+                    // Both in ascending revision order: the wanted revisions this run holds
+                    // are a prefix of those left.
+                    for record in records(run) {
+                        let Some(&at_index) = wanted.get(next + taken) else {
+                            break;
+                        };
+                        match record {
+                            Ok((at, bytes)) if at == revs[at_index] => {
+                                match decode_at(at, bytes) {
+                                    Ok(kv) => out[at_index] = Some(kv),
+                                    Err(e) => {
+                                        failure = Some(e);
+                                        break;
+                                    }
+                                }
+                                taken += 1;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                failure = Some(bad_run(e));
+                                break;
+                            }
+                        }
+                    }
+                    false
+                })?;
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            if taken == 0 {
+                return Err(MvccError::Corrupt {
+                    main: first.main,
+                    sub: first.sub,
+                    reason: "indexed revision missing from the backend".into(),
+                });
+            }
+            next += taken;
+        }
+        out.into_iter()
+            .map(|kv| kv.ok_or_else(|| bad_run("a revision read from a run was not found".into())))
+            .collect()
+    }
+
     /// A Range as etcd answers it (the caller fills the header's other fields).
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
         self.range_with(req, self.current_rev, self)
@@ -370,17 +449,33 @@ impl MvccStore {
 
     /// Keys of a range request at revision `at`.
     pub(super) fn range_keys(&self, req: &RangeRequest, at: i64) -> Vec<(Vec<u8>, KeyAt)> {
+        self.range_keys_counted(req, at, usize::MAX).0
+    }
+
+    /// The first `keep` keys of a range request at revision `at` (what a page needs), and how
+    /// many keys the range holds in all: the others are counted, not copied (a page of 500 of a
+    /// 100,000-key prefix copied every key before).
+    fn range_keys_counted(
+        &self,
+        req: &RangeRequest,
+        at: i64,
+        keep: usize,
+    ) -> (Vec<(Vec<u8>, KeyAt)>, usize) {
         let end = match req.range_end.as_slice() {
             [] => None,
             [0] => Some(&[][..]),
             end => Some(end),
         };
         let mut found = Vec::new();
+        let mut count = 0;
         self.index.range(&req.key, end, at, &mut |key, key_at| {
-            found.push((key.to_vec(), key_at));
+            if count < keep {
+                found.push((key.to_vec(), key_at));
+            }
+            count += 1;
             true
         });
-        found
+        (found, count)
     }
 
     pub(super) fn range_with(
@@ -390,15 +485,6 @@ impl MvccStore {
         source: &dyn ValueSource,
     ) -> Result<RangeResponse, MvccError> {
         let at = self.check_read_rev(req.revision, current)?;
-        let keys = self.range_keys(req, at);
-        let count = keys.len() as i64;
-        let mut resp = RangeResponse {
-            count,
-            ..Default::default()
-        };
-        if req.count_only {
-            return Ok(resp);
-        }
         let sort_order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
         let sort_target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
         let filtered = req.min_mod_revision != 0
@@ -411,12 +497,25 @@ impl MvccStore {
         } else {
             req.limit as usize + 1
         };
-        let mut kvs = Vec::with_capacity(keys.len().min(fetch_limit).min(4096));
-        for (_, key_at) in keys.iter().take(fetch_limit) {
-            let kv = source.value(key_at.modified)?;
-            debug_assert_eq!(kv.mod_revision, key_at.modified.main);
-            kvs.push(kv);
+        let keep = if req.count_only { 0 } else { fetch_limit };
+        let (keys, count) = self.range_keys_counted(req, at, keep);
+        let mut resp = RangeResponse {
+            count: count as i64,
+            ..Default::default()
+        };
+        if req.count_only {
+            return Ok(resp);
         }
+        let revs: Vec<Revision> = keys
+            .iter()
+            .take(fetch_limit)
+            .map(|(_, key_at)| key_at.modified)
+            .collect();
+        let mut kvs = source.values(&revs)?;
+        debug_assert!(kvs
+            .iter()
+            .zip(&revs)
+            .all(|(kv, rev)| kv.mod_revision == rev.main));
         kvs.retain(|kv| {
             !(req.max_mod_revision != 0 && kv.mod_revision > req.max_mod_revision
                 || req.min_mod_revision != 0 && kv.mod_revision < req.min_mod_revision
