@@ -162,6 +162,29 @@ async fn put_many(endpoint: &str, prefix: &str, count: usize) {
     }
 }
 
+/// A 3-member cluster with a small `--snapshot-count` and catch-up entries, one follower
+/// killed: returns the servers, the leader's index and the follower's.
+fn cluster_with_a_follower_down(
+    root: &std::path::Path,
+    snapshot_count: &str,
+    catch_up_entries: &str,
+) -> (Vec<Server>, usize, usize) {
+    let mut servers = start_cluster(
+        root,
+        &["a", "b", "c"],
+        &[
+            "--snapshot-count",
+            snapshot_count,
+            "--experimental-snapshot-catchup-entries",
+            catch_up_entries,
+        ],
+    );
+    let leader_index = leader(&servers).expect("a leader");
+    let down = (leader_index + 1) % 3;
+    servers[down].kill9();
+    (servers, leader_index, down)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_restarted_after_compaction_catches_up_by_snapshot() {
     if !etcdctl_available() {
@@ -169,19 +192,7 @@ async fn a_follower_restarted_after_compaction_catches_up_by_snapshot() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut servers = start_cluster(
-        dir.path(),
-        &["a", "b", "c"],
-        &[
-            "--snapshot-count",
-            "200",
-            "--experimental-snapshot-catchup-entries",
-            "50",
-        ],
-    );
-    let leader_index = leader(&servers).expect("a leader");
-    let down = (leader_index + 1) % 3;
-    servers[down].kill9();
+    let (mut servers, leader_index, down) = cluster_with_a_follower_down(dir.path(), "200", "50");
     // Far more entries than the leader keeps behind its snapshots.
     put_many(&servers[leader_index].endpoint(), "k", 1500).await;
     servers[down].spawn();
@@ -243,19 +254,7 @@ async fn a_follower_catches_up_from_a_snapshot_image_larger_than_every_buffer() 
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut servers = start_cluster(
-        dir.path(),
-        &["a", "b", "c"],
-        &[
-            "--snapshot-count",
-            "100",
-            "--experimental-snapshot-catchup-entries",
-            "10",
-        ],
-    );
-    let leader_index = leader(&servers).expect("a leader");
-    let down = (leader_index + 1) % 3;
-    servers[down].kill9();
+    let (mut servers, leader_index, down) = cluster_with_a_follower_down(dir.path(), "100", "10");
     // 48 MiB of values: six times the transfer window, 48 chunks, 48 image write buffers.
     const VALUES: usize = 96;
     const VALUE_BYTES: usize = 512 * 1024;

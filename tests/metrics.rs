@@ -27,7 +27,12 @@ fn samples<'a>(scrape: &'a Scrape, name: &str) -> Vec<&'a Sample> {
 fn value(scrape: &Scrape, name: &str) -> f64 {
     let found = samples(scrape, name);
     assert_eq!(found.len(), 1, "{name}: {} samples", found.len());
-    match &found[0].value {
+    number(name, found[0])
+}
+
+/// A counter's or a gauge's value.
+fn number(name: &str, sample: &Sample) -> f64 {
+    match &sample.value {
         Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
         other => panic!("{name} is {other:?}"),
     }
@@ -186,10 +191,7 @@ fn memory_part(scrape: &Scrape, name: &str, part: &str) -> f64 {
         .filter(|s| s.labels.get("part") == Some(part))
         .collect();
     assert_eq!(found.len(), 1, "{name}{{part={part}}}");
-    match &found[0].value {
-        Value::Gauge(v) | Value::Untyped(v) => *v,
-        other => panic!("{name} is {other:?}"),
-    }
+    number(name, found[0])
 }
 
 #[test]
