@@ -95,8 +95,16 @@ impl StdDisk {
     }
 }
 
+/// Is `path` a WAL segment (`<seq>-<index>.wal`)?
+fn is_wal_segment(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "wal")
+}
+
 struct StdFile {
     file: File,
+    /// A WAL segment: its fdatasyncs are `etcd_disk_wal_fsync_duration_seconds` (those of
+    /// snapshot files and images are not).
+    wal: bool,
 }
 
 impl DiskFile for StdFile {
@@ -123,9 +131,11 @@ impl DiskFile for StdFile {
         let started = std::time::Instant::now();
         let synced = self.file.sync_data();
         let took = started.elapsed();
-        crate::metrics::METRICS
-            .wal_fsync_seconds
-            .observe(took.as_secs_f64());
+        if self.wal {
+            crate::metrics::METRICS
+                .wal_fsync_seconds
+                .observe(took.as_secs_f64());
+        }
         if took >= SLOW_FDATASYNC {
             tracing::warn!(
                 took = ?took,
@@ -176,7 +186,10 @@ impl Disk for StdDisk {
             .create(create)
             .truncate(false)
             .open(path)?;
-        Ok(Box::new(StdFile { file }))
+        Ok(Box::new(StdFile {
+            file,
+            wal: is_wal_segment(path),
+        }))
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -327,6 +340,21 @@ pub mod conformance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_wal_segments_count_as_wal_fsyncs() {
+        assert!(is_wal_segment(Path::new(
+            "d/member/wal/0000000000000001-0000000000000000.wal"
+        )));
+        for other in [
+            "d/member/snap/0000000000000002-0000000000000010.snap",
+            "d/member/snap/0000000000000010.image",
+            "d/member/snap/0000000000000010.image.part",
+            "d/member/wal/0.tmp",
+        ] {
+            assert!(!is_wal_segment(Path::new(other)), "{other}");
+        }
+    }
 
     #[test]
     fn std_disk_passes_conformance() {
