@@ -419,6 +419,12 @@ impl RaftCore {
         self.raw.store().set_latest(snapshot);
     }
 
+    /// The snapshot offered cannot be sent (its image is gone): the next one raft asks for is
+    /// built anew.
+    pub fn forget_offered_snapshot(&mut self) {
+        self.raw.store().forget_latest();
+    }
+
     /// Describes a snapshot at `index` (already applied and flushed to the backend) and drops
     /// the in-memory log before it, but for the last `keep` entries (so that a follower a little
     /// behind catches up from the log, not from a whole snapshot). Returns `None` when `index`

@@ -590,8 +590,13 @@ impl Shell {
             self.core.sent(&msg);
             if Transfers::needs_image(&msg) {
                 // Held back until its image has arrived; the image's chunks go first.
-                for chunk in self.transfers.start(msg) {
-                    by_peer.entry(chunk.to).or_default().push(chunk);
+                match self.transfers.start(msg) {
+                    Ok(chunks) => {
+                        for chunk in chunks {
+                            by_peer.entry(chunk.to).or_default().push(chunk);
+                        }
+                    }
+                    Err(()) => self.core.forget_offered_snapshot(),
                 }
                 continue;
             }

@@ -63,6 +63,11 @@ impl NodeStorage {
     pub fn set_latest(&self, snapshot: Snapshot) {
         *self.snapshots.lock() = Some(snapshot);
     }
+
+    /// Withdraws the snapshot offered (its image is gone): raft's next ask gets a new one.
+    pub fn forget_latest(&self) {
+        *self.snapshots.lock() = None;
+    }
 }
 
 impl Storage for NodeStorage {

@@ -235,26 +235,27 @@ impl Transfers {
     }
 
     /// raft sends `snapshot` (whose data names an image): starts sending the image, or goes on
-    /// with the transfer of the same image already under way. Returns the chunks to send.
-    pub fn start(&mut self, snapshot: Message) -> Vec<Message> {
+    /// with the transfer of the same image already under way. Returns the chunks to send, or
+    /// `Err` when the image cannot be read (the snapshot naming it must not be offered again;
+    /// raft's snapshot timeout reports this one failed).
+    pub fn start(&mut self, snapshot: Message) -> Result<Vec<Message>, ()> {
         let to = snapshot.to;
         let index = snapshot.get_snapshot().get_metadata().index;
         let Some(image) = ImageRef::parse(&snapshot.get_snapshot().data) else {
-            return vec![snapshot];
+            return Ok(vec![snapshot]);
         };
         if let Some(out) = self.outgoing.get_mut(&to) {
             if out.index == index && out.image == image {
                 out.snapshot = snapshot;
-                return Vec::new();
+                return Ok(Vec::new());
             }
         }
         let file = match self.images.open_to_send(index) {
             Ok(file) => file,
             Err(e) => {
-                // raft's snapshot timeout reports it failed; it then asks for a new one.
                 tracing::warn!(to = format!("{to:x}"), index, error = %e, "cannot send a snapshot image");
                 self.outgoing.remove(&to);
-                return Vec::new();
+                return Err(());
             }
         };
         tracing::info!(
@@ -279,7 +280,7 @@ impl Transfers {
                 ticks_without_progress: 0,
             },
         );
-        self.fill_window(to)
+        Ok(self.fill_window(to))
     }
 
     /// Reports the image bytes in flight (sent, not acknowledged) to `/metrics`.
@@ -630,7 +631,7 @@ mod tests {
         let (mut leader, mut follower, msg, data) = setup("whole", 40 * 8 * 4096 + 100, 4096);
         assert!(Transfers::needs_image(&msg));
         assert!(!follower.may_step(&msg), "no image yet");
-        let first = leader.start(msg.clone());
+        let first = leader.start(msg.clone()).expect("the image is there");
         assert_eq!(first.len() as u64, WINDOW_CHUNKS, "one window at first");
         let (snapshot, ticks, _) = run(&mut leader, &mut follower, first, |_| false, false);
         assert_eq!(
@@ -646,7 +647,7 @@ mod tests {
     #[test]
     fn lost_and_reordered_chunks_and_acks_are_resent_from_the_last_acknowledged_offset() {
         let (mut leader, mut follower, msg, data) = setup("lossy", 300_000, 1000);
-        let first = leader.start(msg.clone());
+        let first = leader.start(msg.clone()).expect("the image is there");
         // Every 7th message lost (chunks and acknowledgements alike), chunks reordered.
         let (snapshot, ticks, _) = run(&mut leader, &mut follower, first, |n| n % 7 == 0, true);
         assert_eq!(snapshot.as_ref(), Some(&msg));
@@ -660,7 +661,7 @@ mod tests {
     #[test]
     fn a_transfer_cut_off_resumes_where_it_stopped() {
         let (mut leader, mut follower, msg, data) = setup("cut", 200 * 1024, 1024);
-        let first = leader.start(msg.clone());
+        let first = leader.start(msg.clone()).expect("the image is there");
         // A partition: everything from the 50th message to the 400th is lost.
         let (snapshot, _, delivered) = run(
             &mut leader,
@@ -683,7 +684,7 @@ mod tests {
     #[test]
     fn a_follower_that_restarts_mid_transfer_gets_the_image_from_the_start() {
         let (mut leader, mut follower, msg, data) = setup("restart", 64 * 1024, 1024);
-        let mut in_flight = leader.start(msg.clone());
+        let mut in_flight = leader.start(msg.clone()).expect("the image is there");
         // Half the image arrives...
         for _ in 0..4 {
             let mut acks = Vec::new();
@@ -706,6 +707,14 @@ mod tests {
         let (snapshot, _, _) = run(&mut leader, &mut follower, in_flight, |_| false, false);
         assert_eq!(snapshot.as_ref(), Some(&msg));
         assert!(received_image(&follower, &msg) == data);
+    }
+
+    #[test]
+    fn a_snapshot_whose_image_is_gone_cannot_start() {
+        let (mut leader, _, msg, _) = setup("gone", 4096, 1024);
+        leader.images.remove_through(40);
+        assert!(leader.start(msg).is_err(), "the snapshot is withdrawn");
+        assert!(leader.outgoing.is_empty());
     }
 
     #[test]
