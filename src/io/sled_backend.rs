@@ -197,6 +197,19 @@ impl SledBackend {
         }
     }
 
+    /// Opens a fresh store in the generation after `current`'s directory (what an unfinished
+    /// copy left there is removed first).
+    fn open_next_generation(&self, current: &Path) -> Result<(sled::Db, PathBuf), BackendError> {
+        let next = generation(&self.base, current).unwrap_or(0) + 1;
+        let dir = beside(&self.base, &format!(".{next}"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| io_error("cannot remove", &dir, e))?;
+        }
+        // A fresh directory: no damaged files to guard against (and the process-wide panic hook
+        // stays as it is while the member runs).
+        Ok((Self::open_db_unguarded(&dir)?, dir))
+    }
+
     /// The directory the store is in now.
     pub fn dir(&self) -> PathBuf {
         self.lock_read().1.clone()
@@ -325,15 +338,7 @@ impl Backend for SledBackend {
             .try_lock()
             .map_err(|_| BackendError::Store("a defragmentation is already running".into()))?;
         let old_dir = self.dir();
-        let next = generation(&self.base, &old_dir).unwrap_or(0) + 1;
-        let copy_dir = beside(&self.base, &format!(".{next}"));
-        if copy_dir.exists() {
-            std::fs::remove_dir_all(&copy_dir)
-                .map_err(|e| io_error("cannot remove", &copy_dir, e))?;
-        }
-        // A fresh directory: no damaged files to guard against (and the process-wide panic hook
-        // stays as it is while the member runs).
-        let copy = Self::open_db_unguarded(&copy_dir)?;
+        let (copy, copy_dir) = self.open_next_generation(&old_dir)?;
         {
             // Under the write lock: every batch applied before this is in the store the scan
             // below reads; every batch after it is kept too. The scan may or may not see a kept
@@ -390,13 +395,7 @@ impl Backend for SledBackend {
     fn replace_all(&self, next: &mut PairSource<'_>) -> Result<u64, BackendError> {
         let _no_defragmentation = self.defragmenting.lock().unwrap_or_else(|p| p.into_inner());
         let old_dir = self.dir();
-        let generation = generation(&self.base, &old_dir).unwrap_or(0) + 1;
-        let new_dir = beside(&self.base, &format!(".{generation}"));
-        if new_dir.exists() {
-            std::fs::remove_dir_all(&new_dir)
-                .map_err(|e| io_error("cannot remove", &new_dir, e))?;
-        }
-        let new = Self::open_db_unguarded(&new_dir)?;
+        let (new, new_dir) = self.open_next_generation(&old_dir)?;
         let filled = (|| -> Result<u64, BackendError> {
             let mut batch = sled::Batch::default();
             let (mut keys, mut batch_bytes, mut unflushed) = (0u64, 0u64, 0u64);

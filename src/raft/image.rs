@@ -146,15 +146,6 @@ impl ImageStore {
         Ok(image)
     }
 
-    /// Is the image at `index` on disk, of `image`'s length? (Its contents are checked again
-    /// when it is read.)
-    pub fn has(&self, index: u64, image: ImageRef) -> bool {
-        self.disk
-            .open(&self.path(index), false)
-            .and_then(|file| file.len())
-            .is_ok_and(|len| len == image.len)
-    }
-
     /// Opens the image at `index`, first checking the whole file against `image` (a damaged or
     /// missing image is an error, before anything reads it).
     pub fn open(&self, index: u64, image: ImageRef) -> io::Result<ImageFileReader> {

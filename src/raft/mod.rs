@@ -18,6 +18,6 @@ pub use shell::{
 };
 pub use storage::SnapshotRequests;
 pub use transfer::{
-    TransferStats, CHUNK_BYTES as SNAPSHOT_CHUNK_BYTES,
+    CHUNK_BYTES as SNAPSHOT_CHUNK_BYTES,
     TRANSFER_BYTES_PER_FOLLOWER as SNAPSHOT_TRANSFER_BYTES_PER_FOLLOWER,
 };
