@@ -265,12 +265,91 @@ pub mod conformance {
             None,
             "flushed delete survives reopen"
         );
+        // Values of every size, and ones that look like the sled backend's own records.
+        let big = |n: usize, seed: u8| {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+                .collect::<Vec<u8>>()
+        };
+        let looks_like_descriptor = [b"QKVPIEC1".as_slice(), &[0u8; 12]].concat();
+        let sizes = [0usize, 1, 6 << 10, (6 << 10) + 1, 100 << 10, (1 << 20) + 3];
+        let mut batch = WriteBatch::default();
+        for (i, n) in sizes.iter().enumerate() {
+            batch.put(format!("v{i}").into_bytes(), big(*n, i as u8));
+        }
+        batch.put(b"v9".to_vec(), looks_like_descriptor.clone());
+        // One key written twice in a batch: large, then small.
+        batch.put(b"w".to_vec(), big(50 << 10, 1));
+        batch.put(b"w".to_vec(), b"small".to_vec());
+        reopened.apply(batch).expect("apply");
+        for (i, n) in sizes.iter().enumerate() {
+            let got = reopened.get(format!("v{i}").as_bytes()).expect("get");
+            assert_eq!(
+                got,
+                Some(big(*n, i as u8)),
+                "a value of {n} bytes reads back whole"
+            );
+        }
+        assert_eq!(
+            reopened.get(b"v9").expect("get"),
+            Some(looks_like_descriptor.clone())
+        );
+        assert_eq!(reopened.get(b"w").expect("get"), Some(b"small".to_vec()));
+        let mut scanned = Vec::new();
+        reopened
+            .scan(b"v", Some(b"x"), &mut |k, v| {
+                scanned.push((k.to_vec(), v.len()));
+                true
+            })
+            .expect("scan");
+        let expected: Vec<(Vec<u8>, usize)> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("v{i}").into_bytes(), *n))
+            .chain([(b"v9".to_vec(), 20), (b"w".to_vec(), 5)])
+            .collect();
+        assert_eq!(
+            scanned, expected,
+            "a scan shows each key once, with its whole value"
+        );
+        // Overwrites both ways and deletes.
+        let mut batch = WriteBatch::default();
+        batch.put(b"v4".to_vec(), b"now small".to_vec());
+        batch.put(b"v1".to_vec(), big(300 << 10, 7));
+        batch.delete(b"v5".to_vec());
+        reopened.apply(batch).expect("apply");
+        reopened.flush().expect("flush");
+        drop(reopened);
+        let reopened = open();
+        assert_eq!(
+            reopened.get(b"v4").expect("get"),
+            Some(b"now small".to_vec())
+        );
+        assert_eq!(reopened.get(b"v1").expect("get"), Some(big(300 << 10, 7)));
+        assert_eq!(reopened.get(b"v5").expect("get"), None);
+        assert_eq!(
+            reopened.get(b"v3").expect("get"),
+            Some(big((6 << 10) + 1, 3))
+        );
+        let mut all = Vec::new();
+        reopened
+            .scan(&[], None, &mut |k, _| {
+                all.push(k.to_vec());
+                true
+            })
+            .expect("scan");
+        assert!(
+            all.iter().all(|k| k.first() != Some(&0xff)),
+            "no key but the store's: {all:?}"
+        );
         // Replacing everything: only the new pairs are left, durably.
-        let mut left = (0..10_000u32).map(|i| (format!("r{i:05}").into_bytes(), vec![7u8; 100]));
+        let mut left = (0..10_000u32)
+            .map(|i| (format!("r{i:05}").into_bytes(), vec![7u8; 100]))
+            .chain([(b"s-big".to_vec(), vec![8u8; 200 << 10])]);
         let pairs = reopened
             .replace_all(&mut || Ok(left.next()))
             .expect("replace_all");
-        assert_eq!(pairs, 10_000);
+        assert_eq!(pairs, 10_001);
         assert_eq!(
             reopened.get(&[b'k', 9]).expect("get"),
             None,
@@ -281,12 +360,16 @@ pub mod conformance {
         let mut count = 0;
         reopened
             .scan(&[], None, &mut |k, v| {
-                assert!(k.starts_with(b"r") && v == [7u8; 100]);
+                if k == b"s-big" {
+                    assert_eq!(v, vec![8u8; 200 << 10].as_slice());
+                } else {
+                    assert!(k.starts_with(b"r") && v == [7u8; 100]);
+                }
                 count += 1;
                 true
             })
             .expect("scan");
-        assert_eq!(count, 10_000, "replaced contents survive reopen");
+        assert_eq!(count, 10_001, "replaced contents survive reopen");
         // A source that fails leaves the contents as they were.
         let mut failing = {
             let mut n = 0;

@@ -7,7 +7,16 @@
 //! the n-th copy; `member/db.current` names the directory in use once there is a copy. The
 //! pointer is replaced atomically once the copy is whole and durable, so a crash leaves either
 //! store, whole; `open` removes whatever directory the pointer does not name.
+//!
+//! Large values are kept in pieces (`PIECE_BYTES`): sled writes a tree node bigger than a
+//! quarter of its 512 KiB segment as a separate blob and counts only the blob's pointer against
+//! its cache, so nodes holding a few large values were never evicted, whatever the cache's
+//! bound (1M keys held 300 MB of values in memory with a 64 MiB cache). A value longer than a
+//! piece is stored as a descriptor under its key and its pieces under keys in a reserved range
+//! (`PIECES_PREFIX`) that reads never show; the pieces and the descriptor go in one sled batch.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
@@ -256,20 +265,159 @@ impl SledBackend {
     }
 }
 
-fn sled_batch(batch: WriteBatch) -> sled::Batch {
-    let mut sled_batch = sled::Batch::default();
+/// Values longer than this are stored in pieces of at most this many bytes. A sled leaf holds
+/// up to about 20 entries; 20 pieces and their keys stay under sled's blob threshold (128 KiB
+/// less a header), so every node is cached, counted and evicted as its size.
+pub(crate) const PIECE_BYTES: usize = 6 << 10;
+/// Keys of pieces start with this; the store's own keys may not (`apply` refuses them).
+const PIECES_PREFIX: &[u8] = b"\xff\xff";
+/// A stored value that starts with this is a descriptor: the value's length and piece count.
+/// A value that starts with it is always stored in pieces, so the two never mix up.
+const PIECED_MAGIC: &[u8; 8] = b"QKVPIEC1";
+const DESCRIPTOR_LEN: usize = PIECED_MAGIC.len() + 8 + 4;
+// The store's runs of revisions fit in one piece: only an entry larger than a run is split.
+const _: () = assert!(crate::mvcc::RUN_BYTES <= PIECE_BYTES);
+
+fn reserved_key(key: &[u8]) -> bool {
+    key.starts_with(PIECES_PREFIX)
+}
+
+/// Where piece `i` of `key`'s value is stored. Its index is fixed-width, so two keys' pieces
+/// never share a name.
+fn piece_key(key: &[u8], i: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(PIECES_PREFIX.len() + key.len() + 4);
+    out.extend_from_slice(PIECES_PREFIX);
+    out.extend_from_slice(key);
+    out.extend_from_slice(&i.to_be_bytes());
+    out
+}
+
+fn stored_in_pieces(value: &[u8]) -> bool {
+    value.len() > PIECE_BYTES || value.starts_with(PIECED_MAGIC)
+}
+
+/// The length and piece count a stored value describes, if it is a descriptor.
+fn descriptor(key: &[u8], stored: &[u8]) -> Result<Option<(usize, u32)>, BackendError> {
+    if !stored.starts_with(PIECED_MAGIC) {
+        return Ok(None);
+    }
+    let damaged = || {
+        BackendError::Store(format!(
+            "the descriptor of {:?}'s pieces is damaged",
+            key.escape_ascii().to_string()
+        ))
+    };
+    if stored.len() != DESCRIPTOR_LEN {
+        return Err(damaged());
+    }
+    let rest = &stored[PIECED_MAGIC.len()..];
+    let len = u64::from_be_bytes(rest[..8].try_into().map_err(|_| damaged())?);
+    let pieces = u32::from_be_bytes(rest[8..].try_into().map_err(|_| damaged())?);
+    let len = usize::try_from(len).map_err(|_| damaged())?;
+    if len.div_ceil(PIECE_BYTES) != pieces as usize {
+        return Err(damaged());
+    }
+    Ok(Some((len, pieces)))
+}
+
+/// The value a stored value stands for: itself, or its pieces put together.
+fn whole<'a>(
+    tree: &sled::Tree,
+    key: &[u8],
+    stored: &'a [u8],
+) -> Result<Cow<'a, [u8]>, BackendError> {
+    let Some((len, pieces)) = descriptor(key, stored)? else {
+        return Ok(Cow::Borrowed(stored));
+    };
+    let mut value = Vec::with_capacity(len);
+    for i in 0..pieces {
+        let piece = tree.get(piece_key(key, i))?.ok_or_else(|| {
+            BackendError::Store(format!(
+                "piece {i} of {:?}'s value is missing",
+                key.escape_ascii().to_string()
+            ))
+        })?;
+        value.extend_from_slice(&piece);
+    }
+    if value.len() != len {
+        return Err(BackendError::Store(format!(
+            "{:?}'s pieces hold {} bytes, not {len}",
+            key.escape_ascii().to_string(),
+            value.len()
+        )));
+    }
+    Ok(Cow::Owned(value))
+}
+
+/// The sled batch that carries out `batch` on `tree` as it is now: large values split into
+/// pieces, and the pieces of values overwritten or deleted removed.
+fn sled_batch(tree: &sled::Tree, batch: WriteBatch) -> Result<sled::Batch, BackendError> {
+    let mut out = sled::Batch::default();
+    // Pieces a key has after this batch's earlier ops (sled sees none of them yet).
+    let mut pieces_now: HashMap<Vec<u8>, u32> = HashMap::new();
     for op in batch.ops {
+        let key = match &op {
+            BatchOp::Put(key, _) | BatchOp::Delete(key) => key,
+        };
+        if reserved_key(key) {
+            return Err(BackendError::Store(format!(
+                "key {:?} is in the backend's reserved range",
+                key.escape_ascii().to_string()
+            )));
+        }
+        let before = match pieces_now.get(key) {
+            Some(pieces) => *pieces,
+            None => match tree.get(key)? {
+                Some(stored) => descriptor(key, &stored)?.map_or(0, |(_, pieces)| pieces),
+                None => 0,
+            },
+        };
+        for i in 0..before {
+            out.remove(piece_key(key, i));
+        }
         match op {
-            BatchOp::Put(k, v) => sled_batch.insert(k, v),
-            BatchOp::Delete(k) => sled_batch.remove(k),
+            BatchOp::Put(key, value) if stored_in_pieces(&value) => {
+                let mut pieces = 0u32;
+                for piece in value.chunks(PIECE_BYTES) {
+                    out.insert(piece_key(&key, pieces), piece);
+                    pieces += 1;
+                }
+                let mut stored = Vec::with_capacity(DESCRIPTOR_LEN);
+                stored.extend_from_slice(PIECED_MAGIC);
+                stored.extend_from_slice(&(value.len() as u64).to_be_bytes());
+                stored.extend_from_slice(&pieces.to_be_bytes());
+                out.insert(key.as_slice(), stored);
+                if pieces > 0 || before > 0 {
+                    pieces_now.insert(key, pieces);
+                }
+            }
+            BatchOp::Put(key, value) => {
+                out.insert(key.as_slice(), value);
+                if before > 0 {
+                    pieces_now.insert(key, 0);
+                }
+            }
+            BatchOp::Delete(key) => {
+                out.remove(key.as_slice());
+                if before > 0 {
+                    pieces_now.insert(key, 0);
+                }
+            }
         }
     }
-    sled_batch
+    Ok(out)
 }
 
 impl Backend for SledBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
-        Ok(self.lock_read().0.get(key)?.map(|v| v.to_vec()))
+        if reserved_key(key) {
+            return Ok(None);
+        }
+        let db = self.lock_read();
+        match db.0.get(key)? {
+            Some(stored) => Ok(Some(whole(&db.0, key, &stored)?.into_owned())),
+            None => Ok(None),
+        }
     }
 
     fn scan(
@@ -278,14 +426,21 @@ impl Backend for SledBackend {
         end: Option<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), BackendError> {
-        let db = self.lock_read();
-        let iter = match end {
-            Some(end) => db.0.range(start..end),
-            None => db.0.range(start..),
+        if reserved_key(start) {
+            return Ok(());
+        }
+        // Pieces are not the store's keys: the scan stops before them.
+        let end = match end {
+            Some(end) if end < PIECES_PREFIX => end,
+            _ => PIECES_PREFIX,
         };
-        for item in iter {
+        if end <= start {
+            return Ok(());
+        }
+        let db = self.lock_read();
+        for item in db.0.range(start..end) {
             let (k, v) = item?;
-            if !visit(&k, &v) {
+            if !visit(&k, &whole(&db.0, &k, &v)?) {
                 break;
             }
         }
@@ -300,7 +455,7 @@ impl Backend for SledBackend {
             batches.push(batch.clone());
         }
         let started = std::time::Instant::now();
-        db.0.apply_batch(sled_batch(batch))?;
+        db.0.apply_batch(sled_batch(&db.0, batch)?)?;
         crate::metrics::METRICS
             .backend_commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -366,7 +521,7 @@ impl Backend for SledBackend {
         let replayed = during.len();
         let switched = (|| {
             for batch in during {
-                copy.apply_batch(sled_batch(batch))?;
+                copy.apply_batch(sled_batch(&copy, batch)?)?;
             }
             copy.flush()?;
             self.set_current(&copy_dir)
@@ -397,16 +552,16 @@ impl Backend for SledBackend {
         let old_dir = self.dir();
         let (new, new_dir) = self.open_next_generation(&old_dir)?;
         let filled = (|| -> Result<u64, BackendError> {
-            let mut batch = sled::Batch::default();
+            let mut batch = WriteBatch::default();
             let (mut keys, mut batch_bytes, mut unflushed) = (0u64, 0u64, 0u64);
             while let Some((key, value)) = next()? {
                 let bytes = (key.len() + value.len()) as u64;
-                batch.insert(key, value);
+                batch.put(key, value);
                 keys += 1;
                 batch_bytes += bytes;
                 unflushed += bytes;
                 if keys.is_multiple_of(DEFRAG_BATCH_KEYS) || batch_bytes >= REPLACE_BATCH_BYTES {
-                    new.apply_batch(std::mem::take(&mut batch))?;
+                    new.apply_batch(sled_batch(&new, std::mem::take(&mut batch))?)?;
                     batch_bytes = 0;
                 }
                 if unflushed >= DEFRAG_FLUSH_BYTES {
@@ -414,7 +569,7 @@ impl Backend for SledBackend {
                     unflushed = 0;
                 }
             }
-            new.apply_batch(batch)?;
+            new.apply_batch(sled_batch(&new, batch)?)?;
             new.flush()?;
             Ok(keys)
         })();
@@ -456,6 +611,65 @@ mod tests {
             })
             .expect("scan");
         all
+    }
+
+    /// Every pair sled itself holds, pieces included.
+    fn raw(backend: &SledBackend) -> Vec<(Vec<u8>, usize)> {
+        let db = backend.lock_read();
+        db.0.iter()
+            .map(|item| item.map(|(k, v)| (k.to_vec(), v.len())).expect("raw"))
+            .collect()
+    }
+
+    #[test]
+    fn large_values_are_stored_in_pieces_no_node_can_outgrow_and_deletes_take_the_pieces() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = SledBackend::open(&dir.path().join("db")).expect("open");
+        let mut batch = WriteBatch::default();
+        batch.put(b"small".to_vec(), vec![1; 100]);
+        backend.apply(batch).expect("apply");
+        let before = raw(&backend).len();
+        let mut batch = WriteBatch::default();
+        batch.put(b"big".to_vec(), vec![2; (1 << 20) + 5]);
+        backend.apply(batch).expect("apply");
+        let stored = raw(&backend);
+        assert!(
+            stored.iter().all(|(_, len)| *len <= PIECE_BYTES),
+            "sled holds no value longer than a piece"
+        );
+        assert_eq!(
+            stored.len(),
+            before + 1 + ((1 << 20) + 5usize).div_ceil(PIECE_BYTES)
+        );
+        assert_eq!(
+            backend.get(b"big").expect("get").map(|v| v.len()),
+            Some((1 << 20) + 5)
+        );
+        // Overwritten by a shorter value in pieces, then deleted: no piece is left behind.
+        let mut batch = WriteBatch::default();
+        batch.put(b"big".to_vec(), vec![3; 3 * PIECE_BYTES]);
+        backend.apply(batch).expect("apply");
+        assert_eq!(raw(&backend).len(), before + 1 + 3);
+        assert_eq!(
+            backend.get(b"big").expect("get"),
+            Some(vec![3; 3 * PIECE_BYTES])
+        );
+        let mut batch = WriteBatch::default();
+        batch.delete(b"big".to_vec());
+        backend.apply(batch).expect("apply");
+        assert_eq!(raw(&backend).len(), before);
+        // The pieces' range is the backend's own.
+        let mut batch = WriteBatch::default();
+        batch.put(b"\xff\xffmine".to_vec(), vec![1]);
+        assert!(backend.apply(batch).is_err());
+        assert_eq!(backend.get(b"small").expect("get"), Some(vec![1; 100]));
+        // A defragmented copy keeps values in pieces whole.
+        let mut batch = WriteBatch::default();
+        batch.put(b"big2".to_vec(), vec![4; 40 << 10]);
+        backend.apply(batch).expect("apply");
+        backend.defragment().expect("defragment");
+        assert_eq!(backend.get(b"big2").expect("get"), Some(vec![4; 40 << 10]));
+        assert_eq!(contents(&backend).len(), 2);
     }
 
     #[test]

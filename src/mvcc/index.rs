@@ -3,10 +3,17 @@
 //! A generation is one life of a key, from its creation to its deletion (tombstone). The index
 //! answers "which revision holds key K as of revision R" without touching the backend.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::ops::Bound;
+use std::sync::Arc;
+
+use smallvec::SmallVec;
 
 use super::revision::Revision;
+
+/// A generation's revisions: most keys are written once or a few times between compactions, so
+/// the first is stored inline and only a key with more takes an allocation.
+type Revs = SmallVec<[Revision; 1]>;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Generation {
@@ -14,13 +21,16 @@ struct Generation {
     version: i64,
     created: Revision,
     /// Ascending; a closed generation ends with its tombstone.
-    revs: Vec<Revision>,
+    revs: Revs,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyIndex {
-    /// The last generation is the open one (empty when the key is deleted now).
-    generations: Vec<Generation>,
+    /// Earlier lives of the key, each ended by a tombstone, oldest first (usually none: only a
+    /// key deleted and written again since the last compaction has one).
+    closed: Vec<Generation>,
+    /// The current life: empty when the key is deleted now (or was never written).
+    open: Generation,
 }
 
 /// What the index knows about a key at a revision.
@@ -33,10 +43,7 @@ pub struct KeyAt {
 
 impl KeyIndex {
     fn put(&mut self, rev: Revision) {
-        if self.generations.is_empty() {
-            self.generations.push(Generation::default());
-        }
-        let generation = self.generations.last_mut().expect("non-empty generations");
+        let generation = &mut self.open;
         debug_assert!(
             generation.revs.last().is_none_or(|last| *last < rev),
             "revisions must grow"
@@ -50,29 +57,31 @@ impl KeyIndex {
 
     fn tombstone(&mut self, rev: Revision) {
         debug_assert!(self.is_live(), "tombstone of a deleted key");
-        let generation = self
-            .generations
-            .last_mut()
-            .expect("live key has a generation");
-        generation.revs.push(rev);
-        self.generations.push(Generation::default());
+        let mut ended = std::mem::take(&mut self.open);
+        ended.revs.push(rev);
+        self.closed.push(ended);
     }
 
     fn is_live(&self) -> bool {
-        self.generations.last().is_some_and(|g| !g.revs.is_empty())
+        !self.open.revs.is_empty()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.closed.is_empty() && self.open.revs.is_empty()
     }
 
     /// The state of the key as of `at` (main revision), or `None` if it did not exist then.
     pub fn get(&self, at: i64) -> Option<KeyAt> {
-        let last = self.generations.len().checked_sub(1)?;
-        for (i, generation) in self.generations.iter().enumerate().rev() {
+        // Newest life first: the open one, then the closed ones.
+        let lives =
+            std::iter::once((&self.open, false)).chain(self.closed.iter().rev().map(|g| (g, true)));
+        for (generation, closed) in lives {
             let Some(first) = generation.revs.first() else {
                 continue;
             };
             if first.main > at {
                 continue;
             }
-            let closed = i != last;
             if closed {
                 let tombstone = generation.revs.last().expect("closed generation has revs");
                 if tombstone.main <= at {
@@ -96,15 +105,18 @@ impl KeyIndex {
     /// Drops what a compaction at `at` makes unreachable; adds the revisions that must stay in
     /// the backend to `keep`. Returns `true` when nothing of the key is left.
     fn compact(&mut self, at: i64, keep: &mut HashSet<Revision>) -> bool {
-        let last = self.generations.len() - 1;
-        let mut remove_upto = 0;
-        for (i, generation) in self.generations.iter_mut().enumerate() {
-            let closed = i != last;
-            if closed && generation.revs.last().is_some_and(|t| t.main <= at) {
-                // The whole life ended before the compaction point.
-                remove_upto = i + 1;
-                continue;
-            }
+        // Whole lives that ended at or before the compaction point go.
+        let ended = self
+            .closed
+            .iter()
+            .take_while(|g| g.revs.last().is_some_and(|t| t.main <= at))
+            .count();
+        self.closed.drain(..ended);
+        for generation in self
+            .closed
+            .iter_mut()
+            .chain(std::iter::once(&mut self.open))
+        {
             let pos = generation.revs.partition_point(|r| r.main <= at);
             if pos > 0 {
                 // Keep the newest revision at or before `at`; drop the older ones.
@@ -112,24 +124,43 @@ impl KeyIndex {
                 generation.revs.drain(..pos - 1);
             }
         }
-        self.generations.drain(..remove_upto);
-        self.generations.iter().all(|g| g.revs.is_empty())
+        if self.closed.is_empty() {
+            self.closed.shrink_to_fit();
+        }
+        if self.open.revs.spilled() && self.open.revs.len() == 1 {
+            self.open.revs.shrink_to_fit();
+        }
+        self.is_empty()
+    }
+
+    /// Heap bytes this takes beyond its own size.
+    fn heap_bytes(&self) -> usize {
+        let spilled = |g: &Generation| {
+            if g.revs.spilled() {
+                g.revs.capacity() * REVISION_BYTES
+            } else {
+                0
+            }
+        };
+        self.closed.capacity() * GENERATION_BYTES
+            + self.closed.iter().map(spilled).sum::<usize>()
+            + spilled(&self.open)
     }
 }
 
-/// Keys up to this many bytes are stored inline, in the map's entries and the tree's nodes.
+/// Keys up to this many bytes are stored inline, in the slots and the tree's nodes.
 const INLINE_KEY_BYTES: usize = 30;
 
 /// A key as the index stores it: short keys (the common case) inline, longer ones on the heap,
-/// so that comparing a key in the hash map or in a tree node reads that entry or node, without a
-/// pointer to follow (and, with many keys, a cache miss).
+/// shared by the slot and the tree, so that comparing a short key reads that slot or node,
+/// without a pointer to follow (and, with many keys, a cache miss).
 #[derive(Clone)]
 enum IndexKey {
     Inline {
         len: u8,
         bytes: [u8; INLINE_KEY_BYTES],
     },
-    Heap(Box<[u8]>),
+    Heap(Arc<[u8]>),
 }
 
 impl IndexKey {
@@ -152,10 +183,17 @@ impl IndexKey {
             IndexKey::Heap(bytes) => bytes,
         }
     }
+
+    /// Heap bytes this takes (the shared allocation, counted once).
+    fn heap_bytes(&self) -> usize {
+        match self {
+            IndexKey::Inline { .. } => 0,
+            IndexKey::Heap(bytes) => bytes.len() + ARC_HEADER_BYTES,
+        }
+    }
 }
 
-// Ordered, compared and hashed as its bytes, so that the map and the tree can be searched with
-// a `&[u8]`.
+// Ordered, compared and hashed as its bytes, so that the tree can be searched with a `&[u8]`.
 impl std::borrow::Borrow<[u8]> for IndexKey {
     fn borrow(&self) -> &[u8] {
         self.as_slice()
@@ -169,12 +207,6 @@ impl PartialEq for IndexKey {
 }
 
 impl Eq for IndexKey {}
-
-impl std::hash::Hash for IndexKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_slice().hash(state)
-    }
-}
 
 impl PartialOrd for IndexKey {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
@@ -194,41 +226,58 @@ impl std::fmt::Debug for IndexKey {
     }
 }
 
+/// One key of the index: its bytes and its lives.
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    /// `None` while the slot is free.
+    key: Option<IndexKey>,
+    index: KeyIndex,
+}
+
 /// All keys' indexes.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct TreeIndex {
-    /// Every key's slot, found by its key's hash: what a put, a delete and a single-key read
-    /// look up. (Found in a tree instead, the search down to a key among 100,000 was 6 to 9% of
-    /// the server's CPU in a 64-client put load: a cache miss or more at each level.) Hashed
-    /// with aHash, keyed at random per process (std's SipHash cost twice as much).
-    keys: HashMap<IndexKey, u32, ahash::RandomState>,
+    /// Every key's slot number, found by its key's hash: what a put, a delete and a single-key
+    /// read look up. (Found in a tree instead, the search down to a key among 100,000 was 6 to
+    /// 9% of the server's CPU in a 64-client put load: a cache miss or more at each level.)
+    /// Only the slot number is stored (4 bytes a key); the key is compared in its slot.
+    /// Hashed with aHash, keyed at random per process (std's SipHash cost twice as much).
+    keys: hashbrown::HashTable<u32>,
+    hasher: ahash::RandomState,
     /// The same keys and slots, in order: for ranges, which go from the tree to the slot
     /// without hashing (a paginated list's walk over a prefix looked every key up in `keys`,
     /// most of its CPU).
     order: BTreeMap<IndexKey, u32>,
-    /// The keys' indexes, by slot.
-    slots: Vec<KeyIndex>,
+    /// The keys and their indexes, by slot number.
+    slots: Vec<Slot>,
     /// Slots of keys compaction removed, for new keys.
     free: Vec<u32>,
     /// Roughly the bytes all this takes (`estimate`), kept as it changes.
     bytes: usize,
 }
 
-/// What the index takes per key besides the key's bytes and its revisions: its entries in the
-/// hash map and the tree, the key's allocation, and the `KeyIndex` (an estimate).
-const KEY_OVERHEAD_BYTES: usize = 96;
+impl std::fmt::Debug for TreeIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TreeIndex")
+            .field("keys", &self.keys.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+/// What a key takes besides its slot and its heap allocations: a slot number in the hash table
+/// (with its control byte and the table's spare room) and an entry in the tree's nodes (with
+/// their spare room). An estimate.
+const KEY_OVERHEAD_BYTES: usize = 16 + 64;
+const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 const REVISION_BYTES: usize = std::mem::size_of::<Revision>();
 const GENERATION_BYTES: usize = std::mem::size_of::<Generation>();
+/// An `Arc`'s counts, before its bytes.
+const ARC_HEADER_BYTES: usize = 16;
 
 /// Roughly the bytes the index takes for `key` and its `index`.
-fn estimate(key: &[u8], index: &KeyIndex) -> usize {
-    key.len()
-        + KEY_OVERHEAD_BYTES
-        + index
-            .generations
-            .iter()
-            .map(|g| GENERATION_BYTES + g.revs.len() * REVISION_BYTES)
-            .sum::<usize>()
+fn estimate(key: &IndexKey, index: &KeyIndex) -> usize {
+    SLOT_BYTES + KEY_OVERHEAD_BYTES + key.heap_bytes() + index.heap_bytes()
 }
 
 impl TreeIndex {
@@ -237,13 +286,30 @@ impl TreeIndex {
         self.slot_or_new(key).put(rev);
     }
 
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The slot number of `key`, if the index holds it.
+    fn find(&self, key: &[u8]) -> Option<u32> {
+        let slots = &self.slots;
+        self.keys
+            .find(self.hash(key), |slot| {
+                slots[*slot as usize]
+                    .key
+                    .as_ref()
+                    .is_some_and(|k| k.as_slice() == key)
+            })
+            .copied()
+    }
+
     /// The index of `key`, a new one if the index does not hold it.
     fn slot_or_new(&mut self, key: &[u8]) -> &mut KeyIndex {
-        let slot = match self.keys.get(key) {
-            Some(slot) => *slot,
+        let slot = match self.find(key) {
+            Some(slot) => slot,
             None => self.insert_new(key),
         };
-        &mut self.slots[slot as usize]
+        &mut self.slots[slot as usize].index
     }
 
     /// Roughly the bytes the index takes in memory.
@@ -262,18 +328,24 @@ impl TreeIndex {
 
     /// Adds `key`, which the index does not hold, with no revision yet; returns its slot.
     fn insert_new(&mut self, key: &[u8]) -> u32 {
-        self.bytes += key.len() + KEY_OVERHEAD_BYTES + GENERATION_BYTES;
+        let stored = IndexKey::new(key);
+        self.bytes += SLOT_BYTES + KEY_OVERHEAD_BYTES + stored.heap_bytes();
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
-                self.slots.push(KeyIndex::default());
+                self.slots.push(Slot::default());
                 (self.slots.len() - 1) as u32
             }
         };
-        debug_assert!(self.slots[slot as usize].generations.is_empty());
-        let key = IndexKey::new(key);
-        self.order.insert(key.clone(), slot);
-        self.keys.insert(key, slot);
+        debug_assert!(self.slots[slot as usize].index.is_empty());
+        self.order.insert(stored.clone(), slot);
+        self.slots[slot as usize].key = Some(stored);
+        let hash = self.hash(key);
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.keys.insert_unique(hash, slot, |slot| {
+            let key = slots[*slot as usize].key.as_ref().map(IndexKey::as_slice);
+            hasher.hash_one(key.unwrap_or_default())
+        });
         slot
     }
 
@@ -284,12 +356,9 @@ impl TreeIndex {
         let index = self.slot_or_new(key);
         if index.is_live() {
             index.put(rev);
-            debug_assert_eq!(index.generations.last().map(|g| g.version), Some(version));
+            debug_assert_eq!(index.open.version, version);
         } else {
-            if index.generations.is_empty() {
-                index.generations.push(Generation::default());
-            }
-            let generation = index.generations.last_mut().expect("a generation");
+            let generation = &mut index.open;
             generation.created = Revision::new(created_main, 0);
             generation.revs.push(rev);
             generation.version = version;
@@ -297,8 +366,8 @@ impl TreeIndex {
     }
 
     pub fn tombstone(&mut self, key: &[u8], rev: Revision) {
-        if let Some(slot) = self.keys.get(key) {
-            let index = &mut self.slots[*slot as usize];
+        if let Some(slot) = self.find(key) {
+            let index = &mut self.slots[slot as usize].index;
             if index.is_live() {
                 index.tombstone(rev);
                 self.bytes += REVISION_BYTES + GENERATION_BYTES;
@@ -307,7 +376,7 @@ impl TreeIndex {
     }
 
     pub fn get(&self, key: &[u8], at: i64) -> Option<KeyAt> {
-        self.slots[*self.keys.get(key)? as usize].get(at)
+        self.slots[self.find(key)? as usize].index.get(at)
     }
 
     /// Keys in `[start, end)` (`end` `None`: the single key `start`; empty `end`: no upper
@@ -334,7 +403,7 @@ impl TreeIndex {
         };
         for (key, slot) in self.order.range::<[u8], _>((Bound::Included(start), upper)) {
             let key = key.as_slice();
-            if let Some(found) = self.slots[*slot as usize].get(at) {
+            if let Some(found) = self.slots[*slot as usize].index.get(at) {
                 if !visit(key, found) {
                     return;
                 }
@@ -348,19 +417,24 @@ impl TreeIndex {
         let mut bytes = 0;
         let mut gone = Vec::new();
         for (key, slot) in &self.order {
-            let index = &mut self.slots[*slot as usize];
+            let index = &mut self.slots[*slot as usize].index;
             if index.compact(at, &mut keep) {
-                gone.push(key.clone());
+                gone.push(*slot);
             } else {
-                bytes += estimate(key.as_slice(), index);
+                bytes += estimate(key, index);
             }
         }
-        for key in gone {
-            if let Some(slot) = self.order.remove(&key) {
-                self.keys.remove(&key);
-                self.slots[slot as usize] = KeyIndex::default();
-                self.free.push(slot);
+        for slot in gone {
+            let Some(key) = self.slots[slot as usize].key.take() else {
+                continue;
+            };
+            self.order.remove(key.as_slice());
+            let hash = self.hash(key.as_slice());
+            if let Ok(entry) = self.keys.find_entry(hash, |s| *s == slot) {
+                entry.remove();
             }
+            self.slots[slot as usize].index = KeyIndex::default();
+            self.free.push(slot);
         }
         self.bytes = bytes;
         keep
@@ -418,7 +492,7 @@ mod tests {
             index.put(format!("key{i:03}").as_bytes(), rev(i + 1));
         }
         let after_puts = index.approx_bytes();
-        assert!(after_puts >= 100 * (6 + KEY_OVERHEAD_BYTES + REVISION_BYTES));
+        assert!(after_puts >= 100 * (SLOT_BYTES + KEY_OVERHEAD_BYTES + REVISION_BYTES));
         for i in 0..100i64 {
             index.put(format!("key{i:03}").as_bytes(), rev(200 + i));
         }
@@ -432,7 +506,7 @@ mod tests {
         let left: usize = index
             .order
             .iter()
-            .map(|(k, slot)| estimate(k.as_slice(), &index.slots[*slot as usize]))
+            .map(|(k, slot)| estimate(k, &index.slots[*slot as usize].index))
             .sum();
         assert_eq!(index.approx_bytes(), left);
         assert!(index.approx_bytes() < after_puts / 2 + 50 * REVISION_BYTES);

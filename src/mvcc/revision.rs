@@ -30,8 +30,10 @@ pub const META_PREFIX: u8 = b'm';
 pub const OLD_REV_PREFIX: u8 = b'k';
 /// Length of a run key.
 pub const RUN_KEY_LEN: usize = 17;
-/// A run is closed, and the next write starts another, once it holds this many bytes.
-pub const RUN_BYTES: usize = 64 << 10;
+/// A run holds at most this many bytes, unless one entry's records alone are longer: the
+/// next entry that would take it past this starts another run. The sled backend stores a
+/// longer value in pieces (`PIECE_BYTES`, the same size), so runs up to this stay whole.
+pub const RUN_BYTES: usize = 6 << 10;
 const RECORD_HEAD: usize = 20;
 
 /// The key of a run whose newest revision is `rev`; also where a scan for revision `rev` starts.

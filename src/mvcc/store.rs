@@ -279,10 +279,10 @@ impl MvccStore {
     }
 
     /// Stages the records of one applied entry (encoded by `push_record`, `last` the newest):
-    /// onto the open run, or a new one once that is `RUN_BYTES` long.
+    /// onto the open run, or a new one if they would take it past `RUN_BYTES`.
     pub(super) fn stage_records(&mut self, last: Revision, encoded: &[u8]) {
         match self.staged_runs.last_mut() {
-            Some((newest, run)) if run.len() < RUN_BYTES => {
+            Some((newest, run)) if run.len() + encoded.len() <= RUN_BYTES => {
                 run.extend_from_slice(encoded);
                 *newest = last;
             }
