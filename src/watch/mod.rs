@@ -35,8 +35,9 @@ use crate::proto::mvccpb::{event::EventType, Event};
 pub const STREAM_QUEUE: usize = 4096;
 /// Bytes of responses queued for one watch stream, at most (a single response bigger than
 /// this still goes out, alone): with 1 MiB values, a stream that reads slowly holds tens of
-/// MiB, not GiBs; its watchers fall back to catching up from history.
-pub const STREAM_QUEUE_BYTES: usize = 32 << 20;
+/// MiB, not GiBs; its watchers fall back to catching up from history. (At 32 MiB, 20 slow
+/// streams of 1 MiB values held 640 MiB of queues.)
+pub const STREAM_QUEUE_BYTES: usize = 8 << 20;
 /// Revisions read from history per catch-up step of one watcher...
 pub const CATCH_UP_REVISIONS: usize = 1000;
 /// ...and bytes of keys and values (whole revisions, at least one).
