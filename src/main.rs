@@ -40,6 +40,9 @@ const PUBLISH_RETRY: Duration = Duration::from_millis(500);
 /// What an operator does about a member whose data on disk is damaged.
 const DAMAGED_DATA: &str = "the member's data is damaged: restore its data dir from a snapshot (`quorumkv snapshot restore`), or remove the member (`etcdctl member remove`) and add it back with an empty data dir";
 
+/// The key index a clean stop saves, in the member's directory.
+const SAVED_INDEX_FILE: &str = "index";
+
 /// How long a clean shutdown waits for the node, then the apply loop, to finish.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(4);
 
@@ -535,6 +538,7 @@ fn member_config(
         snapshot_catch_up_entries: flags.experimental_snapshot_catchup_entries,
         snapshot_chunk_bytes: quorumkv::raft::SNAPSHOT_CHUNK_BYTES,
         initial_members: identity.initial_members.clone(),
+        saved_index: Some(data_dir.join("member").join(SAVED_INDEX_FILE)),
     })
 }
 
@@ -832,6 +836,7 @@ async fn run(flags: Flags) -> Result<(), String> {
     let identity = identity(&flags, &member_dir).await?;
     quorumkv::api::remove_stale_images(&member_dir);
     let config = member_config(&flags, &identity, &data_dir)?;
+    let index_path = config.saved_index.clone();
     // Each listen address, and whether it takes TLS (an https:// URL).
     let peer_addrs = split_urls(&flags.listen_peer_urls)
         .iter()
@@ -1068,19 +1073,35 @@ async fn run(flags: Flags) -> Result<(), String> {
             tracing::warn!("the raft node did not stop in time");
         }
     }
+    let mut apply_stopped_cleanly = false;
     if !apply_ended {
         match tokio::time::timeout(SHUTDOWN_WAIT, &mut apply_task).await {
-            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Ok(()))) => apply_stopped_cleanly = true,
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "the apply loop failed while stopping"),
             Ok(Err(e)) => tracing::error!(error = %e, "the apply loop crashed while stopping"),
             Err(_) => tracing::warn!("the apply loop did not stop in time"),
         }
     }
     match quorumkv::io::Backend::flush(backend.as_ref()) {
-        Ok(()) => tracing::info!(
-            applied_index = member.kv.status().raft_applied_index,
-            "backend flushed; stopped"
-        ),
+        Ok(()) => {
+            // The backend holds every applied entry: the key index can be saved beside it,
+            // and the next start loads it instead of reading every revision.
+            if let (true, Some(path)) = (apply_stopped_cleanly, index_path.as_deref()) {
+                let started = std::time::Instant::now();
+                match member.kv.save_index(path) {
+                    Ok(bytes) => {
+                        tracing::info!(bytes, took = ?started.elapsed(), "key index saved")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot save the key index; the next start scans the backend")
+                    }
+                }
+            }
+            tracing::info!(
+                applied_index = member.kv.status().raft_applied_index,
+                "backend flushed; stopped"
+            )
+        }
         Err(e) => tracing::error!(error = %e, "backend flush at shutdown failed"),
     }
     outcome

@@ -234,6 +234,9 @@ struct Slot {
     index: KeyIndex,
 }
 
+/// Keys that name a lease, and the lease.
+pub type KeyLeases = Vec<(Vec<u8>, i64)>;
+
 /// All keys' indexes.
 #[derive(Default)]
 pub struct TreeIndex {
@@ -442,6 +445,110 @@ impl TreeIndex {
 
     pub fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Appends every key, in key order, with its lives and `lease_of` it, to `out`, for
+    /// `decode_saved`.
+    pub fn encode_saved(&self, out: &mut Vec<u8>, lease_of: &dyn Fn(&[u8]) -> i64) {
+        fn generation(out: &mut Vec<u8>, g: &Generation) {
+            out.extend_from_slice(&g.version.to_le_bytes());
+            out.extend_from_slice(&g.created.main.to_le_bytes());
+            out.extend_from_slice(&g.created.sub.to_le_bytes());
+            out.extend_from_slice(&(g.revs.len() as u32).to_le_bytes());
+            for rev in &g.revs {
+                out.extend_from_slice(&rev.main.to_le_bytes());
+                out.extend_from_slice(&rev.sub.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&(self.order.len() as u64).to_le_bytes());
+        for (key, slot) in &self.order {
+            let key = key.as_slice();
+            let index = &self.slots[*slot as usize].index;
+            out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            out.extend_from_slice(key);
+            out.extend_from_slice(&lease_of(key).to_le_bytes());
+            out.extend_from_slice(&(index.closed.len() as u32).to_le_bytes());
+            for g in &index.closed {
+                generation(out, g);
+            }
+            generation(out, &index.open);
+        }
+    }
+
+    /// The index `encode_saved` wrote, and the keys that name a lease; the rest of `bytes`.
+    pub fn decode_saved(mut bytes: &[u8]) -> Result<(TreeIndex, KeyLeases), String> {
+        fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+            if bytes.len() < n {
+                return Err("the saved index ends early".into());
+            }
+            let (head, rest) = bytes.split_at(n);
+            *bytes = rest;
+            Ok(head)
+        }
+        fn u32_(bytes: &mut &[u8]) -> Result<u32, String> {
+            let mut b = [0; 4];
+            b.copy_from_slice(take(bytes, 4)?);
+            Ok(u32::from_le_bytes(b))
+        }
+        fn i64_(bytes: &mut &[u8]) -> Result<i64, String> {
+            let mut b = [0; 8];
+            b.copy_from_slice(take(bytes, 8)?);
+            Ok(i64::from_le_bytes(b))
+        }
+        fn generation(bytes: &mut &[u8]) -> Result<Generation, String> {
+            let version = i64_(bytes)?;
+            let created = Revision::new(i64_(bytes)?, i64_(bytes)?);
+            let n = u32_(bytes)? as usize;
+            if n > bytes.len() / 16 {
+                return Err("a generation longer than the saved index".into());
+            }
+            let mut revs = Revs::with_capacity(n);
+            for _ in 0..n {
+                let rev = Revision::new(i64_(bytes)?, i64_(bytes)?);
+                if revs.last().is_some_and(|last| *last >= rev) {
+                    return Err("a generation's revisions out of order".into());
+                }
+                revs.push(rev);
+            }
+            Ok(Generation {
+                version,
+                created,
+                revs,
+            })
+        }
+        let keys = i64_(&mut bytes)? as u64;
+        let mut index = TreeIndex::default();
+        let mut leases = Vec::new();
+        let mut previous: Option<&[u8]> = None;
+        for _ in 0..keys {
+            let len = u32_(&mut bytes)? as usize;
+            let key = take(&mut bytes, len)?;
+            if previous.is_some_and(|p| p >= key) {
+                return Err("the saved index's keys are out of order".into());
+            }
+            let lease = i64_(&mut bytes)?;
+            let closed_count = u32_(&mut bytes)? as usize;
+            let mut closed = Vec::with_capacity(closed_count.min(bytes.len()));
+            for _ in 0..closed_count {
+                closed.push(generation(&mut bytes)?);
+            }
+            let open = generation(&mut bytes)?;
+            let loaded = KeyIndex { closed, open };
+            if loaded.is_empty() {
+                return Err("a key with no revision in the saved index".into());
+            }
+            let slot = index.insert_new(key);
+            index.bytes += loaded.heap_bytes();
+            index.slots[slot as usize].index = loaded;
+            if lease != 0 {
+                leases.push((key.to_vec(), lease));
+            }
+            previous = Some(key);
+        }
+        if !bytes.is_empty() {
+            return Err("bytes after the saved index's last key".into());
+        }
+        Ok((index, leases))
     }
 }
 
@@ -666,5 +773,40 @@ mod tests {
         assert_eq!(index.get_then_put(&long, 9, rev(10)), None);
         assert_eq!(index.get(&long, 10).map(|at| at.version), Some(1));
         assert_eq!(keys_in_range(&index, 10).len(), 5);
+    }
+
+    #[test]
+    fn a_saved_index_loads_as_it_was_and_damage_is_refused() {
+        let mut index = TreeIndex::default();
+        index.put(b"a", rev(2));
+        index.put(b"a", rev(3));
+        index.tombstone(b"a", rev(4));
+        index.put(b"a", rev(5));
+        let long = vec![b'z'; INLINE_KEY_BYTES + 9];
+        index.put(&long, rev(6));
+        index.put(b"b", rev(7));
+        index.tombstone(b"b", rev(8));
+        let mut bytes = Vec::new();
+        index.encode_saved(&mut bytes, &|key| if key == b"a" { 42 } else { 0 });
+        let (loaded, leases) = TreeIndex::decode_saved(&bytes).expect("loads");
+        assert_eq!(leases, vec![(b"a".to_vec(), 42)]);
+        assert_eq!(loaded.len(), 3);
+        for at in 1..10 {
+            for key in [b"a".as_slice(), b"b", &long, b"c"] {
+                assert_eq!(loaded.get(key, at), index.get(key, at), "{key:?} at {at}");
+            }
+        }
+        assert_eq!(keys_in_range(&loaded, 9), keys_in_range(&index, 9));
+        assert!(loaded.approx_bytes() > 3 * SLOT_BYTES);
+        // Every cut, and bytes past the end, are refused.
+        for cut in [1, 8, 20, bytes.len() / 2, bytes.len() - 1] {
+            assert!(
+                TreeIndex::decode_saved(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(TreeIndex::decode_saved(&longer).is_err());
     }
 }

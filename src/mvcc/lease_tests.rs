@@ -8,7 +8,7 @@ use super::*;
 use crate::io::MemBackend;
 use crate::proto::etcdserverpb::{
     request_op, DeleteRangeRequest, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest,
-    LeaseRevokeRequest, PutRequest, RequestOp, TxnRequest,
+    LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use crate::proto::quorumkvpb::raft_request::Request;
 
@@ -144,4 +144,97 @@ fn reopen_and_snapshots_rebuild_leases_their_checkpoints_and_attached_keys() {
     let mut follower = MvccStore::open(Arc::new(MemBackend::new())).expect("open");
     follower.restore(f.index, &data).expect("restore");
     check(&follower);
+}
+
+/// Everything a reopened store answers about its keys, at every revision.
+fn state(store: &MvccStore) -> Vec<String> {
+    let mut out = vec![format!(
+        "rev {} compact {} in_use {} keys {}",
+        store.current_rev(),
+        store.compact_rev(),
+        store.in_use_bytes(),
+        store.key_count()
+    )];
+    for rev in store.compact_rev().max(1)..=store.current_rev() {
+        let resp = store
+            .range(&RangeRequest {
+                revision: rev,
+                ..range("\0", "\0")
+            })
+            .expect("range");
+        for kv in resp.kvs {
+            out.push(format!(
+                "@{rev} {:?} c{} m{} v{} l{} {:?}",
+                kv.key, kv.create_revision, kv.mod_revision, kv.version, kv.lease, kv.value
+            ));
+        }
+    }
+    for lease in [1, 2] {
+        if store.leases().get(lease).is_some() {
+            out.push(format!("lease {lease}: {:?}", keys_of(store, lease)));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_saved_key_index_reopens_the_store_as_a_scan_does_and_only_for_that_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("index");
+    let mut f = Fixture::new();
+    grant(&mut f, 1, 100).expect("grant");
+    grant(&mut f, 2, 100).expect("grant");
+    for i in 0..50 {
+        f.put(&format!("k{i:02}"), &"v".repeat(i * 300));
+    }
+    put_leased(&mut f, "leased-a", 1).expect("put");
+    put_leased(&mut f, "leased-b", 2).expect("put");
+    f.put("k01", "again");
+    f.apply(Request::DeleteRange(DeleteRangeRequest {
+        key: b"k02".to_vec(),
+        range_end: b"k05".to_vec(),
+        ..Default::default()
+    }))
+    .expect("delete");
+    f.put("k03", "back");
+    f.apply(Request::Compaction(
+        crate::proto::etcdserverpb::CompactionRequest {
+            revision: 20,
+            ..Default::default()
+        },
+    ))
+    .expect("compact");
+    f.put("k01", "after compaction");
+    let scan = |f: &Fixture| state(&MvccStore::open(Arc::new(f.backend.clone())).expect("open"));
+    let scanned = scan(&f);
+    assert!(scanned.len() > 100, "{scanned:?}");
+
+    f.store.save_index(&path).expect("save");
+    let loaded =
+        MvccStore::open_with_saved_index(Arc::new(f.backend.clone()), Some(&path)).expect("open");
+    assert!(!path.exists(), "a saved index is taken once");
+    assert_eq!(state(&loaded), scanned, "loaded as a scan rebuilds it");
+
+    // Saved, then the store moves on: the file no longer names the backend's state.
+    f.store.save_index(&path).expect("save");
+    f.put("k10", "later");
+    let reopened =
+        MvccStore::open_with_saved_index(Arc::new(f.backend.clone()), Some(&path)).expect("open");
+    let k10 = reopened.range(&range("k10", "")).expect("range");
+    assert_eq!(
+        k10.kvs[0].value,
+        b"later".to_vec(),
+        "a stale file is not loaded: the backend is scanned"
+    );
+    assert_eq!(state(&reopened), scan(&f));
+    // A damaged file is not loaded either.
+    f.store.save_index(&path).expect("save");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&path, &bytes).expect("write");
+    let reopened =
+        MvccStore::open_with_saved_index(Arc::new(f.backend.clone()), Some(&path)).expect("open");
+    assert_eq!(state(&reopened), scan(&f));
+    assert!(!path.exists());
 }

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use super::error::MvccError;
-use super::revision::{encode_u64, meta_key, META_CONSISTENT_INDEX};
-use super::store::MvccStore;
+use super::revision::{encode_u64, meta_key, META_CONSISTENT_INDEX, RUN_PREFIX};
+use super::store::{IndexBuild, MvccStore};
 use crate::io::{Backend, WriteBatch};
 
 const MAGIC: &[u8; 6] = b"QKVDB1";
@@ -218,12 +218,24 @@ impl MvccStore {
         let mut reader = ImageReader::new(image);
         let mut image_error = None;
         let mut ended = false;
+        // The key index is built from the runs as they stream into the backend: no second
+        // pass over the whole store.
+        let mut build = IndexBuild::default();
         let mut next = || {
             if ended {
                 return Ok(None);
             }
             match reader.next_pair() {
-                Ok(Some(pair)) => Ok(Some(pair)),
+                Ok(Some((key, value))) => {
+                    if key.first() == Some(&RUN_PREFIX) {
+                        if let Err(e) = build.add(&key, &value) {
+                            let message = e.to_string();
+                            image_error = Some(e);
+                            return Err(crate::io::BackendError::Store(message));
+                        }
+                    }
+                    Ok(Some((key, value)))
+                }
                 Ok(None) => {
                     // Last, so that it wins over the sender's own.
                     ended = true;
@@ -245,7 +257,7 @@ impl MvccStore {
         let min_lease_ttl = self.leases.min_ttl();
         let publish_events = self.publish_events;
         let auth = self.auth.clone();
-        *self = MvccStore::open(backend)?;
+        *self = MvccStore::open_from(backend, None, Some(build))?;
         // The request path holds the view: it sees the snapshot's auth state in the same one.
         auth.publish((*self.auth.current()).clone());
         self.auth = auth;

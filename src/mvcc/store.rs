@@ -2,6 +2,7 @@
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use prost::Message;
@@ -50,6 +51,8 @@ pub struct MvccStore {
     /// Bytes the backend's keys and values take (runs exactly; metadata as of opening):
     /// `Status.db_size_in_use`.
     pub(super) in_use_bytes: u64,
+    /// The metadata's share of `in_use_bytes` (measured at opening): the rest is runs.
+    meta_bytes_at_open: u64,
 }
 
 /// Where a range reads values from: the backend, or (inside a write) the revision being written.
@@ -80,6 +83,220 @@ pub(super) fn decode_at(rev: Revision, bytes: &[u8]) -> Result<KeyValue, MvccErr
     })
 }
 
+/// What rebuilding the key index needs of a stored `mvccpb.KeyValue`: everything but the value,
+/// read in place (decoding whole records copied every value of the store at every start).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct IndexFields<'a> {
+    pub key: &'a [u8],
+    pub create_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+fn read_varint(bytes: &mut &[u8]) -> Result<u64, String> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = bytes.split_first().ok_or("a varint runs past the record")?;
+        *bytes = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err("a varint longer than ten bytes".into())
+}
+
+/// Reads a `KeyValue`'s key, create_revision, version and lease (fields 1, 2, 4 and 6),
+/// skipping the rest as protobuf's wire format says.
+pub(super) fn index_fields(mut bytes: &[u8]) -> Result<IndexFields<'_>, String> {
+    let mut fields = IndexFields {
+        key: &[],
+        create_revision: 0,
+        version: 0,
+        lease: 0,
+    };
+    while !bytes.is_empty() {
+        let tag = read_varint(&mut bytes)?;
+        let (field, wire_type) = (tag >> 3, tag & 7);
+        match wire_type {
+            0 => {
+                let value = read_varint(&mut bytes)? as i64;
+                match field {
+                    2 => fields.create_revision = value,
+                    4 => fields.version = value,
+                    6 => fields.lease = value,
+                    _ => {}
+                }
+            }
+            2 => {
+                let len = usize::try_from(read_varint(&mut bytes)?)
+                    .map_err(|_| "a length past the address space")?;
+                if len > bytes.len() {
+                    return Err("a field runs past the record".into());
+                }
+                let (value, rest) = bytes.split_at(len);
+                if field == 1 {
+                    fields.key = value;
+                }
+                bytes = rest;
+            }
+            1 | 5 => {
+                let len = if wire_type == 1 { 8 } else { 4 };
+                if len > bytes.len() {
+                    return Err("a field runs past the record".into());
+                }
+                bytes = &bytes[len..];
+            }
+            other => return Err(format!("wire type {other} in a stored KeyValue")),
+        }
+    }
+    Ok(fields)
+}
+
+/// The first bytes of a saved key index (`MvccStore::save_index`).
+const SAVED_INDEX_MAGIC: &[u8; 8] = b"QKVIDX01";
+
+/// The key index and what goes with it, rebuilt from the backend's runs in revision order, or
+/// loaded.
+pub(super) struct IndexBuild {
+    index: TreeIndex,
+    current_rev: i64,
+    /// Bytes of the runs' keys and values.
+    runs_bytes: u64,
+    /// Each key's lease as of its newest revision.
+    key_lease: HashMap<Vec<u8>, i64>,
+}
+
+impl Default for IndexBuild {
+    fn default() -> Self {
+        IndexBuild {
+            index: TreeIndex::default(),
+            current_rev: 1,
+            runs_bytes: 0,
+            key_lease: HashMap::new(),
+        }
+    }
+}
+
+impl IndexBuild {
+    /// Adds the revisions of the run stored under `key`; runs come in revision order.
+    pub(super) fn add(&mut self, key: &[u8], run: &[u8]) -> Result<(), MvccError> {
+        if parse_run_key(key).is_none() {
+            return Err(bad_run("bad run key".into()));
+        }
+        self.runs_bytes += (key.len() + run.len()) as u64;
+        for record in records(run) {
+            let (rev, bytes) = record.map_err(bad_run)?;
+            let kv = index_fields(bytes).map_err(|reason| MvccError::Corrupt {
+                main: rev.main,
+                sub: rev.sub,
+                reason,
+            })?;
+            self.current_rev = self.current_rev.max(rev.main);
+            if kv.version == 0 {
+                self.index.tombstone(kv.key, rev);
+                self.key_lease.remove(kv.key);
+            } else {
+                self.index
+                    .restore(kv.key, rev, kv.create_revision, kv.version);
+                if kv.lease != 0 {
+                    self.key_lease.insert(kv.key.to_vec(), kv.lease);
+                } else {
+                    self.key_lease.remove(kv.key);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads and removes the saved index at `path`; the index, if the file is whole and matches
+/// the backend (its consistent index, its compaction, and no run newer than its revision).
+/// Any doubt: `None`, and the caller scans the backend.
+fn take_saved_index(
+    path: &Path,
+    backend: &dyn Backend,
+    consistent_index: u64,
+    compact_rev: i64,
+) -> Option<IndexBuild> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the saved key index; scanning the backend");
+            return None;
+        }
+    };
+    // Removed first, durably: a store that changes after this never meets this file again.
+    let removed = std::fs::remove_file(path).and_then(|_| match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    });
+    if let Err(e) = removed {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove the saved key index; scanning the backend");
+        return None;
+    }
+    let loaded = (|| -> Result<IndexBuild, String> {
+        let (body, crc) = bytes
+            .split_last_chunk::<4>()
+            .ok_or("shorter than its checksum")?;
+        if crc32c::crc32c(body) != u32::from_le_bytes(*crc) {
+            return Err("its checksum does not match".into());
+        }
+        let rest = body
+            .strip_prefix(SAVED_INDEX_MAGIC.as_slice())
+            .ok_or("not a saved key index")?;
+        let word = |i: usize| -> Result<[u8; 8], String> {
+            rest.get(i * 8..i * 8 + 8)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| "its header ends early".to_string())
+        };
+        let saved_consistent_index = u64::from_le_bytes(word(0)?);
+        let current_rev = i64::from_le_bytes(word(1)?);
+        let saved_compact_rev = i64::from_le_bytes(word(2)?);
+        let runs_bytes = u64::from_le_bytes(word(3)?);
+        if (saved_consistent_index, saved_compact_rev) != (consistent_index, compact_rev) {
+            return Err(format!(
+                "it was saved at consistent index {saved_consistent_index} and compaction \
+                 {saved_compact_rev}, the backend is at {consistent_index} and {compact_rev}"
+            ));
+        }
+        let mut newer = false;
+        backend
+            .scan(
+                &run_key(Revision::new(current_rev + 1, 0)),
+                Some(&runs_end()),
+                &mut |_, _| {
+                    newer = true;
+                    false
+                },
+            )
+            .map_err(|e| e.to_string())?;
+        if newer {
+            return Err(format!(
+                "the backend holds revisions after its {current_rev}"
+            ));
+        }
+        let (index, leases) = TreeIndex::decode_saved(&rest[32..])?;
+        Ok(IndexBuild {
+            index,
+            current_rev,
+            runs_bytes,
+            key_lease: leases.into_iter().collect(),
+        })
+    })();
+    match loaded {
+        Ok(loaded) => {
+            tracing::info!(path = %path.display(), keys = loaded.index.len(), revision = loaded.current_rev, "loaded the key index saved at the last clean stop");
+            Some(loaded)
+        }
+        Err(reason) => {
+            tracing::warn!(path = %path.display(), %reason, "the saved key index does not match the backend; scanning it");
+            None
+        }
+    }
+}
+
 impl ValueSource for MvccStore {
     fn value(&self, rev: Revision) -> Result<KeyValue, MvccError> {
         self.read_value(rev)
@@ -93,6 +310,27 @@ impl ValueSource for MvccStore {
 impl MvccStore {
     /// Opens the store kept in `backend`, rebuilding the key index from it.
     pub fn open(backend: Arc<dyn Backend>) -> Result<Self, MvccError> {
+        Self::open_with_saved_index(backend, None)
+    }
+
+    /// Opens the store kept in `backend`, loading its key index from `saved` (written by
+    /// `save_index` at a clean stop) when that file is there and names exactly the backend's
+    /// state; otherwise rebuilding it from a scan of every run. The file is removed before the
+    /// store is used, so it is never loaded twice nor after a later crash.
+    pub fn open_with_saved_index(
+        backend: Arc<dyn Backend>,
+        saved: Option<&Path>,
+    ) -> Result<Self, MvccError> {
+        Self::open_from(backend, saved, None)
+    }
+
+    /// Opens the store with the key index `built` as its runs streamed by (a snapshot's
+    /// restore), else `saved`'s, else one rebuilt by a scan.
+    pub(super) fn open_from(
+        backend: Arc<dyn Backend>,
+        saved: Option<&Path>,
+        built: Option<IndexBuild>,
+    ) -> Result<Self, MvccError> {
         let meta = |name: &str| -> Result<u64, MvccError> {
             Ok(backend
                 .get(&meta_key(name))?
@@ -101,13 +339,7 @@ impl MvccStore {
         };
         let consistent_index = meta(META_CONSISTENT_INDEX)?;
         let compact_rev = meta(META_COMPACT_REV)? as i64;
-        let mut index = TreeIndex::default();
-        let mut current_rev = 1i64;
-        let mut failure = None;
-        // Each key's lease as of its newest revision (the scan goes in revision order).
-        let mut key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
         let mut old_layout = false;
-        let mut in_use_bytes = 0u64;
         backend.scan(
             &[OLD_REV_PREFIX],
             Some(&[OLD_REV_PREFIX + 1]),
@@ -123,41 +355,41 @@ impl MvccStore {
                     .into(),
             ));
         }
-        backend.scan(&[RUN_PREFIX], Some(&runs_end()), &mut |key, run| {
-            if parse_run_key(key).is_none() {
-                failure = Some(bad_run("bad run key".into()));
-                return false;
+        let loaded = match (built, saved) {
+            (Some(built), _) => Some(built),
+            (None, Some(path)) => {
+                take_saved_index(path, backend.as_ref(), consistent_index, compact_rev)
             }
-            in_use_bytes += (key.len() + run.len()) as u64;
-            for record in records(run) {
-                let decoded = record
-                    .map_err(bad_run)
-                    .and_then(|(rev, bytes)| Ok((rev, decode_at(rev, bytes)?)));
-                let (rev, kv) = match decoded {
-                    Ok(decoded) => decoded,
-                    Err(e) => {
-                        failure = Some(e);
-                        return false;
-                    }
-                };
-                current_rev = current_rev.max(rev.main);
-                if kv.version == 0 {
-                    index.tombstone(&kv.key, rev);
-                    key_lease.remove(&kv.key);
-                } else {
-                    index.restore(&kv.key, rev, kv.create_revision, kv.version);
-                    if kv.lease != 0 {
-                        key_lease.insert(kv.key.clone(), kv.lease);
-                    } else {
-                        key_lease.remove(&kv.key);
-                    }
+            (None, None) => None,
+        };
+        let built = match loaded {
+            Some(loaded) => loaded,
+            None => {
+                let mut build = IndexBuild::default();
+                let mut failure = None;
+                backend.scan(
+                    &[RUN_PREFIX],
+                    Some(&runs_end()),
+                    &mut |key, run| match build.add(key, run) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            failure = Some(e);
+                            false
+                        }
+                    },
+                )?;
+                if let Some(e) = failure {
+                    return Err(e);
                 }
+                build
             }
-            true
-        })?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
+        };
+        let IndexBuild {
+            index,
+            mut current_rev,
+            runs_bytes: in_use_bytes,
+            key_lease,
+        } = built;
         // A compaction may have removed every revision up to it.
         current_rev = current_rev.max(compact_rev);
         let mut store = MvccStore {
@@ -176,16 +408,18 @@ impl MvccStore {
             alarms: AlarmTable::default(),
             auth: Arc::default(),
             in_use_bytes,
+            meta_bytes_at_open: 0,
         };
         let meta_end = [super::revision::META_PREFIX + 1];
         store.backend.scan(
             &[super::revision::META_PREFIX],
             Some(&meta_end),
             &mut |k, v| {
-                store.in_use_bytes += (k.len() + v.len()) as u64;
+                store.meta_bytes_at_open += (k.len() + v.len()) as u64;
                 true
             },
         )?;
+        store.in_use_bytes += store.meta_bytes_at_open;
         let alarms = store.records(ALARM_RECORD_PREFIX)?;
         store.alarms = AlarmTable::from_records(alarms.iter().map(|(name, _)| name.as_str()))
             .map_err(|reason| MvccError::Corrupt {
@@ -210,6 +444,41 @@ impl MvccStore {
                 }
             })?;
         Ok(store)
+    }
+
+    /// Saves the key index to `path` (atomically: a temporary file, synced, renamed), with
+    /// what names the backend's state it matches, for the next `open_with_saved_index`. For a
+    /// clean stop: nothing may be staged, and the backend must hold every applied entry
+    /// durably. Returns the file's length.
+    pub fn save_index(&self, path: &Path) -> std::io::Result<u64> {
+        if !(self.staged.is_empty() && self.staged_runs.is_empty()) {
+            return Err(std::io::Error::other(
+                "writes are staged: the backend is behind the index",
+            ));
+        }
+        let mut bytes = Vec::with_capacity(64 + self.index.approx_bytes() / 2);
+        bytes.extend_from_slice(SAVED_INDEX_MAGIC);
+        bytes.extend_from_slice(&self.consistent_index.to_le_bytes());
+        bytes.extend_from_slice(&self.current_rev.to_le_bytes());
+        bytes.extend_from_slice(&self.compact_rev.to_le_bytes());
+        let runs_bytes = self.in_use_bytes.saturating_sub(self.meta_bytes_at_open);
+        bytes.extend_from_slice(&runs_bytes.to_le_bytes());
+        self.index
+            .encode_saved(&mut bytes, &|key| self.leases.lease_of(key).unwrap_or(0));
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let part = path.with_extension("part");
+        {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&part)?;
+            file.write_all(&bytes)?;
+            file.sync_data()?;
+        }
+        std::fs::rename(&part, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(bytes.len() as u64)
     }
 
     pub fn alarms(&self) -> &AlarmTable {

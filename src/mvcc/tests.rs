@@ -845,3 +845,61 @@ fn a_cut_run_is_reported_as_corrupt_at_open() {
         Err(MvccError::Corrupt { .. })
     ));
 }
+
+#[test]
+fn index_fields_read_in_place_what_a_full_decode_reads() {
+    use crate::proto::mvccpb::KeyValue;
+    use prost::Message;
+    let cases = [
+        KeyValue::default(),
+        KeyValue {
+            key: b"a".to_vec(),
+            create_revision: 2,
+            mod_revision: 9,
+            version: 3,
+            value: vec![7; 70_000],
+            lease: 0x7fff_ffff_ffff,
+        },
+        KeyValue {
+            key: vec![0xff; 300],
+            mod_revision: 1,
+            ..Default::default()
+        },
+    ];
+    for kv in cases {
+        let bytes = kv.encode_to_vec();
+        let fields = store::index_fields(&bytes).expect("decodes");
+        assert_eq!(
+            (
+                fields.key,
+                fields.create_revision,
+                fields.version,
+                fields.lease
+            ),
+            (kv.key.as_slice(), kv.create_revision, kv.version, kv.lease)
+        );
+        if !bytes.is_empty() {
+            assert!(
+                store::index_fields(&bytes[..bytes.len() - 1]).is_err(),
+                "a cut record is an error"
+            );
+        }
+    }
+    // Fields it does not know are skipped by their wire type (fixed64, fixed32, bytes).
+    let mut unknown = vec![(9 << 3) | 1];
+    unknown.extend_from_slice(&[0; 8]);
+    unknown.extend_from_slice(&[
+        (10 << 3) | 5,
+        0,
+        0,
+        0,
+        0,
+        (11 << 3) | 2,
+        1,
+        0,
+        (1 << 3) | 2,
+        1,
+        b'k',
+    ]);
+    assert_eq!(store::index_fields(&unknown).expect("decodes").key, b"k");
+}

@@ -216,6 +216,12 @@ impl KvServer {
         &self.store
     }
 
+    /// Saves the key index for the next start (`MvccStore::save_index`): at a clean stop, once
+    /// the apply loop has ended and the backend is flushed.
+    pub fn save_index(&self, path: &std::path::Path) -> std::io::Result<u64> {
+        self.read_store().save_index(path)
+    }
+
     pub(super) fn read_store(&self) -> std::sync::RwLockReadGuard<'_, MvccStore> {
         self.store.read().unwrap_or_else(|p| p.into_inner())
     }

@@ -53,6 +53,9 @@ pub struct MemberConfig {
     pub watch_progress_notify_interval: Duration,
     /// `--bcrypt-cost`, `--auth-token-ttl`.
     pub auth: super::auth::AuthConfig,
+    /// Where a clean stop saves the key index for the next start to load instead of scanning
+    /// the whole backend (`None`: every start scans; the simulator).
+    pub saved_index: Option<PathBuf>,
 }
 
 impl MemberConfig {
@@ -95,7 +98,7 @@ pub fn start_member(
     inbox: Inbox,
     clock: Arc<dyn Clock>,
 ) -> Result<RunningMember, StartError> {
-    let store = MvccStore::open(backend)?;
+    let store = MvccStore::open_with_saved_index(backend, config.saved_index.as_deref())?;
     let consistent_index = store.consistent_index();
     tracing::info!(
         revision = store.current_rev(),

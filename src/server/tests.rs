@@ -34,6 +34,7 @@ fn config(id: u64, voters: &[u64], root: &std::path::Path) -> MemberConfig {
         snapshot_catch_up_entries: 10,
         snapshot_chunk_bytes: 4096,
         initial_members: vec![],
+        saved_index: None,
     }
 }
 
