@@ -210,7 +210,6 @@ impl Cluster {
                 snapshot_chunk_bytes: self.settings.snapshot_chunk_bytes,
                 // The names and URLs `add` gives every member.
                 initial_members: member
-                saved_index: None,
                     .initial_voters
                     .iter()
                     .map(|voter| Member {
@@ -220,6 +219,7 @@ impl Cluster {
                         ..Default::default()
                     })
                     .collect(),
+                saved_index: None,
             };
             (
                 config,
