@@ -355,9 +355,19 @@ fn whole<'a>(
 /// The sled batch that carries out `batch` on `tree` as it is now: large values split into
 /// pieces, and the pieces of values overwritten or deleted removed.
 fn sled_batch(tree: &sled::Tree, batch: WriteBatch) -> Result<sled::Batch, BackendError> {
+    pieces_batch(Some(tree), batch, &mut HashMap::new())
+}
+
+/// `sled_batch`, knowing from `pieces_now` the pieces of every key written earlier (by this
+/// batch, or by earlier ones it was told of). `tree` is asked about the other keys; with no
+/// tree (a store being filled from empty, `replace_all`) they have none, and no key is looked
+/// up.
+fn pieces_batch(
+    tree: Option<&sled::Tree>,
+    batch: WriteBatch,
+    pieces_now: &mut HashMap<Vec<u8>, u32>,
+) -> Result<sled::Batch, BackendError> {
     let mut out = sled::Batch::default();
-    // Pieces a key has after this batch's earlier ops (sled sees none of them yet).
-    let mut pieces_now: HashMap<Vec<u8>, u32> = HashMap::new();
     for op in batch.ops {
         let key = match &op {
             BatchOp::Put(key, _) | BatchOp::Delete(key) => key,
@@ -368,9 +378,10 @@ fn sled_batch(tree: &sled::Tree, batch: WriteBatch) -> Result<sled::Batch, Backe
                 key.escape_ascii().to_string()
             )));
         }
-        let before = match pieces_now.get(key) {
-            Some(pieces) => *pieces,
-            None => match tree.get(key)? {
+        let before = match (pieces_now.get(key), tree) {
+            (Some(pieces), _) => *pieces,
+            (None, None) => 0,
+            (None, Some(tree)) => match tree.get(key)? {
                 Some(stored) => descriptor(key, &stored)?.map_or(0, |(_, pieces)| pieces),
                 None => 0,
             },
@@ -556,6 +567,8 @@ impl Backend for SledBackend {
         let (new, new_dir) = self.open_next_generation(&old_dir)?;
         let filled = (|| -> Result<u64, BackendError> {
             let mut batch = WriteBatch::default();
+            // The new store starts empty: only keys written here can have pieces.
+            let mut pieced = HashMap::new();
             let (mut keys, mut batch_bytes, mut unflushed) = (0u64, 0u64, 0u64);
             while let Some((key, value)) = next()? {
                 let bytes = (key.len() + value.len()) as u64;
@@ -564,7 +577,7 @@ impl Backend for SledBackend {
                 batch_bytes += bytes;
                 unflushed += bytes;
                 if keys.is_multiple_of(DEFRAG_BATCH_KEYS) || batch_bytes >= REPLACE_BATCH_BYTES {
-                    new.apply_batch(sled_batch(&new, std::mem::take(&mut batch))?)?;
+                    new.apply_batch(pieces_batch(None, std::mem::take(&mut batch), &mut pieced)?)?;
                     batch_bytes = 0;
                 }
                 if unflushed >= REPLACE_FLUSH_BYTES {
@@ -572,7 +585,7 @@ impl Backend for SledBackend {
                     unflushed = 0;
                 }
             }
-            new.apply_batch(sled_batch(&new, batch)?)?;
+            new.apply_batch(pieces_batch(None, batch, &mut pieced)?)?;
             new.flush()?;
             Ok(keys)
         })();
@@ -673,6 +686,29 @@ mod tests {
         backend.defragment().expect("defragment");
         assert_eq!(backend.get(b"big2").expect("get"), Some(vec![4; 40 << 10]));
         assert_eq!(contents(&backend).len(), 2);
+        // Replaced by pairs where one key comes twice, large then smaller: the later wins and
+        // the earlier one's pieces are gone.
+        let mut pairs = vec![
+            (b"a".to_vec(), vec![5; 10 * PIECE_BYTES]),
+            (b"b".to_vec(), vec![6; 2 * PIECE_BYTES]),
+            (b"a".to_vec(), vec![7; 3 * PIECE_BYTES]),
+        ]
+        .into_iter();
+        assert_eq!(
+            backend
+                .replace_all(&mut || Ok(pairs.next()))
+                .expect("replace"),
+            3
+        );
+        assert_eq!(
+            backend.get(b"a").expect("get"),
+            Some(vec![7; 3 * PIECE_BYTES])
+        );
+        assert_eq!(
+            raw(&backend).len(),
+            2 + 3 + 2,
+            "two descriptors and their pieces only"
+        );
     }
 
     #[test]
