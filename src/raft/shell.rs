@@ -123,6 +123,8 @@ enum Command {
     OfferSnapshot {
         index: u64,
         data: Vec<u8>,
+        /// Answered once raft's storage holds the offer.
+        taken: oneshot::Sender<()>,
     },
     /// Shut down: finish this turn, sync the WAL, and end (the apply loop then drains).
     Stop,
@@ -213,10 +215,14 @@ impl NodeHandle {
         let _ = self.control.send(Command::Stop).await;
     }
 
-    /// Hands raft the applied state at `index`, for followers behind the compacted log.
+    /// Hands raft the applied state at `index`, for followers behind the compacted log;
+    /// returns once raft's storage holds it (what raft asks for from then on is answered
+    /// with it, if it will do).
     pub async fn offer_snapshot(&self, index: u64, data: Vec<u8>) -> Result<(), NodeError> {
-        self.send_control(Command::OfferSnapshot { index, data })
-            .await
+        let (taken, on_taken) = oneshot::channel();
+        self.send_control(Command::OfferSnapshot { index, data, taken })
+            .await?;
+        on_taken.await.map_err(|_| NodeError::Stopped)
     }
 
     /// Asks for a snapshot at `index`: everything up to it is applied and flushed. At most
@@ -554,7 +560,10 @@ impl Shell {
             Command::Progress { reply } => {
                 let _ = reply.send(self.core.progress());
             }
-            Command::OfferSnapshot { index, data } => self.core.offer_snapshot(index, data),
+            Command::OfferSnapshot { index, data, taken } => {
+                self.core.offer_snapshot(index, data);
+                let _ = taken.send(());
+            }
             Command::Snapshot { index, keep } => {
                 if let Err(e) = self.snapshot(index, keep) {
                     tracing::error!(index, error = %e, "snapshot failed");

@@ -40,6 +40,17 @@ impl SnapshotRequests {
         self.notify.notify_one();
     }
 
+    /// A snapshot was just offered (raft's storage holds it): the requests raft made while it
+    /// was being built asked for what it answers, so they are dropped. Without this, a request
+    /// made during a long build (raft asks at every heartbeat) had a second image of the same
+    /// state built right after the first: measured, 6.4 s more for a 2.2 GB image, and the
+    /// transfer of the first competing with the build of the second. A request the offer
+    /// cannot answer (it leaves the follower out, its image is gone) is made again at raft's
+    /// next heartbeat and builds a new one.
+    pub fn offered(&self) {
+        self.wanted.store(false, Ordering::Release);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Snapshot>> {
         self.latest.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -187,6 +198,33 @@ mod tests {
                 .index,
             11
         );
+    }
+
+    #[test]
+    fn asks_made_while_an_offer_was_built_are_answered_by_it_not_by_a_second_build() {
+        let storage = compacted_storage();
+        assert!(unavailable(storage.snapshot(0, 2)));
+        // The apply loop takes the request and builds; raft asks again at each heartbeat.
+        assert!(storage.snapshots.wanted.swap(false, Ordering::AcqRel));
+        assert!(unavailable(storage.snapshot(0, 2)));
+        assert!(storage.snapshots.wanted.load(Ordering::Acquire));
+        storage.set_latest(snapshot_at(20, vec![1, 2]));
+        storage.snapshots.offered();
+        assert!(
+            !storage.snapshots.wanted.load(Ordering::Acquire),
+            "no second image of the same state"
+        );
+        assert_eq!(
+            storage
+                .snapshot(0, 2)
+                .expect("offered")
+                .get_metadata()
+                .index,
+            20
+        );
+        // An ask the offer cannot answer still raises a request.
+        assert!(unavailable(storage.snapshot(0, 3)));
+        assert!(storage.snapshots.wanted.load(Ordering::Acquire));
     }
 
     #[test]

@@ -549,7 +549,14 @@ impl ApplyLoop {
             "offering a snapshot for a follower"
         );
         // A stopped node needs no snapshot.
-        let _ = self.node.offer_snapshot(index, image.descriptor()).await;
+        if self
+            .node
+            .offer_snapshot(index, image.descriptor())
+            .await
+            .is_ok()
+        {
+            self.snapshot_requests.offered();
+        }
         Ok(())
     }
 
