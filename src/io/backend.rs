@@ -74,7 +74,35 @@ pub trait Backend: Send + Sync {
     /// and once it returns `Ok` the new ones are durable. The pairs are taken a batch at a
     /// time, so contents of any size go through bounded memory. The caller applies nothing
     /// meanwhile. Returns the number of pairs.
-    fn replace_all(&self, next: &mut PairSource<'_>) -> Result<u64, BackendError>;
+    fn replace_all(&self, next: &mut PairSource<'_>) -> Result<u64, BackendError> {
+        let staged = self.stage_replacement(next)?;
+        self.install_replacement(staged)
+    }
+    /// `replace_all` in two steps. This one, the long one, writes the new contents aside,
+    /// durably, and leaves the store's own as they are: reads go on seeing them whole. The
+    /// caller applies nothing until it installs or drops the result (dropped, it is removed).
+    fn stage_replacement(&self, next: &mut PairSource<'_>) -> Result<StagedContents, BackendError>;
+    /// Makes staged contents the store's, atomically and durably (a crash leaves the old or
+    /// the new contents, whole): a short step. Returns the number of pairs.
+    fn install_replacement(&self, staged: StagedContents) -> Result<u64, BackendError>;
+}
+
+/// New contents a backend wrote aside (`Backend::stage_replacement`), not yet its own.
+pub struct StagedContents {
+    /// The backend's own description of them.
+    pub(crate) inner: Box<dyn std::any::Any + Send>,
+    pub(crate) pairs: u64,
+}
+
+impl StagedContents {
+    /// The description, if it is `T` (contents staged by this kind of backend).
+    pub(crate) fn into_inner<T: 'static>(self) -> Result<(Box<T>, u64), BackendError> {
+        let pairs = self.pairs;
+        self.inner
+            .downcast::<T>()
+            .map(|inner| (inner, pairs))
+            .map_err(|_| BackendError::Store("contents staged by another kind of backend".into()))
+    }
 }
 
 /// Yields a backend's new contents a pair at a time (`replace_all`).
@@ -193,7 +221,7 @@ impl Backend for MemBackend {
         Ok(())
     }
 
-    fn replace_all(&self, next: &mut PairSource<'_>) -> Result<u64, BackendError> {
+    fn stage_replacement(&self, next: &mut PairSource<'_>) -> Result<StagedContents, BackendError> {
         let mut contents = BTreeMap::new();
         let mut bytes = 0;
         while let Some((key, value)) = next()? {
@@ -201,6 +229,16 @@ impl Backend for MemBackend {
             contents.insert(key, value);
         }
         let pairs = contents.len() as u64;
+        Ok(StagedContents {
+            inner: Box::new((contents, bytes)),
+            pairs,
+        })
+    }
+
+    fn install_replacement(&self, staged: StagedContents) -> Result<u64, BackendError> {
+        type Contents = (BTreeMap<Vec<u8>, Vec<u8>>, u64);
+        let (contents, pairs) = staged.into_inner::<Contents>()?;
+        let (contents, bytes) = *contents;
         let mut images = self.lock();
         images.durable = contents.clone();
         images.live = contents;
@@ -387,6 +425,37 @@ pub mod conformance {
             reopened.get(b"r00000").expect("get"),
             Some(vec![7u8; 100]),
             "a failed replacement changes nothing"
+        );
+        // In two steps: staged contents are not the store's until installed, and staged
+        // contents dropped change nothing.
+        let mut pairs = (0..3u8).map(|i| (vec![b'n', i], vec![i; 10]));
+        let staged = reopened
+            .stage_replacement(&mut || Ok(pairs.next()))
+            .expect("stage");
+        assert_eq!(
+            reopened.get(b"r00000").expect("get"),
+            Some(vec![7u8; 100]),
+            "reads see the old contents while new ones are staged"
+        );
+        assert_eq!(reopened.get(&[b'n', 1]).expect("get"), None);
+        drop(staged);
+        assert_eq!(reopened.get(b"r00000").expect("get"), Some(vec![7u8; 100]));
+        let mut pairs = (0..3u8).map(|i| (vec![b'n', i], vec![i; 10]));
+        let staged = reopened
+            .stage_replacement(&mut || Ok(pairs.next()))
+            .expect("stage");
+        assert_eq!(reopened.install_replacement(staged).expect("install"), 3);
+        assert_eq!(
+            reopened.get(b"r00000").expect("get"),
+            None,
+            "the old contents go"
+        );
+        assert_eq!(reopened.get(&[b'n', 1]).expect("get"), Some(vec![1; 10]));
+        drop(reopened);
+        assert_eq!(
+            open().get(&[b'n', 2]).expect("get"),
+            Some(vec![2; 10]),
+            "installed contents survive reopen"
         );
     }
 }

@@ -13,7 +13,7 @@ mod sled_backend;
 pub mod tcp;
 pub mod transport;
 
-pub use backend::{Backend, BackendError, BatchOp, MemBackend, WriteBatch};
+pub use backend::{Backend, BackendError, BatchOp, MemBackend, StagedContents, WriteBatch};
 pub use clock::{Clock, TokioClock};
 pub use disk::{Disk, DiskFile, StdDisk};
 pub use rng::{os_seed, seeded_rng, SeededRng};

@@ -18,9 +18,10 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::{Mutex, RwLock};
 
-use super::backend::{Backend, BackendError, BatchOp, PairSource, WriteBatch};
+use super::backend::{Backend, BackendError, BatchOp, PairSource, StagedContents, WriteBatch};
 
 /// Production backend on sled.
 pub struct SledBackend {
@@ -36,6 +37,29 @@ pub struct SledBackend {
     applied_during_copy: Mutex<Option<Vec<WriteBatch>>>,
     /// One defragmentation at a time.
     defragmenting: Mutex<()>,
+    /// Contents are staged in the next generation's directory (`stage_replacement`) and not
+    /// yet installed or dropped: a defragmentation would take that directory, so it waits.
+    staged: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Contents `stage_replacement` wrote in the next generation's directory.
+struct SledStaged {
+    /// `None` once installed.
+    db: Option<sled::Db>,
+    dir: PathBuf,
+    staged: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for SledStaged {
+    fn drop(&mut self) {
+        if let Some(db) = self.db.take() {
+            // Never installed: the directory goes (the next open would remove it anyway).
+            drop(db);
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        self.staged
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// How old a measured size on disk may be before it is measured again.
@@ -94,6 +118,7 @@ impl SledBackend {
             size: Mutex::new((0, None)),
             applied_during_copy: Mutex::new(None),
             defragmenting: Mutex::new(()),
+            staged: Arc::default(),
         })
     }
 
@@ -506,6 +531,11 @@ impl Backend for SledBackend {
             .defragmenting
             .try_lock()
             .map_err(|_| BackendError::Store("a defragmentation is already running".into()))?;
+        if self.staged.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(BackendError::Store(
+                "a snapshot is being restored; defragment when it is done".into(),
+            ));
+        }
         let old_dir = self.dir();
         let (copy, copy_dir) = self.open_next_generation(&old_dir)?;
         {
@@ -561,10 +591,27 @@ impl Backend for SledBackend {
 
     /// Writes the pairs into the next generation's directory, a batch at a time, makes it
     /// durable, and points `db.current` at it (the atomic step); the old directory goes.
-    fn replace_all(&self, next: &mut PairSource<'_>) -> Result<u64, BackendError> {
+    fn stage_replacement(&self, next: &mut PairSource<'_>) -> Result<StagedContents, BackendError> {
         let _no_defragmentation = self.defragmenting.lock().unwrap_or_else(|p| p.into_inner());
+        if self.staged.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return Err(BackendError::Store(
+                "contents are already staged to replace the store".into(),
+            ));
+        }
         let old_dir = self.dir();
-        let (new, new_dir) = self.open_next_generation(&old_dir)?;
+        let (new, new_dir) = match self.open_next_generation(&old_dir) {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.staged
+                    .store(false, std::sync::atomic::Ordering::Release);
+                return Err(e);
+            }
+        };
+        let staged = SledStaged {
+            db: Some(new.clone()),
+            dir: new_dir,
+            staged: self.staged.clone(),
+        };
         let filled = (|| -> Result<u64, BackendError> {
             let mut batch = WriteBatch::default();
             // The new store starts empty: only keys written here can have pieces.
@@ -589,13 +636,25 @@ impl Backend for SledBackend {
             new.flush()?;
             Ok(keys)
         })();
-        let keys = match filled.and_then(|keys| self.set_current(&new_dir).map(|_| keys)) {
-            Ok(keys) => keys,
-            Err(e) => {
-                drop(new);
-                let _ = std::fs::remove_dir_all(&new_dir);
-                return Err(e);
-            }
+        drop(new);
+        // On an error, dropping `staged` removes what was written.
+        let pairs = filled?;
+        Ok(StagedContents {
+            inner: Box::new(staged),
+            pairs,
+        })
+    }
+
+    fn install_replacement(&self, staged: StagedContents) -> Result<u64, BackendError> {
+        let (mut staged, keys) = staged.into_inner::<SledStaged>()?;
+        let old_dir = self.dir();
+        let new_dir = staged.dir.clone();
+        // An error leaves the old contents, and dropping `staged` removes the new ones.
+        self.set_current(&new_dir)?;
+        let Some(new) = staged.db.take() else {
+            return Err(BackendError::Store(
+                "staged contents installed twice".into(),
+            ));
         };
         let old = {
             let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
@@ -606,6 +665,8 @@ impl Backend for SledBackend {
         if let Err(e) = std::fs::remove_dir_all(&old_dir) {
             tracing::warn!(path = %old_dir.display(), error = %e, "cannot remove the store a snapshot replaced");
         }
+        // Only now may a defragmentation take the next generation's directory.
+        drop(staged);
         Ok(keys)
     }
 }
@@ -635,6 +696,38 @@ mod tests {
         db.0.iter()
             .map(|item| item.map(|(k, v)| (k.to_vec(), v.len())).expect("raw"))
             .collect()
+    }
+
+    #[test]
+    fn staged_contents_hold_off_defragmentation_and_go_when_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = SledBackend::open(&dir.path().join("db")).expect("open");
+        let mut batch = WriteBatch::default();
+        batch.put(b"old".to_vec(), b"1".to_vec());
+        backend.apply(batch).expect("apply");
+        let entries = || std::fs::read_dir(dir.path()).expect("ls").count();
+        let before = entries();
+        let mut pairs = std::iter::once((b"new".to_vec(), b"2".to_vec()));
+        let staged = backend
+            .stage_replacement(&mut || Ok(pairs.next()))
+            .expect("stage");
+        assert_eq!(entries(), before + 1, "the next generation's directory");
+        assert!(
+            backend.defragment().is_err(),
+            "a defragmentation would take the staged directory"
+        );
+        let mut pairs = std::iter::empty();
+        assert!(
+            backend.stage_replacement(&mut || Ok(pairs.next())).is_err(),
+            "one staging at a time"
+        );
+        drop(staged);
+        assert_eq!(entries(), before, "dropped staged contents are removed");
+        assert_eq!(backend.get(b"old").expect("get"), Some(b"1".to_vec()));
+        backend
+            .defragment()
+            .expect("defragment once nothing is staged");
+        assert_eq!(backend.get(b"old").expect("get"), Some(b"1".to_vec()));
     }
 
     #[test]

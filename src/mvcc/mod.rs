@@ -20,7 +20,7 @@ pub use revision::{
     decode_u64, encode_u64, meta_key, parse_run_key, records, Revision, META_CONSISTENT_INDEX,
     RUN_BYTES,
 };
-pub use snapshot::{ImageReader, IMAGE_ALIGN};
+pub use snapshot::{ImageReader, StagedRestore, IMAGE_ALIGN};
 pub use store::MvccStore;
 pub use write::{ApplyOutcome, ApplyResult};
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::error::MvccError;
 use super::revision::{encode_u64, meta_key, META_CONSISTENT_INDEX, RUN_PREFIX};
 use super::store::{IndexBuild, MvccStore};
-use crate::io::{Backend, WriteBatch};
+use crate::io::Backend;
 
 const MAGIC: &[u8; 6] = b"QKVDB1";
 
@@ -208,13 +208,22 @@ impl MvccStore {
     /// image of any size is restored in bounded memory. Atomic: a crash, or an image found
     /// damaged partway, leaves the store as it was.
     pub fn restore_from(&mut self, index: u64, image: impl std::io::Read) -> Result<(), MvccError> {
+        let staged = self.stage_restore(index, image)?;
+        self.install_restore(staged)
+    }
+
+    /// The long step of `restore_from`, which needs only `&self`: writes the image's state
+    /// aside in the backend and builds its key index, while the store's own state stays
+    /// readable as it was. The caller applies nothing until it installs or drops the result.
+    pub fn stage_restore(
+        &self,
+        index: u64,
+        image: impl std::io::Read,
+    ) -> Result<StagedRestore, MvccError> {
         assert!(
             self.writing_values.is_empty(),
             "restore while a staged batch is being written"
         );
-        self.staged = WriteBatch::default();
-        self.staged_runs.clear();
-        self.staged_values.clear();
         let mut reader = ImageReader::new(image);
         let mut image_error = None;
         let mut ended = false;
@@ -248,11 +257,25 @@ impl MvccStore {
                 }
             }
         };
-        let replaced = self.backend.replace_all(&mut next);
+        let staged = self.backend.stage_replacement(&mut next);
         if let Some(e) = image_error {
             return Err(e);
         }
-        replaced?;
+        Ok(StagedRestore {
+            index,
+            contents: staged?,
+            build,
+        })
+    }
+
+    /// The short step of `restore_from`: the staged state becomes the store's.
+    pub fn install_restore(&mut self, staged: StagedRestore) -> Result<(), MvccError> {
+        let StagedRestore {
+            index,
+            contents,
+            build,
+        } = staged;
+        self.backend.install_replacement(contents)?;
         let backend: Arc<dyn Backend> = self.backend.clone();
         let min_lease_ttl = self.leases.min_ttl();
         let publish_events = self.publish_events;
@@ -266,6 +289,13 @@ impl MvccStore {
         debug_assert_eq!(self.consistent_index, index);
         Ok(())
     }
+}
+
+/// A snapshot's state written aside (`MvccStore::stage_restore`), to install.
+pub struct StagedRestore {
+    index: u64,
+    contents: crate::io::StagedContents,
+    build: IndexBuild,
 }
 
 #[cfg(test)]
@@ -357,6 +387,33 @@ pub(super) mod tests {
             7,
             "the refused restore changed nothing"
         );
+    }
+
+    #[test]
+    fn a_staged_restore_leaves_the_old_state_readable_until_installed() {
+        let mut leader = MvccStore::open(Arc::new(MemBackend::new())).expect("open");
+        put(&mut leader, 1, "a", "new");
+        let data = leader.snapshot_data().expect("dump");
+        let mut follower = MvccStore::open(Arc::new(MemBackend::new())).expect("open");
+        put(&mut follower, 1, "a", "old");
+        follower.flush_staged().expect("flush");
+        let get = |store: &MvccStore| {
+            let req = RangeRequest {
+                key: b"a".to_vec(),
+                ..Default::default()
+            };
+            store.range(&req).expect("range").kvs[0].value.clone()
+        };
+        let staged = follower.stage_restore(9, data.as_slice()).expect("stage");
+        assert_eq!(
+            get(&follower),
+            b"old",
+            "reads meanwhile see the state before"
+        );
+        assert_eq!(follower.consistent_index(), 1);
+        follower.install_restore(staged).expect("install");
+        assert_eq!(get(&follower), b"new");
+        assert_eq!(follower.consistent_index(), 9);
     }
 
     #[test]
