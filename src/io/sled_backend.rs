@@ -589,8 +589,9 @@ impl Backend for SledBackend {
         Ok(())
     }
 
-    /// Writes the pairs into the next generation's directory, a batch at a time, makes it
-    /// durable, and points `db.current` at it (the atomic step); the old directory goes.
+    /// Writes the pairs into the next generation's directory, a batch at a time, and makes it
+    /// durable; `install_replacement` then points `db.current` at it (the atomic step) and
+    /// removes the old directory.
     fn stage_replacement(&self, next: &mut PairSource<'_>) -> Result<StagedContents, BackendError> {
         let _no_defragmentation = self.defragmenting.lock().unwrap_or_else(|p| p.into_inner());
         if self.staged.swap(true, std::sync::atomic::Ordering::AcqRel) {
