@@ -73,7 +73,7 @@ pub trait Backend: Send + Sync {
     /// two pairs with one key, the later wins), atomically: a crash during it leaves the old contents, whole,
     /// and once it returns `Ok` the new ones are durable. The pairs are taken a batch at a
     /// time, so contents of any size go through bounded memory. The caller applies nothing
-    /// meanwhile. Returns the number of pairs.
+    /// meanwhile. Returns the number of pairs taken from `next`.
     fn replace_all(&self, next: &mut PairSource<'_>) -> Result<u64, BackendError> {
         let staged = self.stage_replacement(next)?;
         self.install_replacement(staged)
@@ -222,13 +222,17 @@ impl Backend for MemBackend {
     }
 
     fn stage_replacement(&self, next: &mut PairSource<'_>) -> Result<StagedContents, BackendError> {
-        let mut contents = BTreeMap::new();
-        let mut bytes = 0;
+        let mut contents: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let (mut bytes, mut pairs) = (0, 0u64);
         while let Some((key, value)) = next()? {
+            pairs += 1;
+            // A key given twice: the later pair wins, and only its bytes count.
+            if let Some(old) = contents.get(&key) {
+                bytes -= entry_bytes(&key, old);
+            }
             bytes += entry_bytes(&key, &value);
             contents.insert(key, value);
         }
-        let pairs = contents.len() as u64;
         Ok(StagedContents {
             inner: Box::new((contents, bytes)),
             pairs,
@@ -457,6 +461,16 @@ pub mod conformance {
             Some(vec![2; 10]),
             "installed contents survive reopen"
         );
+        // A key given twice: both pairs are counted as taken, and the later one wins.
+        let again = open();
+        let mut twice = vec![(b"t".to_vec(), vec![1; 50]), (b"t".to_vec(), vec![2; 5])].into_iter();
+        assert_eq!(
+            again
+                .replace_all(&mut || Ok(twice.next()))
+                .expect("replace_all"),
+            2
+        );
+        assert_eq!(again.get(b"t").expect("get"), Some(vec![2; 5]));
     }
 }
 

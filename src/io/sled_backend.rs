@@ -599,20 +599,15 @@ impl Backend for SledBackend {
                 "contents are already staged to replace the store".into(),
             ));
         }
-        let old_dir = self.dir();
-        let (new, new_dir) = match self.open_next_generation(&old_dir) {
-            Ok(opened) => opened,
-            Err(e) => {
-                self.staged
-                    .store(false, std::sync::atomic::Ordering::Release);
-                return Err(e);
-            }
-        };
-        let staged = SledStaged {
-            db: Some(new.clone()),
-            dir: new_dir,
+        // From here, dropping `staged` (on any error) lowers the flag again.
+        let mut staged = SledStaged {
+            db: None,
+            dir: PathBuf::new(),
             staged: self.staged.clone(),
         };
+        let (new, new_dir) = self.open_next_generation(&self.dir())?;
+        staged.db = Some(new.clone());
+        staged.dir = new_dir;
         let filled = (|| -> Result<u64, BackendError> {
             let mut batch = WriteBatch::default();
             // The new store starts empty: only keys written here can have pieces.
