@@ -3,9 +3,7 @@
 //! A generation is one life of a key, from its creation to its deletion (tombstone). The index
 //! answers "which revision holds key K as of revision R" without touching the backend.
 
-use std::collections::{BTreeMap, HashSet};
-use std::ops::Bound;
-use std::sync::Arc;
+use std::collections::HashSet;
 
 use smallvec::SmallVec;
 
@@ -25,7 +23,7 @@ struct Generation {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KeyIndex {
+struct KeyIndex {
     /// Earlier lives of the key, each ended by a tombstone, oldest first (usually none: only a
     /// key deleted and written again since the last compaction has one).
     closed: Vec<Generation>,
@@ -71,7 +69,7 @@ impl KeyIndex {
     }
 
     /// The state of the key as of `at` (main revision), or `None` if it did not exist then.
-    pub fn get(&self, at: i64) -> Option<KeyAt> {
+    fn get(&self, at: i64) -> Option<KeyAt> {
         // Newest life first: the open one, then the closed ones.
         let lives =
             std::iter::once((&self.open, false)).chain(self.closed.iter().rev().map(|g| (g, true)));
@@ -148,90 +146,282 @@ impl KeyIndex {
     }
 }
 
-/// Keys up to this many bytes are stored inline, in the slots and the tree's nodes.
-const INLINE_KEY_BYTES: usize = 30;
+/// A revision in one word: `main` in the high bits, `sub` in the low `SUB_BITS`. A revision
+/// outside that range (a `sub` of a million or more, a `main` past 2^43) is never packed: its key
+/// keeps its lives in the general form instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Packed(u64);
 
-/// A key as the index stores it: short keys (the common case) inline, longer ones on the heap,
-/// shared by the slot and the tree, so that comparing a short key reads that slot or node,
-/// without a pointer to follow (and, with many keys, a cache miss).
-#[derive(Clone)]
-enum IndexKey {
-    Inline {
-        len: u8,
-        bytes: [u8; INLINE_KEY_BYTES],
-    },
-    Heap(Arc<[u8]>),
+const SUB_BITS: u32 = 20;
+
+impl Packed {
+    fn new(rev: Revision) -> Option<Packed> {
+        let main = u64::try_from(rev.main).ok()?;
+        let sub = u64::try_from(rev.sub).ok()?;
+        (main < 1 << (63 - SUB_BITS) && sub < 1 << SUB_BITS)
+            .then_some(Packed(main << SUB_BITS | sub))
+    }
+
+    fn get(self) -> Revision {
+        Revision::new(
+            (self.0 >> SUB_BITS) as i64,
+            (self.0 & ((1 << SUB_BITS) - 1)) as i64,
+        )
+    }
 }
 
-impl IndexKey {
-    fn new(key: &[u8]) -> IndexKey {
-        if key.len() <= INLINE_KEY_BYTES {
-            let mut bytes = [0; INLINE_KEY_BYTES];
-            bytes[..key.len()].copy_from_slice(key);
-            IndexKey::Inline {
-                len: key.len() as u8,
-                bytes,
+/// A key's lives. Most keys, between compactions, have one life and one revision in it: that
+/// is held in the slot, in 24 bytes; a key with more (written again, deleted) has the general
+/// form on the heap until a compaction leaves it one revision again.
+#[derive(Debug, Clone, Default)]
+enum Lives {
+    /// A free slot (or one whose key is being added).
+    #[default]
+    None,
+    One {
+        created: Packed,
+        modified: Packed,
+        version: u32,
+    },
+    Many(Box<KeyIndex>),
+}
+
+impl Lives {
+    /// `index` in the compact form when it fits, else boxed.
+    fn from(index: KeyIndex) -> Lives {
+        if index.closed.is_empty() && index.open.revs.len() == 1 {
+            if let (Some(created), Some(modified), Ok(version)) = (
+                Packed::new(index.open.created),
+                Packed::new(index.open.revs[0]),
+                u32::try_from(index.open.version),
+            ) {
+                return Lives::One {
+                    created,
+                    modified,
+                    version,
+                };
             }
-        } else {
-            IndexKey::Heap(key.into())
         }
+        if index.is_empty() {
+            return Lives::None;
+        }
+        Lives::Many(Box::new(index))
     }
 
-    fn as_slice(&self) -> &[u8] {
+    /// The general form, to change (boxed from now on; a compaction may make it compact
+    /// again).
+    fn general(&mut self) -> &mut KeyIndex {
+        if !matches!(self, Lives::Many(_)) {
+            let index = match std::mem::take(self) {
+                Lives::One {
+                    created,
+                    modified,
+                    version,
+                } => KeyIndex {
+                    closed: Vec::new(),
+                    open: Generation {
+                        version: i64::from(version),
+                        created: created.get(),
+                        revs: Revs::from_elem(modified.get(), 1),
+                    },
+                },
+                Lives::None | Lives::Many(_) => KeyIndex::default(),
+            };
+            *self = Lives::Many(Box::new(index));
+        }
         match self {
-            IndexKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            IndexKey::Heap(bytes) => bytes,
+            Lives::Many(index) => index,
+            Lives::None | Lives::One { .. } => unreachable!("made general above"),
         }
     }
 
-    /// Heap bytes this takes (the shared allocation, counted once).
+    fn put(&mut self, rev: Revision) {
+        if let Lives::None = self {
+            if let Some(packed) = Packed::new(rev) {
+                *self = Lives::One {
+                    created: packed,
+                    modified: packed,
+                    version: 1,
+                };
+                return;
+            }
+        }
+        self.general().put(rev);
+    }
+
+    fn is_live(&self) -> bool {
+        match self {
+            Lives::None => false,
+            Lives::One { .. } => true,
+            Lives::Many(index) => index.is_live(),
+        }
+    }
+
+    fn get(&self, at: i64) -> Option<KeyAt> {
+        match self {
+            Lives::None => None,
+            Lives::One {
+                created,
+                modified,
+                version,
+            } => {
+                let modified = modified.get();
+                (modified.main <= at).then(|| KeyAt {
+                    modified,
+                    created: created.get(),
+                    version: i64::from(*version),
+                })
+            }
+            Lives::Many(index) => index.get(at),
+        }
+    }
+
+    /// As `KeyIndex::compact`; a key left with one revision goes back to the compact form.
+    fn compact(&mut self, at: i64, keep: &mut HashSet<Revision>) -> bool {
+        match self {
+            Lives::None => true,
+            Lives::One { modified, .. } => {
+                let modified = modified.get();
+                if modified.main <= at {
+                    keep.insert(modified);
+                }
+                false
+            }
+            Lives::Many(index) => {
+                let gone = index.compact(at, keep);
+                if !gone && index.closed.is_empty() && index.open.revs.len() == 1 {
+                    *self = Lives::from(std::mem::take(index));
+                }
+                gone
+            }
+        }
+    }
+
+    /// The general form's copy, for saving.
+    fn to_general(&self) -> KeyIndex {
+        let mut copy = self.clone();
+        std::mem::take(copy.general())
+    }
+
+    /// Heap bytes this takes beyond its own size.
     fn heap_bytes(&self) -> usize {
         match self {
-            IndexKey::Inline { .. } => 0,
-            IndexKey::Heap(bytes) => bytes.len() + ARC_HEADER_BYTES,
+            Lives::None | Lives::One { .. } => 0,
+            Lives::Many(index) => KEY_INDEX_BYTES + index.heap_bytes(),
         }
     }
 }
 
-// Ordered, compared and hashed as its bytes, so that the tree can be searched with a `&[u8]`.
-impl std::borrow::Borrow<[u8]> for IndexKey {
-    fn borrow(&self) -> &[u8] {
-        self.as_slice()
-    }
+/// Where a slot's key is in the key arena.
+#[derive(Debug, Clone, Copy, Default)]
+struct KeyRef {
+    at: u64,
+    len: u32,
 }
 
-impl PartialEq for IndexKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_slice() == other.as_slice()
-    }
-}
-
-impl Eq for IndexKey {}
-
-impl PartialOrd for IndexKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for IndexKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_slice().cmp(other.as_slice())
-    }
-}
-
-impl std::fmt::Debug for IndexKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", self.as_slice().escape_ascii().to_string())
-    }
-}
-
-/// One key of the index: its bytes and its lives.
+/// One key of the index: where its bytes are and its lives.
 #[derive(Debug, Clone, Default)]
 struct Slot {
-    /// `None` while the slot is free.
-    key: Option<IndexKey>,
-    index: KeyIndex,
+    key: KeyRef,
+    lives: Lives,
+}
+
+/// Every key's bytes, end to end in one buffer (a key is one `KeyRef` in its slot, not an
+/// allocation of its own). Keys removed by compaction leave their bytes behind until they are
+/// half the buffer, then the live keys are copied into a new one, in key order.
+#[derive(Default)]
+struct Arena {
+    bytes: Vec<u8>,
+    garbage: usize,
+}
+
+/// The slots and the arena, read together: a slot's key.
+#[derive(Clone, Copy)]
+struct Keys<'a> {
+    slots: &'a [Slot],
+    arena: &'a [u8],
+}
+
+impl<'a> Keys<'a> {
+    fn of(&self, slot: u32) -> &'a [u8] {
+        let key = self.slots[slot as usize].key;
+        let at = key.at as usize;
+        &self.arena[at..at + key.len as usize]
+    }
+}
+
+/// Slot numbers in key order: a sorted sequence cut into chunks of at most `CHUNK_MAX`, found
+/// by binary search over the chunks' first keys and then within a chunk (4 to 8 bytes a key;
+/// an insert moves at most one chunk's numbers).
+#[derive(Default)]
+struct Order {
+    chunks: Vec<Vec<u32>>,
+}
+
+const CHUNK_MAX: usize = 512;
+
+fn chunk() -> Vec<u32> {
+    Vec::with_capacity(CHUNK_MAX + 1)
+}
+
+impl Order {
+    /// Slots already in key order.
+    fn from_sorted(slots: impl IntoIterator<Item = u32>) -> Order {
+        let mut chunks = Vec::new();
+        let mut current = chunk();
+        for slot in slots {
+            if current.len() == CHUNK_MAX {
+                chunks.push(std::mem::replace(&mut current, chunk()));
+            }
+            current.push(slot);
+        }
+        if !current.is_empty() {
+            chunks.push(current);
+        }
+        Order { chunks }
+    }
+
+    /// The chunk and position of the first key at or after `key` (the position may be the
+    /// chunk's length: the next chunk's start).
+    fn lower_bound(&self, keys: Keys<'_>, key: &[u8]) -> (usize, usize) {
+        let after = self.chunks.partition_point(|c| keys.of(c[0]) <= key);
+        let Some(c) = after.checked_sub(1) else {
+            return (0, 0);
+        };
+        (c, self.chunks[c].partition_point(|s| keys.of(*s) < key))
+    }
+
+    fn insert(&mut self, keys: Keys<'_>, slot: u32, key: &[u8]) {
+        if self.chunks.is_empty() {
+            let mut first = chunk();
+            first.push(slot);
+            self.chunks.push(first);
+            return;
+        }
+        let (c, pos) = self.lower_bound(keys, key);
+        let last = c + 1 == self.chunks.len();
+        let current = &mut self.chunks[c];
+        current.insert(pos, slot);
+        if current.len() > CHUNK_MAX {
+            // Keys added in order (a fill, a load) fill each chunk; others split it in half.
+            let cut = if last && pos + 1 == current.len() {
+                current.len() - 1
+            } else {
+                current.len() / 2
+            };
+            let mut tail = chunk();
+            tail.extend(current.drain(cut..));
+            self.chunks.insert(c + 1, tail);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.chunks.iter().flatten().copied()
+    }
+
+    fn bytes(&self) -> usize {
+        self.chunks.len() * ((CHUNK_MAX + 1) * 4 + 24)
+    }
 }
 
 /// Keys that name a lease, and the lease.
@@ -243,19 +433,20 @@ pub struct TreeIndex {
     /// Every key's slot number, found by its key's hash: what a put, a delete and a single-key
     /// read look up. (Found in a tree instead, the search down to a key among 100,000 was 6 to
     /// 9% of the server's CPU in a 64-client put load: a cache miss or more at each level.)
-    /// Only the slot number is stored (4 bytes a key); the key is compared in its slot.
+    /// Only the slot number is stored (4 bytes a key); the key is compared in the arena.
     /// Hashed with aHash, keyed at random per process (std's SipHash cost twice as much).
     keys: hashbrown::HashTable<u32>,
     hasher: ahash::RandomState,
-    /// The same keys and slots, in order: for ranges, which go from the tree to the slot
-    /// without hashing (a paginated list's walk over a prefix looked every key up in `keys`,
-    /// most of its CPU).
-    order: BTreeMap<IndexKey, u32>,
-    /// The keys and their indexes, by slot number.
+    /// The same slots in key order: for ranges, which go from it to the slot without hashing
+    /// (a paginated list's walk over a prefix looked every key up in `keys`, most of its CPU).
+    order: Order,
+    /// The keys' places in the arena and their lives, by slot number.
     slots: Vec<Slot>,
+    arena: Arena,
     /// Slots of keys compaction removed, for new keys.
     free: Vec<u32>,
-    /// Roughly the bytes all this takes (`estimate`), kept as it changes.
+    /// Roughly the bytes the keys and their lives take (`estimate`), kept as it changes; the
+    /// order's chunks and the arena's garbage are added when asked.
     bytes: usize,
 }
 
@@ -263,24 +454,22 @@ impl std::fmt::Debug for TreeIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TreeIndex")
             .field("keys", &self.keys.len())
-            .field("bytes", &self.bytes)
+            .field("bytes", &self.approx_bytes())
             .finish()
     }
 }
 
-/// What a key takes besides its slot and its heap allocations: a slot number in the hash table
-/// (with its control byte and the table's spare room) and an entry in the tree's nodes (with
-/// their spare room). An estimate.
-const KEY_OVERHEAD_BYTES: usize = 16 + 64;
+/// What a key takes besides its slot, its bytes and its lives' heap: a slot number in the hash
+/// table with its control byte and the table's spare room. An estimate.
+const KEY_OVERHEAD_BYTES: usize = 6;
 const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 const REVISION_BYTES: usize = std::mem::size_of::<Revision>();
 const GENERATION_BYTES: usize = std::mem::size_of::<Generation>();
-/// An `Arc`'s counts, before its bytes.
-const ARC_HEADER_BYTES: usize = 16;
+const KEY_INDEX_BYTES: usize = std::mem::size_of::<KeyIndex>();
 
-/// Roughly the bytes the index takes for `key` and its `index`.
-fn estimate(key: &IndexKey, index: &KeyIndex) -> usize {
-    SLOT_BYTES + KEY_OVERHEAD_BYTES + key.heap_bytes() + index.heap_bytes()
+/// Roughly the bytes the index takes for a key of `key_len` bytes with `lives`.
+fn estimate(key_len: usize, lives: &Lives) -> usize {
+    SLOT_BYTES + KEY_OVERHEAD_BYTES + key_len + lives.heap_bytes()
 }
 
 impl TreeIndex {
@@ -293,46 +482,52 @@ impl TreeIndex {
         self.hasher.hash_one(key)
     }
 
+    fn keys(&self) -> Keys<'_> {
+        Keys {
+            slots: &self.slots,
+            arena: &self.arena.bytes,
+        }
+    }
+
     /// The slot number of `key`, if the index holds it.
     fn find(&self, key: &[u8]) -> Option<u32> {
-        let slots = &self.slots;
+        let keys = self.keys();
         self.keys
-            .find(self.hash(key), |slot| {
-                slots[*slot as usize]
-                    .key
-                    .as_ref()
-                    .is_some_and(|k| k.as_slice() == key)
-            })
+            .find(self.hash(key), |slot| keys.of(*slot) == key)
             .copied()
     }
 
-    /// The index of `key`, a new one if the index does not hold it.
-    fn slot_or_new(&mut self, key: &[u8]) -> &mut KeyIndex {
+    /// The lives of `key`, new ones if the index does not hold it.
+    fn slot_or_new(&mut self, key: &[u8]) -> &mut Lives {
         let slot = match self.find(key) {
             Some(slot) => slot,
             None => self.insert_new(key),
         };
-        &mut self.slots[slot as usize].index
+        &mut self.slots[slot as usize].lives
     }
 
     /// Roughly the bytes the index takes in memory.
     pub fn approx_bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.order.bytes() + self.arena.garbage
     }
 
     /// The key's state as of `at` (as `get`), then `rev` recorded as its newest put: one lookup.
     pub fn get_then_put(&mut self, key: &[u8], at: i64, rev: Revision) -> Option<KeyAt> {
         self.bytes += REVISION_BYTES;
-        let index = self.slot_or_new(key);
-        let prev = index.get(at);
-        index.put(rev);
+        let lives = self.slot_or_new(key);
+        let prev = lives.get(at);
+        lives.put(rev);
         prev
     }
 
     /// Adds `key`, which the index does not hold, with no revision yet; returns its slot.
     fn insert_new(&mut self, key: &[u8]) -> u32 {
-        let stored = IndexKey::new(key);
-        self.bytes += SLOT_BYTES + KEY_OVERHEAD_BYTES + stored.heap_bytes();
+        self.bytes += SLOT_BYTES + KEY_OVERHEAD_BYTES + key.len();
+        let stored = KeyRef {
+            at: self.arena.bytes.len() as u64,
+            len: u32::try_from(key.len()).expect("a key of 4 GiB or more"),
+        };
+        self.arena.bytes.extend_from_slice(key);
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
@@ -340,15 +535,17 @@ impl TreeIndex {
                 (self.slots.len() - 1) as u32
             }
         };
-        debug_assert!(self.slots[slot as usize].index.is_empty());
-        self.order.insert(stored.clone(), slot);
-        self.slots[slot as usize].key = Some(stored);
-        let hash = self.hash(key);
-        let (slots, hasher) = (&self.slots, &self.hasher);
-        self.keys.insert_unique(hash, slot, |slot| {
-            let key = slots[*slot as usize].key.as_ref().map(IndexKey::as_slice);
-            hasher.hash_one(key.unwrap_or_default())
-        });
+        debug_assert!(matches!(self.slots[slot as usize].lives, Lives::None));
+        self.slots[slot as usize].key = stored;
+        let keys = Keys {
+            slots: &self.slots,
+            arena: &self.arena.bytes,
+        };
+        self.order.insert(keys, slot, key);
+        let hash = self.hasher.hash_one(key);
+        let hasher = &self.hasher;
+        self.keys
+            .insert_unique(hash, slot, |slot| hasher.hash_one(keys.of(*slot)));
         slot
     }
 
@@ -356,30 +553,39 @@ impl TreeIndex {
     /// the stored value carries its creation revision and version.
     pub fn restore(&mut self, key: &[u8], rev: Revision, created_main: i64, version: i64) {
         self.bytes += REVISION_BYTES;
-        let index = self.slot_or_new(key);
-        if index.is_live() {
-            index.put(rev);
-            debug_assert_eq!(index.open.version, version);
+        let lives = self.slot_or_new(key);
+        if lives.is_live() {
+            lives.put(rev);
+            debug_assert_eq!(lives.get(i64::MAX).map(|at| at.version), Some(version));
         } else {
-            let generation = &mut index.open;
-            generation.created = Revision::new(created_main, 0);
-            generation.revs.push(rev);
-            generation.version = version;
+            // A new life, after the ended ones the key may have.
+            let earlier = match std::mem::take(lives) {
+                Lives::Many(index) => index.closed,
+                Lives::None | Lives::One { .. } => Vec::new(),
+            };
+            let mut restored = KeyIndex {
+                closed: earlier,
+                open: Generation::default(),
+            };
+            restored.open.created = Revision::new(created_main, 0);
+            restored.open.revs.push(rev);
+            restored.open.version = version;
+            *lives = Lives::from(restored);
         }
     }
 
     pub fn tombstone(&mut self, key: &[u8], rev: Revision) {
         if let Some(slot) = self.find(key) {
-            let index = &mut self.slots[slot as usize].index;
-            if index.is_live() {
-                index.tombstone(rev);
+            let lives = &mut self.slots[slot as usize].lives;
+            if lives.is_live() {
+                lives.general().tombstone(rev);
                 self.bytes += REVISION_BYTES + GENERATION_BYTES;
             }
         }
     }
 
     pub fn get(&self, key: &[u8], at: i64) -> Option<KeyAt> {
-        self.slots[self.find(key)? as usize].index.get(at)
+        self.slots[self.find(key)? as usize].lives.get(at)
     }
 
     /// Keys in `[start, end)` (`end` `None`: the single key `start`; empty `end`: no upper
@@ -397,20 +603,24 @@ impl TreeIndex {
             }
             return;
         };
-        let upper = if end.is_empty() {
-            Bound::Unbounded
-        } else if end <= start {
+        if !end.is_empty() && end <= start {
             return;
-        } else {
-            Bound::Excluded(end)
-        };
-        for (key, slot) in self.order.range::<[u8], _>((Bound::Included(start), upper)) {
-            let key = key.as_slice();
-            if let Some(found) = self.slots[*slot as usize].index.get(at) {
-                if !visit(key, found) {
+        }
+        let keys = self.keys();
+        let (first, mut pos) = self.order.lower_bound(keys, start);
+        for chunk in self.order.chunks.iter().skip(first) {
+            for slot in chunk.iter().skip(pos) {
+                let key = keys.of(*slot);
+                if !end.is_empty() && key >= end {
                     return;
                 }
+                if let Some(found) = self.slots[*slot as usize].lives.get(at) {
+                    if !visit(key, found) {
+                        return;
+                    }
+                }
             }
+            pos = 0;
         }
     }
 
@@ -419,28 +629,50 @@ impl TreeIndex {
         let mut keep = HashSet::new();
         let mut bytes = 0;
         let mut gone = Vec::new();
-        for (key, slot) in &self.order {
-            let index = &mut self.slots[*slot as usize].index;
-            if index.compact(at, &mut keep) {
-                gone.push(*slot);
+        let mut kept = Vec::with_capacity(self.keys.len());
+        for slot in self.order.iter() {
+            let Slot { key, lives } = &mut self.slots[slot as usize];
+            if lives.compact(at, &mut keep) {
+                gone.push(slot);
             } else {
-                bytes += estimate(key, index);
+                bytes += estimate(key.len as usize, lives);
+                kept.push(slot);
             }
         }
+        if !gone.is_empty() {
+            self.order = Order::from_sorted(kept);
+        }
         for slot in gone {
-            let Some(key) = self.slots[slot as usize].key.take() else {
-                continue;
-            };
-            self.order.remove(key.as_slice());
-            let hash = self.hash(key.as_slice());
+            let key = self.keys().of(slot);
+            let hash = self.hash(key);
             if let Ok(entry) = self.keys.find_entry(hash, |s| *s == slot) {
                 entry.remove();
             }
-            self.slots[slot as usize].index = KeyIndex::default();
+            let Slot { key, lives } = &mut self.slots[slot as usize];
+            self.arena.garbage += key.len as usize;
+            *key = KeyRef::default();
+            *lives = Lives::None;
             self.free.push(slot);
+        }
+        if self.arena.garbage > self.arena.bytes.len() / 2 {
+            self.repack_arena();
         }
         self.bytes = bytes;
         keep
+    }
+
+    /// Copies the live keys into a new arena, in key order, leaving the removed ones' bytes.
+    fn repack_arena(&mut self) {
+        let live = self.arena.bytes.len() - self.arena.garbage;
+        let mut bytes = Vec::with_capacity(live);
+        for slot in self.order.iter() {
+            let key = &mut self.slots[slot as usize].key;
+            let at = key.at as usize;
+            let old = &self.arena.bytes[at..at + key.len as usize];
+            key.at = bytes.len() as u64;
+            bytes.extend_from_slice(old);
+        }
+        self.arena = Arena { bytes, garbage: 0 };
     }
 
     pub fn len(&self) -> usize {
@@ -460,10 +692,11 @@ impl TreeIndex {
                 out.extend_from_slice(&rev.sub.to_le_bytes());
             }
         }
-        out.extend_from_slice(&(self.order.len() as u64).to_le_bytes());
-        for (key, slot) in &self.order {
-            let key = key.as_slice();
-            let index = &self.slots[*slot as usize].index;
+        let keys = self.keys();
+        out.extend_from_slice(&(self.keys.len() as u64).to_le_bytes());
+        for slot in self.order.iter() {
+            let key = keys.of(slot);
+            let index = self.slots[slot as usize].lives.to_general();
             out.extend_from_slice(&(key.len() as u32).to_le_bytes());
             out.extend_from_slice(key);
             out.extend_from_slice(&lease_of(key).to_le_bytes());
@@ -520,6 +753,7 @@ impl TreeIndex {
         let mut index = TreeIndex::default();
         let mut leases = Vec::new();
         let mut previous: Option<&[u8]> = None;
+        let mut sorted = Vec::new();
         for _ in 0..keys {
             let len = u32_(&mut bytes)? as usize;
             let key = take(&mut bytes, len)?;
@@ -537,9 +771,24 @@ impl TreeIndex {
             if loaded.is_empty() {
                 return Err("a key with no revision in the saved index".into());
             }
-            let slot = index.insert_new(key);
-            index.bytes += loaded.heap_bytes();
-            index.slots[slot as usize].index = loaded;
+            // In key order: appended to the arena and the order directly.
+            let lives = Lives::from(loaded);
+            index.bytes += estimate(key.len(), &lives);
+            let slot = index.slots.len() as u32;
+            index.slots.push(Slot {
+                key: KeyRef {
+                    at: index.arena.bytes.len() as u64,
+                    len: len as u32,
+                },
+                lives,
+            });
+            index.arena.bytes.extend_from_slice(key);
+            let hash = index.hasher.hash_one(key);
+            let (slots, arena, hasher) = (&index.slots, &index.arena.bytes, &index.hasher);
+            index.keys.insert_unique(hash, slot, |slot| {
+                hasher.hash_one(Keys { slots, arena }.of(*slot))
+            });
+            sorted.push(slot);
             if lease != 0 {
                 leases.push((key.to_vec(), lease));
             }
@@ -548,6 +797,7 @@ impl TreeIndex {
         if !bytes.is_empty() {
             return Err("bytes after the saved index's last key".into());
         }
+        index.order = Order::from_sorted(sorted);
         Ok((index, leases))
     }
 }
@@ -559,6 +809,9 @@ mod tests {
     fn rev(main: i64) -> Revision {
         Revision::new(main, 0)
     }
+
+    /// Keys around a length the layout once treated apart.
+    const INLINE_KEY_BYTES: usize = 30;
 
     #[test]
     fn slots_freed_by_compaction_serve_new_keys_without_mixing_them_up() {
@@ -613,9 +866,15 @@ mod tests {
         let left: usize = index
             .order
             .iter()
-            .map(|(k, slot)| estimate(k, &index.slots[*slot as usize].index))
+            .map(|slot| {
+                let slot = &index.slots[slot as usize];
+                estimate(slot.key.len as usize, &slot.lives)
+            })
             .sum();
-        assert_eq!(index.approx_bytes(), left);
+        assert_eq!(
+            index.approx_bytes(),
+            left + index.order.bytes() + index.arena.garbage
+        );
         assert!(index.approx_bytes() < after_puts / 2 + 50 * REVISION_BYTES);
     }
 
@@ -732,7 +991,7 @@ mod tests {
     }
 
     #[test]
-    fn inline_and_heap_keys_range_in_byte_order_and_compaction_drops_them_from_both_maps() {
+    fn keys_of_every_length_range_in_byte_order_and_compaction_drops_them_from_both_maps() {
         let mut index = TreeIndex::default();
         let edge = vec![b'b'; INLINE_KEY_BYTES];
         let long = vec![b'b'; INLINE_KEY_BYTES + 1];
@@ -808,5 +1067,158 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(TreeIndex::decode_saved(&longer).is_err());
+    }
+
+    /// A xorshift generator: the same keys every run.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    fn random_key(state: &mut u64) -> Vec<u8> {
+        let len = (next(state) % 40) as usize;
+        (0..len)
+            .map(|_| b"abc/\0\xff"[(next(state) % 6) as usize])
+            .collect()
+    }
+
+    #[test]
+    fn keys_in_random_order_range_as_a_sorted_map_through_splits_compaction_and_repacking() {
+        use std::collections::BTreeMap;
+        let mut index = TreeIndex::default();
+        let mut model = BTreeMap::new();
+        let mut state = 0x9e37_79b9_7f4a_7c15;
+        let mut main = 1;
+        let check = |index: &TreeIndex, model: &BTreeMap<Vec<u8>, i64>, state: &mut u64| {
+            let all: Vec<(Vec<u8>, i64)> = model.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            let mut seen = Vec::new();
+            index.range(b"", Some(b""), i64::MAX, &mut |k, at| {
+                seen.push((k.to_vec(), at.modified.main));
+                true
+            });
+            assert_eq!(seen, all);
+            for _ in 0..200 {
+                let (a, b) = (random_key(state), random_key(state));
+                let mut got = Vec::new();
+                index.range(&a, Some(&b), i64::MAX, &mut |k, _| {
+                    got.push(k.to_vec());
+                    true
+                });
+                let want: Vec<Vec<u8>> = if b.is_empty() {
+                    model.range(a.clone()..).map(|(k, _)| k.clone()).collect()
+                } else if b <= a {
+                    Vec::new()
+                } else {
+                    model
+                        .range(a.clone()..b.clone())
+                        .map(|(k, _)| k.clone())
+                        .collect()
+                };
+                assert_eq!(got, want, "[{a:?}, {b:?})");
+            }
+            assert_eq!(index.len(), model.len());
+            assert!(index
+                .order
+                .chunks
+                .iter()
+                .all(|c| !c.is_empty() && c.len() <= CHUNK_MAX));
+        };
+        for _ in 0..6000 {
+            let key = random_key(&mut state);
+            main += 1;
+            index.put(&key, rev(main));
+            model.insert(key, main);
+        }
+        assert!(
+            index.order.chunks.len() > 4,
+            "{} chunks",
+            index.order.chunks.len()
+        );
+        check(&index, &model, &mut state);
+        // Delete two keys in three, compact: they leave the hash table, the order and the
+        // arena, which is packed again once half of it is theirs.
+        let keys: Vec<Vec<u8>> = model.keys().cloned().collect();
+        for (i, key) in keys.iter().enumerate() {
+            if i % 3 != 0 {
+                main += 1;
+                index.tombstone(key, rev(main));
+                model.remove(key);
+            }
+        }
+        index.compact(main);
+        assert_eq!(index.arena.garbage, 0, "packed again");
+        let live: usize = model.keys().map(Vec::len).sum();
+        assert_eq!(index.arena.bytes.len(), live);
+        check(&index, &model, &mut state);
+        for (key, main) in &model {
+            let at = index.get(key, i64::MAX).expect("live");
+            assert_eq!(at.modified, rev(*main));
+        }
+        // New keys take the freed slots.
+        for _ in 0..3000 {
+            let key = random_key(&mut state);
+            main += 1;
+            index.put(&key, rev(main));
+            model.insert(key, main);
+        }
+        check(&index, &model, &mut state);
+    }
+
+    #[test]
+    fn lives_that_do_not_fit_the_compact_form_keep_the_general_one_until_compaction_fits_them() {
+        let mut index = TreeIndex::default();
+        let big_main = Revision::new(1 << 44, 0);
+        let big_sub = Revision::new(3, 1 << SUB_BITS);
+        index.put(b"main", big_main);
+        index.put(b"sub", big_sub);
+        index.restore(b"version", rev(5), 4, i64::from(u32::MAX) + 5);
+        index.put(b"twice", rev(6));
+        index.put(b"twice", rev(7));
+        index.put(b"once", rev(8));
+        let lives = |index: &TreeIndex, key: &[u8]| {
+            index.slots[index.find(key).expect("held") as usize]
+                .lives
+                .clone()
+        };
+        for key in [b"main".as_slice(), b"sub", b"version", b"twice"] {
+            assert!(matches!(lives(&index, key), Lives::Many(_)), "{key:?}");
+        }
+        assert!(matches!(lives(&index, b"once"), Lives::One { .. }));
+        assert_eq!(
+            index.get(b"main", i64::MAX).map(|at| at.modified),
+            Some(big_main)
+        );
+        assert_eq!(index.get(b"sub", 3).map(|at| at.created), Some(big_sub));
+        let version = index.get(b"version", 5).expect("restored");
+        assert_eq!(
+            (version.version, version.created, version.modified),
+            (i64::from(u32::MAX) + 5, rev(4), rev(5))
+        );
+        let twice = index.get(b"twice", 7).expect("live");
+        assert_eq!((twice.version, twice.created), (2, rev(6)));
+        assert_eq!(index.get(b"twice", 6).map(|at| at.version), Some(1));
+        // Compaction leaves "twice" one revision: compact again, and read the same.
+        let keep = index.compact(7);
+        assert!(keep.contains(&rev(7)) && !keep.contains(&rev(6)));
+        assert!(matches!(lives(&index, b"twice"), Lives::One { .. }));
+        assert_eq!(index.get(b"twice", 7), Some(twice));
+        assert!(
+            matches!(lives(&index, b"version"), Lives::Many(_)),
+            "too big still"
+        );
+    }
+
+    #[test]
+    fn a_life_restored_after_a_tombstone_keeps_the_ended_one() {
+        let mut index = TreeIndex::default();
+        index.restore(b"k", rev(5), 5, 1);
+        index.tombstone(b"k", rev(55));
+        index.restore(b"k", rev(56), 56, 1);
+        assert_eq!(index.get(b"k", 20).map(|at| at.modified), Some(rev(5)));
+        assert_eq!(index.get(b"k", 55), None);
+        let now = index.get(b"k", 56).expect("live again");
+        assert_eq!((now.created, now.version), (rev(56), 1));
     }
 }
