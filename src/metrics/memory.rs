@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 /// The backend's page cache, at most (`--backend-cache-bytes`): set before the backend opens,
 /// one member per process.
 pub static BACKEND_CACHE_BYTES: AtomicU64 = AtomicU64::new(DEFAULT_BACKEND_CACHE_BYTES);
-pub const DEFAULT_BACKEND_CACHE_BYTES: u64 = 256 << 20;
+pub const DEFAULT_BACKEND_CACHE_BYTES: u64 = 64 << 20;
 
 pub fn backend_cache_bytes() -> u64 {
     BACKEND_CACHE_BYTES.load(Ordering::Relaxed)
