@@ -399,12 +399,12 @@ impl Order {
             return;
         }
         let (c, pos) = self.lower_bound(keys, key);
-        let last = c + 1 == self.chunks.len();
         let current = &mut self.chunks[c];
         current.insert(pos, slot);
         if current.len() > CHUNK_MAX {
-            // Keys added in order (a fill, a load) fill each chunk; others split it in half.
-            let cut = if last && pos + 1 == current.len() {
+            // Keys added in order (a fill, a load, a new prefix) go on at a chunk's end and
+            // fill each chunk; others split it in half.
+            let cut = if pos + 1 == current.len() {
                 current.len() - 1
             } else {
                 current.len() / 2
@@ -474,8 +474,22 @@ fn estimate(key_len: usize, lives: &Lives) -> usize {
 
 impl TreeIndex {
     pub fn put(&mut self, key: &[u8], rev: Revision) {
-        self.bytes += REVISION_BYTES;
-        self.slot_or_new(key).put(rev);
+        self.change(key, |lives| lives.put(rev));
+    }
+
+    /// Changes the lives of `key` (added if new) by `change`, and the estimate by what that
+    /// allocated or freed.
+    fn change<R>(&mut self, key: &[u8], change: impl FnOnce(&mut Lives) -> R) -> R {
+        let slot = match self.find(key) {
+            Some(slot) => slot,
+            None => self.insert_new(key),
+        };
+        let lives = &mut self.slots[slot as usize].lives;
+        let before = lives.heap_bytes();
+        let out = change(lives);
+        let after = lives.heap_bytes();
+        self.bytes = (self.bytes + after).saturating_sub(before);
+        out
     }
 
     fn hash(&self, key: &[u8]) -> u64 {
@@ -497,15 +511,6 @@ impl TreeIndex {
             .copied()
     }
 
-    /// The lives of `key`, new ones if the index does not hold it.
-    fn slot_or_new(&mut self, key: &[u8]) -> &mut Lives {
-        let slot = match self.find(key) {
-            Some(slot) => slot,
-            None => self.insert_new(key),
-        };
-        &mut self.slots[slot as usize].lives
-    }
-
     /// Roughly the bytes the index takes in memory.
     pub fn approx_bytes(&self) -> usize {
         self.bytes + self.order.bytes() + self.arena.garbage
@@ -513,11 +518,11 @@ impl TreeIndex {
 
     /// The key's state as of `at` (as `get`), then `rev` recorded as its newest put: one lookup.
     pub fn get_then_put(&mut self, key: &[u8], at: i64, rev: Revision) -> Option<KeyAt> {
-        self.bytes += REVISION_BYTES;
-        let lives = self.slot_or_new(key);
-        let prev = lives.get(at);
-        lives.put(rev);
-        prev
+        self.change(key, |lives| {
+            let prev = lives.get(at);
+            lives.put(rev);
+            prev
+        })
     }
 
     /// Adds `key`, which the index does not hold, with no revision yet; returns its slot.
@@ -552,12 +557,12 @@ impl TreeIndex {
     /// Rebuilds from the backend, where compaction may have removed the start of a key's life:
     /// the stored value carries its creation revision and version.
     pub fn restore(&mut self, key: &[u8], rev: Revision, created_main: i64, version: i64) {
-        self.bytes += REVISION_BYTES;
-        let lives = self.slot_or_new(key);
-        if lives.is_live() {
-            lives.put(rev);
-            debug_assert_eq!(lives.get(i64::MAX).map(|at| at.version), Some(version));
-        } else {
+        self.change(key, |lives| {
+            if lives.is_live() {
+                lives.put(rev);
+                debug_assert_eq!(lives.get(i64::MAX).map(|at| at.version), Some(version));
+                return;
+            }
             // A new life, after the ended ones the key may have.
             let earlier = match std::mem::take(lives) {
                 Lives::Many(index) => index.closed,
@@ -571,16 +576,16 @@ impl TreeIndex {
             restored.open.revs.push(rev);
             restored.open.version = version;
             *lives = Lives::from(restored);
-        }
+        });
     }
 
     pub fn tombstone(&mut self, key: &[u8], rev: Revision) {
-        if let Some(slot) = self.find(key) {
-            let lives = &mut self.slots[slot as usize].lives;
-            if lives.is_live() {
-                lives.general().tombstone(rev);
-                self.bytes += REVISION_BYTES + GENERATION_BYTES;
-            }
+        if self.find(key).is_some() {
+            self.change(key, |lives| {
+                if lives.is_live() {
+                    lives.general().tombstone(rev);
+                }
+            });
         }
     }
 
@@ -696,7 +701,14 @@ impl TreeIndex {
         out.extend_from_slice(&(self.keys.len() as u64).to_le_bytes());
         for slot in self.order.iter() {
             let key = keys.of(slot);
-            let index = self.slots[slot as usize].lives.to_general();
+            let general;
+            let index = match &self.slots[slot as usize].lives {
+                Lives::Many(index) => index,
+                compact => {
+                    general = compact.to_general();
+                    &general
+                }
+            };
             out.extend_from_slice(&(key.len() as u32).to_le_bytes());
             out.extend_from_slice(key);
             out.extend_from_slice(&lease_of(key).to_le_bytes());
@@ -762,7 +774,8 @@ impl TreeIndex {
             }
             let lease = i64_(&mut bytes)?;
             let closed_count = u32_(&mut bytes)? as usize;
-            let mut closed = Vec::with_capacity(closed_count.min(bytes.len()));
+            // A generation takes 28 bytes at least.
+            let mut closed = Vec::with_capacity(closed_count.min(bytes.len() / 28));
             for _ in 0..closed_count {
                 closed.push(generation(&mut bytes)?);
             }
@@ -846,36 +859,46 @@ mod tests {
 
     #[test]
     fn the_size_estimate_follows_puts_deletes_and_compaction() {
+        // What the estimate should be: the sum over the keys, the order's chunks and the
+        // arena's garbage.
+        let exact = |index: &TreeIndex| {
+            let keys: usize = index
+                .order
+                .iter()
+                .map(|slot| {
+                    let slot = &index.slots[slot as usize];
+                    estimate(slot.key.len as usize, &slot.lives)
+                })
+                .sum();
+            keys + index.order.bytes() + index.arena.garbage
+        };
         let mut index = TreeIndex::default();
         assert_eq!(index.approx_bytes(), 0);
         for i in 0..100i64 {
             index.put(format!("key{i:03}").as_bytes(), rev(i + 1));
         }
         let after_puts = index.approx_bytes();
-        assert!(after_puts >= 100 * (SLOT_BYTES + KEY_OVERHEAD_BYTES + REVISION_BYTES));
+        assert_eq!(after_puts, exact(&index));
+        assert!(after_puts >= 100 * (SLOT_BYTES + KEY_OVERHEAD_BYTES + 6));
         for i in 0..100i64 {
             index.put(format!("key{i:03}").as_bytes(), rev(200 + i));
         }
-        assert_eq!(index.approx_bytes(), after_puts + 100 * REVISION_BYTES);
+        // Written twice: each key's lives are boxed now, and counted.
+        assert_eq!(index.approx_bytes(), exact(&index));
+        assert!(index.approx_bytes() >= after_puts + 100 * (KEY_INDEX_BYTES + REVISION_BYTES));
         for i in 0..50i64 {
             index.tombstone(format!("key{i:03}").as_bytes(), rev(400 + i));
         }
+        index.restore(b"key000", rev(500), 500, 1);
+        assert_eq!(index.approx_bytes(), exact(&index));
         // Compaction forgets the deleted keys and the old revisions: the estimate is then
         // exactly the sum over what is left.
         index.compact(1000);
-        let left: usize = index
-            .order
-            .iter()
-            .map(|slot| {
-                let slot = &index.slots[slot as usize];
-                estimate(slot.key.len as usize, &slot.lives)
-            })
-            .sum();
-        assert_eq!(
-            index.approx_bytes(),
-            left + index.order.bytes() + index.arena.garbage
+        assert_eq!(index.approx_bytes(), exact(&index));
+        assert!(
+            index.approx_bytes() < after_puts,
+            "51 keys, compact again, take less than 100"
         );
-        assert!(index.approx_bytes() < after_puts / 2 + 50 * REVISION_BYTES);
     }
 
     #[test]
@@ -1220,5 +1243,60 @@ mod tests {
         assert_eq!(index.get(b"k", 55), None);
         let now = index.get(b"k", 56).expect("live again");
         assert_eq!((now.created, now.version), (rev(56), 1));
+    }
+
+    #[test]
+    fn keys_added_in_order_fill_their_chunks_at_the_end_and_in_the_middle_of_the_key_space() {
+        let mut index = TreeIndex::default();
+        let mut main = 1;
+        let mut put = |index: &mut TreeIndex, key: String| {
+            main += 1;
+            index.put(key.as_bytes(), rev(main));
+        };
+        for i in 0..2048 {
+            put(&mut index, format!("b{i:05}"));
+        }
+        put(&mut index, "z".to_string());
+        assert_eq!(index.order.chunks.len(), 5, "four full chunks and z's");
+        // A new prefix between existing keys, written in order.
+        for i in 0..2048 {
+            put(&mut index, format!("c{i:05}"));
+        }
+        assert!(
+            index.order.chunks.len() <= 10,
+            "{} chunks",
+            index.order.chunks.len()
+        );
+        assert_eq!(keys_in_range(&index, i64::MAX).len(), 4097);
+    }
+
+    #[test]
+    fn the_compact_form_answers_as_the_general_one() {
+        // The same history twice: once left compact by compaction, once kept general by a
+        // later revision it cannot pack.
+        let mut index = TreeIndex::default();
+        for key in [b"k".as_slice(), b"g"] {
+            index.put(key, Revision::new(2, 1));
+            index.put(key, Revision::new(3, 0));
+            index.put(key, Revision::new(4, 7));
+        }
+        index.put(b"g", Revision::new(1 << 44, 0));
+        index.compact(10);
+        let lives = |key: &[u8]| {
+            index.slots[index.find(key).expect("held") as usize]
+                .lives
+                .clone()
+        };
+        assert!(matches!(lives(b"k"), Lives::One { .. }));
+        assert!(matches!(lives(b"g"), Lives::Many(_)));
+        for at in [1, 2, 3, 4, 5, 10] {
+            assert_eq!(index.get(b"k", at), index.get(b"g", at), "at {at}");
+        }
+        let at4 = index.get(b"k", 4).expect("live");
+        assert_eq!(
+            (at4.modified, at4.created, at4.version),
+            (Revision::new(4, 7), Revision::new(2, 1), 3)
+        );
+        assert_eq!(index.get(b"k", 3), None, "compacted away");
     }
 }
