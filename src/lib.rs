@@ -14,6 +14,9 @@ pub mod lease;
 pub mod metrics;
 pub mod mvcc;
 pub mod proto;
+/// The gateway (an L4 proxy over real sockets): not part of the simulated build.
+#[cfg(not(madsim))]
+pub mod proxy;
 pub mod raft;
 pub mod server;
 /// The snapshot tool's verbs (save, status, restore): not part of the simulated build.

@@ -246,6 +246,11 @@ enum Tool {
         #[command(subcommand)]
         verb: quorumkv::snapshot::SnapshotVerb,
     },
+    /// etcd's L4 gateway: a TCP proxy in front of the cluster's client URLs (`gateway start`).
+    Gateway {
+        #[command(subcommand)]
+        verb: quorumkv::proxy::GatewayVerb,
+    },
 }
 
 fn init_logging(flags: &Flags) -> Result<(), String> {
@@ -1136,14 +1141,30 @@ fn main() -> ExitCode {
         std::env::set_var(name, value);
     }
     let mut flags = Flags::parse_from(&resolved.args);
-    if let Some(Tool::Snapshot { verb }) = flags.command.take() {
-        return match quorumkv::snapshot::run_cli(verb) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("Error: {e}");
-                ExitCode::FAILURE
+    match flags.command.take() {
+        Some(Tool::Snapshot { verb }) => {
+            return match quorumkv::snapshot::run_cli(verb) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("Error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Tool::Gateway { verb }) => {
+            if let Err(e) = init_logging(&flags) {
+                eprintln!("quorumkv: {e}");
+                return ExitCode::from(2);
             }
-        };
+            return match quorumkv::proxy::run_gateway(verb) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
     if let Err(e) = init_logging(&flags) {
         eprintln!("quorumkv: {e}");
