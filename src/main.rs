@@ -121,6 +121,10 @@ struct Flags {
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, env = "QUORUMKV_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
     max_request_bytes: usize,
+    /// Maximum concurrent streams that each client can open at a time (HTTP/2's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS on the client port; etcd's default: no limit).
+    #[arg(long, env = "QUORUMKV_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX)]
+    max_concurrent_streams: u32,
     /// Maximum number of operations permitted in a transaction.
     #[arg(long, env = "QUORUMKV_MAX_TXN_OPS", default_value_t = 128)]
     max_txn_ops: usize,
@@ -879,8 +883,7 @@ async fn run(flags: Flags) -> Result<(), String> {
         })
     };
     for (addr, https) in peer_addrs {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = quorumkv::io::tcp::listen(addr)
             .map_err(|e| format!("cannot listen for peers on {addr}: {e}"))?;
         tracing::info!(%addr, "serving peers");
         let inbox_tx = inbox_tx.clone();
@@ -969,10 +972,10 @@ async fn run(flags: Flags) -> Result<(), String> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
+    let max_concurrent_streams = flags.max_concurrent_streams;
     for (addr, https) in client_addrs {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let listener =
+            quorumkv::io::tcp::listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         tracing::info!(%addr, "serving client requests");
         let max_decode = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let kv = KvGrpc::new(KvService::new(member.kv.clone()))
@@ -1017,22 +1020,33 @@ async fn run(flags: Flags) -> Result<(), String> {
             tonic::service::Routes::from(routes).prepare(),
         ));
         let tls = security.client.clone().filter(|_| https);
-        servers.push(tokio::spawn(serve(listener, service, tls, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })));
+        servers.push(tokio::spawn(serve(
+            listener,
+            service,
+            tls,
+            max_concurrent_streams,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )));
     }
     for addr in metrics_addrs {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = quorumkv::io::tcp::listen(addr)
             .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
         tracing::info!(%addr, "serving /metrics and /health");
         let service =
             tonic::service::Routes::from(probe_routes(member.kv.clone()).fallback(fallback))
                 .prepare();
         let mut stop = stop_rx.clone();
-        servers.push(tokio::spawn(serve(listener, service, None, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })));
+        servers.push(tokio::spawn(serve(
+            listener,
+            service,
+            None,
+            max_concurrent_streams,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )));
     }
 
     let mut node_task = member.node_task;
@@ -1112,7 +1126,30 @@ async fn run(flags: Flags) -> Result<(), String> {
     outcome
 }
 
+/// Raises the soft limit on open files to the hard one, as Go's runtime does for etcd: a member
+/// or a gateway with thousands of clients needs a descriptor for each connection, and the
+/// usual soft limit is 1024.
+fn raise_open_files_limit() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit read and write only the struct they are given.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+                && limit.rlim_cur < limit.rlim_max
+            {
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    raise_open_files_limit();
     let args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();

@@ -30,11 +30,13 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// accepting, asks each connection to finish the calls it has, and returns once all are closed.
 /// With `tls`, each connection's handshake comes first (on its own task: a slow or garbage
 /// handshake holds up no one); the common name of a client certificate goes with each request
-/// when client certificates are required (`--client-cert-auth`).
+/// when client certificates are required (`--client-cert-auth`). A client may open
+/// `max_concurrent_streams` streams at a time on a connection (`--max-concurrent-streams`).
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     tls: Option<Arc<ServerTls>>,
+    max_concurrent_streams: u32,
     stop: impl std::future::Future<Output = ()>,
 ) where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
@@ -51,7 +53,11 @@ pub async fn serve<S>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .auto_date_header(false);
+        .auto_date_header(false)
+        // hyper's default is 200 a connection: a client with more watch streams on one
+        // connection than that (the etcd-client crate opens each watch as a stream) had
+        // them refused, and the connection closed. etcd's default is no limit.
+        .max_concurrent_streams(max_concurrent_streams);
     let graceful = GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
     loop {

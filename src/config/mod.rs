@@ -47,7 +47,6 @@ const FOREIGN_FLAGS: &[(&str, Policy)] = &[
     ("grpc-keepalive-min-time", Policy::Ignore),
     ("grpc-keepalive-interval", Policy::Ignore),
     ("grpc-keepalive-timeout", Policy::Ignore),
-    ("max-concurrent-streams", Policy::Ignore),
     ("pre-vote", Policy::IgnoreIf(&["true", ""])),
     ("socket-reuse-address", Policy::IgnoreIf(EMPTY_OR_FALSE)),
     ("socket-reuse-port", Policy::IgnoreIf(EMPTY_OR_FALSE)),

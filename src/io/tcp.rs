@@ -132,6 +132,24 @@ async fn echo_pings(stream: &mut (impl AsyncRead + AsyncWrite + Unpin)) {
     }
 }
 
+/// Listen backlog asked for the ports' listeners; the kernel caps it at
+/// `net.core.somaxconn` (4096 on recent kernels), as Go's listeners (etcd's) ask for. tokio's
+/// `TcpListener::bind` asks for 1024: ten thousand clients connecting at once overflowed it
+/// (the kernel's ListenOverflows), their connections retried and timed out.
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A listener on `addr` (address reuse on, as `TcpListener::bind`) with `LISTEN_BACKLOG`.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Asks the peer at `url` for its directory (see `DIRECTORY_MAGIC`).
 pub async fn fetch_directory(url: &str, tls: &PeerTls) -> std::io::Result<Vec<u8>> {
     let address = peer_address(url).ok_or_else(|| bad_data("peer URL has no host and port"))?;

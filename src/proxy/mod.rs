@@ -70,9 +70,13 @@ pub fn run_gateway(verb: GatewayVerb) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&listen_addr)
+        let addr = tokio::net::lookup_host(&listen_addr)
             .await
-            .map_err(|e| format!("listen tcp {listen_addr}: {e}"))?;
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| format!("listen tcp {listen_addr}: not a host:port this host has"))?;
+        let listener =
+            crate::io::tcp::listen(addr).map_err(|e| format!("listen tcp {listen_addr}: {e}"))?;
         tcp::Gateway::new(endpoints, retry_delay)
             .serve(listener)
             .await;
