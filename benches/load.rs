@@ -10,7 +10,9 @@
 //! prefix (spread over the streams, each stream its own connection) while `--clients` writers
 //! put keys under it for `--seconds`; then the tool waits (up to 10 s) for every watcher to get
 //! every event. Prints `op=watch ... events=... events_per_sec=... complete=...`, the rate being
-//! events delivered to all watchers over the time from the first put to the last event received.
+//! events delivered to all watchers over the time from the first put to the last event received,
+//! and `p50_delivery_ms`/`p99_delivery_ms`: each event's time from its put being sent (stamped
+//! in the value's first 8 bytes) to a watcher reading it, over every event every watcher got.
 //! The watchers count each response's events off the wire (`summarize`) rather than build
 //! every event, so that the tool, on the same cores as the server, takes as little as it can.
 //!
@@ -129,6 +131,70 @@ fn with_token<T>(message: T) -> tonic::Request<T> {
 
 /// Requests that failed under `--keep-going`.
 static FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// The instant the tool's clocks count from: `--op watch` stamps each put's value with the
+/// microseconds since it, and each watcher takes the event's delivery latency as now minus the
+/// stamp (writers and watchers are in this one process: one clock).
+static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+fn since_epoch_us() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// Put-to-delivery latencies of every event every watcher received: 10 µs buckets below
+/// 100 ms, then 1 ms buckets up to 100 s.
+struct DeliveryHistogram {
+    buckets: Vec<AtomicU64>,
+}
+
+const FINE_BUCKETS: u64 = 10_000;
+const COARSE_BUCKETS: u64 = 100_000;
+
+impl DeliveryHistogram {
+    fn record(&self, us: u64) {
+        let bucket = if us < FINE_BUCKETS * 10 {
+            us / 10
+        } else {
+            FINE_BUCKETS + (us / 1000).min(COARSE_BUCKETS - 1)
+        };
+        self.buckets[bucket as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q` quantile, in ms (the bucket's upper edge).
+    fn quantile_ms(&self, q: f64) -> f64 {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                let i = i as u64;
+                let upper_us = if i < FINE_BUCKETS {
+                    (i + 1) * 10
+                } else {
+                    (i - FINE_BUCKETS + 1) * 1000
+                };
+                return upper_us as f64 / 1000.0;
+            }
+        }
+        0.0
+    }
+}
+
+static DELIVERY: std::sync::LazyLock<DeliveryHistogram> =
+    std::sync::LazyLock::new(|| DeliveryHistogram {
+        buckets: (0..FINE_BUCKETS + COARSE_BUCKETS)
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+    });
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -302,6 +368,12 @@ async fn client_loop(
         let put = args.op != "get";
         let value = if args.large_values {
             std::borrow::Cow::Owned(large_value(state))
+        } else if args.op == "watch" {
+            // The value starts with when it was sent (watchers take the latency from it).
+            let mut stamped = value.clone();
+            stamped.resize(value.len().max(8), b'v');
+            stamped[..8].copy_from_slice(&since_epoch_us().to_le_bytes());
+            std::borrow::Cow::Owned(stamped)
         } else {
             std::borrow::Cow::Borrowed(&value)
         };
@@ -913,7 +985,7 @@ impl Decoder for EventCounter {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<WatchSummary>, Status> {
         let message = buf.copy_to_bytes(buf.remaining());
-        summarize(&message)
+        summarize(&message, since_epoch_us())
             .map(Some)
             .map_err(|e| Status::internal(format!("bad watch response: {e}")))
     }
@@ -922,7 +994,7 @@ impl Decoder for EventCounter {
 /// Reads a `WatchResponse`'s `created` (field 3) and counts its `events` (field 11), skipping
 /// everything else, straight off the bytes (a message per watcher per delivery: the tool's own
 /// cost per event is part of what the benchmark measures, so it is kept small).
-fn summarize(mut buf: &[u8]) -> Result<WatchSummary, String> {
+fn summarize(mut buf: &[u8], now_us: u64) -> Result<WatchSummary, String> {
     let mut summary = WatchSummary::default();
     while !buf.is_empty() {
         let key = varint(&mut buf)?;
@@ -937,10 +1009,15 @@ fn summarize(mut buf: &[u8]) -> Result<WatchSummary, String> {
             }
             1 => 8,
             2 => {
+                let len = usize::try_from(varint(&mut buf)?).map_err(|_| "field too long")?;
                 if tag == 11 {
                     summary.events += 1;
+                    let event = buf.get(..len).ok_or("truncated event")?;
+                    if let Some(stamp) = value_stamp(event)? {
+                        DELIVERY.record(now_us.saturating_sub(stamp));
+                    }
                 }
-                usize::try_from(varint(&mut buf)?).map_err(|_| "field too long")?
+                len
             }
             5 => 4,
             other => return Err(format!("wire type {other} in a watch response")),
@@ -948,6 +1025,39 @@ fn summarize(mut buf: &[u8]) -> Result<WatchSummary, String> {
         buf = buf.get(skip..).ok_or("truncated field")?;
     }
     Ok(summary)
+}
+
+/// The first 8 bytes of an `Event`'s `kv.value` (field 2, then field 5), if it has 8.
+fn value_stamp(event: &[u8]) -> Result<Option<u64>, String> {
+    fn field(mut buf: &[u8], wanted: u64) -> Result<Option<&[u8]>, String> {
+        while !buf.is_empty() {
+            let key = varint(&mut buf)?;
+            let skip = match key & 7 {
+                0 => {
+                    varint(&mut buf)?;
+                    0
+                }
+                1 => 8,
+                2 => {
+                    let len = usize::try_from(varint(&mut buf)?).map_err(|_| "field too long")?;
+                    if key >> 3 == wanted {
+                        return Ok(Some(buf.get(..len).ok_or("truncated field")?));
+                    }
+                    len
+                }
+                5 => 4,
+                other => return Err(format!("wire type {other} in an event")),
+            };
+            buf = buf.get(skip..).ok_or("truncated field")?;
+        }
+        Ok(None)
+    }
+    let Some(kv) = field(event, 2)? else {
+        return Ok(None);
+    };
+    Ok(field(kv, 5)?
+        .and_then(|value| value.get(..8))
+        .map(|stamp| u64::from_le_bytes(stamp.try_into().unwrap_or_default())))
 }
 
 #[inline]
@@ -968,6 +1078,7 @@ fn varint(buf: &mut &[u8]) -> Result<u64, String> {
 /// sum and how many bytes they took (the rest is the start of a message still to come).
 fn summarize_messages(data: &[u8]) -> Result<(WatchSummary, usize), String> {
     let mut sum = WatchSummary::default();
+    let now_us = since_epoch_us();
     let mut at = 0;
     while let Some(prefix) = data.get(at..at + 5) {
         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
@@ -977,7 +1088,7 @@ fn summarize_messages(data: &[u8]) -> Result<(WatchSummary, usize), String> {
         if prefix[0] != 0 {
             return Err("compressed watch response".into());
         }
-        let one = summarize(message).map_err(|e| format!("bad watch response: {e}"))?;
+        let one = summarize(message, now_us).map_err(|e| format!("bad watch response: {e}"))?;
         sum.created += one.created;
         sum.events += one.events;
         at += 5 + len;
@@ -1154,7 +1265,7 @@ async fn run_watch(args: Arc<Args>, endpoints: &[&str]) -> Result<(), String> {
         .saturating_sub(writers_start_us)) as f64
         / 1e6;
     println!(
-        "op=watch watchers={} streams={} writers={} puts={} puts_per_sec={:.0} events={} secs={:.2} events_per_sec={:.0} complete={:.4}",
+        "op=watch watchers={} streams={} writers={} puts={} puts_per_sec={:.0} events={} secs={:.2} events_per_sec={:.0} complete={:.4} p50_delivery_ms={:.2} p99_delivery_ms={:.2}",
         args.watchers,
         streams,
         args.clients,
@@ -1164,6 +1275,8 @@ async fn run_watch(args: Arc<Args>, endpoints: &[&str]) -> Result<(), String> {
         span_secs,
         events as f64 / span_secs.max(1e-9),
         events as f64 / expected.max(1) as f64,
+        DELIVERY.quantile_ms(0.5),
+        DELIVERY.quantile_ms(0.99),
     );
     Ok(())
 }
@@ -1349,6 +1462,7 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() {
+    EPOCH.get_or_init(Instant::now);
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
