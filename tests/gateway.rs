@@ -1,182 +1,185 @@
-//! `quorumkv gateway start`, etcd's L4 gateway, run beside `etcd gateway start` (Debian's etcd
-//! 3.4, when installed): the same clients (etcdctl) through each, in front of the same real
-//! members, must see the same thing: connections taken in turn, a dead member skipped, and
-//! taken back once it serves again.
+//! The JSON gateway on the client port, over plain HTTP/1.1 as curl speaks it: KV, txn, leases,
+//! watch (streamed JSON lines), locks, and etcd's error bodies; gRPC keeps working on the same
+//! port.
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{etcdctl, free_port, ok, wait_until, Server};
+use common::{etcdctl, ok, value_of, Server};
+use serde_json::Value;
 
-struct Gateway {
-    child: Child,
-    port: u16,
-    log: PathBuf,
+/// `POST path` with `body` over HTTP/1.1: the status and the JSON answer.
+fn post(server: &Server, path: &str, body: &str) -> (u16, Value) {
+    common::http_post(server.client_port, path, body, "")
 }
 
-impl Gateway {
-    /// `etcd gateway start` or `quorumkv gateway start` in front of `endpoints`.
-    fn start(kind: &str, endpoints: &str, dir: &Path) -> Gateway {
-        let port = free_port();
-        let log = dir.join(format!("{kind}-gateway.log"));
-        let file = std::fs::File::create(&log).expect("log");
-        let program = if kind == "etcd" {
-            "etcd".to_string()
-        } else {
-            env!("CARGO_BIN_EXE_quorumkv").to_string()
-        };
-        let child = Command::new(program)
-            .args([
-                "gateway",
-                "start",
-                &format!("--endpoints={endpoints}"),
-                &format!("--listen-addr=127.0.0.1:{port}"),
-                "--retry-delay=1s",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(file))
-            .spawn()
-            .expect("spawn the gateway");
-        let gateway = Gateway { child, port, log };
-        wait_until("the gateway listens", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        gateway
+fn b64(s: &str) -> String {
+    const TABLE: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = s.as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | *b as u32) << (8 * (3 - chunk.len()));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
     }
-
-    fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `who`'s value, read through the gateway by a new etcdctl (a new connection).
-    fn who(&self) -> String {
-        ok(etcdctl(
-            &self.endpoint(),
-            &["get", "who", "--print-value-only", "--dial-timeout=3s"],
-        ))
-        .trim()
-        .to_string()
-    }
+    out
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn etcd_available() -> bool {
-    Command::new("etcd").arg("--version").output().is_ok()
-}
-
-/// Two single-member clusters, `who` = `a` on one and `b` on the other, so that each answer
-/// tells which endpoint the connection went to.
-fn through_a_gateway(kind: &str) {
+#[test]
+fn curl_style_json_put_range_txn_delete_and_compaction() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let root_a = dir.path().join("a");
-    let root_b = dir.path().join("b");
-    std::fs::create_dir_all(&root_a).expect("dir");
-    std::fs::create_dir_all(&root_b).expect("dir");
-    let mut a = Server::start(&root_a, &[]);
-    let b = Server::start(&root_b, &[]);
-    ok(etcdctl(&a.endpoint(), &["put", "who", "a"]));
-    ok(etcdctl(&b.endpoint(), &["put", "who", "b"]));
-    // With the scheme, as users write them: both gateways drop it.
-    let gateway = Gateway::start(
-        kind,
-        &format!("{},{}", a.endpoint(), b.endpoint()),
-        dir.path(),
+    let server = Server::start(dir.path(), &[]);
+    let (status, put) = post(
+        &server,
+        "/v3/kv/put",
+        &format!(r#"{{"key":"{}","value":"{}"}}"#, b64("foo"), b64("bar")),
     );
-
-    let seen: Vec<String> = (0..6).map(|_| gateway.who()).collect();
-    assert!(
-        seen.iter().any(|s| s == "a") && seen.iter().any(|s| s == "b"),
-        "{kind}: connections all went one way: {seen:?}"
+    assert_eq!(status, 200);
+    assert_eq!(
+        put["header"]["revision"], "2",
+        "int64 as a string, as etcd's gateway"
     );
-    // Writes and watches pass through too (it is only TCP).
-    ok(etcdctl(&gateway.endpoint(), &["put", "through", "gateway"]));
-
-    // a dies: every connection goes to b, and a is set aside.
-    a.kill9();
-    for _ in 0..4 {
-        assert_eq!(
-            gateway.who(),
-            "b",
-            "{kind}: a connection went to the dead member"
-        );
-    }
-    assert!(
-        gateway.log().contains("deactivated endpoint"),
-        "{kind}: {}",
-        gateway.log()
+    assert_eq!(
+        value_of(&server.endpoint(), "foo"),
+        "bar",
+        "gRPC on the same port sees it"
     );
-
-    // a serves again: within a retry delay or two, connections go to it again.
-    a.spawn();
-    a.wait_ready();
-    wait_until(
-        &format!("{kind}: the gateway takes a back"),
-        Duration::from_secs(15),
-        || gateway.who() == "a",
+    let (_, range) = post(
+        &server,
+        "/v3/kv/range",
+        &format!(r#"{{"key":"{}"}}"#, b64("foo")),
+    );
+    assert_eq!(range["kvs"][0]["value"], b64("bar"));
+    assert_eq!(range["count"], "1");
+    let txn = format!(
+        r#"{{"compare":[{{"key":"{k}","target":"VALUE","result":"EQUAL","value":"{v}"}}],
+            "success":[{{"request_put":{{"key":"{k}","value":"{n}"}}}}]}}"#,
+        k = b64("foo"),
+        v = b64("bar"),
+        n = b64("baz")
+    );
+    let (_, txn) = post(&server, "/v3/kv/txn", &txn);
+    assert_eq!(txn["succeeded"], true);
+    assert_eq!(value_of(&server.endpoint(), "foo"), "baz");
+    let (_, deleted) = post(
+        &server,
+        "/v3/kv/deleterange",
+        &format!(r#"{{"key":"{}","prev_kv":true}}"#, b64("foo")),
+    );
+    assert_eq!(deleted["deleted"], "1");
+    assert_eq!(deleted["prev_kvs"][0]["value"], b64("baz"));
+    let (status, _) = post(&server, "/v3/kv/compaction", r#"{"revision":"3"}"#);
+    assert_eq!(status, 200);
+    let (status, compacted) = post(
+        &server,
+        "/v3/kv/range",
+        &format!(r#"{{"key":"{}","revision":"2"}}"#, b64("foo")),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(compacted["code"], 11);
+    assert_eq!(
+        compacted["error"],
+        "etcdserver: mvcc: required revision has been compacted"
     );
 }
 
 #[test]
-fn quorumkv_gateway_takes_members_in_turn_skips_a_dead_one_and_takes_it_back() {
-    if !common::etcdctl_available() {
-        eprintln!("skipped: no etcdctl");
-        return;
-    }
-    through_a_gateway("quorumkv");
+fn bad_json_is_a_400_with_a_json_error_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let (status, err) = post(&server, "/v3/kv/put", r#"{"key":"#);
+    assert_eq!(status, 400);
+    assert_eq!(err["code"], 3);
+    assert!(err["error"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("malformed JSON request")));
+    let (status, _) = post(&server, "/v3/kv/put", r#"{"key":"not base64!"}"#);
+    assert_eq!(status, 400);
+    let (status, err) = post(&server, "/v3/lease/revoke", r#"{"ID":"123"}"#);
+    assert_eq!((status, err["code"].clone()), (404, Value::from(5)));
+    assert_eq!(err["error"], "etcdserver: requested lease not found");
+    assert_eq!(
+        ok(etcdctl(&server.endpoint(), &["get", "", "--from-key"])),
+        ""
+    );
 }
 
 #[test]
-fn etcd_gateway_does_the_same_in_the_same_scenario() {
-    if !common::etcdctl_available() || !etcd_available() {
-        eprintln!("skipped: no etcd or etcdctl");
-        return;
-    }
-    through_a_gateway("etcd");
+fn json_leases_and_locks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let (_, granted) = post(&server, "/v3/lease/grant", r#"{"TTL":"60"}"#);
+    let id = granted["ID"].as_str().expect("ID").to_string();
+    assert_eq!(granted["TTL"], "60");
+    let (_, ttl) = post(
+        &server,
+        "/v3/lease/timetolive",
+        &format!(r#"{{"ID":"{id}"}}"#),
+    );
+    assert_eq!(ttl["grantedTTL"], "60");
+    let (_, leases) = post(&server, "/v3/lease/leases", "{}");
+    assert_eq!(leases["leases"][0]["ID"], Value::from(id.clone()));
+    let (_, locked) = post(
+        &server,
+        "/v3/lock/lock",
+        &format!(r#"{{"name":"{}","lease":"{id}"}}"#, b64("jobs")),
+    );
+    let key = locked["key"].as_str().expect("key").to_string();
+    let (status, _) = post(&server, "/v3/lock/unlock", &format!(r#"{{"key":"{key}"}}"#));
+    assert_eq!(status, 200);
+    let (status, _) = post(&server, "/v3/lease/revoke", &format!(r#"{{"ID":"{id}"}}"#));
+    assert_eq!(status, 200);
+    let (_, gone) = post(
+        &server,
+        "/v3/lease/timetolive",
+        &format!(r#"{{"ID":"{id}"}}"#),
+    );
+    assert_eq!(gone["TTL"], "-1");
 }
 
 #[test]
-fn gateway_flags_are_refused_with_a_reason() {
-    for (args, reason) in [
-        (
-            vec!["--endpoints=127.0.0.1"],
-            "invalid endpoint \"127.0.0.1\" (want host:port)",
-        ),
-        (
-            vec!["--discovery-srv=example.com"],
-            "--discovery-srv: DNS discovery is not built in quorumkv",
-        ),
-        (vec!["--retry-delay=soon"], "invalid duration"),
-    ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_quorumkv"))
-            .args(["gateway", "start", "--listen-addr=127.0.0.1:0"])
-            .args(&args)
-            .output()
-            .expect("run");
-        assert!(!out.status.success(), "{args:?} accepted");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+fn json_watch_streams_the_created_answer_then_events_as_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut stream = TcpStream::connect(("127.0.0.1", server.client_port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let body = format!(r#"{{"create_request":{{"key":"{}"}}}}"#, b64("w"));
+    write!(
+        stream,
+        "POST /v3/watch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut reader = BufReader::new(stream);
+    let mut json_lines = Vec::new();
+    let mut put_done = false;
+    while json_lines.len() < 2 {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read");
+        if let Some(json) = line
+            .trim()
+            .strip_prefix('{')
+            .map(|rest| format!("{{{rest}"))
+        {
+            json_lines.push(serde_json::from_str::<Value>(&json).expect("json line"));
+            if !put_done {
+                ok(etcdctl(&server.endpoint(), &["put", "w", "1"]));
+                put_done = true;
+            }
+        }
     }
-    // A listen address in use is refused by name.
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = taken.local_addr().expect("addr");
-    let out = Command::new(env!("CARGO_BIN_EXE_quorumkv"))
-        .args(["gateway", "start", &format!("--listen-addr={addr}")])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("listen tcp {addr}")), "{stderr}");
+    assert_eq!(json_lines[0]["result"]["created"], true);
+    let event = &json_lines[1]["result"]["events"][0];
+    assert_eq!(event["kv"]["key"], b64("w"));
+    assert_eq!(event["kv"]["value"], b64("1"));
 }
