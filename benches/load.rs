@@ -368,14 +368,18 @@ async fn client_loop(
         let put = args.op != "get";
         let value = if args.large_values {
             std::borrow::Cow::Owned(large_value(state))
-        } else if args.op == "watch" {
-            // The value starts with when it was sent (watchers take the latency from it).
-            let mut stamped = value.clone();
-            stamped.resize(value.len().max(8), b'v');
+        } else {
+            std::borrow::Cow::Borrowed(&value)
+        };
+        let value = if args.op == "watch" {
+            // The value starts with when it was sent (watchers take the latency from it; a
+            // value shorter than 8 bytes is made 8).
+            let mut stamped = value.into_owned();
+            stamped.resize(stamped.len().max(8), b'v');
             stamped[..8].copy_from_slice(&since_epoch_us().to_le_bytes());
             std::borrow::Cow::Owned(stamped)
         } else {
-            std::borrow::Cow::Borrowed(&value)
+            value
         };
         let result = match &mut conn {
             Conn::Tonic(kv) if args.op == "kubernetes" => kube.step(kv, state, &value).await,

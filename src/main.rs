@@ -972,7 +972,10 @@ async fn run(flags: Flags) -> Result<(), String> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    let max_concurrent_streams = flags.max_concurrent_streams;
+    // 0 is no limit (grpc-go's reading of it), not a port that refuses every call.
+    let max_concurrent_streams = Some(flags.max_concurrent_streams)
+        .filter(|n| *n > 0)
+        .unwrap_or(u32::MAX);
     for (addr, https) in client_addrs {
         let listener =
             quorumkv::io::tcp::listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;

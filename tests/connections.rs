@@ -70,7 +70,7 @@ fn the_listen_backlog_and_the_open_files_limit_are_as_high_as_the_host_allows() 
     let data = dir.path().join("data");
     let peer = free_port();
     // Started with a soft limit of 256, under a higher hard limit.
-    let mut child = Command::new("sh")
+    let child = Command::new("sh")
         .arg("-c")
         .arg(format!(
             "ulimit -Sn 256 && exec {} --data-dir {} --listen-client-urls http://127.0.0.1:{port} \
@@ -83,10 +83,19 @@ fn the_listen_backlog_and_the_open_files_limit_are_as_high_as_the_host_allows() 
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
+    // Killed however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Killed(child);
     wait_until("the member listens", Duration::from_secs(20), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).expect("limits");
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
@@ -112,6 +121,5 @@ fn the_listen_backlog_and_the_open_files_limit_are_as_high_as_the_host_allows() 
             .unwrap_or_else(|| panic!("no listener in {ss:?}"));
         assert_eq!(backlog, somaxconn.min(65_535), "{ss}");
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }

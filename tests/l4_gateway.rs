@@ -147,6 +147,35 @@ fn etcd_gateway_does_the_same_in_the_same_scenario() {
     through_a_gateway("etcd");
 }
 
+/// Runs `quorumkv gateway start ARGS` to its exit (killed, and the test failed, if it still
+/// runs after 10 s): its status and stderr.
+fn gateway_exit(args: &[String]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quorumkv"))
+        .args(["gateway", "start"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("gateway start {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+    }
+    (status, stderr)
+}
+
 #[test]
 fn gateway_flags_are_refused_with_a_reason() {
     for (args, reason) in [
@@ -160,23 +189,34 @@ fn gateway_flags_are_refused_with_a_reason() {
         ),
         (vec!["--retry-delay=soon"], "invalid duration"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_quorumkv"))
-            .args(["gateway", "start", "--listen-addr=127.0.0.1:0"])
-            .args(&args)
-            .output()
-            .expect("run");
-        assert!(!out.status.success(), "{args:?} accepted");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let mut all = vec!["--listen-addr=127.0.0.1:0".to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let (status, stderr) = gateway_exit(&all);
+        assert!(!status.success(), "{args:?} accepted");
         assert!(stderr.contains(reason), "{args:?}: {stderr}");
     }
+    // Flags etcd reads only with --discovery-srv are taken (and ignored) without it.
+    let mut gateway = Command::new(env!("CARGO_BIN_EXE_quorumkv"))
+        .args([
+            "gateway",
+            "start",
+            "--listen-addr=127.0.0.1:0",
+            "--trusted-ca-file=/nonexistent/ca.pem",
+            "--insecure-discovery",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run");
+    std::thread::sleep(Duration::from_millis(500));
+    let still_running = gateway.try_wait().expect("try_wait").is_none();
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    assert!(still_running, "the gateway refused flags etcd takes");
     // A listen address in use is refused by name.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr");
-    let out = Command::new(env!("CARGO_BIN_EXE_quorumkv"))
-        .args(["gateway", "start", &format!("--listen-addr={addr}")])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stderr) = gateway_exit(&[format!("--listen-addr={addr}")]);
+    assert!(!status.success());
     assert!(stderr.contains(&format!("listen tcp {addr}")), "{stderr}");
 }

@@ -55,8 +55,8 @@ pub async fn serve<S>(
         .timer(TokioTimer::new())
         .auto_date_header(false)
         // hyper's default is 200 a connection: a client with more watch streams on one
-        // connection than that (the etcd-client crate opens each watch as a stream) had
-        // them refused, and the connection closed. etcd's default is no limit.
+        // connection than that (the etcd-client crate opens each watch as a stream) saw the
+        // rest wait without end. etcd's default is no limit.
         .max_concurrent_streams(max_concurrent_streams);
     let graceful = GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);

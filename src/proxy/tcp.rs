@@ -11,8 +11,22 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
 /// How long a connection to an endpoint may take before the endpoint counts as failed (etcd
-/// waits for the system's own timeout, minutes for an address that drops packets).
-pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// waits for the system's own timeout, minutes for an address that drops packets; long enough
+/// here that a member dropping SYNs in a burst of connections, retried by the kernel at 1 s and
+/// 3 s, is not set aside for a whole retry delay).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keep-alive on both sides of each carried connection, as Go sets by default for etcd's
+/// gateway: a client gone without closing (powered off, dropped by a NAT) is found and its
+/// connection to the member closed.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+
+fn keep_alive(stream: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE)
+        .with_interval(KEEPALIVE);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    let _ = stream.set_nodelay(true);
+}
 
 /// The endpoints as `host:port`: a scheme (`http://`, `https://`) and a trailing `/` are
 /// dropped, as etcd's gateway does.
@@ -78,7 +92,11 @@ impl Gateway {
     /// Proxies every connection `listener` accepts, until the process ends.
     pub async fn serve(self, listener: TcpListener) {
         let endpoints: Vec<&str> = self.inner.remotes.iter().map(|r| r.addr.as_str()).collect();
-        tracing::info!(?endpoints, listen = ?listener.local_addr().ok(), "ready to proxy client requests");
+        let listen = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!(?endpoints, %listen, "ready to proxy client requests");
         tokio::spawn(self.clone().monitor());
         loop {
             match listener.accept().await {
@@ -95,12 +113,12 @@ impl Gateway {
         }
     }
 
-    /// The next active endpoint in turn, if any.
+    /// The next active endpoint in turn, if any. The turn moves past every endpoint looked at
+    /// (as etcd's): with one of three set aside, the other two share its turns evenly.
     fn pick(&self) -> Option<&Remote> {
         let remotes = &self.inner.remotes;
-        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
         (0..remotes.len())
-            .map(|i| &remotes[(start + i) % remotes.len()])
+            .map(|_| &remotes[self.inner.next.fetch_add(1, Ordering::Relaxed) % remotes.len()])
             .find(|r| r.active.load(Ordering::Acquire))
     }
 
@@ -114,8 +132,8 @@ impl Gateway {
             };
             match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&remote.addr)).await {
                 Ok(Ok(mut upstream)) => {
-                    let _ = client.set_nodelay(true);
-                    let _ = upstream.set_nodelay(true);
+                    keep_alive(&client);
+                    keep_alive(&upstream);
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                     return;
                 }
@@ -147,7 +165,7 @@ impl Gateway {
                 match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&remote.addr)).await {
                     Ok(Ok(_)) => {
                         remote.active.store(true, Ordering::Release);
-                        tracing::info!(address = %remote.addr, "activated endpoint");
+                        tracing::info!(address = %remote.addr, "activated");
                     }
                     failed => {
                         let error = match failed {
@@ -242,6 +260,27 @@ mod tests {
             seen.push(read_through(at).await);
         }
         assert_eq!(seen.iter().filter(|s| *s == "a").count(), 2, "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn the_endpoints_left_share_a_dead_ones_turns_evenly() {
+        let mut addrs = Vec::new();
+        for name in ["a", "b", "c"] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            addrs.push(listener.local_addr().expect("addr").to_string());
+            if name != "b" {
+                tokio::spawn(named(listener, name));
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let at = listener.local_addr().expect("gateway");
+        tokio::spawn(Gateway::new(addrs, Duration::from_secs(60)).serve(listener));
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            seen.push(read_through(at).await);
+        }
+        let a = seen.iter().filter(|s| *s == "a").count();
+        assert_eq!((a, seen.len() - a), (4, 4), "{seen:?}");
     }
 
     #[tokio::test]
