@@ -527,7 +527,19 @@ impl TreeIndex {
 
     /// Adds `key`, which the index does not hold, with no revision yet; returns its slot.
     fn insert_new(&mut self, key: &[u8]) -> u32 {
-        self.bytes += SLOT_BYTES + KEY_OVERHEAD_BYTES + key.len();
+        let slot = self.add_key(key);
+        let keys = Keys {
+            slots: &self.slots,
+            arena: &self.arena.bytes,
+        };
+        self.order.insert(keys, slot, key);
+        slot
+    }
+
+    /// Stores `key` (not held) in the arena, a slot and the hash table, with no lives yet and
+    /// not in the order; returns its slot.
+    fn add_key(&mut self, key: &[u8]) -> u32 {
+        self.bytes += estimate(key.len(), &Lives::None);
         let stored = KeyRef {
             at: self.arena.bytes.len() as u64,
             len: u32::try_from(key.len()).expect("a key of 4 GiB or more"),
@@ -542,13 +554,14 @@ impl TreeIndex {
         };
         debug_assert!(matches!(self.slots[slot as usize].lives, Lives::None));
         self.slots[slot as usize].key = stored;
-        let keys = Keys {
-            slots: &self.slots,
-            arena: &self.arena.bytes,
-        };
-        self.order.insert(keys, slot, key);
         let hash = self.hasher.hash_one(key);
-        let hasher = &self.hasher;
+        let (keys, hasher) = (
+            Keys {
+                slots: &self.slots,
+                arena: &self.arena.bytes,
+            },
+            &self.hasher,
+        );
         self.keys
             .insert_unique(hash, slot, |slot| hasher.hash_one(keys.of(*slot)));
         slot
@@ -784,23 +797,11 @@ impl TreeIndex {
             if loaded.is_empty() {
                 return Err("a key with no revision in the saved index".into());
             }
-            // In key order: appended to the arena and the order directly.
+            // In key order: the order is built from them at the end, in one pass.
             let lives = Lives::from(loaded);
-            index.bytes += estimate(key.len(), &lives);
-            let slot = index.slots.len() as u32;
-            index.slots.push(Slot {
-                key: KeyRef {
-                    at: index.arena.bytes.len() as u64,
-                    len: len as u32,
-                },
-                lives,
-            });
-            index.arena.bytes.extend_from_slice(key);
-            let hash = index.hasher.hash_one(key);
-            let (slots, arena, hasher) = (&index.slots, &index.arena.bytes, &index.hasher);
-            index.keys.insert_unique(hash, slot, |slot| {
-                hasher.hash_one(Keys { slots, arena }.of(*slot))
-            });
+            let slot = index.add_key(key);
+            index.bytes += lives.heap_bytes();
+            index.slots[slot as usize].lives = lives;
             sorted.push(slot);
             if lease != 0 {
                 leases.push((key.to_vec(), lease));
