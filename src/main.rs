@@ -662,28 +662,13 @@ async fn auto_promote(kv: KvServer) {
     }
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("received SIGTERM, shutting down"),
-                    _ = int.recv() => tracing::info!("received SIGINT, shutting down"),
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+/// What the raft node's task ending says about the member.
+fn node_outcome(ended: Result<Result<(), WalError>, tokio::task::JoinError>) -> Result<(), String> {
+    match ended {
+        // The node stops by itself only when it applied its own removal.
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("fatal storage error: {e}")),
+        Err(e) => Err(format!("raft node crashed: {e}")),
     }
 }
 
@@ -1056,7 +1041,7 @@ async fn run(flags: Flags) -> Result<(), String> {
     let mut apply_task = member.apply_task;
     let (mut node_ended, mut apply_ended) = (false, false);
     let outcome = tokio::select! {
-        _ = shutdown_signal() => Ok(()),
+        _ = quorumkv::io::stop::signal() => Ok(()),
         Ok(()) = &mut removed => {
             tracing::warn!("this member was removed from the cluster; stopping");
             Ok(())
@@ -1064,21 +1049,32 @@ async fn run(flags: Flags) -> Result<(), String> {
         ended = &mut apply_task => {
             apply_ended = true;
             match ended {
-                Ok(Ok(())) => Err("apply loop stopped".to_string()),
+                // The apply loop ends by itself when the node that feeds it ended: the cause
+                // is the node's.
+                Ok(Ok(())) => {
+                    quorumkv::io::stop::arm_deadline("the stop after the raft node ended");
+                    node_ended = true;
+                    match tokio::time::timeout(SHUTDOWN_WAIT, &mut node_task).await {
+                        Ok(ended) => node_outcome(ended)
+                            .and(Err("the apply loop stopped".to_string())),
+                        Err(_) => Err("the apply loop stopped; the raft node did not".to_string()),
+                    }
+                }
                 Ok(Err(e)) => Err(format!("fatal backend error: {e}")),
                 Err(e) => Err(format!("apply loop crashed: {e}")),
             }
         }
         ended = &mut node_task => {
             node_ended = true;
-            match ended {
-                // The node stops by itself only when it applied its own removal.
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("fatal storage error: {e}")),
-                Err(e) => Err(format!("raft node crashed: {e}")),
-            }
+            node_outcome(ended)
         }
     };
+    if let Err(e) = &outcome {
+        // A fatal error: said once, now, and the process ends within the deadline even if the
+        // disk that caused it blocks the steps below.
+        tracing::error!("{e}; stopping");
+        quorumkv::io::stop::arm_deadline("the stop after a fatal error");
+    }
     let _ = stop_tx.send(true);
     for server in servers {
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
@@ -1104,7 +1100,18 @@ async fn run(flags: Flags) -> Result<(), String> {
             Err(_) => tracing::warn!("the apply loop did not stop in time"),
         }
     }
-    match quorumkv::io::Backend::flush(backend.as_ref()) {
+    // The flush runs on a thread of its own: on a failed disk it may never return (the
+    // deadline armed above then ends the process).
+    let flushing = backend.clone();
+    let flushed =
+        tokio::task::spawn_blocking(move || quorumkv::io::Backend::flush(flushing.as_ref()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(quorumkv::io::BackendError::Store(format!(
+                    "the flush crashed: {e}"
+                )))
+            });
+    match flushed {
         Ok(()) => {
             // The backend holds every applied entry: the key index can be saved beside it,
             // and the next start loads it instead of reading every revision.
@@ -1124,9 +1131,14 @@ async fn run(flags: Flags) -> Result<(), String> {
                 "backend flushed; stopped"
             )
         }
+        // After a fatal error this is its echo: the error itself was logged.
+        Err(e) if outcome.is_err() => {
+            tracing::debug!(error = %e, "backend flush at shutdown failed")
+        }
         Err(e) => tracing::error!(error = %e, "backend flush at shutdown failed"),
     }
-    outcome
+    // A fatal error was logged when it happened: an empty error tells `main` so.
+    outcome.map_err(|_| String::new())
 }
 
 /// Raises the soft limit on open files to the hard one, as Go's runtime does for etcd: a member
@@ -1220,6 +1232,10 @@ fn main() -> ExitCode {
             "--quota-backend-bytes exceeds the maximum suggested quota"
         );
     }
+    // Before the runtime's threads start, so that they inherit the mask.
+    if !quorumkv::io::stop::take_signals() {
+        tracing::warn!("cannot take signals on a thread of their own; using the runtime's");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -1232,6 +1248,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(flags)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_empty() => ExitCode::FAILURE,
         // One line, in the log's format (the log is on stderr).
         Err(e) => {
             tracing::error!("{e}");

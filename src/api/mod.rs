@@ -13,6 +13,7 @@ mod h2fix;
 mod health;
 mod kv;
 mod lease;
+mod limit;
 mod maintenance;
 mod serve;
 mod status;

@@ -119,6 +119,8 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // Every gRPC call on the port passes here: its messages are held to the limit.
+        let req = super::limit::limit_grpc(req, self.max_decoding_message_size);
         // The routed services were made ready by `poll_ready`: the request that goes on to them
         // takes that one, and the layer keeps a fresh clone.
         let fresh = self.inner.clone();

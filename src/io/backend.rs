@@ -15,7 +15,11 @@ pub enum BackendError {
 
 impl From<sled::Error> for BackendError {
     fn from(e: sled::Error) -> Self {
-        BackendError::Store(e.to_string())
+        match e {
+            // sled shows an I/O error by its Debug form.
+            sled::Error::Io(e) => BackendError::Store(format!("I/O error: {e}")),
+            other => BackendError::Store(other.to_string()),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{Disk, DiskFile, StdDisk};
@@ -12,6 +12,8 @@ use super::{Disk, DiskFile, StdDisk};
 #[derive(Default)]
 pub struct InstrumentedDisk {
     pub fail_sync: Arc<AtomicBool>,
+    /// When not 0: `allocate` of more bytes than this fails with ENOSPC.
+    pub no_space_over: Arc<AtomicU64>,
     events: Arc<Mutex<Vec<String>>>,
     writes: Arc<Mutex<Vec<Write>>>,
 }
@@ -46,6 +48,7 @@ struct InstrumentedFile {
     inner: Box<dyn DiskFile>,
     name: String,
     fail_sync: Arc<AtomicBool>,
+    no_space_over: Arc<AtomicU64>,
     events: Arc<Mutex<Vec<String>>>,
     writes: Arc<Mutex<Vec<Write>>>,
 }
@@ -76,6 +79,10 @@ impl DiskFile for InstrumentedFile {
         self.inner.sync_data()
     }
     fn allocate(&mut self, len: u64) -> io::Result<()> {
+        let limit = self.no_space_over.load(Ordering::SeqCst);
+        if limit != 0 && len > limit {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         self.inner.allocate(len)
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
@@ -98,6 +105,7 @@ impl Disk for InstrumentedDisk {
             inner: StdDisk.open(path, create)?,
             name: file_name(path),
             fail_sync: self.fail_sync.clone(),
+            no_space_over: self.no_space_over.clone(),
             events: self.events.clone(),
             writes: self.writes.clone(),
         }))

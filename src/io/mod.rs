@@ -10,6 +10,8 @@ pub mod instrumented_disk;
 pub mod rng;
 mod sled_backend;
 #[cfg(not(madsim))]
+pub mod stop;
+#[cfg(not(madsim))]
 pub mod tcp;
 pub mod transport;
 

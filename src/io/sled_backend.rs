@@ -87,6 +87,14 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> BackendError {
     BackendError::Store(format!("{what} {}: {e}", path.display()))
 }
 
+/// A store's error, with what was done and where: sled's own names neither.
+fn store_error(what: &str, path: &Path, e: sled::Error) -> BackendError {
+    match e {
+        sled::Error::Io(e) => io_error(what, path, e),
+        other => BackendError::Store(format!("{what} {}: {other}", path.display())),
+    }
+}
+
 /// `base` + `suffix`, beside it: `db.current`, `db.3`.
 fn beside(base: &Path, suffix: &str) -> PathBuf {
     let mut name = base.as_os_str().to_owned();
@@ -494,7 +502,8 @@ impl Backend for SledBackend {
             batches.push(batch.clone());
         }
         let started = std::time::Instant::now();
-        db.0.apply_batch(sled_batch(&db.0, batch)?)?;
+        db.0.apply_batch(sled_batch(&db.0, batch)?)
+            .map_err(|e| store_error("write a batch to", &db.1, e))?;
         crate::metrics::METRICS
             .backend_commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -502,7 +511,8 @@ impl Backend for SledBackend {
     }
 
     fn flush(&self) -> Result<(), BackendError> {
-        self.lock_read().0.flush()?;
+        let db = self.lock_read();
+        db.0.flush().map_err(|e| store_error("flush", &db.1, e))?;
         Ok(())
     }
 

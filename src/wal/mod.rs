@@ -54,8 +54,10 @@ const ZERO_AHEAD_BYTES: u64 = 1 << 20;
 /// Errors of the WAL and the snapshot store.
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
-    #[error("wal: I/O error on {}: {source}", file.display())]
+    #[error("wal: {op} {}: {source}", file.display())]
     Io {
+        /// What was being done: `write`, `fdatasync`, `create`, ...
+        op: &'static str,
         file: PathBuf,
         source: std::io::Error,
     },
@@ -65,6 +67,8 @@ pub enum WalError {
         offset: u64,
         reason: String,
     },
+    #[error("wal: no space left on the device for the new segment {}: it needs at least {needed} bytes free", file.display())]
+    NoSpace { file: PathBuf, needed: u64 },
     /// The log does not continue the caller's snapshot: entries after it were released or lost.
     #[error("wal: entries after index {after_index} are missing; the log resumes at index {first_index}")]
     Gap { after_index: u64, first_index: u64 },
@@ -143,8 +147,12 @@ pub struct Wal {
     buf: Vec<u8>,
 }
 
-pub(crate) fn io_error(file: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
+pub(crate) fn io_error<'a>(
+    op: &'static str,
+    file: &'a Path,
+) -> impl FnOnce(std::io::Error) -> WalError + 'a {
     move |source| WalError::Io {
+        op,
         file: file.to_path_buf(),
         source,
     }
@@ -165,12 +173,26 @@ impl Wal {
     ) -> Result<(Wal, WalReplay), WalError> {
         let segment_capacity = opts.segment_capacity();
         if !disk.exists(dir) {
-            disk.create_dir_all(dir).map_err(io_error(dir))?;
+            disk.create_dir_all(dir)
+                .map_err(io_error("create directory", dir))?;
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                disk.sync_dir(parent).map_err(io_error(parent))?;
+                disk.sync_dir(parent)
+                    .map_err(io_error("fsync directory", parent))?;
             }
         }
-        let names = segment::list(disk.as_ref(), dir)?;
+        let mut names = segment::list(disk.as_ref(), dir)?;
+        // A newest segment without a record was made by a start or a roll that failed before
+        // writing to it (the disk was full, say): nothing in it was ever acknowledged.
+        if let Some(newest) = names.last() {
+            let path = dir.join(newest.file_name());
+            if segment::holds_no_record(disk.as_ref(), &path)? {
+                disk.remove(&path).map_err(io_error("remove", &path))?;
+                disk.sync_dir(dir)
+                    .map_err(io_error("fsync directory", dir))?;
+                tracing::info!(file = %path.display(), "wal: removed a segment that holds no record");
+                names.pop();
+            }
+        }
         let Some((&newest, older)) = names.split_last() else {
             return Wal::create_empty(disk, dir, segment_capacity, after_index);
         };
@@ -252,7 +274,13 @@ impl Wal {
             seq: 1,
             first_index: after_index + 1,
         };
-        let (path, file) = segment::create(disk.as_ref(), dir, name, segment_capacity)?;
+        let (path, file, capacity) = segment::create_fitting(
+            disk.as_ref(),
+            dir,
+            name,
+            segment_capacity,
+            MIN_SEGMENT_BYTES,
+        )?;
         let wal = Wal {
             disk,
             dir: dir.to_path_buf(),
@@ -264,7 +292,7 @@ impl Wal {
             }],
             file,
             write_offset: 0,
-            file_capacity: segment_capacity,
+            file_capacity: capacity,
             zeroed_to: 0,
             last_crc: 0,
             last_index: after_index,
@@ -346,7 +374,7 @@ impl Wal {
             let path = &self.segments[self.segments.len() - 1].path;
             if let Err(source) = self.file.sync_data() {
                 self.failed = true;
-                return Err(io_error(path)(source));
+                return Err(io_error("fdatasync", path)(source));
             }
             self.unsynced = false;
         }
@@ -424,9 +452,11 @@ impl Wal {
             debug_assert!(self.segments.len() > 1, "the current segment stays");
             self.disk
                 .remove(&oldest.path)
-                .map_err(io_error(&oldest.path))?;
+                .map_err(io_error("remove", &oldest.path))?;
             // One removal durable at a time: a crash must never leave a hole in the sequence.
-            self.disk.sync_dir(&self.dir).map_err(io_error(&self.dir))?;
+            self.disk
+                .sync_dir(&self.dir)
+                .map_err(io_error("fsync directory", &self.dir))?;
             tracing::debug!(file = %oldest.path.display(), "wal: released segment");
             self.segments.remove(0);
         }
@@ -506,11 +536,14 @@ impl Wal {
         let current = self.segments.len() - 1;
         if let Err(source) = self.zero_ahead(self.write_offset + len) {
             self.failed = true;
-            return Err(io_error(&self.segments[current].path)(source));
+            return Err(io_error(
+                "write zeros ahead in",
+                &self.segments[current].path,
+            )(source));
         }
         if let Err(source) = self.file.write_at(self.write_offset, &self.buf) {
             self.failed = true;
-            return Err(io_error(&self.segments[current].path)(source));
+            return Err(io_error("write", &self.segments[current].path)(source));
         }
         self.unsynced = true;
         self.write_offset += len;
@@ -559,13 +592,19 @@ impl Wal {
         let opening = std::iter::once(RecordRef::HardState(&hard_state))
             .chain(marker.map(|(term, index)| RecordRef::SnapshotMarker { term, index }));
         let opening_bytes: u64 = opening.clone().map(|r| r.encoded_len()).sum();
-        let capacity = self.segment_capacity.max(opening_bytes + batch_bytes);
+        let needed = opening_bytes + batch_bytes;
         let name = SegmentName {
             seq: self.segments[self.segments.len() - 1].name.seq + 1,
             first_index,
         };
-        let created = segment::create(self.disk.as_ref(), &self.dir, name, capacity);
-        let (path, file) = created.inspect_err(|_| self.failed = true)?;
+        let created = segment::create_fitting(
+            self.disk.as_ref(),
+            &self.dir,
+            name,
+            self.segment_capacity.max(needed),
+            needed,
+        );
+        let (path, file, capacity) = created.inspect_err(|_| self.failed = true)?;
         tracing::debug!(file = %path.display(), capacity, "wal: new segment");
         self.segments.push(SegmentMeta {
             name,

@@ -62,7 +62,7 @@ pub(crate) fn read_bounded(
     path: &Path,
     max_bytes: u64,
 ) -> Result<Vec<u8>, WalError> {
-    let len = file.len().map_err(io_error(path))?;
+    let len = file.len().map_err(io_error("stat", path))?;
     if len > max_bytes {
         return Err(WalError::Corrupt {
             file: path.to_path_buf(),
@@ -81,7 +81,7 @@ pub(crate) fn read_bounded(
         let end = len.min(done + READ_CHUNK_BYTES);
         let n = file
             .read_at(done as u64, &mut buf[done..end])
-            .map_err(io_error(path))?;
+            .map_err(io_error("read", path))?;
         if n == 0 {
             buf.truncate(done);
             break;
@@ -198,11 +198,78 @@ pub(crate) fn create(
             reason: "a segment with this name already exists".to_string(),
         });
     }
-    let mut file = disk.open(&path, true).map_err(io_error(&path))?;
-    file.allocate(capacity).map_err(io_error(&path))?;
-    file.sync_data().map_err(io_error(&path))?;
-    disk.sync_dir(dir).map_err(io_error(dir))?;
+    let mut file = disk.open(&path, true).map_err(io_error("create", &path))?;
+    let made = file
+        .allocate(capacity)
+        .map_err(io_error("preallocate", &path))
+        .and_then(|()| file.sync_data().map_err(io_error("fdatasync", &path)))
+        .and_then(|()| disk.sync_dir(dir).map_err(io_error("fsync directory", dir)));
+    if let Err(e) = made {
+        // Nothing was written to it: a failed segment is not left behind to be found (empty,
+        // or preallocated in part) by the next start.
+        drop(file);
+        if disk.remove(&path).is_ok() {
+            let _ = disk.sync_dir(dir);
+        }
+        return Err(e);
+    }
     Ok((path, file))
+}
+
+/// Whether `err` says the device is full.
+pub(crate) fn is_no_space(err: &WalError) -> bool {
+    matches!(err, WalError::Io { source, .. }
+        if source.kind() == std::io::ErrorKind::StorageFull
+            || source.raw_os_error() == Some(libc::ENOSPC))
+}
+
+/// [`create`] with `wanted` bytes, or, when the device has not that much room, with less (half
+/// at each try) down to `needed`: a member on a nearly full disk goes on writing into what is
+/// left instead of failing for want of a whole segment. Returns the capacity made.
+pub(crate) fn create_fitting(
+    disk: &dyn Disk,
+    dir: &Path,
+    name: SegmentName,
+    wanted: u64,
+    needed: u64,
+) -> Result<(PathBuf, Box<dyn DiskFile>, u64), WalError> {
+    let round = |n: u64| n.div_ceil(RECORD_ALIGN) * RECORD_ALIGN;
+    let needed = round(needed);
+    let mut capacity = round(wanted.max(needed));
+    loop {
+        match create(disk, dir, name, capacity) {
+            Ok((path, file)) => {
+                if capacity < wanted {
+                    tracing::warn!(
+                        file = %path.display(),
+                        capacity,
+                        wanted,
+                        "wal: the disk is nearly full; a smaller segment than configured"
+                    );
+                }
+                return Ok((path, file, capacity));
+            }
+            Err(e) if is_no_space(&e) && capacity > needed => {
+                capacity = round((capacity / 2).max(needed));
+            }
+            Err(e) if is_no_space(&e) => {
+                return Err(WalError::NoSpace {
+                    file: dir.join(name.file_name()),
+                    needed,
+                })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether the segment at `path` holds no record: empty, or zeros where its first record
+/// would start (made by a start or a roll that failed before writing to it).
+pub(crate) fn holds_no_record(disk: &dyn Disk, path: &Path) -> Result<bool, WalError> {
+    let file = disk.open(path, false).map_err(io_error("open", path))?;
+    let mut head = [0u8; RECORD_ALIGN as usize];
+    let n = file.read_at(0, &mut head).map_err(io_error("read", path))?;
+    Ok(head[..n].iter().all(|b| *b == 0))
 }
 
 /// A segment the log still holds.
@@ -218,7 +285,7 @@ pub(crate) struct SegmentMeta {
 pub(crate) fn list(disk: &dyn Disk, dir: &Path) -> Result<Vec<SegmentName>, WalError> {
     let mut names: Vec<SegmentName> = disk
         .list(dir)
-        .map_err(io_error(dir))?
+        .map_err(io_error("list", dir))?
         .iter()
         .filter_map(|name| SegmentName::parse(name))
         .collect();
@@ -256,7 +323,7 @@ pub(crate) fn read_and_scan(
     is_last: bool,
 ) -> Result<ScannedSegment, WalError> {
     let path = dir.join(name.file_name());
-    let file = disk.open(&path, false).map_err(io_error(&path))?;
+    let file = disk.open(&path, false).map_err(io_error("open", &path))?;
     let bytes = read_bounded(file.as_ref(), &path, MAX_SEGMENT_BYTES)?;
     let mut max_entry_index = None;
     let tail = scan(&path, &bytes, chain, is_last, |record| {
@@ -297,10 +364,10 @@ pub(crate) fn zero_torn_tail(
     while at <= last_nonzero {
         let n = (last_nonzero + 1 - at).min(zeros.len() as u64);
         file.write_at(at, &zeros[..n as usize])
-            .map_err(io_error(path))?;
+            .map_err(io_error("wipe the torn tail of", path))?;
         at += n;
     }
-    file.sync_data().map_err(io_error(path))?;
+    file.sync_data().map_err(io_error("fdatasync", path))?;
     Ok(TailRepair {
         file: path.to_path_buf(),
         offset,

@@ -97,6 +97,7 @@ impl SnapStore {
     /// A store in `dir`, created (durably) when missing.
     pub fn new(disk: Arc<dyn Disk>, dir: &Path) -> Result<SnapStore, WalError> {
         let io = |source| WalError::Io {
+            op: "create directory",
             file: dir.to_path_buf(),
             source,
         };
@@ -104,6 +105,7 @@ impl SnapStore {
             disk.create_dir_all(dir).map_err(io)?;
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 disk.sync_dir(parent).map_err(|source| WalError::Io {
+                    op: "fsync directory",
                     file: parent.to_path_buf(),
                     source,
                 })?;
@@ -148,7 +150,11 @@ impl SnapStore {
         let path = self.dir.join(file_name(term, index));
         self.disk
             .write_atomic(&path, &bytes)
-            .map_err(|source| WalError::Io { file: path, source })
+            .map_err(|source| WalError::Io {
+                op: "write",
+                file: path,
+                source,
+            })
     }
 
     /// The newest snapshot that reads back intact; broken ones are logged and skipped.
@@ -159,6 +165,7 @@ impl SnapStore {
                 .disk
                 .open(&path, false)
                 .map_err(|source| WalError::Io {
+                    op: "open",
                     file: path.clone(),
                     source,
                 })?;
@@ -195,13 +202,16 @@ impl SnapStore {
         }
         for (term, index) in &names[keep..] {
             let path = self.dir.join(file_name(*term, *index));
-            self.disk
-                .remove(&path)
-                .map_err(|source| WalError::Io { file: path, source })?;
+            self.disk.remove(&path).map_err(|source| WalError::Io {
+                op: "remove",
+                file: path,
+                source,
+            })?;
         }
         self.disk
             .sync_dir(&self.dir)
             .map_err(|source| WalError::Io {
+                op: "fsync directory",
                 file: self.dir.clone(),
                 source,
             })
@@ -210,6 +220,7 @@ impl SnapStore {
     /// (term, index) of every snapshot file, newest (highest index, then term) first.
     fn newest_first(&self) -> Result<Vec<(u64, u64)>, WalError> {
         let names = self.disk.list(&self.dir).map_err(|source| WalError::Io {
+            op: "list",
             file: self.dir.clone(),
             source,
         })?;

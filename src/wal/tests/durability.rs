@@ -238,3 +238,111 @@ fn an_installed_snapshot_supersedes_every_entry_before_it_but_a_marker_does_not(
         assert_eq!(kept, [(9, 2)], "install={install}");
     }
 }
+
+/// The regular files in `dir` and their sizes.
+fn files(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_roll_on_a_nearly_full_disk_makes_a_smaller_segment_and_leaves_no_failed_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Arc::new(InstrumentedDisk::default());
+    let options = WalOptions {
+        segment_bytes: 64 << 10,
+    };
+    let (mut wal, _) = Wal::open(disk.clone(), tmp.path(), options, 0).unwrap();
+    disk.no_space_over.store(10 << 10, Ordering::SeqCst);
+    let mut index = 0;
+    while wal.segments.len() == 1 {
+        index += 1;
+        wal.append(&entries(1, index..=index), None).unwrap();
+    }
+    wal.sync().unwrap();
+    let on_disk = files(tmp.path());
+    assert_eq!(on_disk.len(), 2, "{on_disk:?}");
+    assert_eq!(on_disk[0].1, 64 << 10);
+    // 64 KiB, 32 and 16 did not fit; 8 did.
+    assert_eq!(on_disk[1].1, 8 << 10, "{on_disk:?}");
+    let second = segment_file_name(2, index);
+    let removed = disk
+        .take_events()
+        .iter()
+        .filter(|e| **e == format!("remove {second}"))
+        .count();
+    assert_eq!(removed, 3);
+    drop(wal);
+    let (_, replay) = Wal::open(disk, tmp.path(), options, 0).unwrap();
+    assert_eq!(replay.entries, entries(1, 1..=index));
+}
+
+#[test]
+fn a_roll_with_no_room_at_all_names_the_space_it_needs_and_leaves_no_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Arc::new(InstrumentedDisk::default());
+    let options = WalOptions {
+        segment_bytes: TINY_SEGMENT_BYTES,
+    };
+    let (mut wal, _) = Wal::open(disk.clone(), tmp.path(), options, 0).unwrap();
+    disk.no_space_over.store(8, Ordering::SeqCst);
+    let mut index = 0;
+    let err = loop {
+        index += 1;
+        if let Err(e) = wal.append(&entries(1, index..=index), None) {
+            break e;
+        }
+    };
+    assert!(
+        matches!(err, WalError::NoSpace { needed, .. } if needed > 8),
+        "{err}"
+    );
+    assert!(err.to_string().contains("bytes free"), "{err}");
+    assert!(matches!(wal.sync(), Err(WalError::Failed)));
+    drop(wal);
+    let on_disk = files(tmp.path());
+    assert_eq!(on_disk.len(), 1, "{on_disk:?}");
+    disk.no_space_over.store(0, Ordering::SeqCst);
+    let (_, replay) = Wal::open(disk, tmp.path(), options, 0).unwrap();
+    assert_eq!(replay.entries, entries(1, 1..=index - 1));
+}
+
+#[test]
+fn a_start_removes_a_newest_segment_that_holds_no_record() {
+    for leftover_bytes in [0u64, 4096] {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = Arc::new(InstrumentedDisk::default());
+        let options = WalOptions {
+            segment_bytes: 4096,
+        };
+        let (mut wal, _) = Wal::open(disk.clone(), tmp.path(), options, 0).unwrap();
+        wal.append(&entries(1, 1..=3), None).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        // What a roll that failed after creating its file, or a crash before the first write
+        // to it, leaves: empty, or preallocated zeros.
+        let leftover = tmp.path().join(segment_file_name(2, 4));
+        std::fs::File::create(&leftover)
+            .unwrap()
+            .set_len(leftover_bytes)
+            .unwrap();
+        let (mut wal, replay) = Wal::open(disk.clone(), tmp.path(), options, 0).unwrap();
+        assert_eq!(replay.entries, entries(1, 1..=3));
+        assert!(!leftover.exists(), "{leftover_bytes}");
+        wal.append(&entries(1, 4..=4), None).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let (_, replay) = Wal::open(disk, tmp.path(), options, 0).unwrap();
+        assert_eq!(replay.entries, entries(1, 1..=4));
+    }
+}
