@@ -288,3 +288,35 @@ async fn a_message_that_does_not_decode_is_refused_and_changes_nothing() {
     assert_eq!(reply.kvs[0].value, b"v");
     assert_eq!(reply.header.expect("header").revision, 2);
 }
+
+/// Warnings caused by remote input are rate-limited: 300 connections that send garbage to the
+/// peer port make a few lines, not 300.
+#[test]
+fn garbage_on_the_peer_port_cannot_flood_the_log() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let peer = server.peer_url();
+    let addr = peer.trim_start_matches("http://");
+    for _ in 0..300 {
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        let _ = conn.write_all(b"GET / HTTP/1.1\r\n\r\n");
+    }
+    let logged = || server.log().matches("refused a peer connection").count();
+    // Every connection was refused (the last one too) before the lines are counted.
+    common::wait_until(
+        "the garbage is refused",
+        std::time::Duration::from_secs(10),
+        || logged() >= 10,
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let lines = logged();
+    assert!(
+        (10..=11).contains(&lines),
+        "{lines} lines:\n{}",
+        server.log()
+    );
+    // The member still serves.
+    let out = common::etcdctl(&server.endpoint(), &["put", "k", "v"]);
+    assert!(out.status.success(), "{out:?}");
+}

@@ -210,12 +210,16 @@ pub async fn serve_peers(
     directory: Directory,
     tls: Option<Arc<ServerTls>>,
 ) -> std::io::Result<()> {
+    // What anyone who can reach the port can make us say is rate-limited.
+    let refusals = Arc::new(crate::tls::RateLimitedLog::default());
+    let breaks = Arc::new(crate::tls::RateLimitedLog::default());
     loop {
         let (stream, from_addr) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let inbox = inbox.clone();
         let directory = directory.clone();
         let tls = tls.clone();
+        let (refusals, breaks) = (refusals.clone(), breaks.clone());
         tokio::spawn(async move {
             let mut stream: PeerStream = match tls {
                 // A peer without a certificate from the trusted CA (or with another common
@@ -245,15 +249,21 @@ pub async fn serve_peers(
                 return;
             }
             if &preamble[..8] != MAGIC || stream.read_exact(&mut preamble[8..]).await.is_err() {
-                tracing::warn!(peer = %from_addr, "refused a peer connection without our preamble");
+                if let Some(left_out) = refusals.allow() {
+                    tracing::warn!(peer = %from_addr, earlier_refusals_not_logged = left_out,
+                        "refused a peer connection without our preamble");
+                }
                 return;
             }
             let their_cluster = u64::from_le_bytes(preamble[8..16].try_into().unwrap_or_default());
             let member = u64::from_le_bytes(preamble[16..24].try_into().unwrap_or_default());
             if their_cluster != cluster_id {
-                tracing::warn!(peer = %from_addr, member = format!("{member:x}"),
-                    local_cluster = format!("{cluster_id:x}"), remote_cluster = format!("{their_cluster:x}"),
-                    "refused a peer of another cluster (cluster ID mismatch)");
+                if let Some(left_out) = refusals.allow() {
+                    tracing::warn!(peer = %from_addr, member = format!("{member:x}"),
+                        local_cluster = format!("{cluster_id:x}"), remote_cluster = format!("{their_cluster:x}"),
+                        earlier_refusals_not_logged = left_out,
+                        "refused a peer of another cluster (cluster ID mismatch)");
+                }
                 return;
             }
             // Buffered: a burst of small frames costs one read, not two per frame.
@@ -272,7 +282,10 @@ pub async fn serve_peers(
                     }
                     Ok(None) => return,
                     Err(e) => {
-                        tracing::warn!(peer = %from_addr, error = %e, "peer stream broken");
+                        if let Some(left_out) = breaks.allow() {
+                            tracing::warn!(peer = %from_addr, error = %e,
+                                earlier_breaks_not_logged = left_out, "peer stream broken");
+                        }
                         return;
                     }
                 }

@@ -63,6 +63,9 @@ struct Inner {
     remotes: Vec<Remote>,
     next: AtomicUsize,
     retry_delay: Duration,
+    /// Clients turned away while no endpoint accepts: one line each would let any client
+    /// flood the log.
+    turned_away: crate::tls::RateLimitedLog,
 }
 
 /// The gateway: its endpoints, which of them are in use, and whose turn is next.
@@ -85,6 +88,7 @@ impl Gateway {
                 remotes,
                 next: AtomicUsize::new(0),
                 retry_delay,
+                turned_away: crate::tls::RateLimitedLog::default(),
             }),
         }
     }
@@ -127,7 +131,12 @@ impl Gateway {
     async fn proxy(&self, mut client: TcpStream) {
         loop {
             let Some(remote) = self.pick() else {
-                tracing::warn!("no endpoint accepts connections: closing a client's connection");
+                if let Some(left_out) = self.inner.turned_away.allow() {
+                    tracing::warn!(
+                        earlier_not_logged = left_out,
+                        "no endpoint accepts connections: closing a client's connection"
+                    );
+                }
                 return;
             };
             match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&remote.addr)).await {
