@@ -26,10 +26,12 @@ pub enum Bug {
     BackupMissesLastBatch,
     /// Apply a client's request without checking its permissions again at apply.
     SkipAuthCheckAtApply,
+    /// Take a failed WAL fdatasync for a successful one and go on.
+    IgnoreFsyncError,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 10] = [
+    pub const ALL: [Bug; 11] = [
         Bug::AckBeforeFsync,
         Bug::ApplyBeforeCommit,
         Bug::ServeStaleRead,
@@ -40,6 +42,7 @@ impl Bug {
         Bug::LockSkipsWait,
         Bug::BackupMissesLastBatch,
         Bug::SkipAuthCheckAtApply,
+        Bug::IgnoreFsyncError,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +57,7 @@ impl Bug {
             Bug::LockSkipsWait => "lock-skips-wait",
             Bug::BackupMissesLastBatch => "backup-misses-last-batch",
             Bug::SkipAuthCheckAtApply => "skip-auth-check-at-apply",
+            Bug::IgnoreFsyncError => "ignore-fsync-error",
         }
     }
 
@@ -73,6 +77,7 @@ impl Bug {
             Bug::SkipAuthCheckAtApply => {
                 "apply a client's request without checking its permissions again at apply"
             }
+            Bug::IgnoreFsyncError => "take a failed WAL fdatasync for a successful one",
         }
     }
 

@@ -242,6 +242,8 @@ impl Cluster {
             .name(format!("n{id}"))
             .build();
         let recorder = self.recorder.clone();
+        let faulty_disk = disk.clone();
+        let fault_seen = disk.clone();
         let started = node
             .spawn(async move {
                 let running = start_member(
@@ -258,10 +260,16 @@ impl Cluster {
                         let recorder_node = recorder.clone();
                         tokio::spawn(async move {
                             if let Ok(Err(e)) = running.node_task.await {
-                                recorder_node
-                                    .lock()
-                                    .violations
-                                    .push(format!("node {id} stopped with an error: {e}"));
+                                // After a disk fault, stopping is what the node must do (the
+                                // process exits; the fault injector then crashes it).
+                                if faulty_disk.fault_fired().is_some() {
+                                    faulty_disk.note_stopped(e.to_string());
+                                } else {
+                                    recorder_node
+                                        .lock()
+                                        .violations
+                                        .push(format!("node {id} stopped with an error: {e}"));
+                                }
                             }
                         });
                         tokio::spawn(async move {
@@ -280,6 +288,11 @@ impl Cluster {
             .await;
         let kv = match started {
             Ok(Ok(kv)) => Some(kv),
+            // A start on a failed disk must fail (and say why).
+            Ok(Err(e)) if fault_seen.fault_fired().is_some() => {
+                fault_seen.note_stopped(e);
+                None
+            }
             Ok(Err(e)) => {
                 self.recorder
                     .lock()
@@ -311,6 +324,11 @@ impl Cluster {
         if restarted {
             self.recorder.event(EventKind::Restart { node: id });
         }
+    }
+
+    /// Member `id`'s disk.
+    pub fn disk_of(&self, id: u64) -> Option<SimDisk> {
+        self.lock().get(&id).map(|m| m.disk.clone())
     }
 
     /// Kills member `id` now: its tasks vanish, unsynced disk writes and unflushed backend

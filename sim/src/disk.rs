@@ -45,10 +45,69 @@ pub struct CrashReport {
     pub torn_files: usize,
 }
 
+/// An operation the disk can be made to fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOp {
+    Write,
+    Sync,
+    Rename,
+}
+
+/// How it fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultError {
+    /// ENOSPC: the device is full.
+    NoSpace,
+    /// EIO: the device failed.
+    Io,
+}
+
+impl FaultError {
+    fn to_io(self) -> io::Error {
+        // Linux's numbers, so that the node reads them as it reads the real ones.
+        match self {
+            FaultError::NoSpace => io::Error::from_raw_os_error(28),
+            FaultError::Io => io::Error::from_raw_os_error(5),
+        }
+    }
+}
+
+/// A fault armed on a disk: every `op` on a file of the durable log (a WAL segment or a
+/// snapshot) fails with `error` until cleared, as a full or broken device does.
+#[derive(Default)]
+struct Faults {
+    armed: Option<(FaultOp, FaultError)>,
+    /// What failed first, once something did.
+    fired: Option<String>,
+    /// The error the node stopped with, once it did.
+    stopped: Option<String>,
+}
+
 /// One node's disk. Clones share the files.
 #[derive(Clone, Default)]
 pub struct SimDisk {
     fs: Arc<Mutex<Fs>>,
+    faults: Arc<Mutex<Faults>>,
+}
+
+/// Whether `path` is a file of the durable log: the files whose failures must stop a node.
+fn in_durable_log(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|ext| ext == "wal" || ext == "snap")
+}
+
+fn check_fault(faults: &Mutex<Faults>, op: FaultOp, path: &Path) -> io::Result<()> {
+    let mut faults = faults.lock().unwrap_or_else(|p| p.into_inner());
+    match faults.armed {
+        Some((armed, error)) if armed == op && in_durable_log(path) => {
+            let e = error.to_io();
+            if faults.fired.is_none() {
+                faults.fired = Some(format!("{op:?} of {}: {e}", path.display()));
+            }
+            Err(e)
+        }
+        _ => Ok(()),
+    }
 }
 
 fn not_found(path: &Path) -> io::Error {
@@ -78,6 +137,44 @@ impl SimDisk {
 
     fn lock(&self) -> MutexGuard<'_, Fs> {
         self.fs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn faults(&self) -> MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on every `op` on the durable log fails with `error`, until [`Self::clear_fault`].
+    /// Refused (`false`) while an earlier fault is armed: one at a time, each seen through.
+    pub fn arm_fault(&self, op: FaultOp, error: FaultError) -> bool {
+        let mut faults = self.faults();
+        if faults.armed.is_some() || faults.stopped.is_some() {
+            return false;
+        }
+        *faults = Faults {
+            armed: Some((op, error)),
+            ..Faults::default()
+        };
+        true
+    }
+
+    /// The device works again (space was freed, the disk replaced).
+    pub fn clear_fault(&self) {
+        *self.faults() = Faults::default();
+    }
+
+    /// What failed, once an armed fault did.
+    pub fn fault_fired(&self) -> Option<String> {
+        self.faults().fired.clone()
+    }
+
+    /// The node stopped with `error` after a fault fired.
+    pub fn note_stopped(&self, error: String) {
+        self.faults().stopped = Some(error);
+    }
+
+    /// The error the node stopped with after a fault, if it did.
+    pub fn stopped(&self) -> Option<String> {
+        self.faults().stopped.clone()
     }
 
     /// A power loss: every file keeps its durable image plus a random prefix of the changes
@@ -128,6 +225,8 @@ impl SimDisk {
 
 struct SimFile {
     fs: Arc<Mutex<Fs>>,
+    faults: Arc<Mutex<Faults>>,
+    path: PathBuf,
     ino: Ino,
 }
 
@@ -144,6 +243,7 @@ impl SimFile {
 
 impl DiskFile for SimFile {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        check_fault(&self.faults, FaultOp::Write, &self.path)?;
         self.with(|inode| {
             let change = Pending::Write {
                 offset,
@@ -164,6 +264,8 @@ impl DiskFile for SimFile {
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
+        // The changes stay unsynced: a crash may drop them.
+        check_fault(&self.faults, FaultOp::Sync, &self.path)?;
         self.with(|inode| {
             for change in std::mem::take(&mut inode.pending) {
                 apply(&mut inode.durable, &change);
@@ -173,6 +275,8 @@ impl DiskFile for SimFile {
     }
 
     fn allocate(&mut self, len: u64) -> io::Result<()> {
+        // A device that cannot take writes cannot take a preallocation either.
+        check_fault(&self.faults, FaultOp::Write, &self.path)?;
         self.with(|inode| {
             if (inode.live.len() as u64) < len {
                 let change = Pending::SetLen(len);
@@ -225,6 +329,8 @@ impl Disk for SimDisk {
         };
         Ok(Box::new(SimFile {
             fs: self.fs.clone(),
+            faults: self.faults.clone(),
+            path: path.to_path_buf(),
             ino,
         }))
     }
@@ -243,6 +349,7 @@ impl Disk for SimDisk {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        check_fault(&self.faults, FaultOp::Rename, to)?;
         let mut fs = self.lock();
         let ino = fs.live_names.remove(from).ok_or_else(|| not_found(from))?;
         fs.live_names.insert(to.to_path_buf(), ino);
@@ -285,6 +392,41 @@ mod tests {
         let root = Path::new("/sim");
         disk.create_dir_all(root).expect("root");
         quorumkv::io::disk::conformance::run_all(&disk, root);
+    }
+
+    #[test]
+    fn an_armed_fault_fails_the_durable_log_only_until_cleared() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/d");
+        disk.create_dir_all(dir).expect("dir");
+        let mut wal = disk.open(&dir.join("1.wal"), true).expect("open");
+        let mut other = disk.open(&dir.join("image.part"), true).expect("open");
+        wal.write_at(0, b"before").expect("write");
+        assert!(disk.arm_fault(FaultOp::Sync, FaultError::NoSpace));
+        assert!(
+            !disk.arm_fault(FaultOp::Write, FaultError::Io),
+            "one at a time"
+        );
+        let e = wal.sync_data().expect_err("armed");
+        assert_eq!(e.raw_os_error(), Some(28));
+        assert!(disk.fault_fired().is_some_and(|f| f.contains("1.wal")));
+        other.write_at(0, b"x").expect("other files work");
+        other.sync_data().expect("other files work");
+        // What the failed sync left unsynced is lost in a crash.
+        disk.crash(&mut rand::rngs::StdRng::seed_from_u64(3), false);
+        assert!(
+            !disk.exists(&dir.join("1.wal")),
+            "its name was never synced"
+        );
+        disk.clear_fault();
+        let mut wal = disk.open(&dir.join("1.wal"), true).expect("open");
+        wal.write_at(0, b"after").expect("write");
+        wal.sync_data().expect("mended");
+        assert!(disk.arm_fault(FaultOp::Rename, FaultError::Io));
+        let e = disk
+            .rename(&dir.join("image.part"), &dir.join("2.snap"))
+            .expect_err("armed");
+        assert_eq!(e.raw_os_error(), Some(5));
     }
 
     #[test]

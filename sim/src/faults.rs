@@ -8,6 +8,7 @@ use madsim::rand::seq::SliceRandom;
 use madsim::rand::Rng;
 
 use crate::cluster::Cluster;
+use crate::disk::{FaultError, FaultOp};
 use crate::network::LinkFaults;
 use crate::trace::EventKind;
 
@@ -28,6 +29,8 @@ pub struct Swarm {
     pub max_skew_ppm: u64,
     pub membership: bool,
     pub transfers: bool,
+    /// A node's WAL or snapshot files fail to write, sync or rename (ENOSPC or EIO).
+    pub disk_errors: bool,
     /// Mean time between two fault actions.
     pub fault_interval: Duration,
 }
@@ -56,8 +59,12 @@ impl Swarm {
             },
             membership: rng.gen_bool(0.4),
             transfers: rng.gen_bool(0.4),
+            disk_errors: false,
             fault_interval: Duration::from_millis(rng.gen_range(300..=2_000)),
         };
+        // From a draw already made (a new draw would change every recorded seed's run): a
+        // third of the seeds.
+        swarm.disk_errors = swarm.fault_interval.as_millis().is_multiple_of(3);
         if rng.gen_bool(0.5) {
             swarm.link.drop_probability = rng.gen_range(0.0..0.15);
         }
@@ -102,6 +109,7 @@ impl Swarm {
             (self.pauses, "pauses"),
             (self.membership, "membership changes"),
             (self.transfers, "leader transfers"),
+            (self.disk_errors, "disk errors"),
         ];
         for (enabled, name) in flags {
             if enabled {
@@ -186,6 +194,64 @@ fn resume_later(cluster: &Cluster, id: u64, after: Duration) {
     });
 }
 
+/// How long a node has to stop once its disk failed it.
+const STOP_AFTER_DISK_ERROR: Duration = Duration::from_secs(10);
+
+/// Makes `op` fail with `error` on node `id`'s durable log. Once it fails, the node must stop
+/// (its process exits): it is then crashed, its disk mended, and restarted after `down_for`. A
+/// node that goes on after a failed write or sync is a violation: it may answer success for
+/// what is not durable. A fault that never fires (the node wrote nothing meanwhile) is
+/// withdrawn.
+fn disk_error(cluster: &Cluster, id: u64, op: FaultOp, error: FaultError, down_for: Duration) {
+    let Some(disk) = cluster.disk_of(id) else {
+        return;
+    };
+    if !disk.arm_fault(op, error) {
+        return;
+    }
+    cluster.recorder.event(EventKind::Fault {
+        description: format!("disk of {id}: {op:?} fails with {error:?}"),
+    });
+    let cluster = cluster.clone();
+    tokio::spawn(async move {
+        let step = Duration::from_millis(100);
+        let mut waited_since_fired = Duration::ZERO;
+        let mut waited = Duration::ZERO;
+        loop {
+            tokio::time::sleep(step).await;
+            waited += step;
+            if let Some(stopped) = disk.stopped() {
+                cluster.crash(id);
+                disk.clear_fault();
+                cluster.recorder.event(EventKind::Fault {
+                    description: format!(
+                        "node {id} stopped on its disk error ({stopped}); disk mended"
+                    ),
+                });
+                restart_later(&cluster, id, down_for);
+                return;
+            }
+            match disk.fault_fired() {
+                Some(what) => {
+                    waited_since_fired += step;
+                    if waited_since_fired >= STOP_AFTER_DISK_ERROR {
+                        cluster.recorder.lock().violations.push(format!(
+                            "node {id} went on for {STOP_AFTER_DISK_ERROR:?} after a failed {what}"
+                        ));
+                        disk.clear_fault();
+                        return;
+                    }
+                }
+                None if waited >= STOP_AFTER_DISK_ERROR => {
+                    disk.clear_fault();
+                    return;
+                }
+                None => {}
+            }
+        }
+    });
+}
+
 /// Injects faults until `until` (simulated time since the start).
 pub async fn inject(cluster: Cluster, swarm: Swarm, until: Duration) {
     let mut kinds: Vec<&str> = Vec::new();
@@ -197,6 +263,7 @@ pub async fn inject(cluster: Cluster, swarm: Swarm, until: Duration) {
         (swarm.crashes, "crash"),
         (swarm.power_loss, "power-loss"),
         (swarm.pauses, "pause"),
+        (swarm.disk_errors, "disk-error"),
     ] {
         if enabled {
             kinds.push(kind);
@@ -299,6 +366,19 @@ pub async fn inject(cluster: Cluster, swarm: Swarm, until: Duration) {
                     cluster.pause(id);
                     resume_later(&cluster, id, down_for);
                 }
+            }
+            "disk-error" => {
+                let up = cluster.up_ids();
+                let Some(id) = up.choose(&mut rng).copied() else {
+                    continue;
+                };
+                let op = [FaultOp::Write, FaultOp::Sync, FaultOp::Rename][rng.gen_range(0..3)];
+                let error = if rng.gen_bool(0.5) {
+                    FaultError::NoSpace
+                } else {
+                    FaultError::Io
+                };
+                disk_error(&cluster, id, op, error, down_for);
             }
             _ => {}
         }

@@ -273,6 +273,9 @@ struct Shell {
     removed: bool,
     /// Asked to stop (a clean shutdown).
     stopping: bool,
+    /// A storage error outside a ready (a snapshot that could not be saved): fatal, as one
+    /// inside is; the loop ends with it.
+    fatal: Option<WalError>,
 }
 
 /// Opens the node's storage, rebuilds raft from it and starts the node task.
@@ -387,6 +390,7 @@ pub fn spawn_node(
         catch_up_entries: opts.snapshot_catch_up_entries,
         removed: false,
         stopping: false,
+        fatal: None,
     };
     let task = tokio::spawn(shell.run(commands_rx, inbox, clock, opts.heartbeat_interval));
     Ok(StartedNode {
@@ -450,6 +454,9 @@ impl Shell {
                     .insert(seq, std::mem::take(&mut self.reads_waiting));
                 let context = self.read_context(seq);
                 self.core.read_index(context);
+            }
+            if let Some(e) = self.fatal.take() {
+                return Err(e);
             }
             self.drive().await?;
             // Let the tasks this turn woke (the apply loop, above all: tokio keeps the last
@@ -566,7 +573,7 @@ impl Shell {
             }
             Command::Snapshot { index, keep } => {
                 if let Err(e) = self.snapshot(index, keep) {
-                    tracing::error!(index, error = %e, "snapshot failed");
+                    self.fatal.get_or_insert(e);
                 }
             }
         }
