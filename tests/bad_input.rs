@@ -320,3 +320,102 @@ fn garbage_on_the_peer_port_cannot_flood_the_log() {
     let out = common::etcdctl(&server.endpoint(), &["put", "k", "v"]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// What a server answers to messages over its gRPC limit: a put, and a watch stream's create.
+async fn oversized_answers(endpoint: &str) -> Vec<(Code, String)> {
+    use quorumkv::proto::etcdserverpb::kv_client::KvClient;
+    use quorumkv::proto::etcdserverpb::watch_client::WatchClient;
+    use quorumkv::proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
+    let mut kv = KvClient::connect(endpoint.to_string())
+        .await
+        .expect("connect")
+        .max_encoding_message_size(usize::MAX);
+    let put = kv
+        .put(PutRequest {
+            key: b"huge".to_vec(),
+            value: vec![b'x'; 600_000],
+            ..Default::default()
+        })
+        .await
+        .expect_err("over the limit");
+    let mut watch = WatchClient::connect(endpoint.to_string())
+        .await
+        .expect("connect")
+        .max_encoding_message_size(usize::MAX);
+    let create = WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: vec![b'k'; 600_000],
+                ..Default::default()
+            },
+        )),
+    };
+    // The request stream stays open: the server, not the client, ends the call.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(create).await.expect("queued");
+    let requests = tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx);
+    let ended = match watch.watch(requests).await {
+        Err(status) => status,
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break tonic::Status::ok("the stream ended"),
+                    Err(status) => break status,
+                }
+            }
+        }
+    };
+    drop(tx);
+    [put, ended]
+        .into_iter()
+        .map(|s| (s.code(), s.message().to_string()))
+        .collect()
+}
+
+/// Proven by difference: etcd 3.4 and quorumkv, both with `--max-request-bytes 4096`, answer
+/// a put and a watch create over the gRPC limit alike (skipped without Debian's etcd).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_the_grpc_limit_are_answered_as_etcd_answers_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--max-request-bytes", "4096"]);
+    let ours = oversized_answers(&server.endpoint()).await;
+    for (code, message) in &ours {
+        assert_eq!(*code, Code::ResourceExhausted, "{ours:?}");
+        assert!(
+            message.starts_with("grpc: received message larger than max (")
+                && message.ends_with(" vs. 528384)"),
+            "{ours:?}"
+        );
+    }
+    if !std::path::Path::new("/usr/bin/etcd").exists() {
+        eprintln!("skipped the comparison: /usr/bin/etcd (Debian's etcd-server) is not installed");
+        return;
+    }
+    let (client, peer) = (common::free_port(), common::free_port());
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut etcd = std::process::Command::new("/usr/bin/etcd")
+        .arg("--data-dir")
+        .arg(dir.path().join("etcd"))
+        .args(["--max-request-bytes", "4096"])
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("default={peer_url}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("etcd");
+    common::wait_until("etcd serves", std::time::Duration::from_secs(20), || {
+        common::etcdctl(&client_url, &["endpoint", "health"])
+            .status
+            .success()
+    });
+    let theirs = oversized_answers(&client_url).await;
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+    assert_eq!(ours, theirs);
+}

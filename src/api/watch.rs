@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -101,11 +102,20 @@ where
             };
             let hub = server.watches().clone();
             let (stream, tx, rx) = hub.open_stream();
-            tokio::spawn(serve_stream(hub, identity, stream, tx, inbound));
+            let ended_with = Arc::new(Mutex::new(None));
+            tokio::spawn(serve_stream(
+                hub,
+                identity,
+                stream,
+                tx,
+                inbound,
+                ended_with.clone(),
+            ));
             let mut response = http::Response::new(tonic::body::Body::new(WatchBody {
                 queue: rx,
                 buf: BytesMut::new(),
                 trailers_sent: false,
+                ended_with,
             }));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -118,12 +128,17 @@ where
 
 /// A watch stream's responses: what its queue holds, as gRPC messages, as many as are ready
 /// (up to `WRITE_BUFFER` bytes) in one DATA frame; then `grpc-status: 0` once the queue is
-/// closed (the stream's requests ended and its watchers are gone).
+/// closed (the stream's requests ended and its watchers are gone), or the status the requests
+/// failed with (a message over the size limit, say).
 struct WatchBody {
     queue: WatchReceiver,
     buf: BytesMut,
     trailers_sent: bool,
+    ended_with: EndedWith,
 }
+
+/// The status a stream's requests failed with, if they did.
+type EndedWith = Arc<Mutex<Option<Status>>>;
 
 impl Body for WatchBody {
     type Data = Bytes;
@@ -153,7 +168,30 @@ impl Body for WatchBody {
         }
         debug_assert!(ended);
         this.trailers_sent = true;
-        Poll::Ready(Some(Ok(Frame::trailers(super::ok_trailers()))))
+        let failed = this
+            .ended_with
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let trailers = match failed {
+            // Its grpc-status and grpc-message, as trailers.
+            Some(status) => {
+                let headers = status
+                    .into_http::<tonic::body::Body>()
+                    .into_parts()
+                    .0
+                    .headers;
+                let mut trailers = http::HeaderMap::new();
+                for (name, value) in &headers {
+                    if name.as_str().starts_with("grpc-") {
+                        trailers.insert(name.clone(), value.clone());
+                    }
+                }
+                trailers
+            }
+            None => super::ok_trailers(),
+        };
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -195,8 +233,17 @@ async fn serve_stream(
     stream: u64,
     tx: WatchSender,
     mut inbound: Streaming<WatchRequest>,
+    ended_with: EndedWith,
 ) {
-    while let Ok(Some(request)) = inbound.message().await {
+    loop {
+        let request = match inbound.message().await {
+            Ok(Some(request)) => request,
+            Ok(None) => break,
+            Err(status) => {
+                *ended_with.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                break;
+            }
+        };
         let answered = match request.request_union {
             Some(RequestUnion::CreateRequest(create)) => match identity.may_watch(&create) {
                 Err(reason) => {
