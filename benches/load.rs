@@ -35,6 +35,10 @@
 //! `--read-rate BYTES` with `--op watch`: each stream reads at most that many bytes a second
 //! (a slow watcher); the run then reports what was put while the watchers lagged.
 //!
+//! `--hold SECS` with `--op watch`: opens the watchers, prints `ready_secs=` once every watch
+//! exists, holds them idle (nothing is put under them) for SECS and ends: idle watchers beside
+//! a write benchmark (`ci/bench-idle-watchers`).
+//!
 //! `--cacert FILE [--cert FILE --key FILE]`: TLS to `https://` endpoints (as etcdctl's flags).
 //! `--user NAME:PASSWORD`: authenticates once and sends the token with every call (auth on).
 //!
@@ -89,6 +93,8 @@ struct Args {
     /// `--read-rate BYTES`: each watch stream reads at most this many bytes a second (h2
     /// client; 0: as fast as it can). A slow reader, as in etcd #16839.
     read_rate: u64,
+    /// `--hold SECS` with `--op watch`: only open the watchers, hold them idle this long, end.
+    hold: f64,
     /// `--prefix`: the keys `fill` writes, `list` lists (default `list/`).
     prefix: String,
     /// `--objects`: how many keys `fill` writes.
@@ -217,6 +223,7 @@ fn parse_args() -> Result<Args, String> {
         key: None,
         user: None,
         read_rate: 0,
+        hold: 0.0,
         prefix: "list/".into(),
         objects: 10_000,
         kube_watchers: 4,
@@ -269,6 +276,7 @@ fn parse_args() -> Result<Args, String> {
                 args.read_rate = value()?.parse().map_err(|e| format!("--read-rate: {e}"))?
             }
             "--prefix" => args.prefix = value()?,
+            "--hold" => args.hold = value()?.parse().map_err(|e| format!("--hold: {e}"))?,
             "--objects" => {
                 args.objects = value()?.parse().map_err(|e| format!("--objects: {e}"))?
             }
@@ -1253,6 +1261,19 @@ async fn run_watch(args: Arc<Args>, endpoints: &[&str]) -> Result<(), String> {
     }
     for _ in 0..streams {
         ready_rx.recv().await.ok_or("a watch stream failed")?;
+    }
+    if args.hold > 0.0 {
+        // Idle watchers, for a write benchmark run beside them: nothing is put under them.
+        println!(
+            "op=watch watchers={} streams={streams} ready_secs={:.2} holding={}",
+            args.watchers,
+            start.elapsed().as_secs_f64(),
+            args.hold
+        );
+        tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+        let events = received.events.load(Ordering::Relaxed);
+        println!("op=watch held watchers={} events={events}", args.watchers);
+        return Ok(());
     }
     let (latencies, writers_start) = request_loops(&args, endpoints).await?;
     let puts = latencies.len();

@@ -13,7 +13,7 @@
 //! (`Queued::Fanout`), not one each.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -551,16 +551,132 @@ struct HubState {
     next_stream: u64,
     /// Streams opened and not closed yet.
     open_streams: usize,
-    /// Events applied but not yet delivered to the synced watchers, in revision order.
-    pending: Vec<Event>,
+    /// Which watchers want which keys, for a delivery to visit only the watchers its events
+    /// concern (`None` once a watcher was added or removed: rebuilt at the next delivery).
+    index: Option<RangeIndex>,
+    /// The revision after the last delivered to the synced watchers (0: not known since they
+    /// were all sent to catch up). A synced watcher that no delivery visited wanted nothing
+    /// before it: its next revision is at least this (see `effective_next`).
+    synced_next: i64,
+    /// Whether some watcher may be ready and not synced: a catch-up pass is due.
+    maybe_unsynced: bool,
+}
+
+impl HubState {
+    /// Watchers were added or removed.
+    fn changed(&mut self) {
+        self.index = None;
+    }
+
+    /// Sends every synced watcher to catch up from history, from where it really is.
+    fn unsync_all(&mut self) {
+        let synced_next = self.synced_next;
+        for watcher in self.watchers.values_mut() {
+            watcher.next_rev = effective_next(watcher, synced_next);
+            watcher.synced = false;
+        }
+        self.synced_next = 0;
+        self.maybe_unsynced = true;
+    }
+}
+
+/// The next revision a watcher is to be sent: a synced one has been offered every revision
+/// before the hub's `synced_next`, even if no delivery had events for it.
+fn effective_next(watcher: &Watcher, synced_next: i64) -> i64 {
+    if watcher.synced {
+        watcher.next_rev.max(synced_next)
+    } else {
+        watcher.next_rev
+    }
+}
+
+/// A watcher's place in the hub: (stream, watch id).
+type WatcherKey = (u64, i64);
+
+/// The watchers of one range: its start, its end, and who.
+type RangeGroup = (Vec<u8>, Vec<u8>, Vec<WatcherKey>);
+
+/// The watchers by what they watch: one key (a hash map) or a range (each distinct range once).
+#[derive(Default)]
+struct RangeIndex {
+    by_key: HashMap<Vec<u8>, Vec<WatcherKey>>,
+    by_range: Vec<RangeGroup>,
+    any_prev_kv: bool,
+}
+
+impl RangeIndex {
+    fn build(watchers: &BTreeMap<(u64, i64), Watcher>) -> RangeIndex {
+        let mut index = RangeIndex::default();
+        let mut ranges: BTreeMap<(&[u8], &[u8]), Vec<WatcherKey>> = BTreeMap::new();
+        for (key, watcher) in watchers {
+            index.any_prev_kv |= watcher.prev_kv;
+            if watcher.end.is_empty() {
+                index
+                    .by_key
+                    .entry(watcher.start.clone())
+                    .or_default()
+                    .push(*key);
+            } else {
+                ranges
+                    .entry((&watcher.start, &watcher.end))
+                    .or_default()
+                    .push(*key);
+            }
+        }
+        index.by_range = ranges
+            .into_iter()
+            .map(|((start, end), members)| (start.to_vec(), end.to_vec(), members))
+            .collect();
+        index
+    }
+
+    /// The watchers whose key or range holds one of `events`' keys, in (stream, id) order;
+    /// `None` when that is every watcher (of `total`).
+    fn concerned(&self, events: &[Event], total: usize) -> Option<BTreeSet<(u64, i64)>> {
+        let mut groups: Vec<&[(u64, i64)]> = Vec::new();
+        let mut keys_seen: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+        for event in events {
+            let Some(kv) = &event.kv else { continue };
+            if let Some(members) = self.by_key.get(&kv.key) {
+                if keys_seen.insert(&kv.key) {
+                    groups.push(members);
+                }
+            }
+        }
+        for (start, end, members) in &self.by_range {
+            let any = events.iter().any(|e| {
+                e.kv.as_ref()
+                    .is_some_and(|kv| in_range(&kv.key, start, end))
+            });
+            if any {
+                groups.push(members);
+            }
+        }
+        // Each watcher is in one group only.
+        if groups.iter().map(|g| g.len()).sum::<usize>() >= total {
+            return None;
+        }
+        Some(groups.into_iter().flatten().copied().collect())
+    }
+}
+
+/// Events applied but not yet delivered to the synced watchers, in revision order. A lock of
+/// its own: the apply loop queues events without waiting for a fan-out in progress, which holds
+/// the hub's state (lock order: the state, then this).
+#[derive(Default)]
+struct Pending {
+    events: Vec<Event>,
     /// Their keys' and values' bytes.
-    pending_bytes: usize,
+    bytes: usize,
+    /// Events were dropped for want of room: the synced watchers must catch up from history.
+    overflowed: bool,
 }
 
 #[derive(Clone)]
 pub struct WatchHub {
     store: Arc<RwLock<MvccStore>>,
     state: Arc<Mutex<HubState>>,
+    pending: Arc<Mutex<Pending>>,
     wake: Arc<Notify>,
     header: HeaderFn,
     clock: Arc<dyn Clock>,
@@ -593,6 +709,7 @@ impl WatchHub {
         WatchHub {
             store,
             state: Arc::default(),
+            pending: Arc::default(),
             wake: Arc::new(Notify::new()),
             header,
             clock,
@@ -602,6 +719,25 @@ impl WatchHub {
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The queued events, taken for delivery under the state's lock (so that deliveries stay
+    /// in order); `None` when they overflowed, after marking every watcher to catch up.
+    fn take_pending(&self, state: &mut HubState) -> Option<Vec<Event>> {
+        let mut pending = self.lock_pending();
+        let events = std::mem::take(&mut pending.events);
+        pending.bytes = 0;
+        if std::mem::take(&mut pending.overflowed) {
+            drop(pending);
+            state.unsync_all();
+            self.wake.notify_one();
+            return None;
+        }
+        Some(events)
     }
 
     fn read_store(&self) -> std::sync::RwLockReadGuard<'_, MvccStore> {
@@ -626,6 +762,7 @@ impl WatchHub {
     pub fn close_stream(&self, stream: u64) {
         let mut state = self.lock();
         state.watchers.retain(|(s, _), _| *s != stream);
+        state.changed();
         state.open_streams = state.open_streams.saturating_sub(1);
         drop(state);
         self.update_publishing();
@@ -641,7 +778,8 @@ impl WatchHub {
                 .entry(*stream)
                 .or_insert_with(|| watcher.tx.queued_bytes());
         }
-        state.pending_bytes + streams.values().sum::<usize>()
+        drop(state);
+        self.lock_pending().bytes + streams.values().sum::<usize>()
     }
 
     pub fn counts(&self) -> (usize, usize) {
@@ -698,6 +836,7 @@ impl WatchHub {
                 tx: tx.clone(),
             },
         );
+        state.changed();
         store.set_publish_events(true);
         WatchResponse {
             header: Some((self.header)(current)),
@@ -709,15 +848,22 @@ impl WatchHub {
 
     /// The watcher's `created` answer is out: it catches up, then follows new revisions.
     pub fn activate(&self, stream: u64, watch_id: i64) {
-        if let Some(watcher) = self.lock().watchers.get_mut(&(stream, watch_id)) {
+        let mut state = self.lock();
+        if let Some(watcher) = state.watchers.get_mut(&(stream, watch_id)) {
             watcher.ready = true;
+            state.maybe_unsynced = true;
         }
+        drop(state);
         self.wake.notify_one();
     }
 
     /// Removes a watcher; `false` if there was none.
     pub fn cancel(&self, stream: u64, watch_id: i64) -> bool {
-        let removed = self.lock().watchers.remove(&(stream, watch_id)).is_some();
+        let removed = {
+            let mut state = self.lock();
+            state.changed();
+            state.watchers.remove(&(stream, watch_id)).is_some()
+        };
         self.update_publishing();
         removed
     }
@@ -739,7 +885,7 @@ impl WatchHub {
             .watchers
             .iter()
             .filter(|((s, _), _)| *s == stream)
-            .map(|(_, w)| w.next_rev - 1)
+            .map(|(_, w)| effective_next(w, state.synced_next) - 1)
             .min()
             .unwrap_or(current);
         WatchResponse {
@@ -753,10 +899,8 @@ impl WatchHub {
     /// new history.
     pub fn resync_all(&self) {
         let mut state = self.lock();
-        state.pending.clear();
-        for watcher in state.watchers.values_mut() {
-            watcher.synced = false;
-        }
+        *self.lock_pending() = Pending::default();
+        state.unsync_all();
         self.wake.notify_one();
     }
 
@@ -768,20 +912,20 @@ impl WatchHub {
             return;
         }
         let bytes: usize = events.iter().map(event_bytes).sum();
-        let mut state = self.lock();
-        if state.pending.len() + events.len() > PENDING_EVENTS
-            || state.pending_bytes + bytes > PENDING_BYTES
+        let mut pending = self.lock_pending();
+        if pending.overflowed
+            || pending.events.len() + events.len() > PENDING_EVENTS
+            || pending.bytes + bytes > PENDING_BYTES
         {
-            state.pending.clear();
-            state.pending_bytes = 0;
-            for watcher in state.watchers.values_mut() {
-                watcher.synced = false;
-            }
+            *pending = Pending {
+                overflowed: true,
+                ..Pending::default()
+            };
         } else {
-            state.pending.extend(events);
-            state.pending_bytes += bytes;
+            pending.events.extend(events);
+            pending.bytes += bytes;
         }
-        drop(state);
+        drop(pending);
         self.wake.notify_one();
     }
 
@@ -790,20 +934,36 @@ impl WatchHub {
     pub fn deliver_pending(&self) {
         // The store (lock order: the store, then the hub) only for previous values: a
         // delivery without it does not hold up the apply loop's writes.
-        let wants_prev = {
-            let state = self.lock();
-            if state.pending.is_empty() {
+        {
+            let pending = self.lock_pending();
+            if pending.events.is_empty() && !pending.overflowed {
                 return;
             }
-            state.watchers.values().any(|w| w.prev_kv && w.synced)
+        }
+        let wants_prev = {
+            let mut state = self.lock();
+            let state = &mut *state;
+            state
+                .index
+                .get_or_insert_with(|| RangeIndex::build(&state.watchers))
+                .any_prev_kv
         };
         let store = wants_prev.then(|| self.read_store());
         let mut state = self.lock();
-        if state.pending.is_empty() {
+        let Some(events) = self.take_pending(&mut state) else {
+            return;
+        };
+        if events.is_empty() {
             return;
         }
-        let events = std::mem::take(&mut state.pending);
-        state.pending_bytes = 0;
+        let state = &mut *state;
+        let total = state.watchers.len();
+        let concerned = state
+            .index
+            .get_or_insert_with(|| RangeIndex::build(&state.watchers))
+            .concerned(&events, total);
+        let synced_next = state.synced_next;
+        state.synced_next = events.last().map_or(synced_next, |e| mod_rev(e) + 1);
         let source = Source {
             store: store.as_deref(),
             events: &events,
@@ -814,10 +974,11 @@ impl WatchHub {
         let mut refused = Vec::new();
         let mut closed = Vec::new();
         let mut fell_behind = false;
-        for (key, watcher) in state.watchers.iter_mut() {
+        let mut visit = |key: &(u64, i64), watcher: &mut Watcher| {
             if !(watcher.ready && watcher.synced) {
-                continue;
+                return;
             }
+            watcher.next_rev = watcher.next_rev.max(synced_next);
             let mut outcome = match last.take() {
                 Some(outcome) if outcome.fits(watcher) => outcome,
                 _ => outcome_for(watcher, &events),
@@ -869,6 +1030,30 @@ impl WatchHub {
                 Sent::Closed => closed.push(*key),
             }
             last = Some(outcome);
+        };
+        // Only the watchers the events concern: the others, synced, wanted none of them and
+        // are at `synced_next` now without being touched. When they concern all or most
+        // watchers (one prefix watched by all), a walk over them all is cheaper than lookups.
+        match concerned {
+            None => {
+                for (key, watcher) in state.watchers.iter_mut() {
+                    visit(key, watcher);
+                }
+            }
+            Some(concerned) if concerned.len() * 2 >= total => {
+                for (key, watcher) in state.watchers.iter_mut() {
+                    if concerned.contains(key) {
+                        visit(key, watcher);
+                    }
+                }
+            }
+            Some(concerned) => {
+                for key in &concerned {
+                    if let Some(watcher) = state.watchers.get_mut(key) {
+                        visit(key, watcher);
+                    }
+                }
+            }
         }
         if let Some(full) = group.take() {
             full.send(&mut refused);
@@ -883,10 +1068,14 @@ impl WatchHub {
                 fell_behind = true;
             }
         }
+        if !closed.is_empty() {
+            state.changed();
+        }
         for key in closed {
             state.watchers.remove(&key);
         }
         if fell_behind {
+            state.maybe_unsynced = true;
             self.wake.notify_one();
         }
     }
@@ -945,6 +1134,10 @@ impl WatchHub {
     /// One pass over the unsynced watchers: each takes up to `CATCH_UP_REVISIONS` revisions
     /// of history, and is synced once it has everything up to the current revision.
     pub fn catch_up(&self) {
+        // Nothing to catch up (the common case, at every wake): no pass over every watcher.
+        if !self.lock().maybe_unsynced {
+            return;
+        }
         let store = self.read_store();
         let current = store.current_rev();
         let compacted = store.compact_rev();
@@ -1021,6 +1214,10 @@ impl WatchHub {
             }
         }
         let more = state.watchers.values().any(|w| w.ready && !w.synced);
+        state.maybe_unsynced = more;
+        if !done.is_empty() {
+            state.changed();
+        }
         for key in done {
             state.watchers.remove(&key);
         }
@@ -1041,7 +1238,9 @@ impl WatchHub {
                 let _ = send(
                     &watcher.tx,
                     WatchResponse {
-                        header: Some((self.header)(watcher.next_rev - 1)),
+                        header: Some((self.header)(
+                            effective_next(watcher, state.synced_next) - 1,
+                        )),
                         watch_id: *watch_id,
                         ..Default::default()
                     },

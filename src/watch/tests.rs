@@ -523,7 +523,7 @@ fn pending_events_are_bounded_in_bytes() {
     let writes = 100;
     for _ in 0..writes {
         f.apply_queued(put_request("big", &value));
-        let pending: usize = f.hub.lock().pending.iter().map(event_bytes).sum();
+        let pending: usize = f.hub.lock_pending().events.iter().map(event_bytes).sum();
         assert!(pending <= 66 << 20, "{pending} bytes of events pending");
     }
     f.hub.deliver_pending();
@@ -537,4 +537,70 @@ fn pending_events_are_bounded_in_bytes() {
     let revisions: Vec<i64> = got.iter().map(|(rev, _)| *rev).collect();
     let expected: Vec<i64> = (2..2 + writes as i64).collect();
     assert_eq!(revisions, expected, "every revision once, in order");
+}
+
+#[test]
+fn a_delivery_visits_only_the_watchers_its_keys_concern_and_the_others_stay_in_step() {
+    let mut f = Fixture::new();
+    let (stream, tx, mut rx) = f.hub.open_stream();
+    let created = f.hub.create(
+        stream,
+        &tx,
+        &WatchCreateRequest {
+            key: b"a".to_vec(),
+            ..Default::default()
+        },
+    );
+    f.hub.activate(stream, created.watch_id);
+    f.hub.catch_up();
+    // Many revisions of other keys: no delivery touches the watcher of "a".
+    for i in 0..50 {
+        f.put("b", &format!("v{i}"));
+    }
+    {
+        let state = f.hub.lock();
+        let watcher = state.watchers.values().next().expect("the watcher");
+        assert!(watcher.synced);
+        assert_eq!(watcher.next_rev, 2, "not touched");
+        assert_eq!(effective_next(watcher, state.synced_next), 52);
+    }
+    // Yet it is in step: a progress answer names the current revision, and the next event of
+    // "a" reaches it live, with nothing to catch up.
+    assert_eq!(f.hub.progress(stream).header.expect("header").revision, 51);
+    f.put("a", "live");
+    assert_eq!(drain(&mut rx), vec![(52, "live".to_string())]);
+    assert!(!f.hub.lock().watchers.values().any(|w| !w.synced));
+    // Sent to history (too many queued events), it catches up from where it really is: only
+    // what it wants, once.
+    for i in 0..PENDING_EVENTS + 10 {
+        f.apply_queued(put_request("b", &format!("w{i}")));
+    }
+    f.apply_queued(put_request("a", "in the overflow"));
+    f.hub.deliver_pending();
+    for _ in 0..100 {
+        f.hub.catch_up();
+    }
+    f.put("a", "after");
+    let got: Vec<String> = drain(&mut rx).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(got, ["in the overflow", "after"]);
+}
+
+#[test]
+fn a_watcher_of_a_range_is_visited_for_keys_in_it_only() {
+    let mut f = Fixture::new();
+    let (mut ranged, _) = f.watch_with(WatchCreateRequest {
+        key: b"p/".to_vec(),
+        range_end: b"p0".to_vec(),
+        ..Default::default()
+    });
+    let (mut single, _) = f.watch("p/x", 0);
+    f.hub.catch_up();
+    f.put("q", "outside");
+    f.put("p/x", "both");
+    f.put("p/y", "the range");
+    assert_eq!(
+        drain(&mut ranged),
+        vec![(3, "both".to_string()), (4, "the range".to_string())]
+    );
+    assert_eq!(drain(&mut single), vec![(3, "both".to_string())]);
 }
