@@ -1052,7 +1052,6 @@ async fn run(flags: Flags) -> Result<(), String> {
                 // The apply loop ends by itself when the node that feeds it ended: the cause
                 // is the node's.
                 Ok(Ok(())) => {
-                    quorumkv::io::stop::arm_deadline("the stop after the raft node ended");
                     node_ended = true;
                     match tokio::time::timeout(SHUTDOWN_WAIT, &mut node_task).await {
                         Ok(ended) => node_outcome(ended)
@@ -1069,12 +1068,12 @@ async fn run(flags: Flags) -> Result<(), String> {
             node_outcome(ended)
         }
     };
+    // Every stop (a signal, this member's removal, a fatal error) ends within the deadline,
+    // even if a disk blocks the steps below. A fatal error is said once, now.
     if let Err(e) = &outcome {
-        // A fatal error: said once, now, and the process ends within the deadline even if the
-        // disk that caused it blocks the steps below.
         tracing::error!("{e}; stopping");
-        quorumkv::io::stop::arm_deadline("the stop after a fatal error");
     }
+    quorumkv::io::stop::arm_deadline("the stop");
     let _ = stop_tx.send(true);
     for server in servers {
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
