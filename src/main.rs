@@ -255,6 +255,12 @@ enum Tool {
         #[command(subcommand)]
         verb: quorumkv::proxy::GatewayVerb,
     },
+    /// etcd's gRPC proxy: every v3 service, with watches, keep-alives and serializable reads
+    /// coalesced (`grpc-proxy start`).
+    GrpcProxy {
+        #[command(subcommand)]
+        verb: quorumkv::proxy::grpc::GrpcProxyVerb,
+    },
 }
 
 fn init_logging(flags: &Flags) -> Result<(), String> {
@@ -1208,6 +1214,19 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             return match quorumkv::proxy::run_gateway(verb) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Tool::GrpcProxy { verb }) => {
+            if let Err(e) = init_logging(&flags) {
+                eprintln!("quorumkv: {e}");
+                return ExitCode::from(2);
+            }
+            return match quorumkv::proxy::grpc::run(verb) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -20,7 +20,7 @@ mod status;
 mod unary;
 mod watch;
 
-pub use auth::{AuthService, PeerCommonName};
+pub use auth::{AuthService, PeerCommonName, AUTHORIZATION, TOKEN_METADATA};
 pub use cluster::ClusterService;
 pub use coalesce::CoalescedWrites;
 pub use concurrency::{ElectionService, LockService};

@@ -1,6 +1,7 @@
 //! Proxies that stand between clients and a cluster. `tcp`: etcd's L4 gateway
-//! (`quorumkv gateway start`).
+//! (`quorumkv gateway start`); `grpc`: etcd's gRPC proxy (`quorumkv grpc-proxy start`).
 
+pub mod grpc;
 pub mod tcp;
 
 use std::time::Duration;
@@ -89,7 +90,7 @@ pub fn run_gateway(verb: GatewayVerb) -> Result<(), String> {
 /// `--listen-addr` as a socket address: an IP and port as they are; an empty host (`:23790`)
 /// every IPv4 interface; a name (`localhost:23790`) its first IPv4 address if it has one (as
 /// Go's listeners, and the member's `localhost`, take 127.0.0.1).
-async fn listen_address(listen_addr: &str) -> Result<std::net::SocketAddr, String> {
+pub(crate) async fn listen_address(listen_addr: &str) -> Result<std::net::SocketAddr, String> {
     if let Ok(addr) = listen_addr.parse() {
         return Ok(addr);
     }

@@ -1,0 +1,1092 @@
+//! Watch coalescing. Client watchers of the same range share one upstream watcher (a
+//! *broadcast*), and the upstream watchers are on one upstream watch stream (a *feed*) per
+//! auth token: clients with no token share one, and a client with a token shares only with
+//! clients of the same token, so the member checks every watcher as its own client's.
+//!
+//! - A broadcast remembers the next revision it wants (`next_rev`): one past the last event it
+//!   delivered, or past the revision a progress notification vouched for. A new client watcher
+//!   whose start revision is 0 or not older than that joins the broadcast (events before its
+//!   start are not sent to it); an older start gets a broadcast of its own, upstream from that
+//!   revision, which merges into the shared one once it has caught up.
+//! - A client stream's answers go through one bounded queue. A watcher whose queue is full is
+//!   taken off its broadcast (the others go on) and *parked* at the revision it missed; once the
+//!   client has read half the queue, it watches again from that revision.
+//! - When the upstream stream breaks, the proxy moves to the next endpoint and creates every
+//!   broadcast again from its `next_rev`: no event is lost, repeated or reordered.
+//! - `RequestProgress` is sent upstream; the member's answer vouches for every upstream watcher
+//!   of the stream, and each waiting client is answered with the oldest revision its own
+//!   watchers have been given everything up to.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+use tonic::codegen::tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::forward::Passed;
+use super::metrics::ProxyMetrics;
+use super::upstream::{carry, endpoint_gone, Upstream};
+use crate::proto::etcdserverpb::kv_client::KvClient;
+use crate::proto::etcdserverpb::watch_client::WatchClient;
+use crate::proto::etcdserverpb::watch_create_request::FilterType;
+use crate::proto::etcdserverpb::watch_request::RequestUnion;
+use crate::proto::etcdserverpb::watch_server::Watch;
+use crate::proto::etcdserverpb::{
+    RangeRequest, ResponseHeader, WatchCancelRequest, WatchCreateRequest, WatchProgressRequest,
+    WatchRequest, WatchResponse,
+};
+use crate::proto::mvccpb::event::EventType;
+
+/// Answers queued to one client stream, at most; a watcher that would go past it is parked.
+pub const CLIENT_QUEUE: usize = 1024;
+/// A watch permission check is reused for this long for the same token and range.
+const PERMISSION_TTL: Duration = Duration::from_secs(1);
+/// The pause before the upstream stream is opened again after it broke.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+
+type ClientTx = mpsc::Sender<Result<WatchResponse, Status>>;
+
+/// One client watcher, as a broadcast delivers to it.
+struct Subscriber {
+    stream: u64,
+    watch_id: i64,
+    tx: ClientTx,
+    no_put: bool,
+    no_delete: bool,
+    prev_kv: bool,
+    progress_notify: bool,
+    /// Events before this revision are not the client's.
+    min_rev: i64,
+    /// Has the client been sent its `created` answer?
+    announced: bool,
+}
+
+/// One upstream watcher and the client watchers it serves.
+struct Broadcast {
+    token: Token,
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    shared: bool,
+    upstream_id: Option<i64>,
+    /// The revision the upstream watcher starts from when it is (re)created; 0: from now.
+    next_rev: i64,
+    header: ResponseHeader,
+    subscribers: Vec<Subscriber>,
+}
+
+/// A client watcher off its broadcast because its stream's queue was full.
+struct Parked {
+    create: WatchCreateRequest,
+    resume_rev: i64,
+}
+
+/// A client's auth token (`token` metadata), empty for none.
+type Token = Vec<u8>;
+
+/// A permission check's answer and when it was made.
+type Permission = (Instant, Result<(), Status>);
+
+/// One upstream watch stream, for the clients of one token.
+#[derive(Default)]
+struct Feed {
+    /// Requests to the upstream stream, while it is open.
+    upstream: Option<mpsc::UnboundedSender<WatchRequest>>,
+    by_upstream: HashMap<i64, u64>,
+    /// Broadcasts whose create request is upstream, oldest first (answered in order).
+    creating: VecDeque<u64>,
+    /// Client streams are waiting for the upstream's progress answer.
+    progress_asked: bool,
+    /// Wakes its task: a broadcast or a progress request waits for the stream.
+    wake: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct ClientStream {
+    token: Token,
+    tx: Option<ClientTx>,
+    /// Its watchers: watch id -> broadcast id.
+    watchers: HashMap<i64, u64>,
+    parked: HashMap<i64, Parked>,
+    /// The requests each watcher was made with (to watch again when parked).
+    requests: HashMap<i64, WatchCreateRequest>,
+    waiting_progress: bool,
+    unpark: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct State {
+    feeds: HashMap<Token, Feed>,
+    broadcasts: HashMap<u64, Broadcast>,
+    /// The shared broadcast of each range, for each token.
+    shared: HashMap<(Token, Vec<u8>, Vec<u8>), u64>,
+    next_broadcast: u64,
+    streams: HashMap<u64, ClientStream>,
+    next_stream: u64,
+    permissions: HashMap<(Token, Vec<u8>, Vec<u8>), Permission>,
+}
+
+pub struct Broker {
+    up: Arc<Upstream>,
+    state: Mutex<State>,
+    /// The newest revision the proxy has passed to any client (watch and KV answers).
+    pub seen: Arc<AtomicI64>,
+    metrics: Arc<ProxyMetrics>,
+}
+
+fn has(create: &WatchCreateRequest, filter: FilterType) -> bool {
+    create.filters.contains(&(filter as i32))
+}
+
+impl Broker {
+    pub fn new(up: Arc<Upstream>, seen: Arc<AtomicI64>, metrics: Arc<ProxyMetrics>) -> Arc<Self> {
+        Arc::new(Broker {
+            up,
+            state: Mutex::new(State::default()),
+            seen,
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn saw(&self, header: &Option<ResponseHeader>) {
+        if let Some(h) = header {
+            self.seen.fetch_max(h.revision, Ordering::Relaxed);
+        }
+    }
+
+    /// (Upstream watchers, client watchers): for the metrics and the tests.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        let clients = state.broadcasts.values().map(|b| b.subscribers.len()).sum();
+        (state.broadcasts.len(), clients)
+    }
+
+    fn open_stream(&self, tx: ClientTx, token: Token) -> (u64, Arc<Notify>) {
+        let mut state = self.lock();
+        let id = state.next_stream;
+        state.next_stream += 1;
+        let unpark = Arc::new(Notify::new());
+        state.streams.insert(
+            id,
+            ClientStream {
+                token,
+                tx: Some(tx),
+                unpark: unpark.clone(),
+                ..Default::default()
+            },
+        );
+        (id, unpark)
+    }
+
+    fn close_stream(&self, stream: u64) {
+        let mut state = self.lock();
+        if let Some(client) = state.streams.remove(&stream) {
+            for (watch_id, broadcast) in client.watchers {
+                self.unsubscribe(&mut state, broadcast, stream, watch_id);
+            }
+        }
+        self.update_gauges(&state);
+    }
+
+    fn update_gauges(&self, state: &State) {
+        let coalescing: usize = state
+            .broadcasts
+            .values()
+            .map(|b| b.subscribers.len().saturating_sub(1))
+            .sum();
+        self.metrics.watchers_coalescing.set(coalescing as i64);
+        self.metrics
+            .upstream_watchers
+            .set(state.broadcasts.len() as i64);
+    }
+
+    /// Takes a client watcher off its broadcast; a broadcast left with no watcher is canceled
+    /// upstream.
+    fn unsubscribe(&self, state: &mut State, broadcast: u64, stream: u64, watch_id: i64) {
+        let Some(b) = state.broadcasts.get_mut(&broadcast) else {
+            return;
+        };
+        b.subscribers
+            .retain(|s| !(s.stream == stream && s.watch_id == watch_id));
+        if b.subscribers.is_empty() && b.upstream_id.is_some() {
+            self.drop_broadcast(state, broadcast);
+        }
+        // One still being created is dropped when its `created` comes.
+    }
+
+    fn drop_broadcast(&self, state: &mut State, broadcast: u64) {
+        let Some(b) = state.broadcasts.remove(&broadcast) else {
+            return;
+        };
+        let range = (b.token.clone(), b.key.clone(), b.range_end.clone());
+        if b.shared && state.shared.get(&range) == Some(&broadcast) {
+            state.shared.remove(&range);
+        }
+        let Some(feed) = state.feeds.get_mut(&b.token) else {
+            return;
+        };
+        // Its task closes the stream once nothing is left on it.
+        feed.wake.notify_one();
+        if let Some(id) = b.upstream_id {
+            feed.by_upstream.remove(&id);
+            if let Some(up) = &feed.upstream {
+                let _ = up.send(WatchRequest {
+                    request_union: Some(RequestUnion::CancelRequest(WatchCancelRequest {
+                        watch_id: id,
+                    })),
+                });
+            }
+        }
+    }
+
+    /// Checks that the caller may watch the range, as the member would (etcd's proxy does the
+    /// same: a one-key read with the caller's token). Reused for `PERMISSION_TTL`.
+    async fn permitted<T>(
+        &self,
+        create: &WatchCreateRequest,
+        from: &Request<T>,
+    ) -> Result<(), Status> {
+        let token = from
+            .metadata()
+            .get(crate::api::TOKEN_METADATA)
+            .or_else(|| from.metadata().get(crate::api::AUTHORIZATION))
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        let cache_key = (token, create.key.clone(), create.range_end.clone());
+        if let Some((at, answer)) = self.lock().permissions.get(&cache_key) {
+            if at.elapsed() < PERMISSION_TTL {
+                return answer.clone();
+            }
+        }
+        let link = self.up.link().await?;
+        let answer = KvClient::new(link.channel)
+            .range(carry(
+                RangeRequest {
+                    key: create.key.clone(),
+                    range_end: create.range_end.clone(),
+                    limit: 1,
+                    serializable: true,
+                    keys_only: true,
+                    ..Default::default()
+                },
+                from,
+            ))
+            .await
+            .map(|_| ());
+        if let Err(status) = &answer {
+            if endpoint_gone(status) {
+                self.up.failed(link.generation);
+                return Err(status.clone());
+            }
+        }
+        let mut state = self.lock();
+        if state.permissions.len() > 10_000 {
+            state.permissions.clear();
+        }
+        state
+            .permissions
+            .insert(cache_key, (Instant::now(), answer.clone()));
+        answer
+    }
+
+    /// A client's create request: joins a broadcast or starts one. `resume`: a parked watcher
+    /// watching again (its id is kept and it is not announced again).
+    fn subscribe(
+        self: &Arc<Self>,
+        stream: u64,
+        create: WatchCreateRequest,
+        resume: Option<i64>,
+    ) -> Option<WatchResponse> {
+        let mut state = self.lock();
+        let client = state.streams.get(&stream)?;
+        let tx = client.tx.clone()?;
+        let token = client.token.clone();
+        let refused = |watch_id: i64, reason: &str, header: ResponseHeader| WatchResponse {
+            header: Some(header),
+            watch_id,
+            created: true,
+            canceled: true,
+            cancel_reason: reason.to_string(),
+            ..Default::default()
+        };
+        let seen = self.seen.load(Ordering::Relaxed);
+        let any_header = state
+            .broadcasts
+            .values()
+            .next()
+            .map(|b| ResponseHeader {
+                revision: seen,
+                ..b.header
+            })
+            .unwrap_or(ResponseHeader {
+                revision: seen,
+                ..Default::default()
+            });
+        if !create.range_end.is_empty() && create.range_end != [0] && create.key >= create.range_end
+        {
+            return Some(refused(
+                create.watch_id,
+                crate::watch::EMPTY_RANGE,
+                any_header,
+            ));
+        }
+        let watch_id = match resume {
+            Some(id) => id,
+            None if create.watch_id != 0 => {
+                if client.watchers.contains_key(&create.watch_id)
+                    || client.parked.contains_key(&create.watch_id)
+                {
+                    return Some(refused(
+                        create.watch_id,
+                        crate::watch::DUPLICATE_ID,
+                        any_header,
+                    ));
+                }
+                create.watch_id
+            }
+            None => (0..)
+                .find(|id| !client.watchers.contains_key(id) && !client.parked.contains_key(id))
+                .unwrap_or(0),
+        };
+        let start = resume
+            .map(|_| create.start_revision)
+            .unwrap_or(create.start_revision);
+        let range = (token.clone(), create.key.clone(), create.range_end.clone());
+        // A shared broadcast this watcher can join: one that has not gone past its start.
+        let joinable = state.shared.get(&range).copied().filter(|id| {
+            state.broadcasts.get(id).is_some_and(|b| {
+                if b.upstream_id.is_none() && b.next_rev == 0 {
+                    // Not created yet, from now: only a watcher from now may join.
+                    start == 0
+                } else {
+                    start == 0 || start >= b.next_rev
+                }
+            })
+        });
+        let mut subscriber = Subscriber {
+            stream,
+            watch_id,
+            tx,
+            no_put: has(&create, FilterType::Noput),
+            no_delete: has(&create, FilterType::Nodelete),
+            prev_kv: create.prev_kv,
+            progress_notify: create.progress_notify,
+            min_rev: start,
+            announced: resume.is_some(),
+        };
+        let mut created = None;
+        let broadcast = match joinable {
+            Some(id) => {
+                let b = state.broadcasts.get_mut(&id)?;
+                if start == 0 {
+                    // From now: nothing older than what any client has been shown.
+                    subscriber.min_rev = b.next_rev.max(seen + 1);
+                }
+                if b.upstream_id.is_some() && !subscriber.announced {
+                    subscriber.announced = true;
+                    created = Some(WatchResponse {
+                        header: Some(ResponseHeader {
+                            revision: b.header.revision.max(subscriber.min_rev - 1),
+                            ..b.header
+                        }),
+                        watch_id,
+                        created: true,
+                        ..Default::default()
+                    });
+                }
+                b.subscribers.push(subscriber);
+                self.metrics.watchers_coalesced.inc();
+                id
+            }
+            None => {
+                let id = state.next_broadcast;
+                state.next_broadcast += 1;
+                let shared = !state.shared.contains_key(&range);
+                if shared {
+                    state.shared.insert(range, id);
+                }
+                state.broadcasts.insert(
+                    id,
+                    Broadcast {
+                        token: token.clone(),
+                        key: create.key.clone(),
+                        range_end: create.range_end.clone(),
+                        shared,
+                        upstream_id: None,
+                        next_rev: start,
+                        header: ResponseHeader::default(),
+                        subscribers: vec![subscriber],
+                    },
+                );
+                self.feed(&mut state, &token);
+                self.create_upstream(&mut state, id);
+                id
+            }
+        };
+        if let Some(client) = state.streams.get_mut(&stream) {
+            client.watchers.insert(watch_id, broadcast);
+            client.parked.remove(&watch_id);
+            client.requests.insert(watch_id, create);
+        }
+        self.update_gauges(&state);
+        created
+    }
+
+    /// Sends the create request of `broadcast` upstream (when the stream is open; otherwise the
+    /// upstream task creates it on connecting).
+    fn create_upstream(&self, state: &mut State, broadcast: u64) {
+        let Some(b) = state.broadcasts.get(&broadcast) else {
+            return;
+        };
+        let Some(feed) = state.feeds.get_mut(&b.token) else {
+            return;
+        };
+        let Some(up) = feed.upstream.clone() else {
+            return;
+        };
+        let request = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: b.key.clone(),
+                range_end: b.range_end.clone(),
+                start_revision: b.next_rev,
+                progress_notify: true,
+                prev_kv: true,
+                ..Default::default()
+            })),
+        };
+        if up.send(request).is_ok() {
+            feed.creating.push_back(broadcast);
+        }
+    }
+
+    /// The feed of `token`, its task started if it has none.
+    fn feed<'a>(self: &Arc<Self>, state: &'a mut State, token: &Token) -> &'a mut Feed {
+        if !state.feeds.contains_key(token) {
+            let feed = Feed::default();
+            let wake = feed.wake.clone();
+            state.feeds.insert(token.clone(), feed);
+            tokio::spawn(self.clone().feed_loop(token.clone(), wake));
+        }
+        state.feeds.entry(token.clone()).or_default()
+    }
+
+    fn cancel(&self, stream: u64, watch_id: i64) -> bool {
+        let mut state = self.lock();
+        let Some(client) = state.streams.get_mut(&stream) else {
+            return false;
+        };
+        client.requests.remove(&watch_id);
+        let parked = client.parked.remove(&watch_id).is_some();
+        let Some(broadcast) = client.watchers.remove(&watch_id) else {
+            return parked;
+        };
+        self.unsubscribe(&mut state, broadcast, stream, watch_id);
+        self.update_gauges(&state);
+        true
+    }
+
+    /// A client asks for progress: asked upstream once for every client waiting.
+    fn ask_progress(self: &Arc<Self>, stream: u64) {
+        let mut state = self.lock();
+        let Some(client) = state.streams.get_mut(&stream) else {
+            return;
+        };
+        client.waiting_progress = true;
+        let token = client.token.clone();
+        let feed = self.feed(&mut state, &token);
+        if feed.progress_asked {
+            return;
+        }
+        if let Some(up) = &feed.upstream {
+            if up
+                .send(WatchRequest {
+                    request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                })
+                .is_ok()
+            {
+                feed.progress_asked = true;
+            }
+        }
+        // With no stream open, the feed's task asks once it is.
+        feed.wake.notify_one();
+    }
+
+    /// Delivers to every subscriber of `b`; those whose queue is full are returned (parked by
+    /// the caller).
+    fn deliver(
+        b: &mut Broadcast,
+        response: &WatchResponse,
+        events_coalesced: &prometheus::IntCounter,
+    ) -> Vec<(u64, i64, i64)> {
+        let mut full = Vec::new();
+        let first_rev = response
+            .events
+            .first()
+            .and_then(|e| e.kv.as_ref())
+            .map(|kv| kv.mod_revision)
+            .unwrap_or(0);
+        let mut delivered = 0u64;
+        for s in &mut b.subscribers {
+            let events: Vec<_> = response
+                .events
+                .iter()
+                .filter(|e| e.kv.as_ref().is_some_and(|kv| kv.mod_revision >= s.min_rev))
+                .filter(|e| {
+                    let put = e.r#type == EventType::Put as i32;
+                    !(put && s.no_put || !put && s.no_delete)
+                })
+                .map(|e| {
+                    let mut e = e.clone();
+                    if !s.prev_kv {
+                        e.prev_kv = None;
+                    }
+                    e
+                })
+                .collect();
+            if events.is_empty() {
+                continue;
+            }
+            let answer = WatchResponse {
+                header: response.header,
+                watch_id: s.watch_id,
+                events,
+                ..Default::default()
+            };
+            match s.tx.try_send(Ok(answer)) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    full.push((s.stream, s.watch_id, first_rev.max(s.min_rev)))
+                }
+                // The client is gone: its stream's end takes it off.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        if delivered > 1 {
+            events_coalesced.inc_by((delivered - 1) * response.events.len() as u64);
+        }
+        full
+    }
+
+    /// One answer from upstream.
+    fn dispatch(&self, token: &Token, response: WatchResponse) {
+        self.saw(&response.header);
+        let mut state = self.lock();
+        let header = response.header.unwrap_or_default();
+        let Some(feed) = state.feeds.get_mut(token) else {
+            return;
+        };
+        if response.created {
+            let Some(id) = feed.creating.pop_front() else {
+                return;
+            };
+            feed.by_upstream.insert(response.watch_id, id);
+            let mut unwanted = false;
+            if let Some(b) = state.broadcasts.get_mut(&id) {
+                b.upstream_id = Some(response.watch_id);
+                b.header = header;
+                if b.next_rev == 0 {
+                    b.next_rev = header.revision + 1;
+                }
+                unwanted = b.subscribers.is_empty();
+                if !response.canceled {
+                    for s in &mut b.subscribers {
+                        if s.min_rev == 0 {
+                            s.min_rev = b.next_rev;
+                        }
+                        if !s.announced {
+                            s.announced = true;
+                            let _ = s.tx.try_send(Ok(WatchResponse {
+                                header: Some(header),
+                                watch_id: s.watch_id,
+                                created: true,
+                                ..Default::default()
+                            }));
+                        }
+                    }
+                }
+            }
+            if response.canceled {
+                self.end_broadcast(&mut state, id, &response);
+            } else if unwanted {
+                self.drop_broadcast(&mut state, id);
+            }
+            self.update_gauges(&state);
+            return;
+        }
+        if response.watch_id == -1 {
+            feed.progress_asked = false;
+            // The member vouches for every watcher of the stream up to this revision.
+            for b in state.broadcasts.values_mut() {
+                if b.upstream_id.is_some() && b.token == *token {
+                    b.next_rev = b.next_rev.max(header.revision + 1);
+                    b.header = header;
+                }
+            }
+            self.answer_progress(&mut state, token, header);
+            return;
+        }
+        let Some(&id) = feed.by_upstream.get(&response.watch_id) else {
+            return;
+        };
+        if response.canceled {
+            self.end_broadcast(&mut state, id, &response);
+            self.update_gauges(&state);
+            return;
+        }
+        let mut full = Vec::new();
+        if let Some(b) = state.broadcasts.get_mut(&id) {
+            b.header = header;
+            if let Some(last) = response.events.last().and_then(|e| e.kv.as_ref()) {
+                full = Self::deliver(b, &response, &self.metrics.events_coalescing);
+                b.next_rev = b.next_rev.max(last.mod_revision + 1);
+            } else {
+                // A progress notification of this watcher.
+                b.next_rev = b.next_rev.max(header.revision + 1);
+                for s in b.subscribers.iter().filter(|s| s.progress_notify) {
+                    let _ = s.tx.try_send(Ok(WatchResponse {
+                        header: Some(header),
+                        watch_id: s.watch_id,
+                        ..Default::default()
+                    }));
+                }
+            }
+        }
+        for (stream, watch_id, resume_rev) in full {
+            self.park(&mut state, id, stream, watch_id, resume_rev);
+        }
+        self.maybe_merge(&mut state, id);
+        self.update_gauges(&state);
+    }
+
+    /// A full queue: the watcher leaves its broadcast and waits to watch again from
+    /// `resume_rev`.
+    fn park(&self, state: &mut State, broadcast: u64, stream: u64, watch_id: i64, resume_rev: i64) {
+        self.unsubscribe(state, broadcast, stream, watch_id);
+        self.metrics.slow_watchers.inc();
+        if let Some(client) = state.streams.get_mut(&stream) {
+            client.watchers.remove(&watch_id);
+            if let Some(create) = client.requests.get(&watch_id).cloned() {
+                client
+                    .parked
+                    .insert(watch_id, Parked { create, resume_rev });
+            }
+            client.unpark.notify_one();
+        }
+    }
+
+    /// A broadcast of its own that has caught up with the shared one of its range joins it.
+    fn maybe_merge(&self, state: &mut State, id: u64) {
+        let Some(b) = state.broadcasts.get(&id) else {
+            return;
+        };
+        if b.shared {
+            return;
+        }
+        let range = (b.token.clone(), b.key.clone(), b.range_end.clone());
+        let Some(&shared_id) = state.shared.get(&range) else {
+            return;
+        };
+        let Some(shared) = state.broadcasts.get(&shared_id) else {
+            return;
+        };
+        let at = b.next_rev;
+        if shared.upstream_id.is_none() || at < shared.next_rev {
+            return;
+        }
+        let Some(mut own) = state.broadcasts.get(&id).map(|b| b.subscribers.len()) else {
+            return;
+        };
+        let moved: Vec<Subscriber> = state
+            .broadcasts
+            .get_mut(&id)
+            .map(|b| std::mem::take(&mut b.subscribers))
+            .unwrap_or_default();
+        for mut s in moved {
+            s.min_rev = s.min_rev.max(at);
+            if let Some(client) = state.streams.get_mut(&s.stream) {
+                client.watchers.insert(s.watch_id, shared_id);
+            }
+            if let Some(shared) = state.broadcasts.get_mut(&shared_id) {
+                shared.subscribers.push(s);
+                own -= 1;
+            }
+        }
+        debug_assert_eq!(own, 0);
+        self.metrics.watchers_coalesced.inc();
+        self.drop_broadcast(state, id);
+    }
+
+    /// The upstream watcher ended (canceled, or its start revision compacted): every client
+    /// watcher of it ends with the same answer.
+    fn end_broadcast(&self, state: &mut State, id: u64, response: &WatchResponse) {
+        let Some(b) = state.broadcasts.get_mut(&id) else {
+            return;
+        };
+        let subscribers = std::mem::take(&mut b.subscribers);
+        let b_token = b.token.clone();
+        for s in &subscribers {
+            let _ = s.tx.try_send(Ok(WatchResponse {
+                header: response.header,
+                watch_id: s.watch_id,
+                created: !s.announced,
+                canceled: true,
+                compact_revision: response.compact_revision,
+                cancel_reason: response.cancel_reason.clone(),
+                ..Default::default()
+            }));
+            if let Some(client) = state.streams.get_mut(&s.stream) {
+                client.watchers.remove(&s.watch_id);
+                client.requests.remove(&s.watch_id);
+            }
+        }
+        // Already ended upstream: no cancel to send.
+        if let Some(b) = state.broadcasts.get_mut(&id) {
+            b.upstream_id = None;
+        }
+        if let Some(feed) = state.feeds.get_mut(&b_token) {
+            feed.by_upstream.remove(&response.watch_id);
+        }
+        self.drop_broadcast(state, id);
+    }
+
+    /// Answers every client waiting for progress: the oldest revision each of its watchers has
+    /// been given everything up to.
+    fn answer_progress(&self, state: &mut State, token: &Token, header: ResponseHeader) {
+        let State {
+            streams,
+            broadcasts,
+            ..
+        } = state;
+        for client in streams
+            .values_mut()
+            .filter(|c| c.waiting_progress && c.token == *token)
+        {
+            let mut revision = header.revision;
+            for (watch_id, b) in &client.watchers {
+                if let Some(b) = broadcasts.get(b) {
+                    let floor = b
+                        .subscribers
+                        .iter()
+                        .find(|s| s.watch_id == *watch_id)
+                        .map(|s| s.min_rev - 1)
+                        .unwrap_or(0);
+                    revision = revision.min((b.next_rev - 1).max(floor));
+                }
+            }
+            for parked in client.parked.values() {
+                revision = revision.min(parked.resume_rev - 1);
+            }
+            let Some(tx) = &client.tx else { continue };
+            if tx
+                .try_send(Ok(WatchResponse {
+                    header: Some(ResponseHeader { revision, ..header }),
+                    watch_id: -1,
+                    ..Default::default()
+                }))
+                .is_ok()
+            {
+                client.waiting_progress = false;
+            }
+        }
+    }
+
+    /// Keeps the feed of `token` open while there is anything to watch on it, opening it again
+    /// (on the next endpoint, if the one in use failed) when it breaks; removes the feed and
+    /// ends when nothing is left.
+    async fn feed_loop(self: Arc<Self>, token: Token, wake: Arc<Notify>) {
+        loop {
+            let wanted = {
+                let mut state = self.lock();
+                let wanted = state.broadcasts.values().any(|b| b.token == token)
+                    || state
+                        .streams
+                        .values()
+                        .any(|c| c.waiting_progress && c.token == token);
+                if !wanted {
+                    // Decided under the lock: a subscriber after this starts a new feed.
+                    state.feeds.remove(&token);
+                    return;
+                }
+                wanted
+            };
+            debug_assert!(wanted);
+            let link = match self.up.link().await {
+                Ok(link) => link,
+                Err(_) => {
+                    tokio::time::sleep(RECONNECT_PAUSE * 10).await;
+                    continue;
+                }
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            {
+                let mut state = self.lock();
+                let waiting = state
+                    .streams
+                    .values()
+                    .any(|c| c.waiting_progress && c.token == token);
+                let ids: Vec<u64> = state
+                    .broadcasts
+                    .iter()
+                    .filter(|(_, b)| b.token == token)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in &ids {
+                    if let Some(b) = state.broadcasts.get_mut(id) {
+                        b.upstream_id = None;
+                    }
+                }
+                let Some(feed) = state.feeds.get_mut(&token) else {
+                    return;
+                };
+                feed.upstream = Some(tx.clone());
+                feed.creating.clear();
+                feed.by_upstream.clear();
+                feed.progress_asked = false;
+                if waiting {
+                    let _ = tx.send(WatchRequest {
+                        request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                    });
+                    feed.progress_asked = true;
+                }
+                for id in ids {
+                    self.create_upstream(&mut state, id);
+                }
+            }
+            let mut request = Request::new(UnboundedReceiverStream::new(rx));
+            if let Ok(value) = tonic::metadata::MetadataValue::try_from(token.as_slice()) {
+                if !token.is_empty() {
+                    request
+                        .metadata_mut()
+                        .insert(crate::api::TOKEN_METADATA, value);
+                }
+            }
+            let mut client = WatchClient::new(link.channel)
+                .max_decoding_message_size(self.up.max_recv_bytes)
+                .max_encoding_message_size(self.up.max_send_bytes);
+            let ended = match client.watch(request).await {
+                Ok(answers) => self.read_feed(&token, &wake, answers.into_inner()).await,
+                Err(status) => Err(status),
+            };
+            {
+                let mut state = self.lock();
+                if let Some(feed) = state.feeds.get_mut(&token) {
+                    feed.upstream = None;
+                    feed.creating.clear();
+                    feed.by_upstream.clear();
+                }
+                for b in state.broadcasts.values_mut().filter(|b| b.token == token) {
+                    b.upstream_id = None;
+                }
+            }
+            match ended {
+                Ok(FeedEnd::Idle) => continue,
+                Err(status) => {
+                    tracing::warn!(endpoint = %self.up.endpoint(), error = %status, "the upstream watch stream broke; watching again from where each watcher was");
+                    if endpoint_gone(&status) {
+                        self.up.failed(link.generation);
+                    }
+                }
+                Ok(FeedEnd::Closed) => {
+                    tracing::warn!(endpoint = %self.up.endpoint(), "the upstream watch stream ended; watching again from where each watcher was");
+                    self.up.failed(link.generation);
+                }
+            }
+            self.metrics.upstream_reconnects.inc();
+            tokio::time::sleep(RECONNECT_PAUSE).await;
+        }
+    }
+
+    async fn read_feed(
+        &self,
+        token: &Token,
+        wake: &Notify,
+        mut answers: Streaming<WatchResponse>,
+    ) -> Result<FeedEnd, Status> {
+        loop {
+            let idle = {
+                let state = self.lock();
+                !state.broadcasts.values().any(|b| b.token == *token)
+                    && !state.feeds.get(token).is_some_and(|f| f.progress_asked)
+            };
+            if idle {
+                return Ok(FeedEnd::Idle);
+            }
+            tokio::select! {
+                answer = answers.message() => match answer? {
+                    Some(response) => self.dispatch(token, response),
+                    None => return Ok(FeedEnd::Closed),
+                },
+                // Something changed (a broadcast dropped): look again whether it is idle.
+                _ = wake.notified() => {}
+            }
+        }
+    }
+}
+
+/// Why a feed's stream was let go.
+enum FeedEnd {
+    /// Nothing is watched on it any more.
+    Idle,
+    /// The member ended it.
+    Closed,
+}
+
+/// The Watch service of the proxy.
+#[derive(Clone)]
+pub struct ProxyWatch {
+    pub broker: Arc<Broker>,
+}
+
+#[tonic::async_trait]
+impl Watch for ProxyWatch {
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Passed<WatchResponse>>, Status> {
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let broker = self.broker.clone();
+        let token = request
+            .metadata()
+            .get(crate::api::TOKEN_METADATA)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        let (stream, unpark) = broker.open_stream(tx.clone(), token);
+        let identity = Request::new(());
+        let mut identity = identity;
+        *identity.metadata_mut() = request.metadata().clone();
+        let mut inbound = request.into_inner();
+        tokio::spawn(async move {
+            let _closing = CloseStream {
+                broker: broker.clone(),
+                stream,
+            };
+            loop {
+                tokio::select! {
+                    message = inbound.message() => {
+                        let request = match message {
+                            Ok(Some(request)) => request,
+                            Ok(None) => break,
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
+                                break;
+                            }
+                        };
+                        if !handle(&broker, stream, &tx, &identity, request).await {
+                            break;
+                        }
+                    }
+                    _ = unpark.notified() => {
+                        // Wait until the client has read half its queue, then watch again.
+                        while tx.capacity() < CLIENT_QUEUE / 2 {
+                            if tx.is_closed() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        let parked: Vec<(i64, Parked)> = {
+                            let mut state = broker.lock();
+                            match state.streams.get_mut(&stream) {
+                                Some(client) => client.parked.drain().collect(),
+                                None => Vec::new(),
+                            }
+                        };
+                        for (watch_id, parked) in parked {
+                            let mut create = parked.create;
+                            create.start_revision = parked.resume_rev;
+                            broker.subscribe(stream, create, Some(watch_id));
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Closes the client stream's watchers when its task ends.
+struct CloseStream {
+    broker: Arc<Broker>,
+    stream: u64,
+}
+
+impl Drop for CloseStream {
+    fn drop(&mut self) {
+        self.broker.close_stream(self.stream);
+    }
+}
+
+/// One client request; `false` when the client has gone.
+async fn handle(
+    broker: &Arc<Broker>,
+    stream: u64,
+    tx: &ClientTx,
+    identity: &Request<()>,
+    request: WatchRequest,
+) -> bool {
+    match request.request_union {
+        Some(RequestUnion::CreateRequest(create)) => {
+            if let Err(status) = broker.permitted(&create, identity).await {
+                let seen = broker.seen.load(Ordering::Relaxed);
+                return tx
+                    .send(Ok(WatchResponse {
+                        header: Some(ResponseHeader {
+                            revision: seen,
+                            ..Default::default()
+                        }),
+                        watch_id: -1,
+                        created: true,
+                        canceled: true,
+                        cancel_reason: status.message().to_string(),
+                        ..Default::default()
+                    }))
+                    .await
+                    .is_ok();
+            }
+            match broker.subscribe(stream, create, None) {
+                Some(answer) => tx.send(Ok(answer)).await.is_ok(),
+                None => true,
+            }
+        }
+        Some(RequestUnion::CancelRequest(cancel)) => {
+            if !broker.cancel(stream, cancel.watch_id) {
+                // As etcd: a cancel of an unknown watch gets no answer.
+                return true;
+            }
+            let seen = broker.seen.load(Ordering::Relaxed);
+            tx.send(Ok(WatchResponse {
+                header: Some(ResponseHeader {
+                    revision: seen,
+                    ..broker.any_header()
+                }),
+                watch_id: cancel.watch_id,
+                canceled: true,
+                ..Default::default()
+            }))
+            .await
+            .is_ok()
+        }
+        Some(RequestUnion::ProgressRequest(_)) => {
+            broker.ask_progress(stream);
+            true
+        }
+        None => true,
+    }
+}
+
+impl Broker {
+    /// A header with the cluster's IDs (from any upstream answer), for answers the proxy makes.
+    fn any_header(&self) -> ResponseHeader {
+        self.lock()
+            .broadcasts
+            .values()
+            .map(|b| b.header)
+            .find(|h| h.cluster_id != 0)
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,711 @@
+//! `quorumkv grpc-proxy start` in front of real quorumkv members, driven by etcdctl 3.4 and by
+//! tonic's generated clients: every service through it; watchers of one key coalesced into one
+//! watcher on the member (its `/metrics`); progress requests answered; a slow client parked
+//! and caught up without a gap; the serializable-read cache; registration as etcd 3.4's proxy
+//! lists it; and failover with the member in use killed, every watcher resuming with no event
+//! lost or repeated.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{etcdctl, free_port, ok, start_cluster, wait_until, Server};
+use quorumkv::proto::etcdserverpb::kv_client::KvClient;
+use quorumkv::proto::etcdserverpb::lease_client::LeaseClient;
+use quorumkv::proto::etcdserverpb::watch_client::WatchClient;
+use quorumkv::proto::etcdserverpb::watch_request::RequestUnion;
+use quorumkv::proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, WatchCreateRequest,
+    WatchProgressRequest, WatchRequest, WatchResponse,
+};
+use quorumkv::proto::v3electionpb::election_client::ElectionClient;
+use quorumkv::proto::v3electionpb::LeaderRequest;
+use tokio::sync::mpsc;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+struct Proxy {
+    child: Option<Child>,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Proxy {
+    /// `quorumkv grpc-proxy start` (or `etcd grpc-proxy start` with `etcd`) in front of
+    /// `endpoints`, with `extra` flags; waits until it serves.
+    fn start_as(kind: &str, endpoints: &str, dir: &Path, extra: &[&str]) -> Proxy {
+        let port = free_port();
+        let log = dir.join(format!("{kind}-grpc-proxy-{port}.log"));
+        let file = std::fs::File::create(&log).expect("log");
+        let program = if kind == "etcd" {
+            "etcd".to_string()
+        } else {
+            env!("CARGO_BIN_EXE_quorumkv").to_string()
+        };
+        let child = Command::new(program)
+            .args([
+                "grpc-proxy",
+                "start",
+                &format!("--endpoints={endpoints}"),
+                &format!("--listen-addr=127.0.0.1:{port}"),
+                &format!("--advertise-client-url=127.0.0.1:{port}"),
+                &format!("--data-dir={}", dir.join(format!("{kind}.proxy")).display()),
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("spawn the proxy");
+        let proxy = Proxy {
+            child: Some(child),
+            port,
+            log,
+        };
+        wait_until("the proxy listens", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        proxy
+    }
+
+    fn start(endpoints: &str, dir: &Path, extra: &[&str]) -> Proxy {
+        Proxy::start_as("quorumkv", endpoints, dir, extra)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A metric of the proxy's `/metrics`.
+    fn metric(&self, name: &str) -> f64 {
+        metric(self.port, name)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A sample's value from the `/metrics` of the server on `port` (0 when absent).
+fn metric(port: u16, name: &str) -> f64 {
+    let text = common::http_get_raw(port, "/metrics");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.split_once(' ')?;
+            (n == name).then(|| v.trim().parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+async fn channel(endpoint: &str) -> Channel {
+    Channel::from_shared(endpoint.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// One watch stream with one watcher: its created answer is read before this returns.
+struct OneWatch {
+    rx: tonic::Streaming<WatchResponse>,
+    tx: mpsc::Sender<WatchRequest>,
+    watch_id: i64,
+}
+
+impl OneWatch {
+    async fn open(channel: Channel, key: &[u8], start_revision: i64) -> OneWatch {
+        let (tx, requests) = mpsc::channel(16);
+        tx.send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: key.to_vec(),
+                start_revision,
+                ..Default::default()
+            })),
+        })
+        .await
+        .expect("send");
+        // As etcd's clients: no limit on an answer's size (a catch-up batch may pass 4 MiB).
+        let mut rx = WatchClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .watch(ReceiverStream::new(requests))
+            .await
+            .expect("watch")
+            .into_inner();
+        let created = rx.message().await.expect("created").expect("an answer");
+        assert!(created.created && !created.canceled, "{created:?}");
+        OneWatch {
+            rx,
+            tx,
+            watch_id: created.watch_id,
+        }
+    }
+
+    /// The mod revisions of the next `n` events.
+    async fn revisions(&mut self, n: usize) -> Vec<i64> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let answer = tokio::time::timeout(Duration::from_secs(20), self.rx.message())
+                .await
+                .unwrap_or_else(|_| panic!("no event after {} of {n}: {got:?}", got.len()))
+                .expect("stream")
+                .expect("an answer");
+            assert_eq!(answer.watch_id, self.watch_id, "{answer:?}");
+            assert!(!answer.canceled, "{answer:?}");
+            got.extend(
+                answer
+                    .events
+                    .iter()
+                    .map(|e| e.kv.as_ref().expect("kv").mod_revision),
+            );
+        }
+        got
+    }
+}
+
+async fn put(channel: Channel, key: &[u8], value: &[u8]) -> i64 {
+    KvClient::new(channel)
+        .put(PutRequest {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("put")
+        .into_inner()
+        .header
+        .expect("header")
+        .revision
+}
+
+/// A put, made again while the cluster answers that it is electing a leader.
+async fn put_retrying(channel: Channel, key: &[u8], value: &[u8]) -> i64 {
+    for _ in 0..100 {
+        let answer = KvClient::new(channel.clone())
+            .put(PutRequest {
+                key: key.to_vec(),
+                value: value.to_vec(),
+                ..Default::default()
+            })
+            .await;
+        match answer {
+            Ok(answer) => return answer.into_inner().header.expect("header").revision,
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(status) => panic!("put: {status:?}"),
+        }
+    }
+    panic!("the cluster took no write for 20 s")
+}
+
+/// The mod revisions of every change of `key` (never deleted), from its first.
+async fn history(channel: Channel, key: &[u8]) -> Vec<i64> {
+    let version = KvClient::new(channel.clone())
+        .range(RangeRequest {
+            key: key.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .kvs[0]
+        .version;
+    OneWatch::open(channel, key, 1)
+        .await
+        .revisions(version as usize)
+        .await
+}
+
+#[test]
+fn every_service_answers_through_the_proxy_as_from_the_member() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--name", "m1"]);
+    let proxy = Proxy::start(&server.endpoint(), dir.path(), &[]);
+    let (p, m) = (proxy.endpoint(), server.endpoint());
+
+    // KV.
+    assert_eq!(ok(etcdctl(&p, &["put", "k1", "v1"])).trim(), "OK");
+    assert_eq!(ok(etcdctl(&p, &["get", "k1"])), "k1\nv1\n");
+    assert_eq!(ok(etcdctl(&m, &["get", "k1"])), "k1\nv1\n");
+    let txn = "value(\"k1\") = \"v1\"\n\nput k2 v2\nput k3 v3\n\n\n";
+    assert!(ok(common::etcdctl_stdin(&p, &["txn"], txn)).starts_with("SUCCESS"));
+    assert_eq!(
+        ok(etcdctl(&p, &["get", "k", "--prefix", "--keys-only"])),
+        "k1\n\nk2\n\nk3\n\n"
+    );
+    assert_eq!(ok(etcdctl(&p, &["del", "k2"])).trim(), "1");
+    // The same answer, byte for byte, as the member's (JSON: header, revisions, values).
+    assert_eq!(
+        ok(etcdctl(&p, &["get", "k", "--prefix", "-w", "json"])),
+        ok(etcdctl(&m, &["get", "k", "--prefix", "-w", "json"]))
+    );
+    // A member's error comes through with its code and message.
+    let refused = common::fails(etcdctl(&p, &["get", "k1", "--rev", "1000"]));
+    assert!(
+        refused.contains("etcdserver: mvcc: required revision is a future revision"),
+        "{refused}"
+    );
+    let revision = ok(etcdctl(&p, &["get", "k1", "-w", "json"]));
+    let revision: serde_json::Value = serde_json::from_str(&revision).expect("json");
+    let revision = revision["header"]["revision"].as_i64().expect("revision");
+    assert!(ok(etcdctl(&p, &["compact", &revision.to_string()])).contains("compacted revision"));
+
+    // Lease.
+    let granted = ok(etcdctl(&p, &["lease", "grant", "60"]));
+    let lease = granted
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    assert!(
+        ok(etcdctl(&p, &["lease", "keep-alive", "--once", &lease])).contains("keepalived with TTL")
+    );
+    assert!(ok(etcdctl(&p, &["lease", "timetolive", &lease])).contains("granted with TTL(60s)"));
+    assert!(ok(etcdctl(&p, &["lease", "list"])).contains(&lease));
+    assert!(ok(etcdctl(&p, &["lease", "revoke", &lease])).contains("revoked"));
+
+    // Cluster (no --resolver-prefix: the cluster's own members) and Maintenance.
+    assert_eq!(
+        ok(etcdctl(&p, &["member", "list"])),
+        ok(etcdctl(&m, &["member", "list"]))
+    );
+    assert!(ok(etcdctl(&p, &["endpoint", "status"])).contains("3.5.0+quorumkv"));
+    assert_eq!(ok(etcdctl(&p, &["alarm", "list"])), "");
+    assert!(ok(etcdctl(&p, &["defrag"])).contains("Finished defragmenting"));
+    let snapshot = dir.path().join("through-proxy.db");
+    ok(etcdctl(
+        &p,
+        &["snapshot", "save", &snapshot.display().to_string()],
+    ));
+    assert!(std::fs::metadata(&snapshot).expect("snapshot").len() > 0);
+
+    // Lock and Election.
+    let locked = ok(etcdctl(&p, &["lock", "mylock", "echo", "held"]));
+    assert!(locked.contains("held"), "{locked}");
+    let mut campaign = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &p, "elect", "myelection", "p1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcdctl elect");
+    // Its leadership, seen through the proxy: by Leader, and by Observe's first answer.
+    runtime().block_on(async {
+        let to_proxy = channel(&p).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let leader = loop {
+            let answer = ElectionClient::new(to_proxy.clone())
+                .leader(LeaderRequest {
+                    name: b"myelection".to_vec(),
+                })
+                .await;
+            if let Ok(answer) = answer {
+                break answer.into_inner().kv.expect("kv");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no leader: {answer:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(leader.value, b"p1");
+        let mut observed = ElectionClient::new(to_proxy)
+            .observe(LeaderRequest {
+                name: b"myelection".to_vec(),
+            })
+            .await
+            .expect("observe")
+            .into_inner();
+        let first = observed
+            .message()
+            .await
+            .expect("stream")
+            .expect("an answer");
+        assert_eq!(first.kv.expect("kv"), leader);
+    });
+    let _ = campaign.kill();
+    let _ = campaign.wait();
+
+    // Auth: users and roles through the proxy, then a token carried through it.
+    ok(etcdctl(&p, &["user", "add", "root:rootpw"]));
+    ok(etcdctl(&p, &["role", "add", "reader"]));
+    ok(etcdctl(
+        &p,
+        &["role", "grant-permission", "reader", "read", "k1"],
+    ));
+    ok(etcdctl(&p, &["user", "add", "alice:alicepw"]));
+    ok(etcdctl(&p, &["user", "grant-role", "alice", "reader"]));
+    ok(etcdctl(&p, &["auth", "enable"]));
+    assert_eq!(
+        ok(etcdctl(&p, &["--user", "alice:alicepw", "get", "k1"])),
+        "k1\nv1\n"
+    );
+    let denied = common::fails(etcdctl(&p, &["--user", "alice:alicepw", "put", "k1", "x"]));
+    assert!(denied.contains("etcdserver: permission denied"), "{denied}");
+    // A watcher of a range the user may not read is refused, as by the member.
+    let denied = common::fails(etcdctl(&p, &["--user", "alice:alicepw", "watch", "secret"]));
+    assert!(denied.contains("permission denied"), "{denied}");
+    ok(etcdctl(&p, &["--user", "root:rootpw", "auth", "disable"]));
+    assert!(
+        proxy.log().contains("grpc-proxy serving"),
+        "{}",
+        proxy.log()
+    );
+}
+
+#[test]
+fn watchers_of_one_key_are_one_watcher_on_the_member_and_progress_passes_through() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let proxy = Proxy::start(&server.endpoint(), dir.path(), &[]);
+    runtime().block_on(async {
+        let connections = [
+            channel(&proxy.endpoint()).await,
+            channel(&proxy.endpoint()).await,
+        ];
+        let mut watches = Vec::new();
+        for i in 0..200 {
+            watches.push(OneWatch::open(connections[i % 2].clone(), b"shared", 0).await);
+        }
+        // The member holds one watcher for them (and one for the proxy's read cache).
+        let member_watchers = metric(server.client_port, "etcd_debugging_mvcc_watcher_total");
+        assert!(
+            member_watchers <= 2.0,
+            "the member holds {member_watchers} watchers"
+        );
+        assert_eq!(
+            proxy.metric("etcd_grpc_proxy_watchers_coalescing_total"),
+            199.0
+        );
+        let direct = channel(&server.endpoint()).await;
+        let mut revisions = Vec::new();
+        for i in 0..50 {
+            revisions.push(put(direct.clone(), b"shared", format!("v{i}").as_bytes()).await);
+        }
+        for watch in &mut watches {
+            assert_eq!(watch.revisions(50).await, revisions);
+        }
+        assert!(proxy.metric("etcd_grpc_proxy_events_coalescing_total") >= 199.0 * 50.0);
+
+        // A watcher from an old revision catches up on its own, then joins the others.
+        let mut late = OneWatch::open(connections[0].clone(), b"shared", revisions[10]).await;
+        assert_eq!(late.revisions(40).await, revisions[10..].to_vec());
+        wait_until("the late watcher joins", Duration::from_secs(10), || {
+            proxy.metric("quorumkv_grpc_proxy_upstream_watchers") == 1.0
+        });
+        let next = put(direct.clone(), b"shared", b"after").await;
+        assert_eq!(late.revisions(1).await, vec![next]);
+        assert_eq!(watches[0].revisions(1).await, vec![next]);
+
+        // RequestProgress through the proxy: a revision no older than everything delivered.
+        late.tx
+            .send(WatchRequest {
+                request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+            })
+            .await
+            .expect("send");
+        let progress = tokio::time::timeout(Duration::from_secs(10), late.rx.message())
+            .await
+            .expect("a progress answer")
+            .expect("stream")
+            .expect("an answer");
+        assert_eq!(progress.watch_id, -1, "{progress:?}");
+        assert!(progress.events.is_empty());
+        assert!(
+            progress.header.expect("header").revision >= next,
+            "{progress:?}"
+        );
+
+        // Closing the client streams closes the upstream watcher.
+        drop(watches);
+        drop(late);
+        wait_until(
+            "the upstream watcher is gone",
+            Duration::from_secs(10),
+            || proxy.metric("quorumkv_grpc_proxy_upstream_watchers") == 0.0,
+        );
+    });
+}
+
+#[test]
+fn a_client_that_stops_reading_is_parked_and_later_gets_every_event_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let proxy = Proxy::start(&server.endpoint(), dir.path(), &[]);
+    runtime().block_on(async {
+        let to_proxy = channel(&proxy.endpoint()).await;
+        let mut reader = OneWatch::open(to_proxy.clone(), b"busy", 0).await;
+        let mut slow = OneWatch::open(channel(&proxy.endpoint()).await, b"busy", 0).await;
+        let direct = channel(&server.endpoint()).await;
+        // 8 KiB values: the slow client's HTTP/2 window and its queue fill long before the end.
+        let value = vec![b'x'; 8 << 10];
+        let count = 2_500;
+        let mut revisions = Vec::new();
+        let reading = tokio::spawn(async move { reader.revisions(count).await });
+        for _ in 0..count {
+            revisions.push(put(direct.clone(), b"busy", &value).await);
+        }
+        // The reading client got everything while the other did not read.
+        assert_eq!(reading.await.expect("reader"), revisions);
+        assert!(
+            proxy.metric("quorumkv_grpc_proxy_slow_watchers_total") >= 1.0,
+            "the slow watcher was never parked"
+        );
+        // The slow one, read now, gets every event once, in order.
+        assert_eq!(slow.revisions(count).await, revisions);
+    });
+}
+
+#[test]
+fn serializable_reads_come_from_the_cache_and_never_go_back_in_revision() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let proxy = Proxy::start(&server.endpoint(), dir.path(), &[]);
+    runtime().block_on(async {
+        let to_proxy = channel(&proxy.endpoint()).await;
+        let direct = channel(&server.endpoint()).await;
+        put(direct.clone(), b"cfg", b"one").await;
+        let get = |channel: Channel| async move {
+            KvClient::new(channel)
+                .range(RangeRequest {
+                    key: b"cfg".to_vec(),
+                    serializable: true,
+                    ..Default::default()
+                })
+                .await
+                .expect("range")
+                .into_inner()
+        };
+        // Wait until the cache follows the cluster, then read again: a hit.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while proxy.metric("etcd_grpc_proxy_cache_hits_total") < 1.0 {
+            assert!(tokio::time::Instant::now() < deadline, "no cache hit");
+            get(to_proxy.clone()).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let first = get(to_proxy.clone()).await;
+        assert_eq!(first.kvs[0].value, b"one");
+        // A write elsewhere: the cache drops the answer, and a read soon has the new value.
+        let written = put(direct.clone(), b"cfg", b"two").await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while get(to_proxy.clone()).await.kvs[0].value != b"two" {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the old value stays"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A write through the proxy: the very next read has it (its revision was seen).
+        let mut last_revision = 0;
+        for i in 0..200 {
+            let value = format!("v{i}");
+            let revision = put(to_proxy.clone(), b"cfg", value.as_bytes()).await;
+            let read = get(to_proxy.clone()).await;
+            assert_eq!(read.kvs[0].value, value.as_bytes());
+            let seen = read.header.expect("header").revision;
+            assert!(seen >= revision && seen >= last_revision && seen > written);
+            last_revision = seen;
+        }
+    });
+}
+
+#[test]
+fn registered_proxies_are_listed_as_etcd_3_4_lists_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let prefix = [
+        "--resolver-prefix=___grpc_proxy_endpoint",
+        "--resolver-ttl=60",
+    ];
+    let ours = Proxy::start(&server.endpoint(), dir.path(), &prefix);
+    let key_of = |proxy: &Proxy| format!("___grpc_proxy_endpoint/127.0.0.1:{}", proxy.port);
+    wait_until("the proxy registers", Duration::from_secs(10), || {
+        ok(etcdctl(
+            &server.endpoint(),
+            &["get", &key_of(&ours), "--print-value-only"],
+        ))
+        .contains("Addr")
+    });
+    let value = ok(etcdctl(
+        &server.endpoint(),
+        &["get", &key_of(&ours), "--print-value-only"],
+    ));
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    assert_eq!(
+        value.trim(),
+        format!(
+            r#"{{"Op":0,"Addr":"127.0.0.1:{}","Metadata":"{{\"name\":\"{}\"}}"}}"#,
+            ours.port,
+            hostname.trim()
+        )
+    );
+    let listed = ok(etcdctl(&ours.endpoint(), &["member", "list", "-w", "json"]));
+    assert_eq!(
+        listed.trim(),
+        format!(
+            r#"{{"members":[{{"name":"{}","clientURLs":["127.0.0.1:{}"]}}]}}"#,
+            hostname.trim(),
+            ours.port
+        )
+    );
+    // etcd 3.4's proxy, registered beside ours on the same cluster: its answer has the same
+    // shape (no header, no ID), listing both.
+    if Command::new("etcd").arg("--version").output().is_ok() {
+        let theirs = Proxy::start_as("etcd", &server.endpoint(), dir.path(), &prefix);
+        wait_until("both are listed", Duration::from_secs(15), || {
+            let a = ok(etcdctl(&ours.endpoint(), &["member", "list", "-w", "json"]));
+            let b = ok(etcdctl(
+                &theirs.endpoint(),
+                &["member", "list", "-w", "json"],
+            ));
+            let a: serde_json::Value = serde_json::from_str(&a).expect("json");
+            let b: serde_json::Value = serde_json::from_str(&b).expect("json");
+            a["members"].as_array().is_some_and(|m| m.len() == 2) && a == b
+        });
+    }
+}
+
+#[test]
+fn failover_moves_every_watch_to_the_next_member_with_no_event_lost_or_repeated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut servers = start_cluster(dir.path(), &["a", "b", "c"], &[]);
+    let endpoints: Vec<String> = servers.iter().map(|s| s.endpoint()).collect();
+    let proxy = Proxy::start(&endpoints.join(","), dir.path(), &[]);
+    runtime().block_on(async {
+        let to_proxy = channel(&proxy.endpoint()).await;
+        let mut watches = Vec::new();
+        for i in 0..100 {
+            let key = if i % 2 == 0 {
+                &b"even"[..]
+            } else {
+                &b"odd"[..]
+            };
+            watches.push((key, OneWatch::open(to_proxy.clone(), key, 0).await));
+        }
+        // Writes go straight to the second member, before and after the first one dies (a
+        // write the election interrupts is made again).
+        let writer = channel(&endpoints[1]).await;
+        for i in 0..100 {
+            let key = if i % 2 == 0 {
+                &b"even"[..]
+            } else {
+                &b"odd"[..]
+            };
+            put_retrying(writer.clone(), key, format!("{i}").as_bytes()).await;
+            if i == 40 {
+                // The proxy's endpoint in use is the first one.
+                servers[0].kill9();
+            }
+        }
+        // The truth: each key's whole history, read from a surviving member.
+        for key in [&b"even"[..], &b"odd"[..]] {
+            let expected = history(writer.clone(), key).await;
+            assert!(expected.len() >= 50, "{expected:?}");
+            for (k, watch) in watches.iter_mut().filter(|(k, _)| *k == key) {
+                let got = watch.revisions(expected.len()).await;
+                assert_eq!(
+                    got,
+                    expected,
+                    "a watcher of {:?}",
+                    String::from_utf8_lossy(k)
+                );
+            }
+        }
+        // And they go on following.
+        let after = put_retrying(writer.clone(), b"even", b"after").await;
+        for (key, watch) in &mut watches {
+            if *key == b"even" {
+                assert_eq!(watch.revisions(1).await, vec![after]);
+            }
+        }
+    });
+    assert!(
+        proxy
+            .log()
+            .contains("an endpoint failed; moving to the next"),
+        "{}",
+        proxy.log()
+    );
+    assert!(proxy.metric("quorumkv_grpc_proxy_watch_reconnects_total") >= 1.0);
+}
+
+#[test]
+fn many_keep_alive_streams_of_one_lease_are_answered_through_one_upstream_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let proxy = Proxy::start(&server.endpoint(), dir.path(), &[]);
+    runtime().block_on(async {
+        let to_proxy = channel(&proxy.endpoint()).await;
+        let lease = LeaseClient::new(to_proxy.clone())
+            .lease_grant(LeaseGrantRequest { ttl: 30, id: 0 })
+            .await
+            .expect("grant")
+            .into_inner()
+            .id;
+        let mut streams = Vec::new();
+        for _ in 0..50 {
+            let (tx, rx) = mpsc::channel(4);
+            let answers = LeaseClient::new(to_proxy.clone())
+                .lease_keep_alive(ReceiverStream::new(rx))
+                .await
+                .expect("keep-alive stream")
+                .into_inner();
+            streams.push((tx, answers));
+        }
+        for _ in 0..3 {
+            for (tx, _) in &streams {
+                tx.send(LeaseKeepAliveRequest { id: lease })
+                    .await
+                    .expect("send");
+            }
+            for (_, answers) in &mut streams {
+                let answer = answers.message().await.expect("stream").expect("an answer");
+                assert_eq!(answer.id, lease);
+                assert!(answer.ttl > 0 && answer.ttl <= 30, "{answer:?}");
+            }
+        }
+        // 150 keep-alives sent at once, 50 at a time: most of them shared an upstream one.
+        assert!(
+            proxy.metric("quorumkv_grpc_proxy_keepalives_coalesced_total") >= 1.0,
+            "no keep-alive was coalesced"
+        );
+        // An unknown lease gets the member's own answer.
+        let unknown = |channel: Channel| async move {
+            let (tx, rx) = mpsc::channel(1);
+            tx.send(LeaseKeepAliveRequest { id: 12345 })
+                .await
+                .expect("send");
+            let mut answers = LeaseClient::new(channel)
+                .lease_keep_alive(ReceiverStream::new(rx))
+                .await
+                .expect("stream")
+                .into_inner();
+            answers
+                .message()
+                .await
+                .map(|a| a.map(|a| (a.id, a.ttl)))
+                .map_err(|s| (s.code(), s.message().to_string()))
+        };
+        let direct = unknown(channel(&server.endpoint()).await).await;
+        assert_eq!(unknown(to_proxy).await, direct);
+    });
+}
