@@ -470,8 +470,24 @@ fn a_client_that_stops_reading_is_parked_and_later_gets_every_event_in_order() {
             proxy.metric("quorumkv_grpc_proxy_slow_watchers_total") >= 1.0,
             "the slow watcher was never parked"
         );
+        // It asks for progress before reading: the answer waits until its watcher has been
+        // given everything (no progress between its events, which `revisions` checks).
+        slow.tx
+            .send(WatchRequest {
+                request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+            })
+            .await
+            .expect("send");
         // The slow one, read now, gets every event once, in order.
         assert_eq!(slow.revisions(count).await, revisions);
+        let progress = tokio::time::timeout(Duration::from_secs(10), slow.rx.message())
+            .await
+            .expect("a progress answer")
+            .expect("stream")
+            .expect("an answer");
+        assert_eq!(progress.watch_id, -1, "{progress:?}");
+        let last = *revisions.last().expect("revisions");
+        assert!(progress.header.expect("header").revision >= last);
     });
 }
 

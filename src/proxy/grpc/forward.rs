@@ -65,7 +65,16 @@ macro_rules! pass {
         impl $trait for $ty {
             $(
                 async fn $method(&self, request: Request<$req>) -> Result<Response<$resp>, Status> {
-                    upstream_call!(self.up, request, $client, $method, $retry)
+                    let answer: Result<Response<$resp>, Status> =
+                        upstream_call!(self.up, request, $client, $method, $retry);
+                    let answer = answer?;
+                    // A write here (a lease revoked, a lock released) moves the revision the
+                    // proxy has shown: the read cache must not answer from before it.
+                    if let Some(header) = &answer.get_ref().header {
+                        self.seen
+                            .fetch_max(header.revision, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(answer)
                 }
             )*
             $($extra)*
@@ -78,6 +87,8 @@ pub(crate) use pass;
 #[derive(Clone)]
 pub struct Passthrough {
     pub up: Arc<Upstream>,
+    /// The newest revision the proxy has shown a client.
+    pub seen: Arc<std::sync::atomic::AtomicI64>,
 }
 
 pass! { Maintenance, Passthrough, MaintenanceClient;
@@ -157,6 +168,7 @@ pass! { Election, Passthrough, ElectionClient;
 #[derive(Clone)]
 pub struct ProxyCluster {
     pub up: Arc<Upstream>,
+    pub seen: Arc<std::sync::atomic::AtomicI64>,
     pub registry: Option<Arc<super::register::Registration>>,
 }
 

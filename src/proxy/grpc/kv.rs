@@ -142,6 +142,12 @@ impl RangeCache {
                 response: response.clone(),
             },
         );
+        if state.order.len() > 2 * CACHE_ENTRIES {
+            // Names of entries an event removed since: drop them, and repeats.
+            let CacheState { order, entries, .. } = &mut *state;
+            let mut kept = std::collections::HashSet::new();
+            order.retain(|k| entries.contains_key(k) && kept.insert(k.clone()));
+        }
         self.metrics.cache_keys.set(state.entries.len() as i64);
     }
 
@@ -190,11 +196,7 @@ impl RangeCache {
 
     fn clear(&self) {
         let mut state = self.lock();
-        let through = 0;
-        *state = CacheState {
-            through,
-            ..Default::default()
-        };
+        *state = CacheState::default();
         self.metrics.cache_keys.set(0);
     }
 
@@ -237,6 +239,8 @@ impl RangeCache {
                 Err(status) => Err(status),
             };
             drop(tx);
+            // Not following any more: nothing is answered from the cache from now on.
+            self.clear();
             if let Err(status) = ended {
                 if endpoint_gone(&status) {
                     up.failed(link.generation);

@@ -154,6 +154,7 @@ impl KeepAlives {
 #[derive(Clone)]
 pub struct ProxyLease {
     pub up: Arc<Upstream>,
+    pub seen: Arc<std::sync::atomic::AtomicI64>,
     pub keep_alives: Arc<KeepAlives>,
 }
 

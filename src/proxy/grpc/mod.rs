@@ -226,6 +226,7 @@ impl Proxy {
     pub fn router(self: &Arc<Self>, max_decode: usize) -> Router {
         let forward = forward::Passthrough {
             up: self.up.clone(),
+            seen: self.seen.clone(),
         };
         let kv = KvServer::new(kv::ProxyKv {
             up: self.up.clone(),
@@ -241,12 +242,14 @@ impl Proxy {
         .max_encoding_message_size(usize::MAX);
         let lease = LeaseServer::new(lease::ProxyLease {
             up: self.up.clone(),
+            seen: self.seen.clone(),
             keep_alives: self.keep_alives.clone(),
         })
         .max_decoding_message_size(max_decode)
         .max_encoding_message_size(usize::MAX);
         let cluster = ClusterServer::new(forward::ProxyCluster {
             up: self.up.clone(),
+            seen: self.seen.clone(),
             registry: self.registration.clone(),
         })
         .max_decoding_message_size(max_decode)

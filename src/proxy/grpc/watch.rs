@@ -18,12 +18,13 @@
 //!   watchers have been given everything up to.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
-use tonic::codegen::tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::codegen::tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::forward::Passed;
@@ -44,10 +45,62 @@ use crate::proto::mvccpb::event::EventType;
 pub const CLIENT_QUEUE: usize = 1024;
 /// A watch permission check is reused for this long for the same token and range.
 const PERMISSION_TTL: Duration = Duration::from_secs(1);
+/// A progress request some client's watchers were not ready for is made again after this.
+const PROGRESS_RETRY: Duration = Duration::from_millis(50);
 /// The pause before the upstream stream is opened again after it broke.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
-type ClientTx = mpsc::Sender<Result<WatchResponse, Status>>;
+/// A client stream's one queue of answers, in order. Events count against `CLIENT_QUEUE`;
+/// answers about the watchers themselves (created, canceled, progress) are never refused, so
+/// they are never lost and always in order with the events.
+#[derive(Clone)]
+struct ClientTx {
+    tx: mpsc::UnboundedSender<Result<WatchResponse, Status>>,
+    queued_events: Arc<AtomicUsize>,
+}
+
+/// Why an event answer was not queued.
+enum NotQueued {
+    Full,
+    Closed,
+}
+
+impl ClientTx {
+    fn new() -> (
+        ClientTx,
+        mpsc::UnboundedReceiver<Result<WatchResponse, Status>>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            ClientTx {
+                tx,
+                queued_events: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Queues an answer that is not an event; `false` when the client has gone.
+    fn control(&self, answer: Result<WatchResponse, Status>) -> bool {
+        self.tx.send(answer).is_ok()
+    }
+
+    fn event(&self, answer: WatchResponse) -> Result<(), NotQueued> {
+        if self.queued_events.load(Ordering::Relaxed) >= CLIENT_QUEUE {
+            return Err(NotQueued::Full);
+        }
+        self.queued_events.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Ok(answer)).map_err(|_| NotQueued::Closed)
+    }
+
+    fn room(&self) -> usize {
+        CLIENT_QUEUE.saturating_sub(self.queued_events.load(Ordering::Relaxed))
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
 
 /// One client watcher, as a broadcast delivers to it.
 struct Subscriber {
@@ -78,6 +131,7 @@ struct Broadcast {
 }
 
 /// A client watcher off its broadcast because its stream's queue was full.
+#[derive(Clone)]
 struct Parked {
     create: WatchCreateRequest,
     resume_rev: i64,
@@ -295,17 +349,24 @@ impl Broker {
         answer
     }
 
-    /// A client's create request: joins a broadcast or starts one. `resume`: a parked watcher
-    /// watching again (its id is kept and it is not announced again).
+    /// A client's create request: joins a broadcast or starts one, and queues its answer (before
+    /// any event can follow it). `resume`: a parked watcher watching again (its id is kept and
+    /// it is not announced again).
     fn subscribe(
         self: &Arc<Self>,
         stream: u64,
-        create: WatchCreateRequest,
+        mut create: WatchCreateRequest,
         resume: Option<i64>,
-    ) -> Option<WatchResponse> {
+    ) {
+        // As the member: a start at or below 0 is "from now".
+        create.start_revision = create.start_revision.max(0);
         let mut state = self.lock();
-        let client = state.streams.get(&stream)?;
-        let tx = client.tx.clone()?;
+        let Some(client) = state.streams.get(&stream) else {
+            return;
+        };
+        let Some(tx) = client.tx.clone() else {
+            return;
+        };
         let token = client.token.clone();
         let refused = |watch_id: i64, reason: &str, header: ResponseHeader| WatchResponse {
             header: Some(header),
@@ -330,11 +391,12 @@ impl Broker {
             });
         if !create.range_end.is_empty() && create.range_end != [0] && create.key >= create.range_end
         {
-            return Some(refused(
+            tx.control(Ok(refused(
                 create.watch_id,
                 crate::watch::EMPTY_RANGE,
                 any_header,
-            ));
+            )));
+            return;
         }
         let watch_id = match resume {
             Some(id) => id,
@@ -342,11 +404,12 @@ impl Broker {
                 if client.watchers.contains_key(&create.watch_id)
                     || client.parked.contains_key(&create.watch_id)
                 {
-                    return Some(refused(
+                    tx.control(Ok(refused(
                         create.watch_id,
                         crate::watch::DUPLICATE_ID,
                         any_header,
-                    ));
+                    )));
+                    return;
                 }
                 create.watch_id
             }
@@ -380,17 +443,19 @@ impl Broker {
             min_rev: start,
             announced: resume.is_some(),
         };
-        let mut created = None;
         let broadcast = match joinable {
             Some(id) => {
-                let b = state.broadcasts.get_mut(&id)?;
+                let Some(b) = state.broadcasts.get_mut(&id) else {
+                    return;
+                };
                 if start == 0 {
                     // From now: nothing older than what any client has been shown.
                     subscriber.min_rev = b.next_rev.max(seen + 1);
                 }
                 if b.upstream_id.is_some() && !subscriber.announced {
+                    // Queued before it joins: no event can come before it.
                     subscriber.announced = true;
-                    created = Some(WatchResponse {
+                    subscriber.tx.control(Ok(WatchResponse {
                         header: Some(ResponseHeader {
                             revision: b.header.revision.max(subscriber.min_rev - 1),
                             ..b.header
@@ -398,7 +463,7 @@ impl Broker {
                         watch_id,
                         created: true,
                         ..Default::default()
-                    });
+                    }));
                 }
                 b.subscribers.push(subscriber);
                 self.metrics.watchers_coalesced.inc();
@@ -435,7 +500,6 @@ impl Broker {
             client.requests.insert(watch_id, create);
         }
         self.update_gauges(&state);
-        created
     }
 
     /// Sends the create request of `broadcast` upstream (when the stream is open; otherwise the
@@ -517,6 +581,36 @@ impl Broker {
         feed.wake.notify_one();
     }
 
+    /// Asks the feed of `token` for progress again in a moment (clients wait for watchers that
+    /// are behind).
+    fn ask_again_later(self: &Arc<Self>, token: Token) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(PROGRESS_RETRY).await;
+            let mut state = broker.lock();
+            let waiting = state
+                .streams
+                .values()
+                .any(|c| c.waiting_progress && c.token == token);
+            let Some(feed) = state.feeds.get_mut(&token) else {
+                return;
+            };
+            if !waiting || feed.progress_asked {
+                return;
+            }
+            if let Some(up) = &feed.upstream {
+                if up
+                    .send(WatchRequest {
+                        request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                    })
+                    .is_ok()
+                {
+                    feed.progress_asked = true;
+                }
+            }
+        });
+    }
+
     /// Delivers to every subscriber of `b`; those whose queue is full are returned (parked by
     /// the caller).
     fn deliver(
@@ -558,13 +652,11 @@ impl Broker {
                 events,
                 ..Default::default()
             };
-            match s.tx.try_send(Ok(answer)) {
+            match s.tx.event(answer) {
                 Ok(()) => delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    full.push((s.stream, s.watch_id, first_rev.max(s.min_rev)))
-                }
+                Err(NotQueued::Full) => full.push((s.stream, s.watch_id, first_rev.max(s.min_rev))),
                 // The client is gone: its stream's end takes it off.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(NotQueued::Closed) => {}
             }
         }
         if delivered > 1 {
@@ -574,7 +666,7 @@ impl Broker {
     }
 
     /// One answer from upstream.
-    fn dispatch(&self, token: &Token, response: WatchResponse) {
+    fn dispatch(self: &Arc<Self>, token: &Token, response: WatchResponse) {
         self.saw(&response.header);
         let mut state = self.lock();
         let header = response.header.unwrap_or_default();
@@ -601,7 +693,7 @@ impl Broker {
                         }
                         if !s.announced {
                             s.announced = true;
-                            let _ = s.tx.try_send(Ok(WatchResponse {
+                            s.tx.control(Ok(WatchResponse {
                                 header: Some(header),
                                 watch_id: s.watch_id,
                                 created: true,
@@ -628,7 +720,9 @@ impl Broker {
                     b.header = header;
                 }
             }
-            self.answer_progress(&mut state, token, header);
+            if self.answer_progress(&mut state, token, header) {
+                self.ask_again_later(token.clone());
+            }
             return;
         }
         let Some(&id) = feed.by_upstream.get(&response.watch_id) else {
@@ -649,7 +743,7 @@ impl Broker {
                 // A progress notification of this watcher.
                 b.next_rev = b.next_rev.max(header.revision + 1);
                 for s in b.subscribers.iter().filter(|s| s.progress_notify) {
-                    let _ = s.tx.try_send(Ok(WatchResponse {
+                    s.tx.control(Ok(WatchResponse {
                         header: Some(header),
                         watch_id: s.watch_id,
                         ..Default::default()
@@ -731,7 +825,7 @@ impl Broker {
         let subscribers = std::mem::take(&mut b.subscribers);
         let b_token = b.token.clone();
         for s in &subscribers {
-            let _ = s.tx.try_send(Ok(WatchResponse {
+            s.tx.control(Ok(WatchResponse {
                 header: response.header,
                 watch_id: s.watch_id,
                 created: !s.announced,
@@ -755,45 +849,45 @@ impl Broker {
         self.drop_broadcast(state, id);
     }
 
-    /// Answers every client waiting for progress: the oldest revision each of its watchers has
-    /// been given everything up to.
-    fn answer_progress(&self, state: &mut State, token: &Token, header: ResponseHeader) {
+    /// Answers every client of `token` waiting for progress whose watchers have all been given
+    /// everything up to the member's answer. One with a watcher behind (catching up, parked, or
+    /// not created yet) keeps waiting, as a member defers progress until its watchers are
+    /// synced; returns whether any client still waits (the feed asks again a little later).
+    fn answer_progress(&self, state: &mut State, token: &Token, header: ResponseHeader) -> bool {
         let State {
             streams,
             broadcasts,
             ..
         } = state;
+        let mut still_waiting = false;
         for client in streams
             .values_mut()
             .filter(|c| c.waiting_progress && c.token == *token)
         {
-            let mut revision = header.revision;
-            for (watch_id, b) in &client.watchers {
-                if let Some(b) = broadcasts.get(b) {
+            let behind = client.watchers.iter().any(|(watch_id, b)| {
+                broadcasts.get(b).is_some_and(|b| {
                     let floor = b
                         .subscribers
                         .iter()
                         .find(|s| s.watch_id == *watch_id)
                         .map(|s| s.min_rev - 1)
                         .unwrap_or(0);
-                    revision = revision.min((b.next_rev - 1).max(floor));
-                }
-            }
-            for parked in client.parked.values() {
-                revision = revision.min(parked.resume_rev - 1);
+                    b.upstream_id.is_none() || (b.next_rev - 1).max(floor) < header.revision
+                })
+            }) || !client.parked.is_empty();
+            if behind {
+                still_waiting = true;
+                continue;
             }
             let Some(tx) = &client.tx else { continue };
-            if tx
-                .try_send(Ok(WatchResponse {
-                    header: Some(ResponseHeader { revision, ..header }),
-                    watch_id: -1,
-                    ..Default::default()
-                }))
-                .is_ok()
-            {
-                client.waiting_progress = false;
-            }
+            tx.control(Ok(WatchResponse {
+                header: Some(header),
+                watch_id: -1,
+                ..Default::default()
+            }));
+            client.waiting_progress = false;
         }
+        still_waiting
     }
 
     /// Keeps the feed of `token` open while there is anything to watch on it, opening it again
@@ -903,7 +997,7 @@ impl Broker {
     }
 
     async fn read_feed(
-        &self,
+        self: &Arc<Self>,
         token: &Token,
         wake: &Notify,
         mut answers: Streaming<WatchResponse>,
@@ -949,7 +1043,8 @@ impl Watch for ProxyWatch {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Passed<WatchResponse>>, Status> {
-        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let (tx, rx) = ClientTx::new();
+        let queued_events = tx.queued_events.clone();
         let broker = self.broker.clone();
         let token = request
             .metadata()
@@ -957,8 +1052,7 @@ impl Watch for ProxyWatch {
             .map(|v| v.as_bytes().to_vec())
             .unwrap_or_default();
         let (stream, unpark) = broker.open_stream(tx.clone(), token);
-        let identity = Request::new(());
-        let mut identity = identity;
+        let mut identity = Request::new(());
         *identity.metadata_mut() = request.metadata().clone();
         let mut inbound = request.into_inner();
         tokio::spawn(async move {
@@ -973,7 +1067,7 @@ impl Watch for ProxyWatch {
                             Ok(Some(request)) => request,
                             Ok(None) => break,
                             Err(status) => {
-                                let _ = tx.send(Err(status)).await;
+                                tx.control(Err(status));
                                 break;
                             }
                         };
@@ -983,16 +1077,22 @@ impl Watch for ProxyWatch {
                     }
                     _ = unpark.notified() => {
                         // Wait until the client has read half its queue, then watch again.
-                        while tx.capacity() < CLIENT_QUEUE / 2 {
+                        while tx.room() < CLIENT_QUEUE / 2 {
                             if tx.is_closed() {
                                 return;
                             }
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
+                        // Copied, not taken: each stays parked (and holds progress back) until
+                        // `subscribe` puts it on a broadcast.
                         let parked: Vec<(i64, Parked)> = {
-                            let mut state = broker.lock();
-                            match state.streams.get_mut(&stream) {
-                                Some(client) => client.parked.drain().collect(),
+                            let state = broker.lock();
+                            match state.streams.get(&stream) {
+                                Some(client) => client
+                                    .parked
+                                    .iter()
+                                    .map(|(id, p)| (*id, p.clone()))
+                                    .collect(),
                                 None => Vec::new(),
                             }
                         };
@@ -1005,7 +1105,14 @@ impl Watch for ProxyWatch {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // An event answer leaves the queue's count as the client takes it.
+        let answers = UnboundedReceiverStream::new(rx).map(move |answer| {
+            if matches!(&answer, Ok(a) if !a.events.is_empty()) {
+                queued_events.fetch_sub(1, Ordering::Relaxed);
+            }
+            answer
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 }
 
@@ -1033,25 +1140,20 @@ async fn handle(
         Some(RequestUnion::CreateRequest(create)) => {
             if let Err(status) = broker.permitted(&create, identity).await {
                 let seen = broker.seen.load(Ordering::Relaxed);
-                return tx
-                    .send(Ok(WatchResponse {
-                        header: Some(ResponseHeader {
-                            revision: seen,
-                            ..Default::default()
-                        }),
-                        watch_id: -1,
-                        created: true,
-                        canceled: true,
-                        cancel_reason: status.message().to_string(),
+                return tx.control(Ok(WatchResponse {
+                    header: Some(ResponseHeader {
+                        revision: seen,
                         ..Default::default()
-                    }))
-                    .await
-                    .is_ok();
+                    }),
+                    watch_id: -1,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: status.message().to_string(),
+                    ..Default::default()
+                }));
             }
-            match broker.subscribe(stream, create, None) {
-                Some(answer) => tx.send(Ok(answer)).await.is_ok(),
-                None => true,
-            }
+            broker.subscribe(stream, create, None);
+            !tx.is_closed()
         }
         Some(RequestUnion::CancelRequest(cancel)) => {
             if !broker.cancel(stream, cancel.watch_id) {
@@ -1059,7 +1161,7 @@ async fn handle(
                 return true;
             }
             let seen = broker.seen.load(Ordering::Relaxed);
-            tx.send(Ok(WatchResponse {
+            tx.control(Ok(WatchResponse {
                 header: Some(ResponseHeader {
                     revision: seen,
                     ..broker.any_header()
@@ -1068,8 +1170,6 @@ async fn handle(
                 canceled: true,
                 ..Default::default()
             }))
-            .await
-            .is_ok()
         }
         Some(RequestUnion::ProgressRequest(_)) => {
             broker.ask_progress(stream);
