@@ -16,6 +16,7 @@
 //! The watchers count each response's events off the wire (`summarize`) rather than build
 //! every event, so that the tool, on the same cores as the server, takes as little as it can.
 //!
+//! `--op get --serializable`: serializable reads (a gRPC proxy may answer them from its cache).
 //! `--op kubernetes` (or `--profile kubernetes`): kube-apiserver's requests (see
 //! `KubeClient`), through tonic's client, with `--kube-watchers` watch streams on the objects'
 //! prefix (from the current revision + 1, with `prev_kv` and progress notifications, as the
@@ -105,6 +106,8 @@ struct Args {
     compact_every: f64,
     /// `--profile large-values`: each put's value is 100 KiB to 1 MiB.
     large_values: bool,
+    /// `--serializable`: `--op get` reads serializably (a proxy may answer from its cache).
+    serializable: bool,
 }
 
 /// Events the kubernetes profile's watchers received, and its compactions.
@@ -229,6 +232,7 @@ fn parse_args() -> Result<Args, String> {
         kube_watchers: 4,
         compact_every: 60.0,
         large_values: false,
+        serializable: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -290,6 +294,7 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|e| format!("--compact-every: {e}"))?
             }
+            "--serializable" => args.serializable = true,
             "--profile" => match value()?.as_str() {
                 "kubernetes" => args.op = "kubernetes".into(),
                 "large-values" => {
@@ -404,6 +409,7 @@ async fn client_loop(
             Conn::Tonic(kv) => kv
                 .range(with_token(RangeRequest {
                     key,
+                    serializable: args.serializable,
                     ..Default::default()
                 }))
                 .await
@@ -421,6 +427,7 @@ async fn client_loop(
             Conn::H2(h2) => {
                 let request = RangeRequest {
                     key,
+                    serializable: args.serializable,
                     ..Default::default()
                 };
                 let uri = h2.range_uri.clone();

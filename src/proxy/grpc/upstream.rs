@@ -16,13 +16,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// that went away without closing its socket is noticed.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections kept to the endpoint in use: calls are spread over them (one HTTP/2 connection
+/// serializes its frames through one task on each side).
+pub const CONNECTIONS: usize = 4;
 
 /// The channel in use and the count of failovers so far (a failure reported for an older
 /// channel does not move the proxy again).
 struct Current {
     generation: u64,
     index: usize,
-    channel: Option<Channel>,
+    /// Connections to the endpoint in use (empty: none yet), taken in turn.
+    channels: Vec<Channel>,
+    next: usize,
 }
 
 pub struct Upstream {
@@ -81,7 +86,8 @@ impl Upstream {
             current: Mutex::new(Current {
                 generation: 0,
                 index: 0,
-                channel: None,
+                channels: Vec::new(),
+                next: 0,
             }),
             connecting: tokio::sync::Mutex::new(()),
             max_send_bytes,
@@ -120,9 +126,16 @@ impl Upstream {
             let url = &self.endpoints[index];
             match self.connect(url).await {
                 Ok(channel) => {
+                    let mut channels = vec![channel.clone()];
+                    for _ in 1..CONNECTIONS {
+                        match self.connect(url).await {
+                            Ok(more) => channels.push(more),
+                            Err(_) => break,
+                        }
+                    }
                     let mut current = self.lock();
                     current.index = index;
-                    current.channel = Some(channel.clone());
+                    current.channels = channels;
                     if step > 0 {
                         tracing::warn!(endpoint = %url, "the proxy moved to another endpoint");
                     }
@@ -143,8 +156,13 @@ impl Upstream {
     }
 
     fn current_link(&self) -> Option<Link> {
-        let current = self.lock();
-        current.channel.clone().map(|channel| Link {
+        let mut current = self.lock();
+        if current.channels.is_empty() {
+            return None;
+        }
+        current.next = current.next.wrapping_add(1);
+        let channel = current.channels[current.next % current.channels.len()].clone();
+        Some(Link {
             channel,
             generation: current.generation,
         })
@@ -153,12 +171,12 @@ impl Upstream {
     /// The channel of `generation` failed: the next call connects to the next endpoint.
     pub fn failed(&self, generation: u64) {
         let mut current = self.lock();
-        if current.generation != generation || current.channel.is_none() {
+        if current.generation != generation || current.channels.is_empty() {
             return;
         }
         tracing::warn!(endpoint = %self.endpoints[current.index], "an endpoint failed; moving to the next");
         current.generation += 1;
-        current.channel = None;
+        current.channels.clear();
         current.index = (current.index + 1) % self.endpoints.len();
     }
 
