@@ -447,6 +447,52 @@ fn watchers_of_one_key_are_one_watcher_on_the_member_and_progress_passes_through
 }
 
 #[test]
+fn watchers_of_distinct_keys_under_one_prefix_are_a_few_watchers_on_the_member() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let proxy = Proxy::start(&server.endpoint(), dir.path(), &[]);
+    runtime().block_on(async {
+        let connections = [
+            channel(&proxy.endpoint()).await,
+            channel(&proxy.endpoint()).await,
+            channel(&proxy.endpoint()).await,
+        ];
+        let pods = 300;
+        let key = |i: usize| format!("/registry/pods/default/pod-{i:05}").into_bytes();
+        let mut watches = Vec::new();
+        for i in 0..pods {
+            watches.push(OneWatch::open(connections[i % 3].clone(), &key(i), 0).await);
+        }
+        // The first keys have an upstream watcher each; the rest share one of the prefix
+        // (and the read cache has its own).
+        let member_watchers = metric(server.client_port, "etcd_debugging_mvcc_watcher_total");
+        assert!(
+            member_watchers <= 16.0,
+            "the member holds {member_watchers} watchers"
+        );
+        // Every pod is written twice, in a shuffled order: each watcher gets its own key's two
+        // events, and nothing of the others'.
+        let direct = channel(&server.endpoint()).await;
+        let mut expected = vec![Vec::new(); pods];
+        for round in 0..2 {
+            for step in 0..pods {
+                let i = (step * 7 + round * 13) % pods;
+                expected[i].push(put(direct.clone(), &key(i), b"running").await);
+            }
+        }
+        for (i, watch) in watches.iter_mut().enumerate() {
+            assert_eq!(watch.revisions(2).await, expected[i], "pod {i}");
+        }
+        // Nothing more is queued for any of them: a last write to pod 0 is the next event of
+        // pod 0's watcher, and pod 1's next is its own.
+        let last = put(direct.clone(), &key(0), b"done").await;
+        assert_eq!(watches[0].revisions(1).await, vec![last]);
+        let last1 = put(direct.clone(), &key(1), b"done").await;
+        assert_eq!(watches[1].revisions(1).await, vec![last1]);
+    });
+}
+
+#[test]
 fn a_client_that_stops_reading_is_parked_and_later_gets_every_event_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);

@@ -45,6 +45,10 @@ use crate::proto::mvccpb::event::EventType;
 pub const CLIENT_QUEUE: usize = 1024;
 /// A watch permission check is reused for this long for the same token and range.
 const PERMISSION_TTL: Duration = Duration::from_secs(1);
+/// Once this many keys under one prefix have a shared upstream watcher each, further watchers of
+/// single keys under it share one upstream watcher of the whole prefix, filtered per client
+/// (100,000 pods each watching its own key are a handful of watchers on the member).
+pub const PREFIX_AFTER: usize = 8;
 /// A progress request some client's watchers were not ready for is made again after this.
 const PROGRESS_RETRY: Duration = Duration::from_millis(50);
 /// The pause before the upstream stream is opened again after it broke.
@@ -115,6 +119,9 @@ struct Subscriber {
     min_rev: i64,
     /// Has the client been sent its `created` answer?
     announced: bool,
+    /// The client's own key, when its broadcast watches a whole prefix (distinct keys
+    /// coalesced): only events on this key are its.
+    own_key: Option<Vec<u8>>,
 }
 
 /// One upstream watcher and the client watchers it serves.
@@ -179,6 +186,8 @@ struct State {
     next_broadcast: u64,
     streams: HashMap<u64, ClientStream>,
     next_stream: u64,
+    /// Shared broadcasts of single keys under each prefix (the part up to the last `/`).
+    keyed: HashMap<(Token, Vec<u8>), usize>,
     permissions: HashMap<(Token, Vec<u8>, Vec<u8>), Permission>,
 }
 
@@ -188,6 +197,25 @@ pub struct Broker {
     /// The newest revision the proxy has passed to any client (watch and KV answers).
     pub seen: Arc<AtomicI64>,
     metrics: Arc<ProxyMetrics>,
+}
+
+/// The prefix a single key is coalesced under: up to and including its last `/` (none for a
+/// key without one, or ending in one).
+fn prefix_of(key: &[u8]) -> Option<Vec<u8>> {
+    let at = key.iter().rposition(|b| *b == b'/')?;
+    (at + 1 < key.len() && at > 0).then(|| key[..=at].to_vec())
+}
+
+/// The end of the range of every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 fn has(create: &WatchCreateRequest, filter: FilterType) -> bool {
@@ -281,6 +309,17 @@ impl Broker {
         let range = (b.token.clone(), b.key.clone(), b.range_end.clone());
         if b.shared && state.shared.get(&range) == Some(&broadcast) {
             state.shared.remove(&range);
+            if b.range_end.is_empty() {
+                if let Some(prefix) = prefix_of(&b.key) {
+                    let counted = (b.token.clone(), prefix);
+                    if let Some(n) = state.keyed.get_mut(&counted) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            state.keyed.remove(&counted);
+                        }
+                    }
+                }
+            }
         }
         let Some(feed) = state.feeds.get_mut(&b.token) else {
             return;
@@ -442,7 +481,36 @@ impl Broker {
             progress_notify: create.progress_notify,
             min_rev: start,
             announced: resume.is_some(),
+            own_key: None,
         };
+        // Distinct keys under a busy prefix: the prefix's shared broadcast, or a new one.
+        let mut range = range;
+        let mut joinable = joinable;
+        if joinable.is_none() && create.range_end.is_empty() {
+            if let Some(prefix) = prefix_of(&create.key) {
+                let wide = (token.clone(), prefix.clone(), prefix_end(&prefix));
+                let busy = state
+                    .keyed
+                    .get(&(token.clone(), prefix))
+                    .copied()
+                    .unwrap_or(0)
+                    >= PREFIX_AFTER;
+                let wide_joinable = state.shared.get(&wide).copied().filter(|id| {
+                    state.broadcasts.get(id).is_some_and(|b| {
+                        if b.upstream_id.is_none() && b.next_rev == 0 {
+                            start == 0
+                        } else {
+                            start == 0 || start >= b.next_rev
+                        }
+                    })
+                });
+                if wide_joinable.is_some() || (busy && !state.shared.contains_key(&wide)) {
+                    subscriber.own_key = Some(create.key.clone());
+                    joinable = wide_joinable;
+                    range = wide;
+                }
+            }
+        }
         let broadcast = match joinable {
             Some(id) => {
                 let Some(b) = state.broadcasts.get_mut(&id) else {
@@ -473,15 +541,21 @@ impl Broker {
                 let id = state.next_broadcast;
                 state.next_broadcast += 1;
                 let shared = !state.shared.contains_key(&range);
+                let (_, key, range_end) = range.clone();
                 if shared {
                     state.shared.insert(range, id);
+                    if range_end.is_empty() {
+                        if let Some(prefix) = prefix_of(&key) {
+                            *state.keyed.entry((token.clone(), prefix)).or_default() += 1;
+                        }
+                    }
                 }
                 state.broadcasts.insert(
                     id,
                     Broadcast {
                         token: token.clone(),
-                        key: create.key.clone(),
-                        range_end: create.range_end.clone(),
+                        key,
+                        range_end,
                         shared,
                         upstream_id: None,
                         next_rev: start,
@@ -630,7 +704,12 @@ impl Broker {
             let events: Vec<_> = response
                 .events
                 .iter()
-                .filter(|e| e.kv.as_ref().is_some_and(|kv| kv.mod_revision >= s.min_rev))
+                .filter(|e| {
+                    e.kv.as_ref().is_some_and(|kv| {
+                        kv.mod_revision >= s.min_rev
+                            && s.own_key.as_ref().is_none_or(|own| *own == kv.key)
+                    })
+                })
                 .filter(|e| {
                     let put = e.r#type == EventType::Put as i32;
                     !(put && s.no_put || !put && s.no_delete)
@@ -1188,5 +1267,23 @@ impl Broker {
             .map(|b| b.header)
             .find(|h| h.cluster_id != 0)
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_keys_are_coalesced_under_the_part_up_to_their_last_slash() {
+        assert_eq!(
+            prefix_of(b"/registry/pods/ns/a"),
+            Some(b"/registry/pods/ns/".to_vec())
+        );
+        assert_eq!(prefix_of(b"plain"), None);
+        assert_eq!(prefix_of(b"/top"), None);
+        assert_eq!(prefix_of(b"/dir/"), None);
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(&[0xff, 0xff]), vec![0]);
     }
 }
