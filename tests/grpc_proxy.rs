@@ -159,6 +159,27 @@ impl OneWatch {
         }
     }
 
+    async fn ask_progress(&self) {
+        self.tx
+            .send(WatchRequest {
+                request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+            })
+            .await
+            .expect("send");
+    }
+
+    /// The next answer, which must be a progress answer (no events, watch id -1): its revision.
+    async fn progress(&mut self) -> i64 {
+        let progress = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await
+            .expect("a progress answer")
+            .expect("stream")
+            .expect("an answer");
+        assert_eq!(progress.watch_id, -1, "{progress:?}");
+        assert!(progress.events.is_empty(), "{progress:?}");
+        progress.header.expect("header").revision
+    }
+
     /// The mod revisions of the next `n` events.
     async fn revisions(&mut self, n: usize) -> Vec<i64> {
         let mut got = Vec::new();
@@ -417,23 +438,8 @@ fn watchers_of_one_key_are_one_watcher_on_the_member_and_progress_passes_through
         assert_eq!(watches[0].revisions(1).await, vec![next]);
 
         // RequestProgress through the proxy: a revision no older than everything delivered.
-        late.tx
-            .send(WatchRequest {
-                request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
-            })
-            .await
-            .expect("send");
-        let progress = tokio::time::timeout(Duration::from_secs(10), late.rx.message())
-            .await
-            .expect("a progress answer")
-            .expect("stream")
-            .expect("an answer");
-        assert_eq!(progress.watch_id, -1, "{progress:?}");
-        assert!(progress.events.is_empty());
-        assert!(
-            progress.header.expect("header").revision >= next,
-            "{progress:?}"
-        );
+        late.ask_progress().await;
+        assert!(late.progress().await >= next);
 
         // Closing the client streams closes the upstream watcher.
         drop(watches);
@@ -518,22 +524,11 @@ fn a_client_that_stops_reading_is_parked_and_later_gets_every_event_in_order() {
         );
         // It asks for progress before reading: the answer waits until its watcher has been
         // given everything (no progress between its events, which `revisions` checks).
-        slow.tx
-            .send(WatchRequest {
-                request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
-            })
-            .await
-            .expect("send");
+        slow.ask_progress().await;
         // The slow one, read now, gets every event once, in order.
         assert_eq!(slow.revisions(count).await, revisions);
-        let progress = tokio::time::timeout(Duration::from_secs(10), slow.rx.message())
-            .await
-            .expect("a progress answer")
-            .expect("stream")
-            .expect("an answer");
-        assert_eq!(progress.watch_id, -1, "{progress:?}");
         let last = *revisions.last().expect("revisions");
-        assert!(progress.header.expect("header").revision >= last);
+        assert!(slow.progress().await >= last);
     });
 }
 

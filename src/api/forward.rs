@@ -26,19 +26,7 @@ async fn connect(endpoint: Endpoint, url: &str) -> Result<Channel, String> {
     let Some(tls) = FORWARDING_TLS.get().cloned().flatten() else {
         return Err("the leader's client URL is https:// and this member has no client TLS".into());
     };
-    let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
-        let tls = tls.clone();
-        async move {
-            let host = uri.host().unwrap_or("localhost").to_string();
-            let port = uri.port_u16().unwrap_or(443);
-            let stream = tls.connect(&format!("{host}:{port}")).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-        }
-    });
-    endpoint
-        .connect_with_connector(connector)
-        .await
-        .map_err(|e| e.to_string())
+    crate::tls::connect_channel(endpoint, tls).await
 }
 
 /// Marks a request a follower forwarded: the receiver does not forward it again.

@@ -445,6 +445,27 @@ fn build_server(options: &TlsOptions, alpn: &[Vec<u8>]) -> Result<Arc<ServerConf
     Ok(Arc::new(config))
 }
 
+/// A gRPC channel to `endpoint` over TLS made with `tls` (each connection's handshake checks
+/// the certificate against the endpoint's host).
+pub async fn connect_channel(
+    endpoint: tonic::transport::Endpoint,
+    tls: Arc<ClientTls>,
+) -> Result<tonic::transport::Channel, String> {
+    let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+        let tls = tls.clone();
+        async move {
+            let host = uri.host().unwrap_or("localhost").to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let stream = tls.connect(&format!("{host}:{port}")).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// The dialing side (to peers, or to the leader's client port), re-read when its files change.
 pub struct ClientTls {
     options: TlsOptions,

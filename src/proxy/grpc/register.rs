@@ -47,17 +47,6 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-fn range_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 impl Registration {
     pub fn new(up: Arc<Upstream>, prefix: String, addr: String, ttl: i64) -> Arc<Registration> {
         Arc::new(Registration {
@@ -141,7 +130,7 @@ impl Registration {
         let prefix = format!("{}/", self.prefix).into_bytes();
         let request = carry(
             RangeRequest {
-                range_end: range_end(&prefix),
+                range_end: super::prefix_end(&prefix),
                 key: prefix,
                 ..Default::default()
             },
@@ -200,7 +189,5 @@ mod tests {
             serde_json::to_string(&value).expect("json"),
             r#"{"Op":0,"Addr":"127.0.0.1:23790","Metadata":"{\"name\":\"vm\"}"}"#
         );
-        assert_eq!(range_end(b"p/"), b"p0".to_vec());
-        assert_eq!(range_end(&[0xff]), vec![0]);
     }
 }

@@ -195,19 +195,7 @@ impl Upstream {
             let Some(tls) = self.tls.clone() else {
                 return Err("https:// endpoint and no TLS settings".to_string());
             };
-            let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
-                let tls = tls.clone();
-                async move {
-                    let host = uri.host().unwrap_or("localhost").to_string();
-                    let port = uri.port_u16().unwrap_or(443);
-                    let stream = tls.connect(&format!("{host}:{port}")).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            });
-            endpoint
-                .connect_with_connector(connector)
-                .await
-                .map_err(|e| e.to_string())
+            crate::tls::connect_channel(endpoint, tls).await
         };
         tokio::time::timeout(CONNECT_TIMEOUT * 2, connecting)
             .await

@@ -164,6 +164,24 @@ struct Feed {
     wake: Arc<Notify>,
 }
 
+impl Feed {
+    /// Sends a progress request upstream, unless one is out or the stream is not open.
+    fn ask_progress(&mut self) {
+        if self.progress_asked {
+            return;
+        }
+        if let Some(up) = &self.upstream {
+            self.progress_asked = up.send(progress_request()).is_ok();
+        }
+    }
+}
+
+fn progress_request() -> WatchRequest {
+    WatchRequest {
+        request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+    }
+}
+
 #[derive(Default)]
 struct ClientStream {
     token: Token,
@@ -191,6 +209,22 @@ struct State {
     permissions: HashMap<(Token, Vec<u8>, Vec<u8>), Permission>,
 }
 
+impl State {
+    /// The shared broadcast of `range` a watcher from `start` can join: one that has not gone
+    /// past its start.
+    fn joinable(&self, range: &(Token, Vec<u8>, Vec<u8>), start: i64) -> Option<u64> {
+        let id = *self.shared.get(range)?;
+        let b = self.broadcasts.get(&id)?;
+        let fits = if b.upstream_id.is_none() && b.next_rev == 0 {
+            // Not created yet, from now: only a watcher from now may join.
+            start == 0
+        } else {
+            start == 0 || start >= b.next_rev
+        };
+        fits.then_some(id)
+    }
+}
+
 pub struct Broker {
     up: Arc<Upstream>,
     state: Mutex<State>,
@@ -204,18 +238,6 @@ pub struct Broker {
 fn prefix_of(key: &[u8]) -> Option<Vec<u8>> {
     let at = key.iter().rposition(|b| *b == b'/')?;
     (at + 1 < key.len() && at > 0).then(|| key[..=at].to_vec())
-}
-
-/// The end of the range of every key starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 fn has(create: &WatchCreateRequest, filter: FilterType) -> bool {
@@ -461,16 +483,7 @@ impl Broker {
             .unwrap_or(create.start_revision);
         let range = (token.clone(), create.key.clone(), create.range_end.clone());
         // A shared broadcast this watcher can join: one that has not gone past its start.
-        let joinable = state.shared.get(&range).copied().filter(|id| {
-            state.broadcasts.get(id).is_some_and(|b| {
-                if b.upstream_id.is_none() && b.next_rev == 0 {
-                    // Not created yet, from now: only a watcher from now may join.
-                    start == 0
-                } else {
-                    start == 0 || start >= b.next_rev
-                }
-            })
-        });
+        let joinable = state.joinable(&range, start);
         let mut subscriber = Subscriber {
             stream,
             watch_id,
@@ -488,22 +501,14 @@ impl Broker {
         let mut joinable = joinable;
         if joinable.is_none() && create.range_end.is_empty() {
             if let Some(prefix) = prefix_of(&create.key) {
-                let wide = (token.clone(), prefix.clone(), prefix_end(&prefix));
+                let wide = (token.clone(), prefix.clone(), super::prefix_end(&prefix));
                 let busy = state
                     .keyed
                     .get(&(token.clone(), prefix))
                     .copied()
                     .unwrap_or(0)
                     >= PREFIX_AFTER;
-                let wide_joinable = state.shared.get(&wide).copied().filter(|id| {
-                    state.broadcasts.get(id).is_some_and(|b| {
-                        if b.upstream_id.is_none() && b.next_rev == 0 {
-                            start == 0
-                        } else {
-                            start == 0 || start >= b.next_rev
-                        }
-                    })
-                });
+                let wide_joinable = state.joinable(&wide, start);
                 if wide_joinable.is_some() || (busy && !state.shared.contains_key(&wide)) {
                     subscriber.own_key = Some(create.key.clone());
                     joinable = wide_joinable;
@@ -638,19 +643,7 @@ impl Broker {
         client.waiting_progress = true;
         let token = client.token.clone();
         let feed = self.feed(&mut state, &token);
-        if feed.progress_asked {
-            return;
-        }
-        if let Some(up) = &feed.upstream {
-            if up
-                .send(WatchRequest {
-                    request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
-                })
-                .is_ok()
-            {
-                feed.progress_asked = true;
-            }
-        }
+        feed.ask_progress();
         // With no stream open, the feed's task asks once it is.
         feed.wake.notify_one();
     }
@@ -669,18 +662,8 @@ impl Broker {
             let Some(feed) = state.feeds.get_mut(&token) else {
                 return;
             };
-            if !waiting || feed.progress_asked {
-                return;
-            }
-            if let Some(up) = &feed.upstream {
-                if up
-                    .send(WatchRequest {
-                        request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
-                    })
-                    .is_ok()
-                {
-                    feed.progress_asked = true;
-                }
+            if waiting {
+                feed.ask_progress();
             }
         });
     }
@@ -1022,10 +1005,7 @@ impl Broker {
                 feed.by_upstream.clear();
                 feed.progress_asked = false;
                 if waiting {
-                    let _ = tx.send(WatchRequest {
-                        request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
-                    });
-                    feed.progress_asked = true;
+                    feed.progress_asked = tx.send(progress_request()).is_ok();
                 }
                 for id in ids {
                     self.create_upstream(&mut state, id);
@@ -1283,7 +1263,7 @@ mod tests {
         assert_eq!(prefix_of(b"plain"), None);
         assert_eq!(prefix_of(b"/top"), None);
         assert_eq!(prefix_of(b"/dir/"), None);
-        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
-        assert_eq!(prefix_end(&[0xff, 0xff]), vec![0]);
+        assert_eq!(crate::proxy::grpc::prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(crate::proxy::grpc::prefix_end(&[0xff, 0xff]), vec![0]);
     }
 }
