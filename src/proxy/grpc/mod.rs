@@ -131,17 +131,7 @@ pub struct GrpcProxyFlags {
     pub enable_pprof: bool,
 }
 
-/// The end of the range of every key starting with `prefix` (etcd's `--prefix`).
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
+pub use crate::server::prefix_end;
 
 /// Everything a proxy serves with, shared by its services.
 pub struct Proxy {
