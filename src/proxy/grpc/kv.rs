@@ -16,9 +16,10 @@ use tokio::sync::mpsc;
 use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::forward::upstream_call;
+use super::forward::{pass, upstream_call};
 use super::metrics::ProxyMetrics;
 use super::upstream::{carry, endpoint_gone, Upstream};
+use crate::mvcc::in_range;
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::watch_client::WatchClient;
@@ -51,13 +52,6 @@ pub struct RangeCache {
     state: Mutex<CacheState>,
     seen: Arc<AtomicI64>,
     metrics: Arc<ProxyMetrics>,
-}
-
-fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
-    if end.is_empty() {
-        return key == start;
-    }
-    key >= start && (end == [0] || key < end)
 }
 
 impl RangeCache {
@@ -293,8 +287,13 @@ impl ProxyKv {
     }
 }
 
-#[tonic::async_trait]
-impl Kv for ProxyKv {
+pass! { Kv, ProxyKv, KvClient;
+    [
+        put(PutRequest) -> PutResponse, false;
+        delete_range(DeleteRangeRequest) -> DeleteRangeResponse, false;
+        txn(TxnRequest) -> TxnResponse, false;
+        compact(CompactionRequest) -> CompactionResponse, false;
+    ]
     async fn range(
         &self,
         request: Request<RangeRequest>,
@@ -317,40 +316,6 @@ impl Kv for ProxyKv {
         }
         self.saw(&answer.get_ref().header);
         Ok(answer)
-    }
-
-    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let answer: Result<Response<PutResponse>, Status> =
-            upstream_call!(self.up, request, KvClient, put, false);
-        let answer = answer?;
-        self.saw(&answer.get_ref().header);
-        Ok(answer)
-    }
-
-    async fn delete_range(
-        &self,
-        request: Request<DeleteRangeRequest>,
-    ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let answer: Result<Response<DeleteRangeResponse>, Status> =
-            upstream_call!(self.up, request, KvClient, delete_range, false);
-        let answer = answer?;
-        self.saw(&answer.get_ref().header);
-        Ok(answer)
-    }
-
-    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let answer: Result<Response<TxnResponse>, Status> =
-            upstream_call!(self.up, request, KvClient, txn, false);
-        let answer = answer?;
-        self.saw(&answer.get_ref().header);
-        Ok(answer)
-    }
-
-    async fn compact(
-        &self,
-        request: Request<CompactionRequest>,
-    ) -> Result<Response<CompactionResponse>, Status> {
-        upstream_call!(self.up, request, KvClient, compact, false)
     }
 }
 

@@ -297,8 +297,9 @@ impl Proxy {
                 get(move || {
                     let proxy = for_metrics.clone();
                     async move {
-                        let (upstream, _) = proxy.broker.counts();
+                        let (upstream, coalescing) = proxy.broker.counts();
                         proxy.metrics.upstream_watchers.set(upstream as i64);
+                        proxy.metrics.watchers_coalescing.set(coalescing as i64);
                         (
                             [("content-type", "text/plain; version=0.0.4")],
                             proxy.metrics.encode(),

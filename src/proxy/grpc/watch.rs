@@ -264,11 +264,16 @@ impl Broker {
         }
     }
 
-    /// (Upstream watchers, client watchers): for the metrics and the tests.
+    /// (Upstream watchers, client watchers sharing one with another): read when `/metrics` is
+    /// scraped, not kept up on every event.
     pub fn counts(&self) -> (usize, usize) {
         let state = self.lock();
-        let clients = state.broadcasts.values().map(|b| b.subscribers.len()).sum();
-        (state.broadcasts.len(), clients)
+        let coalescing = state
+            .broadcasts
+            .values()
+            .map(|b| b.subscribers.len().saturating_sub(1))
+            .sum();
+        (state.broadcasts.len(), coalescing)
     }
 
     fn open_stream(&self, tx: ClientTx, token: Token) -> (u64, Arc<Notify>) {
@@ -295,19 +300,6 @@ impl Broker {
                 self.unsubscribe(&mut state, broadcast, stream, watch_id);
             }
         }
-        self.update_gauges(&state);
-    }
-
-    fn update_gauges(&self, state: &State) {
-        let coalescing: usize = state
-            .broadcasts
-            .values()
-            .map(|b| b.subscribers.len().saturating_sub(1))
-            .sum();
-        self.metrics.watchers_coalescing.set(coalescing as i64);
-        self.metrics
-            .upstream_watchers
-            .set(state.broadcasts.len() as i64);
     }
 
     /// Takes a client watcher off its broadcast; a broadcast left with no watcher is canceled
@@ -578,7 +570,6 @@ impl Broker {
             client.parked.remove(&watch_id);
             client.requests.insert(watch_id, create);
         }
-        self.update_gauges(&state);
     }
 
     /// Sends the create request of `broadcast` upstream (when the stream is open; otherwise the
@@ -630,7 +621,6 @@ impl Broker {
             return parked;
         };
         self.unsubscribe(&mut state, broadcast, stream, watch_id);
-        self.update_gauges(&state);
         true
     }
 
@@ -770,7 +760,6 @@ impl Broker {
             } else if unwanted {
                 self.drop_broadcast(&mut state, id);
             }
-            self.update_gauges(&state);
             return;
         }
         if response.watch_id == -1 {
@@ -792,7 +781,6 @@ impl Broker {
         };
         if response.canceled {
             self.end_broadcast(&mut state, id, &response);
-            self.update_gauges(&state);
             return;
         }
         let mut full = Vec::new();
@@ -817,7 +805,6 @@ impl Broker {
             self.park(&mut state, id, stream, watch_id, resume_rev);
         }
         self.maybe_merge(&mut state, id);
-        self.update_gauges(&state);
     }
 
     /// A full queue: the watcher leaves its broadcast and waits to watch again from
