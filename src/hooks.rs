@@ -28,10 +28,14 @@ pub enum Bug {
     SkipAuthCheckAtApply,
     /// Take a failed WAL fdatasync for a successful one and go on.
     IgnoreFsyncError,
+    /// The proxy's read cache skips the invalidation of some events (every third revision).
+    ProxyMissesInvalidation,
+    /// The proxy loses the first events of each watcher it creates again after failover.
+    ProxyDropsEventAtFailover,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 11] = [
+    pub const ALL: [Bug; 13] = [
         Bug::AckBeforeFsync,
         Bug::ApplyBeforeCommit,
         Bug::ServeStaleRead,
@@ -43,6 +47,8 @@ impl Bug {
         Bug::BackupMissesLastBatch,
         Bug::SkipAuthCheckAtApply,
         Bug::IgnoreFsyncError,
+        Bug::ProxyMissesInvalidation,
+        Bug::ProxyDropsEventAtFailover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +64,8 @@ impl Bug {
             Bug::BackupMissesLastBatch => "backup-misses-last-batch",
             Bug::SkipAuthCheckAtApply => "skip-auth-check-at-apply",
             Bug::IgnoreFsyncError => "ignore-fsync-error",
+            Bug::ProxyMissesInvalidation => "proxy-misses-invalidation",
+            Bug::ProxyDropsEventAtFailover => "proxy-drops-event-at-failover",
         }
     }
 
@@ -78,7 +86,21 @@ impl Bug {
                 "apply a client's request without checking its permissions again at apply"
             }
             Bug::IgnoreFsyncError => "take a failed WAL fdatasync for a successful one",
+            Bug::ProxyMissesInvalidation => {
+                "the proxy's read cache misses the invalidation of every third revision"
+            }
+            Bug::ProxyDropsEventAtFailover => {
+                "the proxy loses the first events of each watcher it recreates after failover"
+            }
         }
+    }
+
+    /// A bug in the gRPC proxy: the simulator puts proxies in the path to plant it.
+    pub fn in_proxy(self) -> bool {
+        matches!(
+            self,
+            Bug::ProxyMissesInvalidation | Bug::ProxyDropsEventAtFailover
+        )
     }
 
     pub fn from_name(name: &str) -> Option<Bug> {

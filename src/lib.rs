@@ -14,8 +14,9 @@ pub mod lease;
 pub mod metrics;
 pub mod mvcc;
 pub mod proto;
-/// The gateway (an L4 proxy over real sockets): not part of the simulated build.
-#[cfg(not(madsim))]
+/// The proxies. The gateway and the gRPC proxy's services are not part of the simulated
+/// build; the gRPC proxy's watch coalescing and read cache are (the simulator puts them in the
+/// path).
 pub mod proxy;
 pub mod raft;
 pub mod server;

@@ -218,16 +218,7 @@ async fn in_a_cluster_the_others_go_on_and_the_member_whose_disk_filled_recovers
     let endpoint = servers[0].endpoint();
     // c must not lead: a leader whose disk fills stops, and the writes in flight meanwhile fail
     // with the election (that case is the single member's test).
-    if common::is_leader(&servers[2]) {
-        let to = servers[0].member_id();
-        common::ok(common::etcdctl(
-            &servers[2].endpoint(),
-            &["move-leader", &to],
-        ));
-        common::wait_until("a or b leads", Duration::from_secs(10), || {
-            !common::is_leader(&servers[2])
-        });
-    }
+    common::lead_elsewhere(&servers, 2, 0);
 
     // Writes through a until c's disk is full and c exits; none of them fails meanwhile.
     let mut c = servers.pop().expect("c");

@@ -18,6 +18,7 @@ pub fn run(data: &[u8]) {
         bug: None,
         safety: quorumkv_sim::schedule::MAX_SAFETY,
         schedule: Some(Arc::new(schedule)),
+        proxies: 0,
     };
     let report = run_one(&options);
     if !report.passed {

@@ -18,6 +18,7 @@ pub mod leases;
 pub mod locks;
 pub mod network;
 pub mod operator;
+pub mod proxy;
 pub mod recorder;
 pub mod run;
 pub mod scenario;

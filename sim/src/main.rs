@@ -15,8 +15,9 @@ use quorumkv_sim::scenario::{self, SCENARIOS};
 use quorumkv_sim::schedule::Schedule;
 
 const USAGE: &str = "usage:
-  ci/sim run --seed N [--scenario NAME] [--nodes 3|5] [--inject-bug NAME] [--html FILE] [--quiet]
-  ci/sim sweep --seeds A..B [--nodes 3|5] [--scenario NAME] [--inject-bug NAME] [--jobs J]
+  ci/sim run --seed N [--scenario NAME] [--nodes 3|5] [--proxies P] [--inject-bug NAME] [--html FILE] [--quiet]
+  ci/sim sweep --seeds A..B [--nodes 3|5] [--scenario NAME] [--proxies P] [--inject-bug NAME] [--jobs J]
+      --proxies P: clients also watch and read through P gRPC proxies (1-4), which crash now and then
   ci/sim determinism --seeds A..B      (each seed twice: the trace hashes must match)
   ci/sim bugs --seeds A..B             (every planted bug must be caught within the seeds)
   ci/sim schedule --file FILE [--html FILE] [--quiet]   (replay a fuzzed fault schedule)
@@ -110,6 +111,7 @@ impl Args {
             bug,
             safety: SAFETY_PHASE,
             schedule: None,
+            proxies: self.number("proxies")?.unwrap_or(0).min(4) as usize,
         })
     }
 }
@@ -180,6 +182,7 @@ fn command_schedule(args: &Args) -> Result<ExitCode, String> {
         bug: None,
         safety: SAFETY_PHASE,
         schedule: Some(Arc::new(schedule)),
+        proxies: 0,
     };
     run_and_report(args, options)
 }
@@ -253,6 +256,9 @@ fn run_seed_process(args: &Args, seed: u64) -> Result<SeedOutcome, String> {
     };
     if let Some(bug) = options.bug {
         command.args(["--inject-bug", bug.name()]);
+    }
+    if options.proxies > 0 {
+        command.args(["--proxies", &options.proxies.to_string()]);
     }
     let out = command
         .output()

@@ -36,9 +36,19 @@ pub struct RunOptions {
     pub safety: Duration,
     /// Faults from a fuzzed schedule instead of the seed (`seed` is the schedule's).
     pub schedule: Option<Arc<Schedule>>,
+    /// gRPC proxies in the path (`sim/src/proxy.rs`); 0: none. A proxy bug planted puts 2 there.
+    pub proxies: usize,
 }
 
 impl RunOptions {
+    /// Proxies in the path: as asked, or 2 for a planted proxy bug.
+    pub fn proxies_in_path(&self) -> usize {
+        match self.bug {
+            Some(bug) if bug.in_proxy() => self.proxies.max(2),
+            _ => self.proxies,
+        }
+    }
+
     /// The command that reruns exactly this.
     pub fn repro(&self) -> String {
         if self.schedule.is_some() {
@@ -48,6 +58,9 @@ impl RunOptions {
         match self.scenario {
             Some(scenario) => command.push_str(&format!(" --scenario {}", scenario.name)),
             None => command.push_str(&format!(" --nodes {}", self.nodes)),
+        }
+        if self.proxies > 0 {
+            command.push_str(&format!(" --proxies {}", self.proxies));
         }
         if let Some(bug) = self.bug {
             command.push_str(&format!(" --inject-bug {}", bug.name()));
@@ -142,6 +155,7 @@ fn warm_up() {
             bug: None,
             safety: Duration::from_secs(2),
             schedule: None,
+            proxies: 0,
         };
         let _ = std::thread::spawn(move || run_here(options)).join();
     });
@@ -358,6 +372,31 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
             stop.clone(),
         )));
     }
+    let proxies = match options.proxies_in_path() {
+        0 => None,
+        count => Some(crate::proxy::Proxies::start_all(&cluster, count).await),
+    };
+    let proxy_reads = crate::proxy::ReadLog::default();
+    if let Some(proxies) = &proxies {
+        let (watchers, readers) = (rng.gen_range(1..=3u64), rng.gen_range(1..=2u64));
+        for watcher in 1..=watchers {
+            clients.push(clients_node.spawn(crate::proxy::proxy_watch_client(
+                proxies.clone(),
+                watch_log.clone(),
+                crate::proxy::PROXY_NODE + watcher,
+                stop.clone(),
+            )));
+        }
+        for reader in 1..=readers {
+            clients.push(clients_node.spawn(crate::proxy::proxy_reader(
+                proxies.clone(),
+                proxy_reads.clone(),
+                crate::proxy::PROXY_NODE + reader,
+                shape.keys,
+                stop.clone(),
+            )));
+        }
+    }
     let lock_log = crate::locks::LockLog::default();
     let lockers = rng.gen_range(2..=3u64);
     for locker in 1..=lockers {
@@ -422,10 +461,16 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
                 until,
             ));
             let backup_task = faults_node.spawn(crate::backup::take(cluster.clone(), until));
+            let proxy_chaos = proxies
+                .clone()
+                .map(|proxies| faults_node.spawn(crate::proxy::chaos(proxies, until)));
             tokio::time::sleep(until).await;
             let _ = injector.await;
             let _ = operator.await;
             backup = backup_task.await.ok().flatten();
+            if let Some(chaos) = proxy_chaos {
+                let _ = chaos.await;
+            }
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -450,6 +495,9 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
         settings.max_skew_ppm,
     ));
     verdicts.push(final_watches(&cluster, &watch_log.sessions()));
+    if proxies.is_some() {
+        verdicts.push(final_proxy_reads(&cluster, &proxy_reads.reads()));
+    }
     verdicts.push(final_locks(&cluster, &lock_log.acquired()));
     verdicts.push(check::auth::check(
         &recorder.lock().auth_entries,
@@ -481,6 +529,10 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
             facts.images_received,
             facts.image_resends,
         )
+    };
+    let stats = match &proxies {
+        Some(proxies) => format!("{stats}; {}", proxies.summary()),
+        None => stats,
     };
     let (images_received, image_resends) = {
         let facts = recorder.lock();
@@ -574,33 +626,43 @@ fn final_locks(cluster: &Cluster, acquired: &[crate::locks::Acquired]) -> Verdic
     }
 }
 
-/// Judges what the watchers saw against the history of a converged member.
-fn final_watches(cluster: &Cluster, sessions: &[crate::watches::Session]) -> Verdict {
+/// The changes of the watched key space, as a converged member's history has them.
+fn final_history(cluster: &Cluster) -> Result<Vec<crate::watches::Change>, String> {
     let reader = cluster
         .leader()
         .or_else(|| cluster.up_ids().first().copied())
-        .and_then(|id| cluster.kv(id));
-    let history = reader.map(|kv| {
-        kv.history(
+        .and_then(|id| cluster.kv(id))
+        .ok_or("no member up to read the final history from")?;
+    let events = reader
+        .history(
             1,
             crate::watches::WATCHED_START,
             crate::watches::WATCHED_END,
         )
-    });
-    match history {
-        Some(Ok(events)) => {
-            let changes: Vec<_> = events.iter().map(crate::watches::Change::of).collect();
-            check::watches::check(sessions, &changes)
-        }
-        Some(Err(e)) => Verdict {
-            name: "watches",
+        .map_err(|e| format!("the final history is unreadable: {e}"))?;
+    Ok(events.iter().map(crate::watches::Change::of).collect())
+}
+
+/// Judges the serializable reads through the proxies against the final history.
+fn final_proxy_reads(cluster: &Cluster, reads: &[crate::proxy::ProxyRead]) -> Verdict {
+    match final_history(cluster) {
+        Ok(changes) => check::proxy_reads::check(reads, &changes),
+        Err(detail) => Verdict {
+            name: "proxy reads",
             ok: false,
-            detail: format!("the final history is unreadable: {e}"),
+            detail,
         },
-        None => Verdict {
+    }
+}
+
+/// Judges what the watchers saw against the history of a converged member.
+fn final_watches(cluster: &Cluster, sessions: &[crate::watches::Session]) -> Verdict {
+    match final_history(cluster) {
+        Ok(changes) => check::watches::check(sessions, &changes),
+        Err(detail) => Verdict {
             name: "watches",
             ok: false,
-            detail: "no member up to read the final history from".into(),
+            detail,
         },
     }
 }

@@ -266,6 +266,7 @@ mod tests {
             bug: None,
             safety: MAX_SAFETY,
             schedule: Some(Arc::new(schedule)),
+            proxies: 0,
         })
     }
 

@@ -46,6 +46,8 @@ pub struct Session {
     pub start_rev: i64,
     pub start_us: u64,
     pub responses: Vec<Vec<Change>>,
+    /// Answers to `RequestProgress`: (responses with events received before it, its revision).
+    pub progress: Vec<(usize, i64)>,
 }
 
 #[derive(Clone, Default)]
@@ -54,6 +56,13 @@ pub struct WatchLog {
 }
 
 impl WatchLog {
+    pub fn push(&self, session: Session) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(session);
+    }
+
     pub fn sessions(&self) -> Vec<Session> {
         self.sessions
             .lock()
@@ -99,6 +108,7 @@ pub async fn watch_client(cluster: Cluster, log: WatchLog, watcher: u64, stop: A
             start_rev: next_rev,
             start_us: cluster.recorder.now_us(),
             responses: Vec::new(),
+            progress: Vec::new(),
         };
         let until = tokio::time::sleep(stay);
         tokio::pin!(until);
@@ -123,9 +133,6 @@ pub async fn watch_client(cluster: Cluster, log: WatchLog, watcher: u64, stop: A
             }
         }
         hub.close_stream(stream);
-        log.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(session);
+        log.push(session);
     }
 }

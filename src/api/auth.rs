@@ -11,10 +11,7 @@ use crate::proto::etcdserverpb::*;
 use crate::proto::quorumkvpb::auth_change::Change;
 use crate::server::KvServer;
 
-/// The metadata etcd's clients send their token in.
-pub const TOKEN_METADATA: &str = "token";
-/// The gateway's header (grpc-gateway passes it on as metadata of this name).
-pub const AUTHORIZATION: &str = "authorization";
+pub use crate::auth::{AUTHORIZATION, TOKEN_METADATA};
 
 /// The token in `headers`, if any (`token` first, then `authorization`).
 pub fn token_of(headers: &HeaderMap) -> Option<&str> {

@@ -16,7 +16,6 @@ use http_body::Frame;
 use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
 use tonic::{Status, Streaming};
 
-use crate::proto::etcdserverpb::watch_request::RequestUnion;
 use crate::proto::etcdserverpb::WatchRequest;
 use crate::server::KvServer;
 use crate::watch::{WatchHub, WatchReceiver, WatchSender};
@@ -244,40 +243,9 @@ async fn serve_stream(
                 break;
             }
         };
-        let answered = match request.request_union {
-            Some(RequestUnion::CreateRequest(create)) => match identity.may_watch(&create) {
-                Err(reason) => {
-                    // As etcd: created and canceled at once, with the reason.
-                    let mut refused = hub.progress(stream);
-                    refused.watch_id = -1;
-                    refused.created = true;
-                    refused.canceled = true;
-                    refused.cancel_reason = reason;
-                    tx.send(refused.into()).await.is_ok()
-                }
-                Ok(()) => {
-                    let created = hub.create(stream, &tx, &create);
-                    let (watch_id, ok) = (created.watch_id, !created.canceled);
-                    let sent = tx.send(created.into()).await.is_ok();
-                    if ok {
-                        hub.activate(stream, watch_id);
-                    }
-                    sent
-                }
-            },
-            // As etcd: a cancel of an unknown watch gets no answer.
-            Some(RequestUnion::CancelRequest(cancel)) if hub.cancel(stream, cancel.watch_id) => {
-                let mut canceled = hub.progress(stream);
-                canceled.watch_id = cancel.watch_id;
-                canceled.canceled = true;
-                tx.send(canceled.into()).await.is_ok()
-            }
-            Some(RequestUnion::CancelRequest(_)) => true,
-            Some(RequestUnion::ProgressRequest(_)) => {
-                tx.send(hub.progress(stream).into()).await.is_ok()
-            }
-            None => true,
-        };
+        let answered = hub
+            .answer(stream, &tx, request, |create| identity.may_watch(create))
+            .await;
         if !answered {
             break;
         }

@@ -16,6 +16,11 @@ mod perms;
 mod state;
 mod tokens;
 
+/// The metadata etcd's clients send their token in.
+pub const TOKEN_METADATA: &str = "token";
+/// The gateway's header (grpc-gateway passes it on as metadata of this name).
+pub const AUTHORIZATION: &str = "authorization";
+
 pub use check::{check_lease_keys, check_range, check_read, check_request, check_write};
 pub use error::AuthError;
 #[cfg(not(madsim))]

@@ -26,7 +26,10 @@ use crate::hooks::{self, Bug};
 use crate::io::Clock;
 use crate::mvcc::{in_range, MvccError, MvccStore};
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
-use crate::proto::etcdserverpb::{RangeRequest, ResponseHeader, WatchCreateRequest, WatchResponse};
+use crate::proto::etcdserverpb::watch_request::RequestUnion;
+use crate::proto::etcdserverpb::{
+    RangeRequest, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse,
+};
 use crate::proto::mvccpb::{event::EventType, Event};
 
 /// Entries queued for one watch stream, at most (etcd: 1024 events per stream); a watcher
@@ -872,6 +875,57 @@ impl WatchHub {
         let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
         let any = !self.lock().watchers.is_empty();
         store.set_publish_events(any);
+    }
+
+    /// Answers one request of watch stream `stream` as etcd's Watch service does; `may_watch`
+    /// checks a create against the caller's permissions (`Err`: the reason it is refused).
+    /// `false` once the stream's client has gone.
+    pub async fn answer(
+        &self,
+        stream: u64,
+        tx: &WatchSender,
+        request: WatchRequest,
+        may_watch: impl FnOnce(&WatchCreateRequest) -> Result<(), String>,
+    ) -> bool {
+        match request.request_union {
+            Some(RequestUnion::CreateRequest(create)) => match may_watch(&create) {
+                Err(reason) => {
+                    // As etcd: created and canceled at once, with the reason.
+                    let mut refused = self.progress(stream);
+                    refused.watch_id = -1;
+                    refused.created = true;
+                    refused.canceled = true;
+                    refused.cancel_reason = reason;
+                    tx.send(refused.into()).await.is_ok()
+                }
+                Ok(()) => {
+                    let created = self.create(stream, tx, &create);
+                    let (watch_id, ok) = (created.watch_id, !created.canceled);
+                    let sent = tx.send(created.into()).await.is_ok();
+                    if ok {
+                        self.activate(stream, watch_id);
+                    }
+                    sent
+                }
+            },
+            // As etcd: a cancel of an unknown watch gets no answer.
+            Some(RequestUnion::CancelRequest(cancel)) if self.cancel(stream, cancel.watch_id) => {
+                let mut canceled = self.progress(stream);
+                canceled.watch_id = cancel.watch_id;
+                canceled.canceled = true;
+                tx.send(canceled.into()).await.is_ok()
+            }
+            Some(RequestUnion::CancelRequest(_)) => true,
+            Some(RequestUnion::ProgressRequest(_)) => {
+                tx.send(self.progress(stream).into()).await.is_ok()
+            }
+            None => true,
+        }
+    }
+
+    /// Is `other` this very hub (the same member's, not one restarted since)?
+    pub fn same_as(&self, other: &WatchHub) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
     }
 
     /// A progress answer for the stream (`RequestProgress`): every event up to the revision it

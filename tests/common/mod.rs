@@ -392,6 +392,17 @@ pub fn is_leader(server: &Server) -> bool {
         .is_some_and(|is_leader| is_leader.trim() == "true")
 }
 
+/// Makes sure `servers[off]` does not lead: if it does, leadership moves to `servers[to]`.
+pub fn lead_elsewhere(servers: &[Server], off: usize, to: usize) {
+    if is_leader(&servers[off]) {
+        let member = servers[to].member_id();
+        ok(etcdctl(&servers[off].endpoint(), &["move-leader", &member]));
+        wait_until("another member leads", Duration::from_secs(10), || {
+            !is_leader(&servers[off])
+        });
+    }
+}
+
 /// Polls `done` every 100 ms until it holds (returns how long that took), or panics naming `what`.
 pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();

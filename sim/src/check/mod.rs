@@ -8,6 +8,7 @@ pub mod leases;
 pub mod linearizability;
 pub mod liveness;
 pub mod locks;
+pub mod proxy_reads;
 pub mod raft_safety;
 pub mod watches;
 

@@ -1,7 +1,9 @@
 //! Watch guarantees, judged against the final history the converged cluster agrees on: each
 //! watcher session receives, from its start revision to the last revision it saw, every
 //! revision's changes in its range exactly once, in revision order, each revision whole in one
-//! response, each change as the history has it.
+//! response, each change as the history has it. A progress answer (`RequestProgress`) vouches
+//! that every change up to its revision has been received before it: none may come after it,
+//! and its revisions never go back within a session.
 
 use std::collections::BTreeMap;
 
@@ -18,10 +20,13 @@ pub fn check(sessions: &[Session], history: &[Change]) -> Verdict {
     let mut failures = Vec::new();
     let mut delivered = 0;
     for session in sessions {
+        let on = match session.node {
+            n if n > crate::proxy::PROXY_NODE => format!("proxy p{}", n - crate::proxy::PROXY_NODE),
+            n => format!("n{n}"),
+        };
         let label = format!(
-            "watcher w{} on n{} from revision {} (at {:.3}s)",
+            "watcher w{} on {on} from revision {} (at {:.3}s)",
             session.watcher,
-            session.node,
             session.start_rev,
             session.start_us as f64 / 1e6
         );
@@ -64,6 +69,7 @@ fn check_session(session: &Session, by_rev: &BTreeMap<i64, Vec<&Change>>) -> Res
         }
         last_rev = response.last().map_or(last_rev, |c| c.revision);
     }
+    check_progress(session, by_rev)?;
     if last_rev < session.start_rev {
         return Ok(0); // It saw nothing.
     }
@@ -85,11 +91,52 @@ fn check_session(session: &Session, by_rev: &BTreeMap<i64, Vec<&Change>>) -> Res
     Ok(count)
 }
 
+/// Each progress answer: not older than the one before it, every change of the history from
+/// the session's start up to its revision received before it, and none after it.
+fn check_progress(session: &Session, by_rev: &BTreeMap<i64, Vec<&Change>>) -> Result<(), String> {
+    let mut previous = 0;
+    for &(before, revision) in &session.progress {
+        if revision < previous {
+            return Err(format!(
+                "progress answer at revision {revision} after one at revision {previous}"
+            ));
+        }
+        previous = revision;
+        let received: std::collections::BTreeSet<i64> = session.responses
+            [..before.min(session.responses.len())]
+            .iter()
+            .flatten()
+            .map(|c| c.revision)
+            .collect();
+        if let Some(missing) = by_rev
+            .range(session.start_rev..)
+            .take_while(|(rev, _)| **rev <= revision)
+            .map(|(rev, _)| *rev)
+            .find(|rev| !received.contains(rev))
+        {
+            return Err(format!(
+                "progress answer at revision {revision}, yet revision {missing} had not been received"
+            ));
+        }
+        if let Some(late) = session.responses[before.min(session.responses.len())..]
+            .iter()
+            .flatten()
+            .find(|c| c.revision <= revision)
+        {
+            return Err(format!(
+                "revision {} arrived after a progress answer at revision {revision}",
+                late.revision
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn change(revision: i64, key: &str, value: Option<&str>) -> Change {
+    pub(crate) fn change(revision: i64, key: &str, value: Option<&str>) -> Change {
         Change {
             revision,
             key: key.into(),
@@ -104,6 +151,7 @@ mod tests {
             start_rev,
             start_us: 0,
             responses,
+            progress: Vec::new(),
         }
     }
 
@@ -120,7 +168,8 @@ mod tests {
     #[test]
     fn a_complete_ordered_session_passes_and_one_ending_early_too() {
         let h = history();
-        let whole = session(2, vec![h[0..2].to_vec(), h[2..4].to_vec(), h[4..].to_vec()]);
+        let mut whole = session(2, vec![h[0..2].to_vec(), h[2..4].to_vec(), h[4..].to_vec()]);
+        whole.progress = vec![(1, 3), (1, 3), (3, 5)];
         let early = session(3, vec![h[1..4].to_vec()]);
         let verdict = check(&[whole, early], &h);
         assert!(verdict.ok, "{}", verdict.detail);
@@ -137,7 +186,19 @@ mod tests {
         let reordered = session(2, vec![vec![h[1].clone(), h[0].clone()]]);
         let split = session(4, vec![vec![h[2].clone()], vec![h[3].clone()]]);
         let wrong_value = session(5, vec![vec![change(5, "k2", Some("x"))]]);
-        for bad in [gap, duplicate, reordered, split, wrong_value] {
+        let mut early_progress = session(2, vec![vec![h[0].clone()], h[1..].to_vec()]);
+        early_progress.progress = vec![(1, 3)];
+        let mut backwards = session(2, vec![h[0..2].to_vec(), h[2..4].to_vec(), h[4..].to_vec()]);
+        backwards.progress = vec![(3, 5), (3, 4)];
+        for bad in [
+            gap,
+            duplicate,
+            reordered,
+            split,
+            wrong_value,
+            early_progress,
+            backwards,
+        ] {
             let verdict = check(std::slice::from_ref(&bad), &h);
             assert!(!verdict.ok, "{bad:?} passed");
         }

@@ -12,11 +12,11 @@ use tonic::codegen::tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverSt
 use tonic::{Request, Response, Status, Streaming};
 
 use super::forward::{pass, upstream_call, Passed};
-use super::metrics::ProxyMetrics;
 use super::upstream::{carry, endpoint_gone, Upstream};
 use crate::proto::etcdserverpb::lease_client::LeaseClient;
 use crate::proto::etcdserverpb::lease_server::Lease;
 use crate::proto::etcdserverpb::*;
+use crate::proxy::metrics::ProxyMetrics;
 use tonic::codegen::tokio_stream::StreamExt;
 
 /// Keep-alive answers queued to one client stream, at most.

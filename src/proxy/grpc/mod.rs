@@ -7,7 +7,6 @@
 pub mod forward;
 pub mod kv;
 pub mod lease;
-pub mod metrics;
 pub mod register;
 pub mod upstream;
 pub mod watch;
@@ -136,9 +135,9 @@ pub use crate::server::prefix_end;
 /// Everything a proxy serves with, shared by its services.
 pub struct Proxy {
     pub up: Arc<upstream::Upstream>,
-    pub metrics: Arc<metrics::ProxyMetrics>,
-    pub broker: Arc<watch::Broker>,
-    pub cache: Arc<kv::RangeCache>,
+    pub metrics: Arc<crate::proxy::metrics::ProxyMetrics>,
+    pub broker: Arc<crate::proxy::broker::Broker>,
+    pub cache: Arc<crate::proxy::cache::RangeCache>,
     pub keep_alives: Arc<lease::KeepAlives>,
     pub registration: Option<Arc<register::Registration>>,
     pub seen: Arc<AtomicI64>,
@@ -197,10 +196,10 @@ impl Proxy {
             flags.max_send_bytes,
             flags.max_recv_bytes,
         )?;
-        let metrics = Arc::new(metrics::ProxyMetrics::new());
+        let metrics = Arc::new(crate::proxy::metrics::ProxyMetrics::new());
         let seen = Arc::new(AtomicI64::new(0));
-        let broker = watch::Broker::new(up.clone(), seen.clone(), metrics.clone());
-        let cache = kv::RangeCache::new(up.clone(), seen.clone(), metrics.clone());
+        let broker = crate::proxy::broker::Broker::new(up.clone(), seen.clone(), metrics.clone());
+        let cache = crate::proxy::cache::RangeCache::new(up.clone(), seen.clone(), metrics.clone());
         let keep_alives = lease::KeepAlives::new(up.clone(), metrics.clone());
         let registration = (!flags.resolver_prefix.is_empty()).then(|| {
             register::Registration::new(

@@ -5,10 +5,17 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
+use tonic::{Request, Response, Status};
 
+use super::forward::upstream_call;
 use crate::api::{AUTHORIZATION, TOKEN_METADATA};
+use crate::proto::etcdserverpb::kv_client::KvClient;
+use crate::proto::etcdserverpb::watch_client::WatchClient;
+use crate::proto::etcdserverpb::{RangeRequest, RangeResponse, WatchRequest};
+use crate::proxy::port::{ClusterPort, Opened, PortFuture};
 use crate::tls::ClientTls;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -200,6 +207,68 @@ impl Upstream {
         tokio::time::timeout(CONNECT_TIMEOUT * 2, connecting)
             .await
             .map_err(|_| "connect timed out".to_string())?
+    }
+}
+
+impl ClusterPort for Upstream {
+    fn open_watch(
+        &self,
+        token: &[u8],
+        requests: tokio::sync::mpsc::UnboundedReceiver<WatchRequest>,
+    ) -> PortFuture<'_, Result<Opened, Status>> {
+        let token = token.to_vec();
+        Box::pin(async move {
+            let link = self.link().await?;
+            let mut request = Request::new(UnboundedReceiverStream::new(requests));
+            if !token.is_empty() {
+                if let Ok(value) = MetadataValue::try_from(token.as_slice()) {
+                    request.metadata_mut().insert(TOKEN_METADATA, value);
+                }
+            }
+            let mut client = WatchClient::new(link.channel)
+                .max_decoding_message_size(self.max_recv_bytes)
+                .max_encoding_message_size(self.max_send_bytes);
+            match client.watch(request).await {
+                Ok(answers) => Ok(Opened {
+                    answers: Box::pin(answers.into_inner()),
+                    generation: link.generation,
+                }),
+                Err(status) => {
+                    if endpoint_gone(&status) {
+                        self.failed(link.generation);
+                    }
+                    Err(status)
+                }
+            }
+        })
+    }
+
+    fn range(
+        &self,
+        request: RangeRequest,
+        credentials: &MetadataMap,
+    ) -> PortFuture<'_, Result<RangeResponse, Status>> {
+        let mut call = Request::new(request);
+        for name in [TOKEN_METADATA, AUTHORIZATION] {
+            if let Some(value) = credentials.get(name) {
+                call.metadata_mut().insert(name, value.clone());
+            }
+        }
+        Box::pin(async move {
+            let answer: Result<Response<RangeResponse>, Status> =
+                upstream_call!(*self, call, KvClient, range, true);
+            answer.map(Response::into_inner)
+        })
+    }
+
+    fn broke(&self, generation: u64, status: Option<&Status>) {
+        if status.is_none_or(endpoint_gone) {
+            self.failed(generation);
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        Upstream::endpoint(self)
     }
 }
 
