@@ -22,6 +22,8 @@ use quorumkv::proto::etcdserverpb::{
 };
 use quorumkv::proto::v3electionpb::election_client::ElectionClient;
 use quorumkv::proto::v3electionpb::LeaderRequest;
+use quorumkv::proto::v3lockpb::lock_client::LockClient;
+use quorumkv::proto::v3lockpb::LockRequest;
 use tokio::sync::mpsc;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -797,4 +799,113 @@ fn many_keep_alive_streams_of_one_lease_are_answered_through_one_upstream_stream
         let direct = unknown(channel(&server.endpoint()).await).await;
         assert_eq!(unknown(to_proxy).await, direct);
     });
+}
+
+/// The same etcdctl session through a proxy with `--namespace`: what it prints.
+fn namespaced_session(proxy: &Proxy) -> Vec<String> {
+    let p = proxy.endpoint();
+    let mut out = Vec::new();
+    let mut run = |args: &[&str]| out.push(ok(etcdctl(&p, args)));
+    run(&["put", "a", "1"]);
+    run(&["put", "b", "2"]);
+    run(&["put", "c/x", "3", "--prev-kv"]);
+    run(&["put", "c/x", "4", "--prev-kv"]);
+    run(&["get", "", "--from-key"]);
+    run(&["get", "c", "--prefix"]);
+    run(&["get", "a", "c"]);
+    run(&["del", "b", "--prev-kv"]);
+    run(&["get", "", "--prefix", "--keys-only"]);
+    let mut out_txn = ok(common::etcdctl_stdin(
+        &p,
+        &["txn"],
+        "value(\"a\") = \"1\"\n\nput d 5\nget a\n\nput e 6\n\n",
+    ));
+    out_txn.push_str(&ok(etcdctl(&p, &["get", "d"])));
+    out.push(out_txn);
+    let granted = ok(etcdctl(&p, &["lease", "grant", "100"]));
+    let lease = granted
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    out.push(ok(etcdctl(&p, &["put", "leased", "v", "--lease", &lease])));
+    let ttl = ok(etcdctl(&p, &["lease", "timetolive", &lease, "--keys"]));
+    out.push(ttl.split("attached keys").nth(1).unwrap_or("").to_string());
+    // A watch of a prefix in the namespace sees its events with the namespace taken off.
+    let mut watch = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([&format!("--endpoints={p}"), "watch", "w", "--prefix"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcdctl watch");
+    std::thread::sleep(Duration::from_millis(500));
+    run_put(&p, "w1", "x");
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = watch.kill();
+    let watched = watch.wait_with_output().expect("watch output");
+    out.push(String::from_utf8_lossy(&watched.stdout).into_owned());
+    // The Lock RPC: the key it answers, its lease id taken off (the name, then a '/').
+    let lease_id = i64::from_str_radix(&lease, 16).expect("hex lease id");
+    let key = runtime().block_on(async {
+        let mut lock = LockClient::new(channel(&p).await);
+        let answer = lock
+            .lock(LockRequest {
+                name: b"L".to_vec(),
+                lease: lease_id,
+            })
+            .await
+            .expect("lock")
+            .into_inner();
+        answer.key
+    });
+    let key = String::from_utf8_lossy(&key).into_owned();
+    out.push(
+        key.rsplit_once('/')
+            .map_or(key.clone(), |(name, _)| name.to_string()),
+    );
+    // Lets the lock go (the other proxy's session takes the same lock: Lock is not namespaced).
+    ok(etcdctl(&p, &["lease", "revoke", &lease]));
+    out
+}
+
+fn run_put(endpoint: &str, key: &str, value: &str) {
+    ok(etcdctl(endpoint, &["put", key, value]));
+}
+
+#[test]
+fn a_namespace_shows_clients_one_part_of_the_key_space_as_etcd_3_4_proxy_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let m = server.endpoint();
+    run_put(&m, "outside", "o");
+    let ours = Proxy::start(&server.endpoint(), dir.path(), &["--namespace=ours/"]);
+    let got = namespaced_session(&ours);
+    assert_eq!(got[4], "a\n1\nb\n2\nc/x\n4\n", "{got:?}");
+    assert_eq!(got[3], "OK\nc/x\n3\n", "{got:?}");
+    assert!(got[7].contains("b\n2"), "{got:?}");
+    assert!(got[12].contains("PUT\nw1\nx"), "{got:?}");
+    assert_eq!(got[11], "([leased])\n", "{got:?}");
+    // As etcd 3.4's proxy: the Lock RPC's name is not put in the namespace.
+    assert_eq!(got[13], "L", "{got:?}");
+    // On the member, the keys are under the namespace; the key outside it was never shown.
+    let held = ok(etcdctl(&m, &["get", "ours/", "--prefix", "--keys-only"]));
+    assert!(
+        held.contains("ours/a") && held.contains("ours/c/x"),
+        "{held}"
+    );
+    assert!(!got.concat().contains("outside"), "{got:?}");
+    // etcd 3.4's own proxy, with its own namespace on the same member, prints the same.
+    if Command::new("etcd").arg("--version").output().is_ok() {
+        let etcds = Proxy::start_as(
+            "etcd",
+            &server.endpoint(),
+            dir.path(),
+            &["--namespace=etcd/"],
+        );
+        let reference = namespaced_session(&etcds);
+        assert_eq!(got, reference);
+    } else {
+        eprintln!("etcd is not installed (Debian's etcd-server): the comparison with etcd 3.4's proxy is skipped");
+    }
 }

@@ -156,15 +156,28 @@ pub struct ProxyLease {
     pub up: Arc<Upstream>,
     pub seen: Arc<std::sync::atomic::AtomicI64>,
     pub keep_alives: Arc<KeepAlives>,
+    pub ns: super::namespace::Namespace,
 }
 
 pass! { Lease, ProxyLease, LeaseClient;
     [
         lease_grant(LeaseGrantRequest) -> LeaseGrantResponse, false;
         lease_revoke(LeaseRevokeRequest) -> LeaseRevokeResponse, false;
-        lease_time_to_live(LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse, true;
         lease_leases(LeaseLeasesRequest) -> LeaseLeasesResponse, true;
     ]
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let answer: Result<Response<LeaseTimeToLiveResponse>, Status> =
+            upstream_call!(self.up, request, LeaseClient, lease_time_to_live, true);
+        let mut answer = answer?;
+        if !self.ns.is_empty() {
+            super::namespace::Namespaced::leave(answer.get_mut(), &self.ns);
+        }
+        Ok(answer)
+    }
 
 
     async fn lease_keep_alive(

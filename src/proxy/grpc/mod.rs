@@ -7,6 +7,7 @@
 pub mod forward;
 pub mod kv;
 pub mod lease;
+pub mod namespace;
 pub mod register;
 pub mod upstream;
 pub mod watch;
@@ -59,7 +60,8 @@ pub struct GrpcProxyFlags {
     /// Specify TTL, in seconds, when registering proxy endpoints.
     #[arg(long, default_value_t = 0)]
     pub resolver_ttl: i64,
-    /// String to prefix to all keys for namespacing requests (not built: refused).
+    /// String to prefix to all keys for namespacing requests (KV, Watch and Lease; as etcd's,
+    /// not Lock and Election).
     #[arg(long, default_value = "")]
     pub namespace: String,
     /// Listen for endpoint /metrics requests on an additional interface.
@@ -141,12 +143,12 @@ pub struct Proxy {
     pub keep_alives: Arc<lease::KeepAlives>,
     pub registration: Option<Arc<register::Registration>>,
     pub seen: Arc<AtomicI64>,
+    pub ns: namespace::Namespace,
 }
 
 /// Refuses the flags of etcd's proxy that quorumkv's does not build, naming each.
 fn refuse_unbuilt(flags: &GrpcProxyFlags) -> Result<(), String> {
     let unbuilt = [
-        ("--namespace", !flags.namespace.is_empty()),
         (
             "--experimental-leasing-prefix",
             !flags.experimental_leasing_prefix.is_empty(),
@@ -220,6 +222,7 @@ impl Proxy {
             keep_alives,
             registration,
             seen,
+            ns: namespace::Namespace::new(&flags.namespace),
         }))
     }
 
@@ -233,11 +236,13 @@ impl Proxy {
             up: self.up.clone(),
             cache: self.cache.clone(),
             seen: self.seen.clone(),
+            ns: self.ns.clone(),
         })
         .max_decoding_message_size(max_decode)
         .max_encoding_message_size(usize::MAX);
         let watch = WatchServer::new(watch::ProxyWatch {
             broker: self.broker.clone(),
+            ns: self.ns.clone(),
         })
         .max_decoding_message_size(max_decode)
         .max_encoding_message_size(usize::MAX);
@@ -245,6 +250,7 @@ impl Proxy {
             up: self.up.clone(),
             seen: self.seen.clone(),
             keep_alives: self.keep_alives.clone(),
+            ns: self.ns.clone(),
         })
         .max_decoding_message_size(max_decode)
         .max_encoding_message_size(usize::MAX);

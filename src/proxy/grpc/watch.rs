@@ -3,9 +3,12 @@
 
 use std::sync::Arc;
 
+use tonic::codegen::tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::forward::Passed;
+use super::namespace::{Namespace, Namespaced};
+use crate::proto::etcdserverpb::watch_request::RequestUnion;
 use crate::proto::etcdserverpb::watch_server::Watch;
 use crate::proto::etcdserverpb::{WatchRequest, WatchResponse};
 use crate::proxy::broker::Broker;
@@ -13,6 +16,7 @@ use crate::proxy::broker::Broker;
 #[derive(Clone)]
 pub struct ProxyWatch {
     pub broker: Arc<Broker>,
+    pub ns: Namespace,
 }
 
 #[tonic::async_trait]
@@ -22,6 +26,24 @@ impl Watch for ProxyWatch {
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Passed<WatchResponse>>, Status> {
         let (credentials, _, inbound) = request.into_parts();
-        Ok(Response::new(self.broker.serve(credentials, inbound)))
+        if self.ns.is_empty() {
+            return Ok(Response::new(self.broker.serve(credentials, inbound)));
+        }
+        let (into, out_of) = (self.ns.clone(), self.ns.clone());
+        let inbound = inbound.map(move |request| {
+            request.map(|mut request| {
+                if let Some(RequestUnion::CreateRequest(create)) = &mut request.request_union {
+                    create.enter(&into);
+                }
+                request
+            })
+        });
+        let answers = self.broker.serve(credentials, inbound).map(move |answer| {
+            answer.map(|mut answer| {
+                answer.leave(&out_of);
+                answer
+            })
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 }
