@@ -36,6 +36,10 @@
 //! `--read-rate BYTES` with `--op watch`: each stream reads at most that many bytes a second
 //! (a slow watcher); the run then reports what was put while the watchers lagged.
 //!
+//! `--distinct-keys` with `--op watch`: watcher `i` watches the one key `watched/<i>` instead
+//! of the prefix (100,000 pods each watching its own key); with `--key-space` equal to
+//! `--watchers`, each put is one event for one watcher.
+//!
 //! `--hold SECS` with `--op watch`: opens the watchers, prints `ready_secs=` once every watch
 //! exists, holds them idle (nothing is put under them) for SECS and ends: idle watchers beside
 //! a write benchmark (`ci/bench-idle-watchers`).
@@ -108,6 +112,8 @@ struct Args {
     large_values: bool,
     /// `--serializable`: `--op get` reads serializably (a proxy may answer from its cache).
     serializable: bool,
+    /// `--distinct-keys`: each watcher watches its own key, not the prefix.
+    distinct_keys: bool,
 }
 
 /// Events the kubernetes profile's watchers received, and its compactions.
@@ -233,6 +239,7 @@ fn parse_args() -> Result<Args, String> {
         compact_every: 60.0,
         large_values: false,
         serializable: false,
+        distinct_keys: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -295,6 +302,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--compact-every: {e}"))?
             }
             "--serializable" => args.serializable = true,
+            "--distinct-keys" => args.distinct_keys = true,
             "--profile" => match value()?.as_str() {
                 "kubernetes" => args.op = "kubernetes".into(),
                 "large-values" => {
@@ -1119,6 +1127,8 @@ fn summarize_messages(data: &[u8]) -> Result<(WatchSummary, usize), String> {
 /// `count` watches exist).
 struct WatchTally {
     count: usize,
+    /// With `--distinct-keys`: the first watcher's index (each watches its own key).
+    distinct_from: Option<usize>,
     created: usize,
     start: Instant,
     received: Arc<Received>,
@@ -1145,17 +1155,27 @@ impl WatchTally {
     }
 }
 
-/// The create requests for `count` watches on the prefix.
-fn watch_creates(count: usize) -> Vec<WatchRequest> {
+/// The create requests for `count` watches on the prefix; with `distinct` from watcher `first`
+/// on, each of its own key (as the writers name keys).
+fn watch_creates(count: usize, distinct: Option<usize>) -> Vec<WatchRequest> {
     let mut end = WATCH_PREFIX.as_bytes().to_vec();
     *end.last_mut().expect("prefix") += 1;
     (0..count)
-        .map(|_| WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: WATCH_PREFIX.into(),
-                range_end: end.clone(),
-                ..Default::default()
-            })),
+        .map(|i| {
+            let (key, range_end) = match distinct {
+                Some(first) => (
+                    format!("{WATCH_PREFIX}{:012}", first + i).into_bytes(),
+                    Vec::new(),
+                ),
+                None => (WATCH_PREFIX.into(), end.clone()),
+            };
+            WatchRequest {
+                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                    key,
+                    range_end,
+                    ..Default::default()
+                })),
+            }
         })
         .collect()
 }
@@ -1169,7 +1189,7 @@ async fn watch_stream_h2(
 ) -> Result<(), String> {
     let mut conn = H2Conn::connect(&endpoint).await?;
     let mut body = Vec::new();
-    for create in watch_creates(tally.count) {
+    for create in watch_creates(tally.count, tally.distinct_from) {
         frame(&mut body, &create)?;
     }
     // The stream stays open (ending it would end the watches).
@@ -1214,7 +1234,7 @@ async fn watch_stream(endpoint: String, mut tally: WatchTally) -> Result<(), Str
     // The creates are queued before the call: a Go gRPC server sends its response headers
     // only with its first message, and the call returns only once they arrive.
     let (tx, rx) = tokio::sync::mpsc::channel(tally.count.max(1));
-    for create in watch_creates(tally.count) {
+    for create in watch_creates(tally.count, tally.distinct_from) {
         tx.send(create)
             .await
             .map_err(|_| "watch stream closed".to_string())?;
@@ -1243,15 +1263,19 @@ async fn run_watch(args: Arc<Args>, endpoints: &[&str]) -> Result<(), String> {
     let received = Arc::new(Received::default());
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(args.watch_streams.max(1));
     let streams = args.watch_streams.clamp(1, args.watchers.max(1));
+    let mut first = 0;
     for stream in 0..streams {
         let endpoint = endpoints[stream % endpoints.len()].to_string();
+        let count = args.watchers / streams + usize::from(stream < args.watchers % streams);
         let tally = WatchTally {
-            count: args.watchers / streams + usize::from(stream < args.watchers % streams),
+            count,
+            distinct_from: args.distinct_keys.then_some(first),
             created: 0,
             start,
             received: received.clone(),
             ready: ready_tx.clone(),
         };
+        first += count;
         let tonic = args.client == "tonic";
         let read_rate = args.read_rate;
         tokio::spawn(async move {
@@ -1285,7 +1309,13 @@ async fn run_watch(args: Arc<Args>, endpoints: &[&str]) -> Result<(), String> {
     let (latencies, writers_start) = request_loops(&args, endpoints).await?;
     let puts = latencies.len();
     let writers_start_us = writers_start.duration_since(start).as_micros() as u64;
-    let expected = puts as u64 * args.watchers as u64;
+    // Every watcher gets every put; with distinct keys, a put's key is watched by one watcher
+    // (by none when the key space is larger than the watchers).
+    let expected = if args.distinct_keys {
+        (puts as u64 * args.watchers.min(args.key_space as usize) as u64) / args.key_space.max(1)
+    } else {
+        puts as u64 * args.watchers as u64
+    };
     let drain_deadline = Instant::now() + Duration::from_secs(10);
     while received.events.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -140,10 +140,39 @@ struct Broadcast {
     next_rev: i64,
     header: ResponseHeader,
     subscribers: Vec<Subscriber>,
+    /// Which subscribers want which key (built when an event needs it, dropped whenever the
+    /// subscribers change): a broadcast of a prefix shared by many distinct-key watchers
+    /// delivers each event to its key's watchers without looking at the others.
+    index: Option<KeyIndex>,
     /// The planted bug `ProxyDropsEventAtFailover` (simulator only): the first events after
     /// the stream was opened again are lost.
     drop_next_events: bool,
 }
+
+/// A broadcast's subscribers by the key they want.
+#[derive(Default)]
+struct KeyIndex {
+    /// Subscribers of one key (distinct keys coalesced under a prefix), by that key.
+    by_key: HashMap<Vec<u8>, Vec<usize>>,
+    /// Subscribers of the whole range.
+    whole: Vec<usize>,
+}
+
+impl KeyIndex {
+    fn of(subscribers: &[Subscriber]) -> KeyIndex {
+        let mut index = KeyIndex::default();
+        for (i, s) in subscribers.iter().enumerate() {
+            match &s.own_key {
+                Some(key) => index.by_key.entry(key.clone()).or_default().push(i),
+                None => index.whole.push(i),
+            }
+        }
+        index
+    }
+}
+
+/// Above this many subscribers, a broadcast finds an event's watchers through its `KeyIndex`.
+const INDEX_AFTER: usize = 16;
 
 /// A client watcher off its broadcast because its stream's queue was full.
 #[derive(Clone)]
@@ -339,6 +368,7 @@ impl Broker {
         };
         b.subscribers
             .retain(|s| !(s.stream == stream && s.watch_id == watch_id));
+        b.index = None;
         if b.subscribers.is_empty() && b.upstream_id.is_some() {
             self.drop_broadcast(state, broadcast);
         }
@@ -554,6 +584,7 @@ impl Broker {
                     }));
                 }
                 b.subscribers.push(subscriber);
+                b.index = None;
                 self.metrics.watchers_coalesced.inc();
                 id
             }
@@ -581,6 +612,7 @@ impl Broker {
                         next_rev: start,
                         header: ResponseHeader::default(),
                         subscribers: vec![subscriber],
+                        index: None,
                         drop_next_events: false,
                     },
                 );
@@ -697,7 +729,25 @@ impl Broker {
             .map(|kv| kv.mod_revision)
             .unwrap_or(0);
         let mut delivered = 0u64;
-        for s in &mut b.subscribers {
+        let targets: Vec<usize> = if b.subscribers.len() > INDEX_AFTER {
+            let index = b.index.get_or_insert_with(|| KeyIndex::of(&b.subscribers));
+            let mut targets = index.whole.clone();
+            let mut keys = std::collections::HashSet::new();
+            for kv in response.events.iter().filter_map(|e| e.kv.as_ref()) {
+                if keys.insert(kv.key.as_slice()) {
+                    if let Some(wanting) = index.by_key.get(&kv.key) {
+                        targets.extend_from_slice(wanting);
+                    }
+                }
+            }
+            targets
+        } else {
+            (0..b.subscribers.len()).collect()
+        };
+        for i in targets {
+            let Some(s) = b.subscribers.get_mut(i) else {
+                continue;
+            };
             let events: Vec<_> = response
                 .events
                 .iter()
@@ -874,7 +924,10 @@ impl Broker {
         let moved: Vec<Subscriber> = state
             .broadcasts
             .get_mut(&id)
-            .map(|b| std::mem::take(&mut b.subscribers))
+            .map(|b| {
+                b.index = None;
+                std::mem::take(&mut b.subscribers)
+            })
             .unwrap_or_default();
         for mut s in moved {
             s.min_rev = s.min_rev.max(at);
@@ -883,6 +936,7 @@ impl Broker {
             }
             if let Some(shared) = state.broadcasts.get_mut(&shared_id) {
                 shared.subscribers.push(s);
+                shared.index = None;
                 own -= 1;
             }
         }
@@ -898,6 +952,7 @@ impl Broker {
             return;
         };
         let subscribers = std::mem::take(&mut b.subscribers);
+        b.index = None;
         let b_token = b.token.clone();
         for s in &subscribers {
             s.tx.control(Ok(WatchResponse {
