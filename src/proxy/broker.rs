@@ -246,22 +246,39 @@ struct State {
     next_stream: u64,
     /// Shared broadcasts of single keys under each prefix (the part up to the last `/`).
     keyed: HashMap<(Token, Vec<u8>), usize>,
+    /// The catch-up broadcasts (not shared) of each range, for each token.
+    catching_up: HashMap<(Token, Vec<u8>, Vec<u8>), Vec<u64>>,
     permissions: HashMap<(Token, Vec<u8>, Vec<u8>), Permission>,
 }
 
 impl State {
     /// The shared broadcast of `range` a watcher from `start` can join: one that has not gone
     /// past its start.
+    ///
+    /// A watcher from an older revision (one catching up, or a parked one watching again) joins
+    /// a catch-up broadcast of the range that has not gone past its start either, the one
+    /// nearest to it: watchers parked together catch up together, on one upstream watcher.
     fn joinable(&self, range: &(Token, Vec<u8>, Vec<u8>), start: i64) -> Option<u64> {
-        let id = *self.shared.get(range)?;
-        let b = self.broadcasts.get(&id)?;
-        let fits = if b.upstream_id.is_none() && b.next_rev == 0 {
-            // Not created yet, from now: only a watcher from now may join.
-            start == 0
-        } else {
-            start == 0 || start >= b.next_rev
-        };
-        fits.then_some(id)
+        let shared = self.shared.get(range).copied().filter(|id| {
+            self.broadcasts.get(id).is_some_and(|b| {
+                if b.upstream_id.is_none() && b.next_rev == 0 {
+                    // Not created yet, from now: only a watcher from now may join.
+                    start == 0
+                } else {
+                    start == 0 || start >= b.next_rev
+                }
+            })
+        });
+        if shared.is_some() || start == 0 {
+            return shared;
+        }
+        self.catching_up
+            .get(range)?
+            .iter()
+            .filter_map(|id| Some((*id, self.broadcasts.get(id)?.next_rev)))
+            .filter(|(_, next_rev)| *next_rev > 0 && *next_rev <= start)
+            .max_by_key(|(_, next_rev)| *next_rev)
+            .map(|(id, _)| id)
     }
 }
 
@@ -380,6 +397,14 @@ impl Broker {
             return;
         };
         let range = (b.token.clone(), b.key.clone(), b.range_end.clone());
+        if !b.shared {
+            if let Some(ids) = state.catching_up.get_mut(&range) {
+                ids.retain(|id| *id != broadcast);
+                if ids.is_empty() {
+                    state.catching_up.remove(&range);
+                }
+            }
+        }
         if b.shared && state.shared.get(&range) == Some(&broadcast) {
             state.shared.remove(&range);
             if b.range_end.is_empty() {
@@ -600,6 +625,8 @@ impl Broker {
                             *state.keyed.entry((token.clone(), prefix)).or_default() += 1;
                         }
                     }
+                } else {
+                    state.catching_up.entry(range).or_default().push(id);
                 }
                 state.broadcasts.insert(
                     id,
