@@ -648,7 +648,7 @@ fn final_proxy_reads(cluster: &Cluster, reads: &[crate::proxy::ProxyRead]) -> Ve
     match final_history(cluster) {
         Ok(changes) => check::proxy_reads::check(reads, &changes),
         Err(detail) => Verdict {
-            name: "proxy reads",
+            name: "proxy-reads",
             ok: false,
             detail,
         },

@@ -6,8 +6,11 @@
 //! - A broadcast remembers the next revision it wants (`next_rev`): one past the last event it
 //!   delivered, or past the revision a progress notification vouched for. A new client watcher
 //!   whose start revision is 0 or not older than that joins the broadcast (events before its
-//!   start are not sent to it); an older start gets a broadcast of its own, upstream from that
-//!   revision, which merges into the shared one once it has caught up.
+//!   start are not sent to it); an older start joins a catch-up broadcast of the range that has
+//!   not gone past it, or gets one of its own, upstream from that revision; a catch-up
+//!   broadcast merges into the shared one once it has caught up.
+//! - A broadcast of a prefix shared by many single-key watchers finds each event's watchers
+//!   through an index by key.
 //! - A client stream's answers go through one bounded queue. A watcher whose queue is full is
 //!   taken off its broadcast (the others go on) and *parked* at the revision it missed; once the
 //!   client has read half the queue, it watches again from that revision.

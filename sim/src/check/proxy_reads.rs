@@ -9,7 +9,7 @@ use super::Verdict;
 use crate::proxy::ProxyRead;
 use crate::watches::Change;
 
-const NAME: &str = "proxy reads";
+const NAME: &str = "proxy-reads";
 
 pub fn check(reads: &[ProxyRead], history: &[Change]) -> Verdict {
     let mut by_key: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
