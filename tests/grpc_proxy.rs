@@ -300,6 +300,23 @@ fn every_service_answers_through_the_proxy_as_from_the_member() {
         refused.contains("etcdserver: mvcc: required revision is a future revision"),
         "{refused}"
     );
+    // A write's error too (writes pass through as bytes: the member's status and trailers).
+    let no_lease = ["put", "k9", "v9", "--lease", "1234"];
+    let error_line = |out: String| {
+        out.lines()
+            .filter(|l| l.starts_with("Error:"))
+            .collect::<String>()
+    };
+    let through = error_line(common::fails(etcdctl(&p, &no_lease)));
+    assert_eq!(through, "Error: etcdserver: requested lease not found");
+    assert_eq!(through, error_line(common::fails(etcdctl(&m, &no_lease))));
+    // A write's answer as the member gives it: its header names the revision it made.
+    let put: serde_json::Value =
+        serde_json::from_str(&ok(etcdctl(&p, &["put", "k1", "v1", "-w", "json"]))).expect("json");
+    let got: serde_json::Value =
+        serde_json::from_str(&ok(etcdctl(&m, &["get", "k1", "-w", "json"]))).expect("json");
+    assert_eq!(put["header"]["revision"], got["kvs"][0]["mod_revision"]);
+    assert_eq!(put["header"]["cluster_id"], got["header"]["cluster_id"]);
     let revision = ok(etcdctl(&p, &["get", "k1", "-w", "json"]));
     let revision: serde_json::Value = serde_json::from_str(&revision).expect("json");
     let revision = revision["header"]["revision"].as_i64().expect("revision");

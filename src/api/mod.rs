@@ -17,7 +17,7 @@ mod limit;
 mod maintenance;
 mod serve;
 mod status;
-mod unary;
+pub(crate) mod unary;
 mod watch;
 
 pub use auth::{AuthService, PeerCommonName, AUTHORIZATION, TOKEN_METADATA};

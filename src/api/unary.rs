@@ -26,7 +26,7 @@ use super::{ok_trailers, GRPC_ENCODING};
 use crate::server::{KvServer, ServerError};
 
 /// gRPC's length-prefixed message header: a compression flag and a big-endian length.
-const GRPC_HEADER_BYTES: usize = 5;
+pub(crate) const GRPC_HEADER_BYTES: usize = 5;
 const GRPC_CONTENT_TYPE: &str = "application/grpc";
 
 /// The KV methods this path answers.
@@ -186,7 +186,7 @@ impl Drop for Unanswered {
 const CANCELED_CODE: usize = 1;
 
 /// An uncompressed gRPC request: the ones this path decodes.
-fn takes(headers: &HeaderMap) -> bool {
+pub(crate) fn takes(headers: &HeaderMap) -> bool {
     // `application/grpc`, `application/grpc+proto` and the like; not `application/grpc-web`.
     let grpc = headers
         .get(http::header::CONTENT_TYPE)
@@ -199,7 +199,7 @@ fn takes(headers: &HeaderMap) -> bool {
     grpc && identity
 }
 
-enum Read {
+pub(crate) enum Read {
     /// The whole body: exactly one uncompressed message of at most the limit, with its header.
     Message(Bytes),
     /// Anything else: `head` holds the data read, `held` a frame or error read after it (not
@@ -211,10 +211,10 @@ enum Read {
     },
 }
 
-type Held = Result<Frame<Bytes>, tonic::Status>;
+pub(crate) type Held = Result<Frame<Bytes>, tonic::Status>;
 
 /// Reads the body while it can still be a single uncompressed message within `limit`.
-async fn read_message(mut body: Body, limit: usize) -> Read {
+pub(crate) async fn read_message(mut body: Body, limit: usize) -> Read {
     let mut head = BytesMut::new();
     let mut first: Option<Bytes> = None;
     loop {
@@ -314,7 +314,7 @@ fn reply<M: Message>(result: Result<M, ServerError>) -> http::Response<Body> {
     }
     let mut response = http::Response::new(Body::new(OneMessage {
         message: Some(framed.freeze()),
-        trailers_sent: false,
+        trailers: Some(ok_trailers()),
     }));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -323,10 +323,11 @@ fn reply<M: Message>(result: Result<M, ServerError>) -> http::Response<Body> {
     response
 }
 
-/// A response body: one framed message, then the trailers of a successful call.
-struct OneMessage {
-    message: Option<Bytes>,
-    trailers_sent: bool,
+/// A body of one framed message (if any), then its trailers (if any): a successful call's
+/// response, a unary request.
+pub(crate) struct OneMessage {
+    pub message: Option<Bytes>,
+    pub trailers: Option<HeaderMap>,
 }
 
 impl HttpBody for OneMessage {
@@ -340,15 +341,11 @@ impl HttpBody for OneMessage {
         if let Some(message) = self.message.take() {
             return Poll::Ready(Some(Ok(Frame::data(message))));
         }
-        if self.trailers_sent {
-            return Poll::Ready(None);
-        }
-        self.trailers_sent = true;
-        Poll::Ready(Some(Ok(Frame::trailers(ok_trailers()))))
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.message.is_none() && self.trailers_sent
+        self.message.is_none() && self.trailers.is_none()
     }
 
     // No exact size hint: hyper would send it as `content-length`, which tonic's answers lack.
@@ -356,10 +353,10 @@ impl HttpBody for OneMessage {
 
 /// A request body handed on after part of it was read: the data read, the frame or error
 /// read after it, then the rest.
-struct Prefixed {
-    head: Option<Bytes>,
-    held: Option<Held>,
-    rest: Option<Body>,
+pub(crate) struct Prefixed {
+    pub head: Option<Bytes>,
+    pub held: Option<Held>,
+    pub rest: Option<Body>,
 }
 
 impl HttpBody for Prefixed {

@@ -9,6 +9,7 @@ pub mod kv;
 pub mod lease;
 pub mod namespace;
 pub mod register;
+pub mod unary;
 pub mod upstream;
 pub mod watch;
 
@@ -226,20 +227,25 @@ impl Proxy {
         }))
     }
 
+    /// The KV service.
+    pub fn kv(&self) -> kv::ProxyKv {
+        kv::ProxyKv {
+            up: self.up.clone(),
+            cache: self.cache.clone(),
+            seen: self.seen.clone(),
+            ns: self.ns.clone(),
+        }
+    }
+
     /// The gRPC services and `/health`, `/metrics`, on one router (HTTP/2 and HTTP/1.1).
     pub fn router(self: &Arc<Self>, max_decode: usize) -> Router {
         let forward = forward::Passthrough {
             up: self.up.clone(),
             seen: self.seen.clone(),
         };
-        let kv = KvServer::new(kv::ProxyKv {
-            up: self.up.clone(),
-            cache: self.cache.clone(),
-            seen: self.seen.clone(),
-            ns: self.ns.clone(),
-        })
-        .max_decoding_message_size(max_decode)
-        .max_encoding_message_size(usize::MAX);
+        let kv = KvServer::new(self.kv())
+            .max_decoding_message_size(max_decode)
+            .max_encoding_message_size(usize::MAX);
         let watch = WatchServer::new(watch::ProxyWatch {
             broker: self.broker.clone(),
             ns: self.ns.clone(),
@@ -360,7 +366,11 @@ async fn serve(flags: GrpcProxyFlags) -> Result<(), String> {
         .map_err(|e| format!("listen tcp {}: {e}", flags.listen_addr))?;
     tracing::info!(%addr, endpoints = ?proxy.up.endpoints(), tls = client_tls.is_some(), "grpc-proxy serving client requests");
     let max_decode = flags.max_send_bytes + crate::api::GRPC_OVERHEAD_BYTES;
-    let service = tonic::service::Routes::from(proxy.router(max_decode)).prepare();
+    // KV calls take the short path; the rest go to the routed services.
+    let service = tower_layer::Layer::layer(
+        &unary::ProxyUnaryLayer::new(proxy.kv(), max_decode),
+        tonic::service::Routes::from(proxy.router(max_decode)).prepare(),
+    );
     let max_streams = Some(flags.max_concurrent_streams)
         .filter(|n| *n > 0)
         .unwrap_or(u32::MAX);
