@@ -20,6 +20,7 @@ use quorumkv::proto::etcdserverpb::{
     RangeRequest, RangeResponse, WatchCreateRequest, WatchProgressRequest, WatchRequest,
 };
 use quorumkv::proxy::broker::Broker;
+use quorumkv::watch::WatchOut;
 use quorumkv::proxy::cache::RangeCache;
 use quorumkv::proxy::metrics::ProxyMetrics;
 use quorumkv::proxy::port::{ClusterPort, Opened, PortFuture};
@@ -397,7 +398,8 @@ pub async fn proxy_watch_client(
         let mut cut_short = false;
         loop {
             tokio::select! {
-                answer = answers.next() => match answer {
+                // Answers in shared encoded parts decoded, as the client's gRPC would.
+                answer = answers.next() => match answer.map(|a| a.map(WatchOut::into_response)) {
                     Some(Ok(answer)) if !answer.canceled => {
                         if answer.created {
                             continue;

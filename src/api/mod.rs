@@ -18,7 +18,7 @@ mod maintenance;
 mod serve;
 mod status;
 pub(crate) mod unary;
-mod watch;
+pub(crate) mod watch;
 
 pub use auth::{AuthService, PeerCommonName, AUTHORIZATION, TOKEN_METADATA};
 pub use cluster::ClusterService;

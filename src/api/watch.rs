@@ -69,15 +69,8 @@ where
             if let Err(e) = server.refuse_learner() {
                 return Ok(super::to_status(e).into_http());
             }
-            // As tonic answers a request compressed in a way it does not take.
-            if let Some(encoding) = req.headers().get(super::GRPC_ENCODING) {
-                if encoding.as_bytes() != b"identity" {
-                    let name = String::from_utf8_lossy(encoding.as_bytes()).into_owned();
-                    let status = Status::unimplemented(format!(
-                        "Content is compressed with `{name}` which isn't supported"
-                    ));
-                    return Ok(status.into_http());
-                }
+            if let Some(status) = refuse_compressed(req.headers()) {
+                return Ok(status.into_http());
             }
             let (parts, body) = req.into_parts();
             let headers = parts.headers;
@@ -110,36 +103,101 @@ where
                 inbound,
                 ended_with.clone(),
             ));
-            let mut response = http::Response::new(tonic::body::Body::new(WatchBody {
+            Ok(WatchBody::response(MemberAnswers {
                 queue: rx,
-                buf: BytesMut::new(),
-                trailers_sent: false,
                 ended_with,
-            }));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/grpc"),
-            );
-            Ok(response)
+            }))
         })
     }
 }
 
-/// A watch stream's responses: what its queue holds, as gRPC messages, as many as are ready
-/// (up to `WRITE_BUFFER` bytes) in one DATA frame; then `grpc-status: 0` once the queue is
-/// closed (the stream's requests ended and its watchers are gone), or the status the requests
-/// failed with (a message over the size limit, say).
-struct WatchBody {
+/// A request compressed in a way the server does not take: refused as tonic refuses it.
+pub(crate) fn refuse_compressed(headers: &http::HeaderMap) -> Option<Status> {
+    let encoding = headers.get(super::GRPC_ENCODING)?;
+    if encoding.as_bytes() == b"identity" {
+        return None;
+    }
+    let name = String::from_utf8_lossy(encoding.as_bytes()).into_owned();
+    Some(Status::unimplemented(format!(
+        "Content is compressed with `{name}` which isn't supported"
+    )))
+}
+
+/// Where a watch stream's answers come from.
+pub(crate) trait AnswerSource: Send + Unpin + 'static {
+    /// Writes the next answer into `buf` as a gRPC message: `Ready(Some(Ok(())))`. At the end:
+    /// `Ready(None)`, or `Ready(Some(Err(status)))` to end the call with that status.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<Option<Result<(), Status>>>;
+}
+
+/// A member's watch stream: what its queue holds, then the status its requests failed with
+/// (a message over the size limit, say), if they did.
+struct MemberAnswers {
     queue: WatchReceiver,
-    buf: BytesMut,
-    trailers_sent: bool,
     ended_with: EndedWith,
 }
 
 /// The status a stream's requests failed with, if they did.
 type EndedWith = Arc<Mutex<Option<Status>>>;
 
-impl Body for WatchBody {
+impl AnswerSource for MemberAnswers {
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<Option<Result<(), Status>>> {
+        match self.queue.poll_queued(cx) {
+            Poll::Ready(Some(queued)) => {
+                queued.write_grpc(buf);
+                Poll::Ready(Some(Ok(())))
+            }
+            Poll::Ready(None) => Poll::Ready(
+                self.ended_with
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .map(Err),
+            ),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A watch stream's response body: its answers as gRPC messages, as many as are ready (up to
+/// `WRITE_BUFFER` bytes) in one DATA frame; then `grpc-status: 0` once they end, or the status
+/// they ended with.
+pub(crate) struct WatchBody<A> {
+    answers: A,
+    buf: BytesMut,
+    /// The answers ended (`failed`: with this status).
+    finished: bool,
+    failed: Option<Status>,
+    trailers_sent: bool,
+}
+
+impl<A: AnswerSource> WatchBody<A> {
+    /// A watch call's response, its body these answers.
+    pub(crate) fn response(answers: A) -> http::Response<tonic::body::Body> {
+        let mut response = http::Response::new(tonic::body::Body::new(WatchBody {
+            answers,
+            buf: BytesMut::new(),
+            finished: false,
+            failed: None,
+            trailers_sent: false,
+        }));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        response
+    }
+}
+
+impl<A: AnswerSource> Body for WatchBody<A> {
     type Data = Bytes;
     type Error = Status;
 
@@ -151,28 +209,22 @@ impl Body for WatchBody {
         if this.trailers_sent {
             return Poll::Ready(None);
         }
-        let ended = loop {
-            if this.buf.len() >= WRITE_BUFFER {
-                break false;
-            }
-            match this.queue.poll_queued(cx) {
-                Poll::Ready(Some(queued)) => queued.write_grpc(&mut this.buf),
-                Poll::Ready(None) => break true,
+        while !this.finished && this.buf.len() < WRITE_BUFFER {
+            match this.answers.poll_write(cx, &mut this.buf) {
+                Poll::Ready(Some(Ok(()))) => {}
+                Poll::Ready(end) => {
+                    this.finished = true;
+                    this.failed = end.and_then(Result::err);
+                }
                 Poll::Pending if this.buf.is_empty() => return Poll::Pending,
-                Poll::Pending => break false,
+                Poll::Pending => break,
             }
-        };
+        }
         if !this.buf.is_empty() {
             return Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze()))));
         }
-        debug_assert!(ended);
         this.trailers_sent = true;
-        let failed = this
-            .ended_with
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let trailers = match failed {
+        let trailers = match this.failed.take() {
             // Its grpc-status and grpc-message, as trailers.
             Some(status) => {
                 let headers = status

@@ -42,6 +42,13 @@ use crate::proto::etcdserverpb::{
     WatchRequest, WatchResponse,
 };
 use crate::proto::mvccpb::event::EventType;
+use crate::proto::mvccpb::Event;
+use crate::watch::WatchOut;
+
+/// A client stream's answers, in order: an event answer whose events other watchers got
+/// alike is in encoded parts shared with them (`WatchOut::Shared`).
+pub type ClientAnswers =
+    std::pin::Pin<Box<dyn Stream<Item = Result<WatchOut, Status>> + Send + 'static>>;
 
 /// Answers queued to one client stream, at most; a watcher that would go past it is parked.
 pub const CLIENT_QUEUE: usize = 1024;
@@ -61,7 +68,7 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 /// they are never lost and always in order with the events.
 #[derive(Clone)]
 struct ClientTx {
-    tx: mpsc::UnboundedSender<Result<WatchResponse, Status>>,
+    tx: mpsc::UnboundedSender<Result<WatchOut, Status>>,
     queued_events: Arc<AtomicUsize>,
     /// Event answers it holds at most (`CLIENT_QUEUE`; the simulator makes it small).
     limit: usize,
@@ -76,10 +83,7 @@ enum NotQueued {
 impl ClientTx {
     fn new(
         limit: usize,
-    ) -> (
-        ClientTx,
-        mpsc::UnboundedReceiver<Result<WatchResponse, Status>>,
-    ) {
+    ) -> (ClientTx, mpsc::UnboundedReceiver<Result<WatchOut, Status>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             ClientTx {
@@ -93,10 +97,10 @@ impl ClientTx {
 
     /// Queues an answer that is not an event; `false` when the client has gone.
     fn control(&self, answer: Result<WatchResponse, Status>) -> bool {
-        self.tx.send(answer).is_ok()
+        self.tx.send(answer.map(WatchOut::Response)).is_ok()
     }
 
-    fn event(&self, answer: WatchResponse) -> Result<(), NotQueued> {
+    fn event(&self, answer: WatchOut) -> Result<(), NotQueued> {
         if self.queued_events.load(Ordering::Relaxed) >= self.limit {
             return Err(NotQueued::Full);
         }
@@ -176,6 +180,96 @@ impl KeyIndex {
 
 /// Above this many subscribers, a broadcast finds an event's watchers through its `KeyIndex`.
 const INDEX_AFTER: usize = 16;
+
+/// One upstream answer on its way to a broadcast's subscribers.
+struct Delivery<'a> {
+    response: &'a WatchResponse,
+    /// The revision of its first event.
+    first_rev: i64,
+    shared: SharedParts,
+    delivered: u64,
+    /// Subscribers whose queue was full: (stream, watch id, the revision they missed).
+    full: Vec<(u64, i64, i64)>,
+}
+
+/// The encodings of an answer's parts that subscribers given all its events share: the
+/// header, and the events with and without their previous values; each made when first needed.
+#[derive(Default)]
+struct SharedParts {
+    header: Option<bytes::Bytes>,
+    events: [Option<bytes::Bytes>; 2],
+}
+
+impl Delivery<'_> {
+    /// Sends `s` the events of the answer that are its own.
+    fn offer(&mut self, s: &mut Subscriber) {
+        let wanted = |e: &Event| {
+            let put = e.r#type == EventType::Put as i32;
+            e.kv.as_ref().is_some_and(|kv| {
+                kv.mod_revision >= s.min_rev && s.own_key.as_ref().is_none_or(|own| *own == kv.key)
+            }) && !(put && s.no_put || !put && s.no_delete)
+        };
+        let events = &self.response.events;
+        let taken = events.iter().filter(|e| wanted(e)).count();
+        if taken == 0 {
+            return;
+        }
+        let answer = if taken == events.len() {
+            // All of them, as others get them: from the parts encoded once.
+            let keep_prev = s.prev_kv || events.iter().all(|e| e.prev_kv.is_none());
+            let header = self.shared.header.get_or_insert_with(|| {
+                crate::watch::encode_header_field(self.response.header.as_ref())
+            });
+            let header = header.clone();
+            let encoded = self.shared.events[usize::from(keep_prev)].get_or_insert_with(|| {
+                if keep_prev {
+                    crate::watch::encode_events_field(events.iter())
+                } else {
+                    let bare: Vec<Event> = events
+                        .iter()
+                        .map(|e| Event {
+                            prev_kv: None,
+                            ..e.clone()
+                        })
+                        .collect();
+                    crate::watch::encode_events_field(bare.iter())
+                }
+            });
+            WatchOut::Shared {
+                header,
+                watch_id: s.watch_id,
+                events: encoded.clone(),
+            }
+        } else {
+            // Some of them (a key of its own under a shared prefix, a filter): its own answer.
+            WatchOut::Response(WatchResponse {
+                header: self.response.header,
+                watch_id: s.watch_id,
+                events: events
+                    .iter()
+                    .filter(|e| wanted(e))
+                    .map(|e| {
+                        let mut e = e.clone();
+                        if !s.prev_kv {
+                            e.prev_kv = None;
+                        }
+                        e
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        match s.tx.event(answer) {
+            Ok(()) => self.delivered += 1,
+            Err(NotQueued::Full) => {
+                self.full
+                    .push((s.stream, s.watch_id, self.first_rev.max(s.min_rev)))
+            }
+            // The client is gone: its stream's end takes it off.
+            Err(NotQueued::Closed) => {}
+        }
+    }
+}
 
 /// A client watcher off its broadcast because its stream's queue was full.
 #[derive(Clone)]
@@ -751,74 +845,52 @@ impl Broker {
         response: &WatchResponse,
         events_coalesced: &prometheus::IntCounter,
     ) -> Vec<(u64, i64, i64)> {
-        let mut full = Vec::new();
-        let first_rev = response
-            .events
-            .first()
-            .and_then(|e| e.kv.as_ref())
-            .map(|kv| kv.mod_revision)
-            .unwrap_or(0);
-        let mut delivered = 0u64;
-        let targets: Vec<usize> = if b.subscribers.len() > INDEX_AFTER {
-            let index = b.index.get_or_insert_with(|| KeyIndex::of(&b.subscribers));
-            let mut targets = index.whole.clone();
-            let mut keys = std::collections::HashSet::new();
-            for kv in response.events.iter().filter_map(|e| e.kv.as_ref()) {
-                if keys.insert(kv.key.as_slice()) {
-                    if let Some(wanting) = index.by_key.get(&kv.key) {
-                        targets.extend_from_slice(wanting);
+        let mut delivery = Delivery {
+            response,
+            first_rev: response
+                .events
+                .first()
+                .and_then(|e| e.kv.as_ref())
+                .map(|kv| kv.mod_revision)
+                .unwrap_or(0),
+            shared: SharedParts::default(),
+            delivered: 0,
+            full: Vec::new(),
+        };
+        if b.subscribers.len() > INDEX_AFTER {
+            // Those of the whole range, then those of each key the events name (once a key).
+            let Broadcast {
+                index, subscribers, ..
+            } = b;
+            let index = index.get_or_insert_with(|| KeyIndex::of(subscribers));
+            for &i in &index.whole {
+                if let Some(s) = subscribers.get_mut(i) {
+                    delivery.offer(s);
+                }
+            }
+            for (n, kv) in response.events.iter().filter_map(|e| e.kv.as_ref()).enumerate() {
+                let earlier = &response.events[..n];
+                if earlier
+                    .iter()
+                    .any(|e| e.kv.as_ref().is_some_and(|k| k.key == kv.key))
+                {
+                    continue;
+                }
+                for &i in index.by_key.get(&kv.key).into_iter().flatten() {
+                    if let Some(s) = subscribers.get_mut(i) {
+                        delivery.offer(s);
                     }
                 }
             }
-            targets
         } else {
-            (0..b.subscribers.len()).collect()
-        };
-        for i in targets {
-            let Some(s) = b.subscribers.get_mut(i) else {
-                continue;
-            };
-            let events: Vec<_> = response
-                .events
-                .iter()
-                .filter(|e| {
-                    e.kv.as_ref().is_some_and(|kv| {
-                        kv.mod_revision >= s.min_rev
-                            && s.own_key.as_ref().is_none_or(|own| *own == kv.key)
-                    })
-                })
-                .filter(|e| {
-                    let put = e.r#type == EventType::Put as i32;
-                    !(put && s.no_put || !put && s.no_delete)
-                })
-                .map(|e| {
-                    let mut e = e.clone();
-                    if !s.prev_kv {
-                        e.prev_kv = None;
-                    }
-                    e
-                })
-                .collect();
-            if events.is_empty() {
-                continue;
-            }
-            let answer = WatchResponse {
-                header: response.header,
-                watch_id: s.watch_id,
-                events,
-                ..Default::default()
-            };
-            match s.tx.event(answer) {
-                Ok(()) => delivered += 1,
-                Err(NotQueued::Full) => full.push((s.stream, s.watch_id, first_rev.max(s.min_rev))),
-                // The client is gone: its stream's end takes it off.
-                Err(NotQueued::Closed) => {}
+            for s in &mut b.subscribers {
+                delivery.offer(s);
             }
         }
-        if delivered > 1 {
-            events_coalesced.inc_by((delivered - 1) * response.events.len() as u64);
+        if delivery.delivered > 1 {
+            events_coalesced.inc_by((delivery.delivered - 1) * response.events.len() as u64);
         }
-        full
+        delivery.full
     }
 
     /// One answer from upstream.
@@ -1201,7 +1273,7 @@ impl Broker {
         self: &Arc<Self>,
         credentials: MetadataMap,
         mut inbound: impl Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
-    ) -> Answers {
+    ) -> ClientAnswers {
         let (tx, rx) = ClientTx::new(self.client_queue);
         let queued_events = tx.queued_events.clone();
         let broker = self.clone();
@@ -1259,7 +1331,12 @@ impl Broker {
         });
         // An event answer leaves the queue's count as the client takes it.
         let answers = UnboundedReceiverStream::new(rx).map(move |answer| {
-            if matches!(&answer, Ok(a) if !a.events.is_empty()) {
+            let event = match &answer {
+                Ok(WatchOut::Response(a)) => !a.events.is_empty(),
+                Ok(WatchOut::Shared { .. }) => true,
+                Err(_) => false,
+            };
+            if event {
                 queued_events.fetch_sub(1, Ordering::Relaxed);
             }
             answer

@@ -82,6 +82,24 @@ fn encode_shared(header: &Bytes, watch_id: i64, events: &Bytes, buf: &mut impl b
     buf.put_slice(events);
 }
 
+/// `header` as a response's `header` field, a part of `WatchOut::Shared` (nothing for none).
+pub fn encode_header_field(header: Option<&ResponseHeader>) -> Bytes {
+    let mut buf = BytesMut::new();
+    if let Some(header) = header {
+        prost::encoding::message::encode(HEADER_FIELD, header, &mut buf);
+    }
+    buf.freeze()
+}
+
+/// `events` as a response's `events` fields, a part of `WatchOut::Shared`.
+pub fn encode_events_field<'a>(events: impl Iterator<Item = &'a Event>) -> Bytes {
+    let mut buf = BytesMut::new();
+    for event in events {
+        prost::encoding::message::encode(EVENTS_FIELD, event, &mut buf);
+    }
+    buf.freeze()
+}
+
 pub const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
 pub const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 

@@ -31,7 +31,6 @@ use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::kv_server::KvServer;
 use crate::proto::etcdserverpb::lease_server::LeaseServer;
 use crate::proto::etcdserverpb::maintenance_server::MaintenanceServer;
-use crate::proto::etcdserverpb::watch_server::WatchServer;
 use crate::proto::etcdserverpb::RangeRequest;
 use crate::proto::v3electionpb::election_server::ElectionServer;
 use crate::proto::v3lockpb::lock_server::LockServer;
@@ -246,12 +245,11 @@ impl Proxy {
         let kv = KvServer::new(self.kv())
             .max_decoding_message_size(max_decode)
             .max_encoding_message_size(usize::MAX);
-        let watch = WatchServer::new(watch::ProxyWatch {
+        let watch = watch::ProxyWatch {
             broker: self.broker.clone(),
             ns: self.ns.clone(),
-        })
-        .max_decoding_message_size(max_decode)
-        .max_encoding_message_size(usize::MAX);
+            max_decoding_message_size: max_decode,
+        };
         let lease = LeaseServer::new(lease::ProxyLease {
             up: self.up.clone(),
             seen: self.seen.clone(),
