@@ -81,9 +81,7 @@ enum NotQueued {
 }
 
 impl ClientTx {
-    fn new(
-        limit: usize,
-    ) -> (ClientTx, mpsc::UnboundedReceiver<Result<WatchOut, Status>>) {
+    fn new(limit: usize) -> (ClientTx, mpsc::UnboundedReceiver<Result<WatchOut, Status>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             ClientTx {
@@ -294,6 +292,8 @@ struct Feed {
     creating: VecDeque<u64>,
     /// Client streams are waiting for the upstream's progress answer.
     progress_asked: bool,
+    /// The broadcasts of its token (the feed is let go when none is left).
+    broadcasts: usize,
     /// Wakes its task: a broadcast or a progress request waits for the stream.
     wake: Arc<Notify>,
 }
@@ -519,6 +519,7 @@ impl Broker {
         let Some(feed) = state.feeds.get_mut(&b.token) else {
             return;
         };
+        feed.broadcasts = feed.broadcasts.saturating_sub(1);
         // Its task closes the stream once nothing is left on it.
         feed.wake.notify_one();
         if let Some(id) = b.upstream_id {
@@ -740,7 +741,7 @@ impl Broker {
                         drop_next_events: false,
                     },
                 );
-                self.feed(&mut state, &token);
+                self.feed(&mut state, &token).broadcasts += 1;
                 self.create_upstream(&mut state, id);
                 id
             }
@@ -868,7 +869,12 @@ impl Broker {
                     delivery.offer(s);
                 }
             }
-            for (n, kv) in response.events.iter().filter_map(|e| e.kv.as_ref()).enumerate() {
+            for (n, kv) in response
+                .events
+                .iter()
+                .filter_map(|e| e.kv.as_ref())
+                .enumerate()
+            {
                 let earlier = &response.events[..n];
                 if earlier
                     .iter()
@@ -1133,7 +1139,7 @@ impl Broker {
         loop {
             let wanted = {
                 let mut state = self.lock();
-                let wanted = state.broadcasts.values().any(|b| b.token == token)
+                let wanted = state.feeds.get(&token).is_some_and(|f| f.broadcasts > 0)
                     || state
                         .streams
                         .values()
@@ -1240,8 +1246,10 @@ impl Broker {
         loop {
             let idle = {
                 let state = self.lock();
-                !state.broadcasts.values().any(|b| b.token == *token)
-                    && !state.feeds.get(token).is_some_and(|f| f.progress_asked)
+                !state
+                    .feeds
+                    .get(token)
+                    .is_some_and(|f| f.broadcasts > 0 || f.progress_asked)
             };
             if idle {
                 return Ok(FeedEnd::Idle);

@@ -55,6 +55,25 @@ macro_rules! upstream_call {
 }
 pub(crate) use upstream_call;
 
+/// `upstream_call!`, and the revision of its answer recorded as one the proxy has shown: a
+/// write (a lease revoked, a lock released) moves it, and the read cache must not answer from
+/// before it.
+macro_rules! shown_call {
+    ($self:ident, $request:expr, $client:ident, $method:ident, $retry:expr) => {{
+        let answer: Result<Response<_>, Status> = $crate::proxy::grpc::forward::upstream_call!(
+            $self.up, $request, $client, $method, $retry
+        );
+        answer.inspect(|answer| {
+            if let Some(header) = &answer.get_ref().header {
+                $self
+                    .seen
+                    .fetch_max(header.revision, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    }};
+}
+pub(crate) use shown_call;
+
 /// `impl $trait for $ty`: the unary methods listed passed through (each with its retry rule),
 /// then the items given as they are.
 macro_rules! pass {
@@ -65,16 +84,7 @@ macro_rules! pass {
         impl $trait for $ty {
             $(
                 async fn $method(&self, request: Request<$req>) -> Result<Response<$resp>, Status> {
-                    let answer: Result<Response<$resp>, Status> =
-                        upstream_call!(self.up, request, $client, $method, $retry);
-                    let answer = answer?;
-                    // A write here (a lease revoked, a lock released) moves the revision the
-                    // proxy has shown: the read cache must not answer from before it.
-                    if let Some(header) = &answer.get_ref().header {
-                        self.seen
-                            .fetch_max(header.revision, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Ok(answer)
+                    $crate::proxy::grpc::forward::shown_call!(self, request, $client, $method, $retry)
                 }
             )*
             $($extra)*

@@ -1,12 +1,12 @@
 //! KV through the proxy. Writes and linearizable reads go upstream; serializable reads go
 //! through the read cache (`proxy::cache`).
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::forward::{pass, upstream_call};
+use super::forward::{pass, shown_call};
 use super::namespace::{Namespace, Namespaced};
 use super::upstream::{carry, endpoint_gone, Upstream};
 use crate::proto::etcdserverpb::kv_client::KvClient;
@@ -32,11 +32,8 @@ macro_rules! write_call {
             request.get_mut().enter(&$self.ns);
         }
         let answer: Result<Response<_>, Status> =
-            upstream_call!($self.up, request, KvClient, $method, false);
+            shown_call!($self, request, KvClient, $method, false);
         let mut answer = answer?;
-        if let Some(header) = &answer.get_ref().header {
-            $self.seen.fetch_max(header.revision, Ordering::Relaxed);
-        }
         if !$self.ns.is_empty() {
             answer.get_mut().leave(&$self.ns);
         }
