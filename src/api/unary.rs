@@ -296,10 +296,14 @@ async fn answer(
 /// A successful answer as headers, one message and `grpc-status: 0`; an error as gRPC's
 /// trailers-only response, as tonic sends it.
 fn reply<M: Message>(result: Result<M, ServerError>) -> http::Response<Body> {
-    let message = match result {
-        Ok(message) => message,
-        Err(e) => return to_status(e).into_http(),
-    };
+    match result {
+        Ok(message) => framed(&message),
+        Err(e) => to_status(e).into_http(),
+    }
+}
+
+/// `message` as a successful call's response: headers, the message, `grpc-status: 0`.
+pub(crate) fn framed<M: Message>(message: &M) -> http::Response<Body> {
     let len = message.encoded_len();
     let mut framed = BytesMut::with_capacity(GRPC_HEADER_BYTES + len);
     framed.put_u8(0);

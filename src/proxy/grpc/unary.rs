@@ -18,11 +18,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body::Body as HttpBody;
 use prost::Message;
 use tonic::body::Body;
-use tonic::codegen::http::{self, HeaderValue};
+use tonic::codegen::http;
 use tonic::codegen::Service;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
@@ -30,7 +30,9 @@ use tower::ServiceExt;
 
 use super::kv::ProxyKv;
 use super::upstream::endpoint_gone;
-use crate::api::unary::{read_message, takes, OneMessage, Prefixed, Read, GRPC_HEADER_BYTES};
+use crate::api::unary::{
+    framed, read_message, takes, OneMessage, Prefixed, Read, GRPC_HEADER_BYTES,
+};
 use crate::proto::etcdserverpb::{RangeRequest, ResponseHeader};
 
 /// The calls this path takes.
@@ -155,31 +157,6 @@ async fn range(
         Ok(answer) => framed(&answer),
         Err(status) => status.into_http(),
     })
-}
-
-/// `message` as a successful call's response.
-fn framed<M: Message>(message: &M) -> http::Response<Body> {
-    let len = message.encoded_len();
-    let Ok(prefix) = u32::try_from(len) else {
-        return Status::resource_exhausted("response message too large").into_http();
-    };
-    let mut bytes = BytesMut::with_capacity(GRPC_HEADER_BYTES + len);
-    bytes.put_u8(0);
-    bytes.put_u32(prefix);
-    if message.encode(&mut bytes).is_err() {
-        return Status::internal("response message did not encode").into_http();
-    }
-    let mut trailers = http::HeaderMap::with_capacity(1);
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
-    let mut response = http::Response::new(Body::new(OneMessage {
-        message: Some(bytes.freeze()),
-        trailers: Some(trailers),
-    }));
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    response
 }
 
 /// Only the header of a KV write's response (field 1 in each of them): the rest is skipped.
