@@ -20,11 +20,11 @@ use quorumkv::proto::etcdserverpb::{
     RangeRequest, RangeResponse, WatchCreateRequest, WatchProgressRequest, WatchRequest,
 };
 use quorumkv::proxy::broker::Broker;
-use quorumkv::watch::WatchOut;
 use quorumkv::proxy::cache::RangeCache;
 use quorumkv::proxy::metrics::ProxyMetrics;
 use quorumkv::proxy::port::{ClusterPort, Opened, PortFuture};
 use quorumkv::server::KvServer;
+use quorumkv::watch::WatchOut;
 use tokio::sync::mpsc;
 use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codegen::tokio_stream::StreamExt;
