@@ -68,7 +68,9 @@ fn check_txn_ops(req: &TxnRequest, max_txn_ops: usize) -> Result<(), MvccError> 
     Ok(())
 }
 
-/// An interval of deleted keys: `end` empty = the single key, `\0` = to the last key.
+/// An interval of deleted keys, as etcd 3.4 checks a transaction's keys: `end` empty = the single
+/// key; otherwise the keys from `start` up to `end`, compared as they are (so a delete "from
+/// the key on", `end` = `\0`, holds no key here, and etcd lets a put of any key go with it).
 struct Deleted {
     start: Vec<u8>,
     end: Vec<u8>,
@@ -79,61 +81,57 @@ impl Deleted {
         if self.end.is_empty() {
             return key == self.start.as_slice();
         }
-        key >= self.start.as_slice() && (self.end == [0] || key < self.end.as_slice())
+        key >= self.start.as_slice() && key < self.end.as_slice()
     }
 }
 
-/// Returns the (deletes, puts) of a branch, failing on a key written twice within it.
+/// Returns the (deletes, puts) of a branch, failing on a key written twice within it, in
+/// etcd 3.4's order: this level's deletes; then each nested transaction's puts against the puts
+/// and deletes known so far (its two branches may put the same key: one of them runs), its
+/// deletes joining them after; then this level's puts against all of those.
 fn check_branch(ops: &[RequestOp]) -> Result<(Vec<Deleted>, HashSet<Vec<u8>>), MvccError> {
-    let mut deletes = Vec::new();
-    let mut nested_deletes = Vec::new();
-    let mut puts: HashSet<Vec<u8>> = HashSet::new();
-    let mut nested_puts: HashSet<Vec<u8>> = HashSet::new();
-    for op in ops {
-        match &op.request {
-            Some(request_op::Request::RequestPut(put)) => {
-                if !puts.insert(put.key.clone()) {
-                    return Err(MvccError::DuplicateKey);
-                }
-            }
-            Some(request_op::Request::RequestDeleteRange(del)) => deletes.push(Deleted {
+    let mut deletes: Vec<Deleted> = ops
+        .iter()
+        .filter_map(|op| match &op.request {
+            Some(request_op::Request::RequestDeleteRange(del)) => Some(Deleted {
                 start: del.key.clone(),
                 end: del.range_end.clone(),
             }),
-            Some(request_op::Request::RequestTxn(txn)) => {
-                let (success_deletes, success_puts) = check_branch(&txn.success)?;
-                let (failure_deletes, failure_puts) = check_branch(&txn.failure)?;
-                // One of the two nested branches runs: each must not clash with this level.
-                for key in success_puts.iter().chain(&failure_puts) {
-                    if puts.contains(key) || nested_puts.contains(key) {
-                        return Err(MvccError::DuplicateKey);
-                    }
-                }
-                nested_puts.extend(success_puts);
-                nested_puts.extend(failure_puts);
-                nested_deletes.extend(success_deletes);
-                nested_deletes.extend(failure_deletes);
+            _ => None,
+        })
+        .collect();
+    let mut puts: HashSet<Vec<u8>> = HashSet::new();
+    let clashes = |deletes: &[Deleted], key: &[u8]| deletes.iter().any(|d| d.contains(key));
+    for op in ops {
+        let Some(request_op::Request::RequestTxn(txn)) = &op.request else {
+            continue;
+        };
+        let (then_deletes, then_puts) = check_branch(&txn.success)?;
+        let (else_deletes, else_puts) = check_branch(&txn.failure)?;
+        for key in &then_puts {
+            if puts.contains(key) || clashes(&deletes, key) {
+                return Err(MvccError::DuplicateKey);
             }
-            Some(request_op::Request::RequestRange(_)) | None => {}
         }
+        puts.extend(then_puts.iter().cloned());
+        for key in &else_puts {
+            if puts.contains(key) && !then_puts.contains(key) || clashes(&deletes, key) {
+                return Err(MvccError::DuplicateKey);
+            }
+        }
+        puts.extend(else_puts);
+        deletes.extend(then_deletes);
+        deletes.extend(else_deletes);
     }
-    // This level's puts clash with any delete of the branch; nested puts with this level's.
-    for key in &puts {
-        if deletes
-            .iter()
-            .chain(&nested_deletes)
-            .any(|d| d.contains(key))
-        {
+    for op in ops {
+        let Some(request_op::Request::RequestPut(put)) = &op.request else {
+            continue;
+        };
+        if puts.contains(&put.key) || clashes(&deletes, &put.key) {
             return Err(MvccError::DuplicateKey);
         }
+        puts.insert(put.key.clone());
     }
-    for key in &nested_puts {
-        if deletes.iter().any(|d| d.contains(key)) {
-            return Err(MvccError::DuplicateKey);
-        }
-    }
-    puts.extend(nested_puts);
-    deletes.extend(nested_deletes);
     Ok((deletes, puts))
 }
 
@@ -206,6 +204,50 @@ mod tests {
         };
         let req = txn(vec![del("a", "z"), nested], vec![]);
         assert!(matches!(check_txn(&req, 128), Err(MvccError::DuplicateKey)));
+    }
+
+    fn nested(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestTxn(txn(success, failure))),
+        }
+    }
+
+    // Each case below was sent to etcd 3.4.23 through its JSON gateway; the comments say what
+    // it answered.
+    #[test]
+    fn a_put_after_a_nested_put_of_its_key_is_refused() {
+        // Refused: duplicate key.
+        let req = txn(vec![nested(vec![put("k")], vec![]), put("k")], vec![]);
+        assert!(matches!(check_txn(&req, 128), Err(MvccError::DuplicateKey)));
+    }
+
+    #[test]
+    fn a_delete_from_a_key_on_or_an_inverted_range_holds_no_key_for_the_check() {
+        // Both accepted: etcd compares range ends as they are.
+        assert!(check_txn(&txn(vec![del("a", "\0"), put("k")], vec![]), 128).is_ok());
+        assert!(check_txn(&txn(vec![del("z", "a"), put("k")], vec![]), 128).is_ok());
+    }
+
+    #[test]
+    fn nested_transactions_are_checked_in_order() {
+        // A nested put into an earlier nested delete's range: refused.
+        let req = txn(
+            vec![
+                nested(vec![del("a", "z")], vec![]),
+                nested(vec![put("k")], vec![]),
+            ],
+            vec![],
+        );
+        assert!(matches!(check_txn(&req, 128), Err(MvccError::DuplicateKey)));
+        // A nested delete over an earlier nested put: accepted.
+        let req = txn(
+            vec![
+                nested(vec![put("k")], vec![]),
+                nested(vec![del("a", "z")], vec![]),
+            ],
+            vec![],
+        );
+        assert!(check_txn(&req, 128).is_ok());
     }
 
     #[test]

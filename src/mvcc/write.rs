@@ -106,7 +106,7 @@ impl MvccStore {
         };
         let outcome = match request {
             Request::Put(req) => {
-                self.check_put_state(req)?;
+                self.check_put_state(req, false)?;
                 ApplyOutcome::Put(self.put(&mut pending, req)?)
             }
             Request::DeleteRange(req) => {
@@ -214,16 +214,25 @@ impl MvccStore {
         Ok(())
     }
 
-    fn check_put_state(&self, req: &PutRequest) -> Result<(), MvccError> {
-        if req.lease != 0 && !self.leases.contains(req.lease) {
-            return Err(MvccError::LeaseNotFound);
+    /// A put's lease must exist, and so must its key when it keeps its value or lease; when
+    /// both are missing, etcd 3.4 names the lease for a put alone and the key for a put in a
+    /// transaction (`in_txn`).
+    fn check_put_state(&self, req: &PutRequest, in_txn: bool) -> Result<(), MvccError> {
+        let lease = || {
+            if req.lease != 0 && !self.leases.contains(req.lease) {
+                return Err(MvccError::LeaseNotFound);
+            }
+            Ok(())
+        };
+        if !in_txn {
+            lease()?;
         }
         if (req.ignore_value || req.ignore_lease)
             && self.index.get(&req.key, self.current_rev).is_none()
         {
             return Err(MvccError::KeyNotFound);
         }
-        Ok(())
+        lease()
     }
 
     fn put(&mut self, pending: &mut Pending, req: &PutRequest) -> Result<PutResponse, MvccError> {
@@ -452,8 +461,16 @@ impl MvccStore {
         Ok(TxnPath { succeeded, nested })
     }
 
-    /// Everything that could fail on the chosen path fails here, before anything is written.
+    /// Everything that could fail on the chosen path fails here, before anything is written:
+    /// as etcd 3.4 checks it, every put of the path first (a key to keep the value or lease of),
+    /// then every range (a revision compacted or in the future).
     fn check_path(&self, req: &TxnRequest, path: &TxnPath) -> Result<(), MvccError> {
+        self.check_ops(req, path, true)?;
+        self.check_ops(req, path, false)
+    }
+
+    /// The puts (`puts`) or the ranges of the path.
+    fn check_ops(&self, req: &TxnRequest, path: &TxnPath, puts: bool) -> Result<(), MvccError> {
         let branch = if path.succeeded {
             &req.success
         } else {
@@ -462,15 +479,17 @@ impl MvccStore {
         let mut nested = path.nested.iter();
         for op in branch {
             match &op.request {
-                Some(request_op::Request::RequestRange(r)) => {
+                Some(request_op::Request::RequestRange(r)) if !puts => {
                     self.check_read_rev(r.revision, self.current_rev)?;
                 }
-                Some(request_op::Request::RequestPut(r)) => self.check_put_state(r)?,
+                Some(request_op::Request::RequestPut(r)) if puts => {
+                    self.check_put_state(r, true)?
+                }
                 Some(request_op::Request::RequestTxn(inner)) => {
                     let inner_path = nested.next().expect("a path per nested txn");
-                    self.check_path(inner, inner_path)?;
+                    self.check_ops(inner, inner_path, puts)?;
                 }
-                Some(request_op::Request::RequestDeleteRange(_)) | None => {}
+                _ => {}
             }
         }
         Ok(())
@@ -507,17 +526,30 @@ impl MvccStore {
                     });
                     Some(response_op::Response::ResponseRange(resp))
                 }
+                // As etcd: a nested put names the revision it wrote; a nested delete the
+                // revision reads see after it (the one being written once anything was); a
+                // nested transaction an empty header.
                 Some(request_op::Request::RequestPut(r)) => {
-                    Some(response_op::Response::ResponsePut(self.put(pending, r)?))
+                    let mut resp = self.put(pending, r)?;
+                    resp.header = Some(ResponseHeader {
+                        revision: pending.main,
+                        ..Default::default()
+                    });
+                    Some(response_op::Response::ResponsePut(resp))
                 }
-                Some(request_op::Request::RequestDeleteRange(r)) => Some(
-                    response_op::Response::ResponseDeleteRange(self.delete_range(pending, r)?),
-                ),
+                Some(request_op::Request::RequestDeleteRange(r)) => {
+                    let mut resp = self.delete_range(pending, r)?;
+                    resp.header = Some(ResponseHeader {
+                        revision: pending.read_rev(),
+                        ..Default::default()
+                    });
+                    Some(response_op::Response::ResponseDeleteRange(resp))
+                }
                 Some(request_op::Request::RequestTxn(inner)) => {
                     let inner_path = nested.next().expect("a path per nested txn");
-                    Some(response_op::Response::ResponseTxn(
-                        self.txn(pending, inner, inner_path)?,
-                    ))
+                    let mut resp = self.txn(pending, inner, inner_path)?;
+                    resp.header = Some(ResponseHeader::default());
+                    Some(response_op::Response::ResponseTxn(resp))
                 }
                 None => None,
             };
