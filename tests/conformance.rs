@@ -1,7 +1,9 @@
-//! The differential conformance harness (issue 25, part A): the same seeded, randomized KV
-//! requests to etcd 3.4 (Debian's `etcd-server`) and to quorumkv, each a fresh single member,
-//! and their answers compared field by field — the headers too (cluster and member IDs mapped
-//! to "this server's", raft_term left out), and for errors the gRPC code and message.
+//! The differential conformance harness (issue 25, part A): the same seeded, randomized KV and
+//! lease requests to etcd 3.4 (Debian's `etcd-server`) and to quorumkv, each a fresh single
+//! member, and their answers compared field by field — the headers too (cluster and member IDs
+//! mapped to "this server's", raft_term left out), and for errors the gRPC code and message. A
+//! quarter of them go through each one's JSON gateway, where the HTTP status and the JSON answer
+//! are compared.
 //!
 //! `ci/conformance [--seed N] [--requests N] [--minutes N]` runs it at other seeds or for longer
 //! (through `CONFORMANCE_SEED`, `CONFORMANCE_REQUESTS`, `CONFORMANCE_MINUTES`). Where etcd is
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use quorumkv::proto::etcdserverpb::compare::{CompareTarget, TargetUnion};
 use quorumkv::proto::etcdserverpb::kv_client::KvClient;
+use quorumkv::proto::etcdserverpb::lease_client::LeaseClient;
 use quorumkv::proto::etcdserverpb::request_op::Request as Op;
 use quorumkv::proto::etcdserverpb::response_op::Response as OpAnswer;
 use quorumkv::proto::etcdserverpb::*;
@@ -97,6 +100,10 @@ enum Request {
     DeleteRange(DeleteRangeRequest),
     Txn(TxnRequest),
     Compact(CompactionRequest),
+    Grant(LeaseGrantRequest),
+    Revoke(LeaseRevokeRequest),
+    TimeToLive(LeaseTimeToLiveRequest),
+    Leases,
 }
 
 /// An answer: the response, normalized, or the status's code and message.
@@ -137,34 +144,120 @@ impl Ids {
     }
 }
 
-async fn send(client: &mut KvClient<Channel>, ids: Ids, request: &Request) -> Answer {
+/// One server's clients.
+struct Clients {
+    kv: KvClient<Channel>,
+    lease: LeaseClient<Channel>,
+    ids: Ids,
+}
+
+async fn send(to: &mut Clients, request: &Request) -> Answer {
     let status = |s: tonic::Status| (s.code(), s.message().to_string());
+    let ids = to.ids;
+    macro_rules! call {
+        ($client:ident, $method:ident, $request:expr, |$a:ident| $fix:expr) => {
+            to.$client.$method($request).await.map_err(status).map(|a| {
+                let mut $a = a.into_inner();
+                $fix;
+                format!("{:?}", $a)
+            })
+        };
+    }
     match request.clone() {
-        Request::Range(r) => client.range(r).await.map_err(status).map(|a| {
-            let mut a = a.into_inner();
+        Request::Range(r) => call!(kv, range, r, |a| ids.map(&mut a.header)),
+        Request::Put(r) => call!(kv, put, r, |a| ids.map(&mut a.header)),
+        Request::DeleteRange(r) => call!(kv, delete_range, r, |a| ids.map(&mut a.header)),
+        Request::Txn(r) => call!(kv, txn, r, |a| ids.txn(&mut a)),
+        Request::Compact(r) => call!(kv, compact, r, |a| ids.map(&mut a.header)),
+        Request::Grant(r) => call!(lease, lease_grant, r, |a| ids.map(&mut a.header)),
+        Request::Revoke(r) => call!(lease, lease_revoke, r, |a| ids.map(&mut a.header)),
+        Request::TimeToLive(r) => call!(lease, lease_time_to_live, r, |a| {
             ids.map(&mut a.header);
-            format!("{a:?}")
+            // The time left depends on when it was asked: only whether the lease is alive.
+            a.ttl = a.ttl.clamp(-1, 0);
+            // etcd lists a lease's keys in no particular order.
+            a.keys.sort();
         }),
-        Request::Put(r) => client.put(r).await.map_err(status).map(|a| {
-            let mut a = a.into_inner();
+        Request::Leases => call!(lease, lease_leases, LeaseLeasesRequest {}, |a| {
             ids.map(&mut a.header);
-            format!("{a:?}")
+            a.leases.sort_by_key(|l| l.id);
         }),
-        Request::DeleteRange(r) => client.delete_range(r).await.map_err(status).map(|a| {
-            let mut a = a.into_inner();
-            ids.map(&mut a.header);
-            format!("{a:?}")
-        }),
-        Request::Txn(r) => client.txn(r).await.map_err(status).map(|a| {
-            let mut a = a.into_inner();
-            ids.txn(&mut a);
-            format!("{a:?}")
-        }),
-        Request::Compact(r) => client.compact(r).await.map_err(status).map(|a| {
-            let mut a = a.into_inner();
-            ids.map(&mut a.header);
-            format!("{a:?}")
-        }),
+    }
+}
+
+/// `request` through the JSON gateway (`POST /v3/...`, proto3 JSON): the HTTP status and the
+/// answer, normalized as `send` normalizes (IDs in headers mapped, raft_term left out, the time
+/// left of a lease only alive or not, unordered lists sorted).
+fn send_json(port: u16, ids: Ids, request: &Request) -> Answer {
+    let json = |r: &dyn erased::Json| r.json();
+    let (path, body) = match request {
+        Request::Range(r) => ("/v3/kv/range", json(r)),
+        Request::Put(r) => ("/v3/kv/put", json(r)),
+        Request::DeleteRange(r) => ("/v3/kv/deleterange", json(r)),
+        Request::Txn(r) => ("/v3/kv/txn", json(r)),
+        Request::Compact(r) => ("/v3/kv/compaction", json(r)),
+        Request::Grant(r) => ("/v3/lease/grant", json(r)),
+        Request::Revoke(r) => ("/v3/lease/revoke", json(r)),
+        Request::TimeToLive(r) => ("/v3/lease/timetolive", json(r)),
+        Request::Leases => ("/v3/lease/leases", "{}".to_string()),
+    };
+    let (status, mut answer) = common::http_post(port, path, &body, "");
+    assert!(
+        !answer.is_null(),
+        "{path} on port {port}: HTTP {status}, not JSON"
+    );
+    normalize_json(&mut answer, ids);
+    if let Some(ttl) = answer.get_mut("TTL") {
+        let alive = ttl
+            .as_str()
+            .and_then(|t| t.parse::<i64>().ok())
+            .unwrap_or(0)
+            >= 0;
+        *ttl = serde_json::Value::from(if alive { "alive" } else { "-1" });
+    }
+    for list in ["keys", "leases"] {
+        if let Some(serde_json::Value::Array(items)) = answer.get_mut(list) {
+            items.sort_by_key(|v| v.to_string());
+        }
+    }
+    Ok(format!("HTTP {status} {answer}"))
+}
+
+/// Every header in `value`: the server's own IDs as "own", raft_term left out.
+fn normalize_json(value: &mut serde_json::Value, ids: Ids) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Object(header)) = map.get_mut("header") {
+                for (name, own) in [("cluster_id", ids.cluster_id), ("member_id", ids.member_id)] {
+                    if header.get(name).and_then(|v| v.as_str()) == Some(&own.to_string()) {
+                        header.insert(name.into(), "own".into());
+                    }
+                }
+                header.remove("raft_term");
+            }
+            for item in map.values_mut() {
+                normalize_json(item, ids);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                normalize_json(item, ids);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Requests as proto3 JSON, as the gateway reads them.
+mod erased {
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).expect("a request serializes")
+        }
     }
 }
 
@@ -196,6 +289,8 @@ struct Generator {
     compacted: i64,
 }
 
+const LEASES: &[i64] = &[0x100, 0x101, 0x102, 0x103, 12345];
+
 const KEYS: &[&[u8]] = &[
     b"a", b"a/1", b"a/2", b"a/3", b"b", b"b/x", b"c", b"k1", b"k2", b"z",
 ];
@@ -225,6 +320,12 @@ impl Generator {
     fn value(&mut self) -> Vec<u8> {
         let n = self.rng.gen_range(0..6);
         (0..n).map(|_| self.rng.gen_range(b'a'..=b'e')).collect()
+    }
+
+    /// A lease ID of the pool (granted or not, revoked or not, on both alike); IDs are given
+    /// in the grants, as etcd picks its own at random.
+    fn lease(&mut self) -> i64 {
+        LEASES[self.rng.gen_range(0..LEASES.len())]
     }
 
     fn range(&mut self) -> RangeRequest {
@@ -266,7 +367,11 @@ impl Generator {
             } else {
                 self.value()
             },
-            lease: if self.rng.gen_bool(0.03) { 12345 } else { 0 },
+            lease: if self.rng.gen_bool(0.15) {
+                self.lease()
+            } else {
+                0
+            },
             prev_kv: self.rng.gen_bool(0.4),
             ignore_value,
             ignore_lease: self.rng.gen_bool(0.1),
@@ -293,7 +398,11 @@ impl Generator {
             t if t == CompareTarget::Create as i32 => TargetUnion::CreateRevision(near(self)),
             t if t == CompareTarget::Mod as i32 => TargetUnion::ModRevision(near(self)),
             t if t == CompareTarget::Value as i32 => TargetUnion::Value(self.value()),
-            _ => TargetUnion::Lease(if self.rng.gen_bool(0.8) { 0 } else { 12345 }),
+            _ => TargetUnion::Lease(if self.rng.gen_bool(0.6) {
+                0
+            } else {
+                self.lease()
+            }),
         };
         Compare {
             result: self.rng.gen_range(0..=3),
@@ -343,7 +452,18 @@ impl Generator {
             0..=29 => Request::Range(self.range()),
             30..=59 => Request::Put(self.put()),
             60..=71 => Request::DeleteRange(self.delete()),
-            72..=98 => Request::Txn(self.txn(0)),
+            72..=89 => Request::Txn(self.txn(0)),
+            90..=92 => Request::Grant(LeaseGrantRequest {
+                // Long enough not to expire within a run (when each would is timing).
+                ttl: [30, 60, 600, 9_000_000_001][self.rng.gen_range(0..4)],
+                id: self.lease(),
+            }),
+            93..=94 => Request::Revoke(LeaseRevokeRequest { id: self.lease() }),
+            95..=96 => Request::TimeToLive(LeaseTimeToLiveRequest {
+                id: self.lease(),
+                keys: self.rng.gen_bool(0.5),
+            }),
+            97..=98 => Request::Leases,
             _ => {
                 let revision = self
                     .rng
@@ -390,9 +510,22 @@ fn differences(seed: u64, requests: usize, minutes: f64) -> Vec<String> {
     let ours = common::Server::start(dir.path(), &["--name", "default"]);
     let mut found = Vec::new();
     runtime().block_on(async {
-        let mut theirs = KvClient::connect(etcd.endpoint()).await.expect("etcd");
-        let mut mine = ours.client().await;
-        let (their_ids, my_ids) = (ids_of(&mut theirs).await, ids_of(&mut mine).await);
+        let connect = |endpoint: String| async move {
+            let channel = Channel::from_shared(endpoint)
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect");
+            let mut kv = KvClient::new(channel.clone());
+            let ids = ids_of(&mut kv).await;
+            Clients {
+                kv,
+                lease: LeaseClient::new(channel),
+                ids,
+            }
+        };
+        let mut theirs = connect(etcd.endpoint()).await;
+        let mut mine = connect(ours.endpoint()).await;
         let mut generator = Generator {
             rng: StdRng::seed_from_u64(seed),
             revision: 1,
@@ -400,18 +533,37 @@ fn differences(seed: u64, requests: usize, minutes: f64) -> Vec<String> {
         };
         let deadline = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
         let mut sent = 0;
+        // What was sent and what etcd answered, by kind: what the run covered.
+        let mut tally = std::collections::BTreeMap::new();
         while sent < requests || Instant::now() < deadline {
             let request = generator.next();
-            let expected = send(&mut theirs, their_ids, &request).await;
-            let got = send(&mut mine, my_ids, &request).await;
+            // A quarter of them through each one's JSON gateway.
+            let json = generator.rng.gen_bool(0.25);
+            let (expected, got) = if json {
+                (
+                    send_json(etcd.port, theirs.ids, &request),
+                    send_json(ours.client_port, mine.ids, &request),
+                )
+            } else {
+                (send(&mut theirs, &request).await, send(&mut mine, &request).await)
+            };
             sent += 1;
+            let kind = format!("{request:?}");
+            let kind = kind.split('(').next().unwrap_or_default().to_string()
+                + if json { " json" } else { "" };
+            let outcome = match &expected {
+                Ok(answer) if json => answer.chars().take(8).collect(),
+                Ok(_) => "ok".to_string(),
+                Err((code, message)) => format!("{code:?}: {message}"),
+            };
+            *tally.entry((kind, outcome)).or_insert(0usize) += 1;
             if let Request::Compact(c) = &request {
                 if expected.is_ok() {
                     generator.compacted = c.revision;
                 }
             }
             // The revision now, from etcd.
-            if let Ok(a) = theirs.range(RangeRequest { key: b"-".to_vec(), ..Default::default() }).await {
+            if let Ok(a) = theirs.kv.range(RangeRequest { key: b"-".to_vec(), ..Default::default() }).await {
                 generator.revision = a.into_inner().header.map_or(1, |h| h.revision);
             }
             if expected != got {
@@ -424,6 +576,9 @@ fn differences(seed: u64, requests: usize, minutes: f64) -> Vec<String> {
             }
         }
         eprintln!("conformance: seed {seed}: {sent} requests, {} differences", found.len());
+        for ((kind, outcome), n) in &tally {
+            eprintln!("  {kind:<16} {n:>6}  {outcome}");
+        }
     });
     found
 }

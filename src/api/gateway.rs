@@ -39,9 +39,9 @@ use crate::watch::{WatchHub, WatchOut};
 fn http_status(code: Code) -> StatusCode {
     match code {
         Code::Ok => StatusCode::OK,
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            StatusCode::BAD_REQUEST
-        }
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        // As etcd 3.4's gateway answers `lease already exists` (tests/conformance.rs).
+        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
         Code::PermissionDenied => StatusCode::FORBIDDEN,

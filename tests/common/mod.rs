@@ -343,11 +343,35 @@ pub fn http_post(port: u16, path: &str, body: &str, token: &str) -> (u16, serde_
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read");
     let status: u16 = response[9..12].parse().expect("status");
-    let body = response.split_once("\r\n\r\n").expect("head").1;
+    let (head, body) = response.split_once("\r\n\r\n").expect("head");
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     (
         status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
     )
+}
+
+/// A chunked HTTP/1.1 body's data (its trailers left out).
+fn dechunk(mut body: &str) -> String {
+    let mut data = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        data.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    data
 }
 
 /// `GET path` over HTTP/1.1 on `port`: the status and the body.
