@@ -869,17 +869,9 @@ impl Broker {
                     delivery.offer(s);
                 }
             }
-            for (n, kv) in response
-                .events
-                .iter()
-                .filter_map(|e| e.kv.as_ref())
-                .enumerate()
-            {
-                let earlier = &response.events[..n];
-                if earlier
-                    .iter()
-                    .any(|e| e.kv.as_ref().is_some_and(|k| k.key == kv.key))
-                {
+            let mut keys = std::collections::HashSet::new();
+            for kv in response.events.iter().filter_map(|e| e.kv.as_ref()) {
+                if !keys.insert(kv.key.as_slice()) {
                     continue;
                 }
                 for &i in index.by_key.get(&kv.key).into_iter().flatten() {

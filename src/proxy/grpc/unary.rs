@@ -185,6 +185,17 @@ async fn write(kv: &ProxyKv, parts: http::request::Parts, message: Bytes) -> htt
         }
     }
     *request.headers_mut() = parts.headers;
+    // Headers of the client's connection, not of the call: HTTP/2 refuses them on another.
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    ] {
+        request.headers_mut().remove(name);
+    }
     let failed = |status: Status| {
         if endpoint_gone(&status) {
             kv.up.failed(link.generation);
