@@ -26,5 +26,6 @@ pub mod snapshot;
 /// TLS for the client and peer ports: not part of the simulated build.
 #[cfg(not(madsim))]
 pub mod tls;
+pub mod v2;
 pub mod wal;
 pub mod watch;

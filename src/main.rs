@@ -149,6 +149,9 @@ struct Flags {
     /// (not in etcd).
     #[arg(long, env = "QUORUMKV_AUTO_PROMOTE_LEARNERS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     auto_promote_learners: bool,
+    /// Serve etcd's v2 keys API (`/v2/keys`, `/v2/members`, `/v2/stats`) on the client port.
+    #[arg(long, env = "QUORUMKV_ENABLE_V2", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    enable_v2: bool,
     /// Path to etcd's YAML configuration file; when given, it alone configures the member
     /// (other flags and environment variables are ignored), as with etcd.
     #[arg(long)]
@@ -1004,11 +1007,14 @@ async fn run(flags: Flags) -> Result<(), String> {
             .add_service(watch)
             .add_service(lock)
             .add_service(election);
-        let routes = grpc
+        let mut routes = grpc
             .into_axum_router()
             .merge(gateway_routes(member.kv.clone()))
-            .merge(probe_routes(member.kv.clone()))
-            .fallback(fallback);
+            .merge(probe_routes(member.kv.clone()));
+        if flags.enable_v2 {
+            routes = routes.merge(quorumkv::v2::http::routes(member.kv.clone()));
+        }
+        let routes = routes.fallback(fallback);
         // The KV short path counts the calls it answers; the metrics layer the rest.
         let service = UnaryKvLayer::new(member.kv.clone(), max_decode).layer(GrpcMetrics::new(
             tonic::service::Routes::from(routes).prepare(),

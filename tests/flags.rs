@@ -173,7 +173,10 @@ fn a_kubeadm_manifests_flags_etcd_variables_and_config_file_start_a_member() {
             "--client-crl-file=/etc/kubernetes/pki/etcd/crl.pem",
             "--client-crl-file",
         ),
-        ("--enable-v2=true", "--enable-v2"),
+        (
+            "--experimental-enable-v2v3=/v2",
+            "--experimental-enable-v2v3",
+        ),
         ("--no-such-flag=1", "--no-such-flag"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_quorumkv"))

@@ -51,10 +51,6 @@ const FOREIGN_FLAGS: &[(&str, Policy)] = &[
     ("socket-reuse-address", Policy::IgnoreIf(EMPTY_OR_FALSE)),
     ("socket-reuse-port", Policy::IgnoreIf(EMPTY_OR_FALSE)),
     (
-        "enable-v2",
-        Policy::RefuseUnless(EMPTY_OR_FALSE, "the v2 API is not built"),
-    ),
-    (
         "experimental-enable-v2v3",
         Policy::RefuseUnless(&[""], "the v2 API is not built"),
     ),
@@ -103,7 +99,6 @@ const BARE_BOOLEANS: &[&str] = &[
     "auto-tls",
     "peer-auto-tls",
     "force-new-cluster",
-    "enable-v2",
     "unsafe-no-fsync",
     "socket-reuse-address",
     "socket-reuse-port",
@@ -286,6 +281,7 @@ fn is_bare(flag: &str) -> bool {
                 | "auto-promote-learners"
                 | "experimental-initial-corrupt-check"
                 | "experimental-compact-hash-check-enabled"
+                | "enable-v2"
         )
 }
 

@@ -11,6 +11,14 @@ pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub trait Clock: Send + Sync {
     fn now_ms(&self) -> u64;
     fn sleep(&self, duration: Duration) -> Sleep;
+    /// Wall-clock time, in nanoseconds since the Unix epoch (the v2 API's expiry times). Not
+    /// monotonic.
+    fn unix_nanos(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0)
+    }
 }
 
 /// Production clock on tokio time (madsim's virtual time when built with `--cfg madsim`).

@@ -48,6 +48,8 @@ pub struct MvccStore {
     /// The users, roles and permissions, shared with the request path (which reads them
     /// without this store's lock); replaced at each applied change.
     pub(super) auth: Arc<crate::auth::AuthView>,
+    /// The v2 keys API's tree (`--enable-v2`), in its own records.
+    pub(super) v2: crate::v2::V2Store,
     /// Bytes the backend's keys and values take (runs exactly; metadata as of opening):
     /// `Status.db_size_in_use`.
     pub(super) in_use_bytes: u64,
@@ -407,6 +409,7 @@ impl MvccStore {
             published: Vec::new(),
             alarms: AlarmTable::default(),
             auth: Arc::default(),
+            v2: crate::v2::V2Store::default(),
             in_use_bytes,
             meta_bytes_at_open: 0,
         };
@@ -435,6 +438,15 @@ impl MvccStore {
                     reason,
                 })?;
         store.auth = Arc::new(crate::auth::AuthView::new(auth));
+        store.v2 = crate::v2::V2Store::from_records(
+            store.records(crate::v2::NODE_RECORD_PREFIX)?,
+            store.records(crate::v2::EVENT_RECORD_PREFIX)?,
+        )
+        .map_err(|reason| MvccError::Corrupt {
+            main: -1,
+            sub: -1,
+            reason,
+        })?;
         store.leases =
             LeaseTable::load(store.records(LEASE_RECORD_PREFIX)?, key_lease).map_err(|e| {
                 MvccError::Corrupt {
@@ -494,6 +506,16 @@ impl MvccStore {
     /// (leases, members, alarms) as of opening.
     pub fn in_use_bytes(&self) -> u64 {
         self.in_use_bytes
+    }
+
+    /// The v2 keys API's tree.
+    pub fn v2(&self) -> &crate::v2::V2Store {
+        &self.v2
+    }
+
+    /// The v2 events applied since the last call, for the v2 watchers.
+    pub fn take_v2_published(&mut self) -> Vec<crate::v2::Event> {
+        self.v2.take_published()
     }
 
     pub fn leases(&self) -> &LeaseTable {

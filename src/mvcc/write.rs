@@ -36,6 +36,8 @@ pub enum ApplyOutcome {
     LeaseCheckpoint(LeaseCheckpointResponse),
     Alarm(AlarmResponse),
     Auth(crate::auth::AuthApplied),
+    /// A v2 request's answer: its event (none for a SYNC) or its v2 error.
+    V2(Result<Option<crate::v2::Event>, crate::v2::V2Error>),
 }
 
 pub type ApplyResult = Result<ApplyOutcome, MvccError>;
@@ -161,6 +163,16 @@ impl MvccStore {
                     self.auth.publish(next);
                 }
                 return Ok(ApplyOutcome::Auth(applied));
+            }
+            Request::V2(req) => {
+                let (answer, records) = self.v2.apply(req);
+                for (name, value) in records {
+                    match value {
+                        Some(value) => pending.batch.put(meta_key(&name), value),
+                        None => pending.batch.delete(meta_key(&name)),
+                    }
+                }
+                ApplyOutcome::V2(answer)
             }
             Request::MemberAttributes(_) | Request::MemberPeerUrls(_) => {
                 return Err(MvccError::NotKeyValue)

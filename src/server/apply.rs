@@ -48,6 +48,9 @@ pub struct ApplyLoop {
     pub watches: WatchHub,
     /// ...once per batch of entries (fewer, larger responses when writes come fast).
     pub events: Vec<Event>,
+    /// The v2 store's waiting requests, told each batch's v2 events.
+    pub v2_watchers: Arc<crate::v2::V2Watchers>,
+    pub v2_events: Vec<crate::v2::Event>,
     /// The batch's answers to proposers, sent once its events are with the watchers: a
     /// client that saw its write acknowledged then asks for watch progress must get a
     /// revision that includes the write.
@@ -191,6 +194,10 @@ pub async fn run_apply_loop(
                 }
                 let events = std::mem::take(&mut apply.events);
                 apply.watches.publish(events);
+                if !apply.v2_events.is_empty() {
+                    apply.v2_watchers.publish(&apply.v2_events);
+                    apply.v2_events.clear();
+                }
                 for (waiter, reply) in apply.acks.drain(..) {
                     let _ = waiter.send(reply);
                 }
@@ -457,6 +464,11 @@ impl ApplyLoop {
         };
         let result = authorized.and_then(|()| store.apply(index, body));
         let events = store.take_published();
+        let v2_events = if matches!(body, Request::V2(_)) {
+            store.take_v2_published()
+        } else {
+            Vec::new()
+        };
         if matches!(
             result,
             Err(MvccError::Backend(_) | MvccError::Corrupt { .. })
@@ -478,6 +490,7 @@ impl ApplyLoop {
             drop(self.leases.current(&self.node, &self.store));
         }
         self.events.extend(events);
+        self.v2_events.extend(v2_events);
         if let Some(waiter) = self.waiters.take(request.id) {
             self.acks.push((waiter, (result, revision)));
         }

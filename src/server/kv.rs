@@ -112,6 +112,8 @@ pub struct Coordination {
     pub jobs: mpsc::Sender<StoreJob>,
     /// The simple tokens this member knows (the apply loop learns them).
     pub tokens: Arc<crate::auth::TokenTable>,
+    /// The v2 API's waiting requests (the apply loop tells them of v2 events).
+    pub v2_watchers: Arc<crate::v2::V2Watchers>,
 }
 
 /// Numbers for `Maintenance.Status`.
@@ -149,6 +151,7 @@ pub struct KvServer {
     pub(super) auth: Arc<crate::auth::AuthView>,
     /// The simple tokens this member knows.
     pub(super) tokens: Arc<crate::auth::TokenTable>,
+    pub(super) v2_watchers: Arc<crate::v2::V2Watchers>,
 }
 
 impl KvServer {
@@ -172,6 +175,7 @@ impl KvServer {
             backend,
             auth,
             tokens: coordination.tokens,
+            v2_watchers: coordination.v2_watchers,
             config: Arc::new(config),
             node,
             store,

@@ -27,7 +27,7 @@ use crate::raft::NodeHandle;
 #[derive(Clone)]
 pub struct LeaseClock {
     inner: Arc<Mutex<PrimaryLessor>>,
-    clock: Arc<dyn Clock>,
+    pub(super) clock: Arc<dyn Clock>,
     /// What a new leader adds to every lease's remaining TTL (etcd: one election timeout).
     extend_ms: u64,
 }

@@ -12,6 +12,7 @@ mod kv;
 mod lease;
 mod maintenance;
 mod start;
+mod v2;
 
 pub use apply::{run_apply_loop, StoreJob};
 pub use auth::{auth_error, AuthConfig, UserInfo};
@@ -22,6 +23,7 @@ pub use error::ServerError;
 pub use kv::{KvServer, ServerConfig, StatusReport};
 pub use lease::LeaseClock;
 pub use maintenance::{Unhealthy, DEFAULT_QUOTA_BACKEND_BYTES, MAX_SUGGESTED_QUOTA_BACKEND_BYTES};
+pub use v2::{V2Wait, V2_SYNC_INTERVAL};
 pub use start::{start_member, MemberConfig, RunningMember, StartError, SNAPSHOT_CATCH_UP_ENTRIES};
 
 /// The etcd API version quorumkv serves: `/version`, `Maintenance.Status`, the metrics.

@@ -190,6 +190,7 @@ pub fn start_member(
     let leases = LeaseClock::new(clock.clone(), config.election_timeout);
     let (jobs_tx, jobs_rx) = tokio::sync::mpsc::channel(STORE_JOBS_QUEUED);
     let tokens = Arc::new(crate::auth::TokenTable::new(config.auth.token_ttl));
+    let v2_watchers = Arc::new(crate::v2::V2Watchers::default());
     let apply = ApplyLoop {
         store: store.clone(),
         waiters: waiters.clone(),
@@ -206,6 +207,8 @@ pub fn start_member(
         learner: learner.clone(),
         watches: watches.clone(),
         events: Vec::new(),
+        v2_watchers: v2_watchers.clone(),
+        v2_events: Vec::new(),
         acks: Vec::new(),
         leases: leases.clone(),
         jobs: jobs_rx,
@@ -246,9 +249,11 @@ pub fn start_member(
             watches: watches.clone(),
             jobs: jobs_tx,
             tokens,
+            v2_watchers,
         },
     );
     tokio::spawn(kv.clone().run_lease_expiry());
+    tokio::spawn(kv.clone().run_v2_expiry());
     let watching = kv.clone();
     tokio::spawn(watches.run(
         move || watching.stopped(),

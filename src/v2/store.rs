@@ -1,0 +1,804 @@
+//! The v2 tree, changed only by applying log entries, in the same order on every member: no
+//! clock is read here (a key's expiry time and a SYNC's time come in the entry).
+//!
+//! Nodes are kept in one map by path (`/a/b`), the root implicit; a directory's children are
+//! the paths one segment under it. Each change is written back as backend records (`v2k/<path>`
+//! for a node, `v2e/<index>` for the last `HISTORY_EVENTS` events), staged with the entry's
+//! other writes, so that a restart or a snapshot finds the same tree and the same history.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use super::event::{Event, NodeView};
+use super::{clean_path, V2Error, EVENT_RECORD_PREFIX, HISTORY_EVENTS, NODE_RECORD_PREFIX};
+use super::{
+    DIR_NOT_EMPTY, EVENT_INDEX_CLEARED, KEY_NOT_FOUND, NODE_EXIST, NOT_DIR, NOT_FILE,
+    ROOT_READ_ONLY, TEST_FAILED,
+};
+use crate::proto::quorumkvpb::V2Request;
+
+/// Expiry times before 2000-01-01 mean "permanent", as in etcd.
+const MIN_EXPIRE_NS: i64 = 946_684_800 * 1_000_000_000;
+
+/// A node as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    #[serde(rename = "c")]
+    pub created: u64,
+    #[serde(rename = "m")]
+    pub modified: u64,
+    /// `None`: a directory.
+    #[serde(rename = "v", default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Unix nanoseconds; `None`: permanent.
+    #[serde(rename = "e", default, skip_serializing_if = "Option::is_none")]
+    pub expire: Option<i64>,
+}
+
+impl Node {
+    fn is_dir(&self) -> bool {
+        self.value.is_none()
+    }
+}
+
+const ROOT: Node = Node {
+    created: 0,
+    modified: 0,
+    value: None,
+    expire: None,
+};
+
+/// Backend records to write (`Some`) or remove (`None`), by name.
+pub type Records = Vec<(String, Option<Vec<u8>>)>;
+
+/// Counts for `/v2/stats/store`, since this member started.
+#[derive(Debug, Default)]
+pub struct V2Stats {
+    pub gets_success: AtomicU64,
+    pub gets_fail: AtomicU64,
+    pub sets_success: AtomicU64,
+    pub sets_fail: AtomicU64,
+    pub delete_success: AtomicU64,
+    pub delete_fail: AtomicU64,
+    pub update_success: AtomicU64,
+    pub update_fail: AtomicU64,
+    pub create_success: AtomicU64,
+    pub create_fail: AtomicU64,
+    pub cas_success: AtomicU64,
+    pub cas_fail: AtomicU64,
+    pub cad_success: AtomicU64,
+    pub cad_fail: AtomicU64,
+    pub expire_count: AtomicU64,
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The operations `/v2/stats/store` counts.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    Get,
+    Set,
+    Delete,
+    Update,
+    Create,
+    CompareAndSwap,
+    CompareAndDelete,
+}
+
+impl V2Stats {
+    pub fn count(&self, op: Op, ok: bool) {
+        let (success, fail) = match op {
+            Op::Get => (&self.gets_success, &self.gets_fail),
+            Op::Set => (&self.sets_success, &self.sets_fail),
+            Op::Delete => (&self.delete_success, &self.delete_fail),
+            Op::Update => (&self.update_success, &self.update_fail),
+            Op::Create => (&self.create_success, &self.create_fail),
+            Op::CompareAndSwap => (&self.cas_success, &self.cas_fail),
+            Op::CompareAndDelete => (&self.cad_success, &self.cad_fail),
+        };
+        count(if ok { success } else { fail });
+    }
+
+    /// etcd's `/v2/stats/store` body (`watchers` from the caller).
+    pub fn to_json(&self, watchers: u64) -> String {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "getsSuccess": n(&self.gets_success),
+            "getsFail": n(&self.gets_fail),
+            "setsSuccess": n(&self.sets_success),
+            "setsFail": n(&self.sets_fail),
+            "deleteSuccess": n(&self.delete_success),
+            "deleteFail": n(&self.delete_fail),
+            "updateSuccess": n(&self.update_success),
+            "updateFail": n(&self.update_fail),
+            "createSuccess": n(&self.create_success),
+            "createFail": n(&self.create_fail),
+            "compareAndSwapSuccess": n(&self.cas_success),
+            "compareAndSwapFail": n(&self.cas_fail),
+            "compareAndDeleteSuccess": n(&self.cad_success),
+            "compareAndDeleteFail": n(&self.cad_fail),
+            "expireCount": n(&self.expire_count),
+            "watchers": watchers,
+        })
+        .to_string()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct V2Store {
+    nodes: BTreeMap<String, Node>,
+    /// The store's index: one more for every change.
+    index: u64,
+    /// Keys with an expiry time, soonest first.
+    expiring: BTreeSet<(i64, String)>,
+    /// The last `HISTORY_EVENTS` events, oldest first, one per index.
+    history: VecDeque<Event>,
+    /// Paths changed by the entry being applied, and the events it made: its records.
+    touched: BTreeSet<String>,
+    new_events: Vec<u64>,
+    dropped_events: Vec<u64>,
+    /// Events for the watchers, taken by the apply loop.
+    published: Vec<Event>,
+    pub stats: V2Stats,
+}
+
+/// The record name of an event.
+fn event_record(index: u64) -> String {
+    format!("{EVENT_RECORD_PREFIX}{index:020}")
+}
+
+impl V2Store {
+    /// The store kept in `nodes` and `events` records (name without its prefix, value).
+    pub fn from_records(
+        nodes: Vec<(String, Vec<u8>)>,
+        events: Vec<(String, Vec<u8>)>,
+    ) -> Result<Self, String> {
+        let mut store = V2Store::default();
+        for (name, value) in nodes {
+            let path = name[NODE_RECORD_PREFIX.len().min(name.len())..].to_string();
+            let node: Node = serde_json::from_slice(&value)
+                .map_err(|e| format!("v2 node record {name}: {e}"))?;
+            store.index = store.index.max(node.modified).max(node.created);
+            if let Some(expire) = node.expire {
+                store.expiring.insert((expire, path.clone()));
+            }
+            store.nodes.insert(path, node);
+        }
+        // Record names sort by index.
+        for (name, value) in events {
+            let event: Event = serde_json::from_slice(&value)
+                .map_err(|e| format!("v2 event record {name}: {e}"))?;
+            store.index = store.index.max(event.index());
+            store.history.push_back(event);
+        }
+        Ok(store)
+    }
+
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// How many keys and directories it holds.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The soonest expiry time of a key, if any key has one.
+    pub fn next_expiry(&self) -> Option<i64> {
+        self.expiring.first().map(|(at, _)| *at)
+    }
+
+    /// The events applied since the last call, for the watchers.
+    pub fn take_published(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.published)
+    }
+
+    /// Applies a log entry's request: its answer (`None` for a SYNC), and the records it
+    /// changed.
+    pub fn apply(&mut self, req: &V2Request) -> (Result<Option<Event>, V2Error>, Records) {
+        let answer = self.apply_request(req);
+        (answer, self.take_records())
+    }
+
+    fn apply_request(&mut self, req: &V2Request) -> Result<Option<Event>, V2Error> {
+        let expire = (req.expiration != 0).then_some(req.expiration);
+        let conditional = req.prev_index > 0 || !req.prev_value.is_empty();
+        let (result, op) = match req.method.as_str() {
+            "SYNC" => {
+                self.expire(req.time);
+                return Ok(None);
+            }
+            "POST" => (
+                self.create(&req.path, req.dir, &req.val, true, expire),
+                Op::Create,
+            ),
+            "PUT" => match req.prev_exist {
+                Some(true) if !conditional => (
+                    self.update(&req.path, &req.val, expire, req.refresh),
+                    Op::Update,
+                ),
+                Some(true) => (self.compare_and_swap(req, expire), Op::CompareAndSwap),
+                Some(false) => (
+                    self.create(&req.path, req.dir, &req.val, false, expire),
+                    Op::Create,
+                ),
+                None if conditional => (self.compare_and_swap(req, expire), Op::CompareAndSwap),
+                None => (self.set(req, expire), Op::Set),
+            },
+            "DELETE" if conditional => (self.compare_and_delete(req), Op::CompareAndDelete),
+            "DELETE" => (self.delete(&req.path, req.dir, req.recursive), Op::Delete),
+            other => {
+                return Err(V2Error::new(
+                    super::RAFT_INTERNAL,
+                    format!("unknown method {other}"),
+                    self.index,
+                ))
+            }
+        };
+        self.stats.count(op, result.is_ok());
+        result.map(Some)
+    }
+
+    /// The node at a clean `path`, walking it as etcd does: a file on the way is `Not a
+    /// directory`, a missing segment `Key not found`.
+    fn lookup(&self, path: &str) -> Result<&Node, V2Error> {
+        if path == "/" {
+            return Ok(&ROOT);
+        }
+        let mut node = &ROOT;
+        let mut parent = "/";
+        for (end, _) in path
+            .match_indices('/')
+            .skip(1)
+            .chain(std::iter::once((path.len(), "")))
+        {
+            if !node.is_dir() {
+                return Err(V2Error::new(NOT_DIR, parent, self.index));
+            }
+            let here = &path[..end];
+            node = self
+                .nodes
+                .get(here)
+                .ok_or_else(|| V2Error::new(KEY_NOT_FOUND, here, self.index))?;
+            parent = here;
+        }
+        Ok(node)
+    }
+
+    /// The children of directory `dir`, in key order, hidden ones (`_name`) left out.
+    fn children<'a>(&'a self, dir: &str) -> impl Iterator<Item = (&'a String, &'a Node)> + 'a {
+        let prefix = if dir == "/" {
+            "/".to_string()
+        } else {
+            format!("{dir}/")
+        };
+        let len = prefix.len();
+        self.nodes
+            .range(prefix.clone()..)
+            .take_while(move |(path, _)| path.starts_with(&prefix))
+            .filter(move |(path, _)| {
+                let name = &path[len..];
+                !name.contains('/') && !name.starts_with('_')
+            })
+    }
+
+    /// The node as an answer shows it; a directory's children (and theirs) when `recursive`.
+    fn view(&self, path: &str, node: &Node, recursive: bool) -> NodeView {
+        NodeView {
+            key: path.to_string(),
+            value: node.value.clone(),
+            expire: node.expire,
+            nodes: (recursive && node.is_dir()).then(|| self.listing(path, true)),
+            modified: node.modified,
+            created: node.created,
+            dir: node.is_dir(),
+        }
+    }
+
+    fn listing(&self, dir: &str, recursive: bool) -> Vec<NodeView> {
+        self.children(dir)
+            .map(|(path, node)| self.view(path, node, recursive))
+            .collect()
+    }
+
+    /// A read (etcd's `Get`): a directory lists its children (theirs too when `recursive`).
+    /// Answers are always sorted: etcd's unsorted order is any order.
+    pub fn get(&self, path: &str, recursive: bool, _sorted: bool) -> Result<Event, V2Error> {
+        let path = clean_path(path);
+        let node = self.lookup(&path)?;
+        let mut view = self.view(&path, node, false);
+        if node.is_dir() {
+            view.nodes = Some(self.listing(&path, recursive));
+        }
+        Ok(Event {
+            action: "get".into(),
+            node: view,
+            prev: None,
+            refresh: false,
+            etcd_index: self.index,
+            removed: Vec::new(),
+        })
+    }
+
+    /// The event for `waitIndex` `since` on `key` from the history: the first at or after it
+    /// that concerns the key; `None` if there is none yet; `401` if the history no longer
+    /// reaches back to it.
+    pub fn scan(&self, key: &str, recursive: bool, since: u64) -> Result<Option<Event>, V2Error> {
+        let start = self.history.front().map(Event::index).unwrap_or(0);
+        if since < start {
+            return Err(V2Error::new(
+                EVENT_INDEX_CLEARED,
+                format!("the requested history has been cleared [{start}/{since}]"),
+                self.index,
+            ));
+        }
+        let under = if key.ends_with('/') {
+            key.to_string()
+        } else {
+            format!("{key}/")
+        };
+        let skip = since.saturating_sub(start.max(1)) as usize;
+        let found = self
+            .history
+            .iter()
+            .skip(if start == 0 { 0 } else { skip })
+            .filter(|e| e.index() >= since && !e.refresh)
+            .find(|e| {
+                e.node.key == key
+                    || (recursive && e.node.key.starts_with(&under))
+                    || (matches!(e.action.as_str(), "delete" | "expire")
+                        && e.prev
+                            .as_ref()
+                            .is_some_and(|p| p.dir && key.starts_with(&p.key)))
+            });
+        Ok(found.map(|e| Event {
+            etcd_index: self.index,
+            ..e.clone()
+        }))
+    }
+
+    /// Creates the missing directories of `dir` (at the next index); a file on the way is
+    /// `Not a file`.
+    fn make_dirs(&mut self, dir: &str) -> Result<(), V2Error> {
+        if dir == "/" {
+            return Ok(());
+        }
+        for (end, _) in dir
+            .match_indices('/')
+            .skip(1)
+            .chain(std::iter::once((dir.len(), "")))
+        {
+            let here = &dir[..end];
+            match self.nodes.get(here) {
+                Some(node) if node.is_dir() => {}
+                Some(_) => return Err(V2Error::new(NOT_FILE, here, self.index)),
+                None => {
+                    let next = self.index + 1;
+                    self.nodes.insert(
+                        here.to_string(),
+                        Node {
+                            created: next,
+                            modified: next,
+                            value: None,
+                            expire: None,
+                        },
+                    );
+                    self.touched.insert(here.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_expiry(&mut self, path: &str, expire: Option<i64>) {
+        let Some(node) = self.nodes.get_mut(path) else {
+            return;
+        };
+        if let Some(old) = node.expire {
+            self.expiring.remove(&(old, path.to_string()));
+        }
+        node.expire = expire;
+        if let Some(new) = expire {
+            self.expiring.insert((new, path.to_string()));
+        }
+    }
+
+    /// Removes `path` and everything under it; the paths removed, children first.
+    fn remove(&mut self, path: &str) -> Vec<String> {
+        let under = format!("{path}/");
+        let mut doomed: Vec<String> = self
+            .nodes
+            .range(under.clone()..)
+            .take_while(|(p, _)| p.starts_with(&under))
+            .map(|(p, _)| p.clone())
+            .collect();
+        // Deepest first, then the node itself.
+        doomed.reverse();
+        doomed.push(path.to_string());
+        for p in &doomed {
+            if let Some(node) = self.nodes.remove(p) {
+                if let Some(at) = node.expire {
+                    self.expiring.remove(&(at, p.clone()));
+                }
+            }
+            self.touched.insert(p.clone());
+        }
+        doomed
+    }
+
+    /// etcd's `internalCreate`: a new node at `path` (under it, named by the next index and
+    /// zero-padded, when `unique`), replacing a file there when `replace`.
+    fn create_node(
+        &mut self,
+        path: &str,
+        dir: bool,
+        value: &str,
+        unique: bool,
+        replace: bool,
+        expire: Option<i64>,
+        action: &str,
+    ) -> Result<Event, V2Error> {
+        let current = self.index;
+        let next = current + 1;
+        let path = if unique {
+            clean_path(&format!("{path}/{next:020}"))
+        } else {
+            clean_path(path)
+        };
+        if path == "/" {
+            return Err(V2Error::new(ROOT_READ_ONLY, "/", current));
+        }
+        let expire = expire.filter(|at| *at >= MIN_EXPIRE_NS);
+        let parent = match path.rfind('/') {
+            Some(0) | None => "/".to_string(),
+            Some(at) => path[..at].to_string(),
+        };
+        self.make_dirs(&parent).map_err(|e| V2Error {
+            index: current,
+            ..e
+        })?;
+        let mut prev = None;
+        if let Some(existing) = self.nodes.get(&path) {
+            if !replace {
+                return Err(V2Error::new(NODE_EXIST, path, current));
+            }
+            if existing.is_dir() {
+                return Err(V2Error::new(NOT_FILE, path, current));
+            }
+            prev = Some(self.view(&path, existing, false));
+            self.remove(&path);
+        }
+        let node = Node {
+            created: next,
+            modified: next,
+            value: (!dir).then(|| value.to_string()),
+            expire: None,
+        };
+        let view = self.view(&path, &node, false);
+        self.nodes.insert(path.clone(), node);
+        self.set_expiry(&path, expire);
+        self.touched.insert(path.clone());
+        self.index = next;
+        Ok(Event {
+            action: action.into(),
+            node: NodeView { expire, ..view },
+            prev,
+            refresh: false,
+            etcd_index: next,
+            removed: Vec::new(),
+        })
+    }
+
+    /// `POST` (in order, `unique`) and `PUT` with `prevExist=false`.
+    fn create(
+        &mut self,
+        path: &str,
+        dir: bool,
+        value: &str,
+        unique: bool,
+        expire: Option<i64>,
+    ) -> Result<Event, V2Error> {
+        let event = self.create_node(path, dir, value, unique, false, expire, "create")?;
+        self.record(event.clone());
+        Ok(event)
+    }
+
+    /// A plain `PUT`.
+    fn set(&mut self, req: &V2Request, expire: Option<i64>) -> Result<Event, V2Error> {
+        let path = clean_path(&req.path);
+        let prev = match self.lookup(&path) {
+            Ok(node) => Some(node.clone()),
+            Err(e) if e.code == KEY_NOT_FOUND => {
+                if req.refresh {
+                    return Err(e);
+                }
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let value = match (&prev, req.refresh) {
+            (Some(node), true) => node.value.clone().unwrap_or_default(),
+            _ => req.val.clone(),
+        };
+        let mut event = self.create_node(&path, req.dir, &value, false, true, expire, "set")?;
+        if let Some(prev) = prev {
+            event.prev = Some(self.view(&path, &prev, false));
+        }
+        event.refresh = req.refresh;
+        self.record(event.clone());
+        Ok(event)
+    }
+
+    /// `PUT` with `prevExist=true` and no other condition.
+    fn update(
+        &mut self,
+        path: &str,
+        value: &str,
+        expire: Option<i64>,
+        refresh: bool,
+    ) -> Result<Event, V2Error> {
+        let path = clean_path(path);
+        let current = self.index;
+        if path == "/" {
+            return Err(V2Error::new(ROOT_READ_ONLY, "/", current));
+        }
+        let node = self.lookup(&path)?.clone();
+        if node.is_dir() && !value.is_empty() {
+            return Err(V2Error::new(NOT_FILE, path, current));
+        }
+        let next = current + 1;
+        let prev = self.view(&path, &node, false);
+        let value = if refresh {
+            node.value.clone().unwrap_or_default()
+        } else {
+            value.to_string()
+        };
+        if let Some(stored) = self.nodes.get_mut(&path) {
+            // As in etcd, a directory keeps its modified index (only its TTL changes).
+            if !stored.is_dir() {
+                stored.value = Some(value.clone());
+                stored.modified = next;
+            }
+        }
+        self.set_expiry(&path, expire);
+        self.touched.insert(path.clone());
+        self.index = next;
+        let event = Event {
+            action: "update".into(),
+            node: NodeView {
+                key: path,
+                value: (!node.is_dir()).then_some(value),
+                expire,
+                nodes: None,
+                modified: next,
+                created: node.created,
+                dir: node.is_dir(),
+            },
+            prev: Some(prev),
+            refresh,
+            etcd_index: next,
+            removed: Vec::new(),
+        };
+        self.record(event.clone());
+        Ok(event)
+    }
+
+    /// Does `node` pass `prevValue` and `prevIndex`? The cause of the failure if not.
+    fn compare(node: &Node, prev_value: &str, prev_index: u64) -> Result<(), String> {
+        let value = node.value.as_deref().unwrap_or_default();
+        let index_ok = prev_index == 0 || node.modified == prev_index;
+        let value_ok = prev_value.is_empty() || value == prev_value;
+        match (value_ok, index_ok) {
+            (true, true) => Ok(()),
+            (true, false) => Err(format!("[{prev_index} != {}]", node.modified)),
+            (false, true) => Err(format!("[{prev_value} != {value}]")),
+            (false, false) => Err(format!(
+                "[{prev_value} != {value}] [{prev_index} != {}]",
+                node.modified
+            )),
+        }
+    }
+
+    fn compare_and_swap(&mut self, req: &V2Request, expire: Option<i64>) -> Result<Event, V2Error> {
+        let path = clean_path(&req.path);
+        if path == "/" {
+            return Err(V2Error::new(ROOT_READ_ONLY, "/", self.index));
+        }
+        let node = self.lookup(&path)?.clone();
+        if node.is_dir() {
+            return Err(V2Error::new(NOT_FILE, path, self.index));
+        }
+        Self::compare(&node, &req.prev_value, req.prev_index)
+            .map_err(|cause| V2Error::new(TEST_FAILED, cause, self.index))?;
+        let value = if req.refresh {
+            node.value.clone().unwrap_or_default()
+        } else {
+            req.val.clone()
+        };
+        self.index += 1;
+        let next = self.index;
+        let prev = self.view(&path, &node, false);
+        if let Some(stored) = self.nodes.get_mut(&path) {
+            stored.value = Some(value.clone());
+            stored.modified = next;
+        }
+        self.set_expiry(&path, expire);
+        self.touched.insert(path.clone());
+        let event = Event {
+            action: "compareAndSwap".into(),
+            node: NodeView {
+                key: path,
+                value: Some(value),
+                expire,
+                nodes: None,
+                modified: next,
+                created: node.created,
+                dir: false,
+            },
+            prev: Some(prev),
+            refresh: req.refresh,
+            etcd_index: next,
+            removed: Vec::new(),
+        };
+        self.record(event.clone());
+        Ok(event)
+    }
+
+    fn delete(&mut self, path: &str, dir: bool, recursive: bool) -> Result<Event, V2Error> {
+        let path = clean_path(path);
+        if path == "/" {
+            return Err(V2Error::new(ROOT_READ_ONLY, "/", self.index));
+        }
+        let dir = dir || recursive;
+        let node = self.lookup(&path)?.clone();
+        if node.is_dir() {
+            if !dir {
+                return Err(V2Error::new(NOT_FILE, path, self.index));
+            }
+            let has_children = self
+                .nodes
+                .range(format!("{path}/")..)
+                .next()
+                .is_some_and(|(p, _)| p.starts_with(&format!("{path}/")));
+            if has_children && !recursive {
+                return Err(V2Error::new(DIR_NOT_EMPTY, path, self.index));
+            }
+        }
+        let next = self.index + 1;
+        let prev = self.view(&path, &node, false);
+        let removed = self.remove(&path);
+        self.index = next;
+        let event = Event {
+            action: "delete".into(),
+            node: NodeView {
+                key: path,
+                value: None,
+                expire: None,
+                nodes: None,
+                modified: next,
+                created: node.created,
+                dir: node.is_dir(),
+            },
+            prev: Some(prev),
+            refresh: false,
+            etcd_index: next,
+            removed,
+        };
+        self.record(event.clone());
+        Ok(event)
+    }
+
+    fn compare_and_delete(&mut self, req: &V2Request) -> Result<Event, V2Error> {
+        let path = clean_path(&req.path);
+        let node = self.lookup(&path)?.clone();
+        if node.is_dir() {
+            return Err(V2Error::new(NOT_FILE, path, self.index));
+        }
+        Self::compare(&node, &req.prev_value, req.prev_index)
+            .map_err(|cause| V2Error::new(TEST_FAILED, cause, self.index))?;
+        self.index += 1;
+        let next = self.index;
+        let prev = self.view(&path, &node, false);
+        let removed = self.remove(&path);
+        let event = Event {
+            action: "compareAndDelete".into(),
+            node: NodeView {
+                key: path,
+                value: None,
+                expire: None,
+                nodes: None,
+                modified: next,
+                created: node.created,
+                dir: false,
+            },
+            prev: Some(prev),
+            refresh: false,
+            etcd_index: next,
+            removed,
+        };
+        self.record(event.clone());
+        Ok(event)
+    }
+
+    /// Removes every key whose expiry time is at or before `now_ns` (a SYNC entry), each at
+    /// its own index, soonest first.
+    fn expire(&mut self, now_ns: i64) {
+        while let Some((at, path)) = self.expiring.first().cloned() {
+            if at > now_ns {
+                break;
+            }
+            let Some(node) = self.nodes.get(&path).cloned() else {
+                self.expiring.remove(&(at, path));
+                continue;
+            };
+            self.index += 1;
+            let next = self.index;
+            let prev = self.view(&path, &node, false);
+            let removed = self.remove(&path);
+            count(&self.stats.expire_count);
+            self.record(Event {
+                action: "expire".into(),
+                node: NodeView {
+                    key: path,
+                    value: None,
+                    expire: None,
+                    nodes: None,
+                    modified: next,
+                    created: node.created,
+                    dir: node.is_dir(),
+                },
+                prev: Some(prev),
+                refresh: false,
+                etcd_index: next,
+                removed,
+            });
+        }
+    }
+
+    /// Keeps an applied change's event in the history and for the watchers.
+    fn record(&mut self, event: Event) {
+        self.new_events.push(event.index());
+        self.history.push_back(Event {
+            removed: Vec::new(),
+            ..event.clone()
+        });
+        while self.history.len() > HISTORY_EVENTS {
+            if let Some(old) = self.history.pop_front() {
+                self.dropped_events.push(old.index());
+            }
+        }
+        self.published.push(event);
+    }
+
+    /// The records the last applied request changed.
+    fn take_records(&mut self) -> Records {
+        let mut records = Records::new();
+        for path in std::mem::take(&mut self.touched) {
+            let value = self
+                .nodes
+                .get(&path)
+                .map(|node| serde_json::to_vec(node).unwrap_or_default());
+            records.push((format!("{NODE_RECORD_PREFIX}{path}"), value));
+        }
+        for index in std::mem::take(&mut self.dropped_events) {
+            records.push((event_record(index), None));
+        }
+        for index in std::mem::take(&mut self.new_events) {
+            if let Some(event) = self.history.iter().rev().find(|e| e.index() == index) {
+                records.push((
+                    event_record(index),
+                    Some(serde_json::to_vec(event).unwrap_or_default()),
+                ));
+            }
+        }
+        records
+    }
+}
