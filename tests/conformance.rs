@@ -25,65 +25,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
 
-/// A fresh etcd 3.4 member on loopback, killed when dropped.
-struct Etcd {
-    child: Child,
-    port: u16,
-}
-
-impl Etcd {
-    fn available() -> bool {
-        Command::new("etcd")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .output()
-            .is_ok()
-    }
-
-    fn start(root: &Path) -> Etcd {
-        let (port, peer) = (common::free_port(), common::free_port());
-        let client = format!("http://127.0.0.1:{port}");
-        let peer = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--data-dir", &root.join("etcd").display().to_string()])
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("default={peer}")])
-            .args(["--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd");
-        let etcd = Etcd { child, port };
-        common::wait_until("etcd serves", Duration::from_secs(20), || {
-            common::etcdctl(&etcd.endpoint(), &["endpoint", "health"])
-                .status
-                .success()
-        });
-        etcd
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Etcd;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

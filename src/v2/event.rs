@@ -68,7 +68,6 @@ impl Event {
                 .as_ref()
                 .filter(|_| !hide)
                 .map(|p| NodeJson::of(p, now_ns)),
-            refresh: self.refresh,
         };
         serde_json::to_string(&body).unwrap_or_default() + "\n"
     }
@@ -81,8 +80,6 @@ struct EventJson<'a> {
     node: Option<NodeJson<'a>>,
     #[serde(rename = "prevNode", skip_serializing_if = "Option::is_none")]
     prev_node: Option<NodeJson<'a>>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    refresh: bool,
 }
 
 /// etcd's `NodeExtern`, field for field and in its order.
@@ -122,7 +119,8 @@ impl<'a> NodeJson<'a> {
             value: node.value.as_deref(),
             dir: node.dir,
             expiration: node.expire.map(rfc3339_nanos),
-            ttl: node.expire.map(|e| ttl_left(e, now_ns)).unwrap_or(0),
+            // A key past its time (an expiry's previous node) shows none, as in etcd.
+            ttl: node.expire.map(|e| ttl_left(e, now_ns).max(0)).unwrap_or(0),
             nodes: node
                 .nodes
                 .iter()

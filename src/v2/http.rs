@@ -55,26 +55,61 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// The headers etcd puts on every keys answer.
+/// The headers etcd puts on every keys answer it reads.
 fn common_headers(server: &KvServer, headers: &mut HeaderMap) {
-    let mut set = |name: &'static str, value: &str| {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(name, value);
-        }
+    cors_headers(headers);
+    if let Ok(id) = HeaderValue::from_str(&format!("{:x}", server.config().cluster_id)) {
+        headers.insert("x-etcd-cluster-id", id);
+    }
+}
+
+/// The headers etcd puts on every keys answer.
+fn cors_headers(headers: &mut HeaderMap) {
+    for (name, value) in [
+        (
+            "access-control-allow-headers",
+            "accept, content-type, authorization",
+        ),
+        (
+            "access-control-allow-methods",
+            "POST, GET, OPTIONS, PUT, DELETE",
+        ),
+        ("access-control-allow-origin", "*"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+}
+
+/// Go's `cleanPath` for a request path: cleaned, keeping a trailing slash.
+fn go_clean(path: &str) -> String {
+    let mut clean = clean_path(path);
+    if path.ends_with('/') && clean != "/" {
+        clean.push('/');
+    }
+    clean
+}
+
+/// The answer of Go's request router to a path that is not clean: a permanent redirect to the
+/// clean one (with a small HTML body for GET and HEAD only).
+fn redirect(method: &Method, uri: &Uri, clean: &str) -> Response {
+    let location = match uri.query() {
+        Some(query) => format!("{clean}?{query}"),
+        None => clean.to_string(),
     };
-    set(
-        "access-control-allow-headers",
-        "accept, content-type, authorization",
-    );
-    set(
-        "access-control-allow-methods",
-        "POST, GET, OPTIONS, PUT, DELETE",
-    );
-    set("access-control-allow-origin", "*");
-    set(
-        "x-etcd-cluster-id",
-        &format!("{:x}", server.config().cluster_id),
-    );
+    let mut response = if method == Method::GET || method == Method::HEAD {
+        (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            format!("<a href=\"{location}\">Moved Permanently</a>.\n\n"),
+        )
+            .into_response()
+    } else {
+        Response::new(Body::empty())
+    };
+    *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
 }
 
 fn raft_headers(server: &KvServer, headers: &mut HeaderMap, etcd_index: u64) {
@@ -305,6 +340,11 @@ async fn keys(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let raw_path = uri.path();
+    let clean = go_clean(raw_path);
+    if clean != raw_path {
+        return redirect(&method, &uri, &clean);
+    }
     if ![
         Method::HEAD,
         Method::GET,
@@ -320,7 +360,7 @@ async fn keys(
             "Method Not Allowed\n",
         )
             .into_response();
-        common_headers(&server, response.headers_mut());
+        cors_headers(response.headers_mut());
         response.headers_mut().insert(
             header::ALLOW,
             HeaderValue::from_static("HEAD,GET,PUT,POST,DELETE"),

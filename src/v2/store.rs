@@ -366,7 +366,7 @@ impl V2Store {
     }
 
     /// Creates the missing directories of `dir` (at the next index); a file on the way is
-    /// `Not a file`.
+    /// `Not a directory`.
     fn make_dirs(&mut self, dir: &str) -> Result<(), V2Error> {
         if dir == "/" {
             return Ok(());
@@ -379,7 +379,7 @@ impl V2Store {
             let here = &dir[..end];
             match self.nodes.get(here) {
                 Some(node) if node.is_dir() => {}
-                Some(_) => return Err(V2Error::new(NOT_FILE, here, self.index)),
+                Some(_) => return Err(V2Error::new(NOT_DIR, here, self.index)),
                 None => {
                     let next = self.index + 1;
                     self.nodes.insert(

@@ -53,13 +53,13 @@ fn set_creates_parents_and_answers_the_previous_node() {
     // A file on the way is "Not a directory" for a set (its lookup comes first).
     let e = apply(&mut store, put("/a/b/c", "x")).unwrap_err();
     assert_eq!((e.code, e.cause.as_str(), e.index), (NOT_DIR, "/a/b", 2));
-    // ...and "Not a file" for an in-order create.
+    // ...and for an in-order create.
     let post = V2Request {
         method: "POST".into(),
         ..put("/a/b/c", "x")
     };
     let e = apply(&mut store, post).unwrap_err();
-    assert_eq!((e.code, e.cause.as_str()), (NOT_FILE, "/a/b"));
+    assert_eq!((e.code, e.cause.as_str()), (NOT_DIR, "/a/b"));
     let e = apply(&mut store, put("/a", "x")).unwrap_err();
     assert_eq!((e.code, e.cause.as_str()), (NOT_FILE, "/a"));
     let e = apply(&mut store, put("/", "x")).unwrap_err();

@@ -207,6 +207,72 @@ impl Drop for Server {
     }
 }
 
+/// A fresh etcd 3.4 member on loopback, killed when dropped.
+pub struct Etcd {
+    child: Child,
+    pub port: u16,
+}
+
+impl Etcd {
+    pub fn available() -> bool {
+        Command::new("etcd")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .output()
+            .is_ok()
+    }
+
+    pub fn start(root: &Path) -> Etcd {
+        Etcd::start_with(root, &[])
+    }
+
+    /// `start` with more of etcd's flags (`--enable-v2`).
+    pub fn start_with(root: &Path, extra: &[&str]) -> Etcd {
+        let (port, peer) = (free_port(), free_port());
+        let client = format!("http://127.0.0.1:{port}");
+        let peer = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--data-dir", &root.join("etcd").display().to_string()])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .args(["--log-level", "error"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        let etcd = Etcd { child, port };
+        wait_until("etcd serves", Duration::from_secs(20), || {
+            etcdctl(&etcd.endpoint(), &["endpoint", "health"])
+                .status
+                .success()
+        });
+        etcd
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn etcdctl_available() -> bool {
     Command::new("etcdctl")
         .arg("version")
@@ -460,4 +526,51 @@ pub fn keep_alive(endpoint: &str, lease: &str) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("etcdctl")
+}
+
+/// `method path` over HTTP/1.1 on `port` with a form-encoded `form` body (none if empty): the
+/// status, the headers (names in lower case) and the body.
+pub fn http_form(
+    port: u16,
+    method: &str,
+    path: &str,
+    form: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let body_head = if form.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            form.len()
+        )
+    };
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{body_head}Connection: close\r\n\r\n{form}"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status: u16 = response[9..12].parse().expect("status");
+    let (head, body) = response.split_once("\r\n\r\n").expect("head");
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, headers, body)
 }
