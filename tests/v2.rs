@@ -249,3 +249,173 @@ fn v2_keys_answer_as_etcd_3_4_answered() {
         differences.join("\n")
     );
 }
+
+const ETCDCTL_FIXTURES: &str = "tests/fixtures/v2_etcdctl_etcd_3.4.json";
+
+/// etcdctl v2 commands, as the seeds' examples run them.
+const COMMANDS: &[&[&str]] = &[
+    &["set", "/dir/key", "Hello world"],
+    &["get", "/dir/key"],
+    &["set", "/dir/key2", "v", "--ttl", "60"],
+    &["set", "/dir/key", "new", "--swap-with-value", "Hello world"],
+    &["set", "/dir/key", "x", "--swap-with-value", "nope"],
+    &["set", "/dir/key", "x", "--swap-with-index", "1"],
+    &["update", "/dir/key", "upd"],
+    &["update", "/nokey", "x"],
+    &["mk", "/dir/mk", "v"],
+    &["mk", "/dir/mk", "v"],
+    &["mk", "--in-order", "/queue", "job1"],
+    &["mkdir", "/newdir"],
+    &["mkdir", "/newdir"],
+    &["setdir", "/sd"],
+    &["updatedir", "/sd", "--ttl", "100"],
+    &["ls"],
+    &["ls", "--recursive", "--sort", "/"],
+    &["ls", "-p", "/dir"],
+    &["get", "/nope"],
+    &["get", "/dir"],
+    &["rm", "/dir/mk"],
+    &["rm", "/dir"],
+    &["rm", "/dir", "--recursive"],
+    &["rmdir", "/newdir"],
+    &["rm", "--dir", "/sd"],
+    &["set", "/x", "1"],
+    &["rm", "/x", "--with-value", "2"],
+    &["rm", "/x", "--with-index", "1"],
+    &["rm", "/x", "--with-value", "1"],
+    &["-o", "json", "set", "/j", "v"],
+    &["-o", "extended", "get", "/j"],
+    &["watch", "/dir/key", "--after-index", "{i+1}"],
+    &["member", "list"],
+    &["cluster-health"],
+];
+
+fn etcdctl_v2(endpoint: &str, args: &[String]) -> std::process::Output {
+    std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "2")
+        .arg("--endpoints")
+        .arg(endpoint)
+        .args(args)
+        .output()
+        .expect("etcdctl is needed: apt-get install etcd-client (ci/test does)")
+}
+
+/// Each command's exit code and output, the member's id, URLs and indexes normalized.
+fn etcdctl_answers(port: u16, member_id: &str) -> Vec<Value> {
+    let (_, headers, _) = http_form(port, "GET", "/v2/keys/", "");
+    let base: u64 = header(&headers, "x-etcd-index")
+        .and_then(|v| v.parse().ok())
+        .expect("X-Etcd-Index");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    COMMANDS
+        .iter()
+        .map(|command| {
+            let args: Vec<String> = command
+                .iter()
+                .map(|a| a.replace("{i+1}", &(base + 1).to_string()))
+                .collect();
+            let out = etcdctl_v2(&endpoint, &args);
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut lines: Vec<String> = text
+                .lines()
+                .map(|line| normalize_line(line, base, port, member_id))
+                .collect();
+            if command[0] == "ls" {
+                lines.sort(); // etcd lists in no order without --sort
+            }
+            serde_json::json!({
+                "command": command.join(" "),
+                "code": out.status.code(),
+                "output": lines,
+            })
+        })
+        .collect()
+}
+
+/// A line of etcdctl's output with the member's id, its URLs' ports, indexes (from `base`)
+/// and expiry times made comparable.
+fn normalize_line(line: &str, base: u64, port: u16, member_id: &str) -> String {
+    let mut line = line.replace(member_id, "<id>");
+    line = line.replace(&port.to_string(), "<port>");
+    // Peer ports differ too.
+    while let Some(at) = line.find("127.0.0.1:").filter(|at| {
+        line[at + 10..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+    }) {
+        let rest: String = line[at + 10..]
+            .chars()
+            .skip_while(char::is_ascii_digit)
+            .collect();
+        line = format!("{}127.0.0.1:<peer>{rest}", &line[..at]);
+    }
+    if let Ok(mut value) = serde_json::from_str::<Value>(&line) {
+        normalize(&mut value, base);
+        return value.to_string();
+    }
+    for field in ["Created-Index: ", "Modified-Index: ", "Index: "] {
+        if let Some(n) = line.strip_prefix(field).and_then(|n| n.parse::<u64>().ok()) {
+            return format!("{field}{}", n.saturating_sub(base));
+        }
+    }
+    if line.starts_with("TTL: ") {
+        return "TTL: <ttl>".into();
+    }
+    // `Error:  101: Compare failed ([1 != 1011]) [1011]`: the cause's and the index's numbers.
+    if let Some((head, tail)) = line.split_once(" (").filter(|_| line.starts_with("Error:")) {
+        return format!("{head} ({}", indexes_in(tail, base));
+    }
+    line.split(' ')
+        .map(|word| in_order_key(word, base))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The member id `/v2/members` names first.
+fn first_member_id(port: u16) -> String {
+    let (_, _, body) = http_form(port, "GET", "/v2/members", "");
+    let members: Value = serde_json::from_str(&body).expect("members JSON");
+    members["members"][0]["id"]
+        .as_str()
+        .expect("an id")
+        .to_string()
+}
+
+#[test]
+fn etcdctl_v2_commands_answer_as_with_etcd_3_4() {
+    if !common::etcdctl_available() {
+        eprintln!("skipped: etcdctl is not installed (ci/test installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    if std::env::var("V2_RECORD_FIXTURES").is_ok() {
+        let etcd = Etcd::start_with(dir.path(), &["--enable-v2"]);
+        let recorded = etcdctl_answers(etcd.port, &first_member_id(etcd.port));
+        let text = serde_json::to_string_pretty(&recorded).expect("json") + "\n";
+        std::fs::write(ETCDCTL_FIXTURES, text).expect("write the fixtures");
+        return;
+    }
+    let text = std::fs::read_to_string(ETCDCTL_FIXTURES).expect("the recorded fixtures");
+    let expected: Vec<Value> = serde_json::from_str(&text).expect("fixtures are JSON");
+    let server = Server::start(dir.path(), &["--enable-v2"]);
+    let ours = etcdctl_answers(server.client_port, &first_member_id(server.client_port));
+    let differences: Vec<String> = expected
+        .iter()
+        .zip(&ours)
+        .filter(|(theirs, ours)| theirs != ours)
+        .map(|(theirs, ours)| format!("etcd:     {theirs}\nquorumkv: {ours}"))
+        .collect();
+    assert_eq!(expected.len(), ours.len(), "fixtures recorded for other commands");
+    assert!(
+        differences.is_empty(),
+        "{} of {} commands differ:\n{}",
+        differences.len(),
+        expected.len(),
+        differences.join("\n")
+    );
+}
