@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use quorumkv::proto::etcdserverpb::compare::{CompareTarget, TargetUnion};

@@ -32,7 +32,12 @@ const STEPS: &[Step] = &[
     // TTLs: set, cleared with `ttl=`, refreshed.
     Step("PUT", "/v2/keys/foo?ttl=50", "value=bar", 0),
     Step("PUT", "/v2/keys/foo", "value=bar&ttl=", 0),
-    Step("PUT", "/v2/keys/foo?ttl=20&refresh=true&prevExist=true", "", 0),
+    Step(
+        "PUT",
+        "/v2/keys/foo?ttl=20&refresh=true&prevExist=true",
+        "",
+        0,
+    ),
     Step("PUT", "/v2/keys/foo?ttl=20&refresh=true", "value=x", 0),
     Step("PUT", "/v2/keys/foo?refresh=true", "", 0),
     // Conditions.
@@ -41,7 +46,12 @@ const STEPS: &[Step] = &[
     Step("PUT", "/v2/keys/foo?prevValue=bar", "value=three", 0),
     Step("PUT", "/v2/keys/foo?prevIndex={i+7}", "value=four", 0),
     Step("PUT", "/v2/keys/foo?prevIndex=1", "value=five", 0),
-    Step("PUT", "/v2/keys/foo?prevIndex=1&prevValue=nope", "value=five", 0),
+    Step(
+        "PUT",
+        "/v2/keys/foo?prevIndex=1&prevValue=nope",
+        "value=five",
+        0,
+    ),
     Step("PUT", "/v2/keys/nokey?prevExist=true", "value=five", 0),
     Step("DELETE", "/v2/keys/foo?prevValue=wrong", "", 0),
     Step("DELETE", "/v2/keys/foo?prevIndex={i+8}", "", 0),
@@ -90,8 +100,18 @@ const STEPS: &[Step] = &[
     Step("GET", "/v2/keys/a?recursive=true&quorum=true", "", 0),
     Step("HEAD", "/v2/keys/a/b", "", 0),
     Step("GET", "/v2/keys/a/b?wait=true&waitIndex={i+1}", "", 0),
-    Step("GET", "/v2/keys/a?wait=true&recursive=true&waitIndex={i+19}", "", 0),
-    Step("GET", "/v2/keys/?wait=true&recursive=true&waitIndex=1", "", 0),
+    Step(
+        "GET",
+        "/v2/keys/a?wait=true&recursive=true&waitIndex={i+19}",
+        "",
+        0,
+    ),
+    Step(
+        "GET",
+        "/v2/keys/?wait=true&recursive=true&waitIndex=1",
+        "",
+        0,
+    ),
     // A key that expires, and the wait that finds its expiry.
     Step("PUT", "/v2/keys/short?ttl=1", "value=x", 2_500),
     Step("GET", "/v2/keys/short", "", 0),
@@ -217,7 +237,10 @@ fn quorumkv_answers(root: &Path) -> Vec<Value> {
 fn v2_keys_answer_as_etcd_3_4_answered() {
     let dir = tempfile::tempdir().expect("tempdir");
     if std::env::var("V2_RECORD_FIXTURES").is_ok() {
-        assert!(Etcd::available(), "recording needs etcd 3.4 (Debian's etcd-server)");
+        assert!(
+            Etcd::available(),
+            "recording needs etcd 3.4 (Debian's etcd-server)"
+        );
         let etcd = Etcd::start_with(dir.path(), &["--enable-v2"]);
         let recorded = answers(etcd.port);
         let text = serde_json::to_string_pretty(&recorded).expect("json") + "\n";
@@ -227,7 +250,11 @@ fn v2_keys_answer_as_etcd_3_4_answered() {
     let text = std::fs::read_to_string(FIXTURES).expect("the recorded fixtures");
     let expected: Vec<Value> = serde_json::from_str(&text).expect("fixtures are JSON");
     let ours = quorumkv_answers(dir.path());
-    assert_eq!(expected.len(), ours.len(), "fixtures recorded for other steps");
+    assert_eq!(
+        expected.len(),
+        ours.len(),
+        "fixtures recorded for other steps"
+    );
     let mut differences = Vec::new();
     for (theirs, ours) in expected.iter().zip(&ours) {
         assert_eq!(
@@ -410,7 +437,11 @@ fn etcdctl_v2_commands_answer_as_with_etcd_3_4() {
         .filter(|(theirs, ours)| theirs != ours)
         .map(|(theirs, ours)| format!("etcd:     {theirs}\nquorumkv: {ours}"))
         .collect();
-    assert_eq!(expected.len(), ours.len(), "fixtures recorded for other commands");
+    assert_eq!(
+        expected.len(),
+        ours.len(),
+        "fixtures recorded for other commands"
+    );
     assert!(
         differences.is_empty(),
         "{} of {} commands differ:\n{}",

@@ -23,8 +23,8 @@ pub use error::ServerError;
 pub use kv::{KvServer, ServerConfig, StatusReport};
 pub use lease::LeaseClock;
 pub use maintenance::{Unhealthy, DEFAULT_QUOTA_BACKEND_BYTES, MAX_SUGGESTED_QUOTA_BACKEND_BYTES};
-pub use v2::{V2Wait, V2_SYNC_INTERVAL};
 pub use start::{start_member, MemberConfig, RunningMember, StartError, SNAPSHOT_CATCH_UP_ENTRIES};
+pub use v2::{V2Wait, V2_SYNC_INTERVAL};
 
 /// The etcd API version quorumkv serves: `/version`, `Maintenance.Status`, the metrics.
 /// (`api::STATUS_VERSION` repeats it with quorumkv's version.)

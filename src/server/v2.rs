@@ -60,10 +60,7 @@ impl KvServer {
 
     /// `/v2/stats/store`.
     pub fn v2_stats_json(&self) -> String {
-        self.read_store()
-            .v2()
-            .stats
-            .to_json(self.v2_watchers.len())
+        self.read_store().v2().stats.to_json(self.v2_watchers.len())
     }
 
     /// A `wait=true` request at `path` from index `since` (0: the next change). The history is
@@ -121,7 +118,7 @@ impl KvServer {
             let term = status.term.load(Ordering::Relaxed);
             let now = clock.unix_nanos();
             let due = self.read_store().v2().next_expiry();
-            if !due.is_some_and(|at| at <= now) {
+            if due.is_none_or(|at| at > now) {
                 continue;
             }
             let sync = V2Request {

@@ -170,12 +170,18 @@ impl Form {
             });
         if form_body && (method == Method::PUT || method == Method::POST) {
             for (k, v) in url::form_urlencoded::parse(body) {
-                fields.entry(k.into_owned()).or_default().push(v.into_owned());
+                fields
+                    .entry(k.into_owned())
+                    .or_default()
+                    .push(v.into_owned());
             }
         }
         if let Some(query) = uri.query() {
             for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-                fields.entry(k.into_owned()).or_default().push(v.into_owned());
+                fields
+                    .entry(k.into_owned())
+                    .or_default()
+                    .push(v.into_owned());
             }
         }
         Form(fields)
@@ -284,7 +290,10 @@ fn parse_key_request(method: &Method, path: &str, form: &Form) -> Result<KeyRequ
         }
     }
     let expiration = ttl
-        .map(|ttl| now_ns().saturating_add((ttl.min(i64::MAX as u64 / 1_000_000_000) as i64) * 1_000_000_000))
+        .map(|ttl| {
+            now_ns()
+                .saturating_add((ttl.min(i64::MAX as u64 / 1_000_000_000) as i64) * 1_000_000_000)
+        })
         .unwrap_or(0);
     Ok(KeyRequest {
         req: V2Request {
@@ -317,16 +326,14 @@ fn decoded_path(uri: &Uri) -> String {
     while i < raw.len() {
         let hex = |b: u8| (b as char).to_digit(16);
         match raw[i] {
-            b'%' if i + 2 < raw.len() => {
-                match (hex(raw[i + 1]), hex(raw[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < raw.len() => match (hex(raw[i + 1]), hex(raw[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -406,7 +413,11 @@ async fn wait(server: KvServer, request: KeyRequest) -> Response {
     tokio::spawn(async move {
         let mut delivered = false;
         for event in wait.past {
-            if tx.send(Ok(event.to_json(now_ns(), false).into())).await.is_err() {
+            if tx
+                .send(Ok(event.to_json(now_ns(), false).into()))
+                .await
+                .is_err()
+            {
                 return;
             }
             delivered = true;
@@ -463,7 +474,11 @@ async fn members(State(server): State<KvServer>) -> Response {
 /// `/v2/members/leader`: the leader as a member (`etcdctl member list` marks it).
 async fn members_leader(State(server): State<KvServer>) -> Response {
     let leader = server.node().status().leader.load(Ordering::Relaxed);
-    match server.members().iter().find(|m| m.id == leader && leader != 0) {
+    match server
+        .members()
+        .iter()
+        .find(|m| m.id == leader && leader != 0)
+    {
         Some(member) => json(member_json(member).to_string()),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,

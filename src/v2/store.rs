@@ -50,6 +50,14 @@ const ROOT: Node = Node {
     expire: None,
 };
 
+/// A node to create: where, a directory or a value, and when it expires.
+struct NewNode<'a> {
+    path: &'a str,
+    dir: bool,
+    value: &'a str,
+    expire: Option<i64>,
+}
+
 /// Backend records to write (`Some`) or remove (`None`), by name.
 pub type Records = Vec<(String, Option<Vec<u8>>)>;
 
@@ -438,14 +446,17 @@ impl V2Store {
     /// zero-padded, when `unique`), replacing a file there when `replace`.
     fn create_node(
         &mut self,
-        path: &str,
-        dir: bool,
-        value: &str,
+        new: NewNode<'_>,
         unique: bool,
         replace: bool,
-        expire: Option<i64>,
         action: &str,
     ) -> Result<Event, V2Error> {
+        let NewNode {
+            path,
+            dir,
+            value,
+            expire,
+        } = new;
         let current = self.index;
         let next = current + 1;
         let path = if unique {
@@ -506,7 +517,13 @@ impl V2Store {
         unique: bool,
         expire: Option<i64>,
     ) -> Result<Event, V2Error> {
-        let event = self.create_node(path, dir, value, unique, false, expire, "create")?;
+        let new = NewNode {
+            path,
+            dir,
+            value,
+            expire,
+        };
+        let event = self.create_node(new, unique, false, "create")?;
         self.record(event.clone());
         Ok(event)
     }
@@ -528,7 +545,13 @@ impl V2Store {
             (Some(node), true) => node.value.clone().unwrap_or_default(),
             _ => req.val.clone(),
         };
-        let mut event = self.create_node(&path, req.dir, &value, false, true, expire, "set")?;
+        let new = NewNode {
+            path: &path,
+            dir: req.dir,
+            value: &value,
+            expire,
+        };
+        let mut event = self.create_node(new, false, true, "set")?;
         if let Some(prev) = prev {
             event.prev = Some(self.view(&path, &prev, false));
         }

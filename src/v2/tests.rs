@@ -142,8 +142,14 @@ fn directories_need_dir_and_recursive_to_go() {
         recursive,
         ..put("/d", "")
     };
-    assert_eq!(apply(&mut store, delete(false, false)).unwrap_err().code, NOT_FILE);
-    assert_eq!(apply(&mut store, delete(true, false)).unwrap_err().code, DIR_NOT_EMPTY);
+    assert_eq!(
+        apply(&mut store, delete(false, false)).unwrap_err().code,
+        NOT_FILE
+    );
+    assert_eq!(
+        apply(&mut store, delete(true, false)).unwrap_err().code,
+        DIR_NOT_EMPTY
+    );
     let gone = apply(&mut store, delete(false, true)).unwrap();
     assert_eq!(gone.action, "delete");
     assert!(gone.node.dir);
@@ -157,7 +163,13 @@ fn hidden_keys_are_left_out_of_listings_but_can_be_read() {
     apply(&mut store, put("/d/_hidden", "1")).unwrap();
     apply(&mut store, put("/d/shown", "2")).unwrap();
     let listing = store.get("/d", true, true).unwrap();
-    let keys: Vec<_> = listing.node.nodes.unwrap().into_iter().map(|n| n.key).collect();
+    let keys: Vec<_> = listing
+        .node
+        .nodes
+        .unwrap()
+        .into_iter()
+        .map(|n| n.key)
+        .collect();
     assert_eq!(keys, vec!["/d/shown"]);
     assert!(store.get("/d/_hidden", false, false).is_ok());
 }
@@ -214,12 +226,20 @@ fn the_history_keeps_the_last_thousand_events_and_survives_a_reopen() {
         assert_eq!(found.etcd_index, 1005);
         assert!(store.scan("/h", true, 1006).unwrap().is_none());
         assert_eq!(
-            store.get("/h/k", false, false).unwrap().node.value.as_deref(),
+            store
+                .get("/h/k", false, false)
+                .unwrap()
+                .node
+                .value
+                .as_deref(),
             Some("1004")
         );
     }
     assert_eq!(
-        records.keys().filter(|k| k.starts_with(EVENT_RECORD_PREFIX)).count(),
+        records
+            .keys()
+            .filter(|k| k.starts_with(EVENT_RECORD_PREFIX))
+            .count(),
         HISTORY_EVENTS
     );
 }

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::event::Event;
 use super::clean_path;
+use super::event::Event;
 
 /// Events a waiting request may have queued before it is dropped (etcd's 100): a stream that
 /// reads slower than that ends rather than holding the member's memory.
@@ -79,14 +79,17 @@ impl V2Watchers {
     ) -> Waiting {
         let (tx, events) = mpsc::channel(QUEUED_EVENTS);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().entry(path.to_string()).or_default().push(Watcher {
-            id,
-            recursive,
-            stream,
-            since,
-            sent: covered,
-            tx,
-        });
+        self.lock()
+            .entry(path.to_string())
+            .or_default()
+            .push(Watcher {
+                id,
+                recursive,
+                stream,
+                since,
+                sent: covered,
+                tx,
+            });
         self.count.fetch_add(1, Ordering::Relaxed);
         Waiting {
             events,

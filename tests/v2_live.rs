@@ -1,0 +1,292 @@
+//! The v2 keys API under live conditions: many waits at once, streams, etcdctl's watches, a
+//! restart, and three members that must expire TTL keys at the same index across a leader
+//! change.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{http_form, wait_until, Server};
+use serde_json::Value;
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
+}
+
+fn put(port: u16, path: &str, form: &str) -> Value {
+    let (status, _, body) = http_form(port, "PUT", path, form);
+    assert!(status == 200 || status == 201, "{path}: {status} {body}");
+    json_of(&body)
+}
+
+/// Opens a `GET` on `path` and reads its head: the wait is registered once the head is back.
+fn open_wait(port: u16, path: &str) -> BufReader<TcpStream> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("status line");
+    assert!(line.starts_with("HTTP/1.1 200"), "{path}: {line}");
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("header");
+        if line == "\r\n" {
+            return reader;
+        }
+    }
+}
+
+/// The next event of a chunked wait answer (one JSON line per chunk), `None` at its end.
+fn next_event(reader: &mut BufReader<TcpStream>) -> Option<Value> {
+    let mut size = String::new();
+    reader.read_line(&mut size).ok()?;
+    let size = usize::from_str_radix(size.trim(), 16).ok()?;
+    if size == 0 {
+        return None;
+    }
+    let mut chunk = vec![0; size + 2];
+    reader.read_exact(&mut chunk).ok()?;
+    Some(json_of(String::from_utf8_lossy(&chunk[..size]).trim()))
+}
+
+fn watchers(port: u16) -> u64 {
+    let (_, _, body) = http_form(port, "GET", "/v2/stats/store", "");
+    json_of(&body)["watchers"].as_u64().expect("watchers")
+}
+
+#[test]
+fn a_thousand_waits_on_one_directory_all_see_the_next_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--enable-v2"]);
+    let port = server.client_port;
+    put(port, "/v2/keys/jobs/first", "value=1");
+    let mut waits: Vec<_> = (0..1000)
+        .map(|_| open_wait(port, "/v2/keys/jobs?wait=true&recursive=true"))
+        .collect();
+    assert_eq!(watchers(port), 1000);
+    let set = put(port, "/v2/keys/jobs/next", "value=2");
+    let index = set["node"]["modifiedIndex"].clone();
+    for wait in &mut waits {
+        let event = next_event(wait).expect("an event");
+        assert_eq!(event["node"]["key"], "/jobs/next");
+        assert_eq!(event["node"]["modifiedIndex"], index);
+        assert!(next_event(wait).is_none(), "a wait ends with its event");
+    }
+    assert_eq!(watchers(port), 0);
+}
+
+#[test]
+fn a_stream_sees_every_change_in_order_and_a_closed_one_is_forgotten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--enable-v2"]);
+    let port = server.client_port;
+    let first = put(port, "/v2/keys/s/a", "value=0");
+    let since = first["node"]["modifiedIndex"].as_u64().expect("index");
+    // From the history (the first put), then live.
+    let mut stream = open_wait(
+        port,
+        &format!("/v2/keys/s?wait=true&recursive=true&stream=true&waitIndex={since}"),
+    );
+    assert_eq!(
+        next_event(&mut stream).expect("from history")["node"]["value"],
+        "0"
+    );
+    for i in 1..=5 {
+        put(port, "/v2/keys/s/a", &format!("value={i}"));
+    }
+    // Hidden keys are not shown to a watcher above them.
+    put(port, "/v2/keys/s/_hidden", "value=x");
+    let (status, _, _) = http_form(port, "DELETE", "/v2/keys/s?recursive=true", "");
+    assert_eq!(status, 200);
+    for i in 1..=5 {
+        let event = next_event(&mut stream).expect("an event");
+        assert_eq!(event["action"], "set");
+        assert_eq!(event["node"]["value"], i.to_string());
+        assert_eq!(
+            event["node"]["modifiedIndex"].as_u64(),
+            Some(since + i as u64)
+        );
+    }
+    let deleted = next_event(&mut stream).expect("the delete");
+    assert_eq!(deleted["action"], "delete");
+    assert_eq!(deleted["node"]["key"], "/s");
+    assert_eq!(watchers(port), 1);
+    drop(stream);
+    // The member notices the client is gone once it writes to it, or at once.
+    put(port, "/v2/keys/s/b", "value=1");
+    wait_until(
+        "the closed stream is forgotten",
+        Duration::from_secs(10),
+        || watchers(port) == 0,
+    );
+}
+
+fn etcdctl_v2(port: u16) -> Command {
+    let mut command = Command::new("etcdctl");
+    command
+        .env("ETCDCTL_API", "2")
+        .arg("--endpoints")
+        .arg(format!("http://127.0.0.1:{port}"));
+    command
+}
+
+#[test]
+fn etcdctl_v2_watch_forever_and_exec_watch_see_each_change() {
+    if !common::etcdctl_available() {
+        eprintln!("skipped: etcdctl is not installed (ci/test installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--enable-v2"]);
+    let port = server.client_port;
+    put(port, "/v2/keys/conf/seed", "value=0");
+    let mut watch = etcdctl_v2(port)
+        .args(["watch", "--forever", "--recursive", "/conf"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcdctl watch");
+    let mut exec = etcdctl_v2(port)
+        .args(["exec-watch", "--recursive", "/conf", "--"])
+        .args([
+            "sh",
+            "-c",
+            "echo \"$ETCD_WATCH_ACTION $ETCD_WATCH_KEY $ETCD_WATCH_VALUE\"",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcdctl exec-watch");
+    // Both are waiting once the member counts them.
+    wait_until("both watches wait", Duration::from_secs(10), || {
+        watchers(port) == 2
+    });
+    let mut watched = BufReader::new(watch.stdout.take().expect("stdout"));
+    let mut executed = BufReader::new(exec.stdout.take().expect("stdout"));
+    for i in 1..=3 {
+        put(port, "/v2/keys/conf/k", &format!("value=v{i}"));
+        let mut line = String::new();
+        watched.read_line(&mut line).expect("watch output");
+        assert_eq!(line.trim(), format!("[set] /conf/k"));
+        line.clear();
+        watched.read_line(&mut line).expect("watch output");
+        assert_eq!(line.trim(), format!("v{i}"));
+        line.clear();
+        executed.read_line(&mut line).expect("exec-watch output");
+        assert_eq!(line.trim(), format!("set /conf/k v{i}"));
+    }
+    let _ = watch.kill();
+    let _ = exec.kill();
+    let _ = watch.wait();
+    let _ = exec.wait();
+}
+
+#[test]
+fn the_tree_and_its_history_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(dir.path(), &["--enable-v2"]);
+    let port = server.client_port;
+    for i in 0..1100 {
+        put(port, "/v2/keys/r/k", &format!("value={i}"));
+    }
+    put(port, "/v2/keys/r/ttl?ttl=600", "value=t");
+    server.terminate();
+    server.spawn();
+    server.wait_ready();
+    let (status, headers, body) = http_form(port, "GET", "/v2/keys/r?recursive=true", "");
+    assert_eq!(status, 200, "{body}");
+    let index = headers
+        .iter()
+        .find(|(k, _)| k == "x-etcd-index")
+        .map(|(_, v)| v.clone());
+    assert_eq!(index.as_deref(), Some("1101"));
+    let listing = json_of(&body);
+    let nodes = listing["node"]["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes[0]["value"], "1099");
+    assert!(nodes[1]["ttl"].as_i64().is_some_and(|ttl| ttl > 590));
+    // The last 1,000 events are still there for waits; older ones are cleared.
+    let (status, _, body) = http_form(port, "GET", "/v2/keys/r/k?wait=true&waitIndex=500", "");
+    assert_eq!(status, 200);
+    assert_eq!(json_of(&body)["node"]["value"], "499");
+    let (status, _, body) = http_form(port, "GET", "/v2/keys/r/k?wait=true&waitIndex=50", "");
+    assert_eq!(status, 400);
+    assert_eq!(json_of(&body)["errorCode"], 401);
+}
+
+/// The index every member reports for `path`'s expiry, once each has applied it.
+fn expiry_index(servers: &[Server], path: &str, since: u64) -> Vec<u64> {
+    servers
+        .iter()
+        .map(|s| {
+            let (status, _, body) = http_form(
+                s.client_port,
+                "GET",
+                &format!("/v2/keys{path}?wait=true&waitIndex={since}"),
+                "",
+            );
+            assert_eq!(status, 200, "{body}");
+            let event = json_of(&body);
+            assert_eq!(event["action"], "expire", "{event}");
+            event["node"]["modifiedIndex"].as_u64().expect("index")
+        })
+        .collect()
+}
+
+#[test]
+fn three_members_expire_ttl_keys_at_the_same_index_across_a_leader_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = common::start_cluster(dir.path(), &["a", "b", "c"], &["--enable-v2"]);
+    wait_until("a leader", Duration::from_secs(10), || {
+        common::leader(&servers).is_some()
+    });
+    let leader = common::leader(&servers).expect("a leader");
+    let follower = (leader + 1) % 3;
+    // A write to a follower is forwarded; a quorum read on another sees it.
+    let set = put(
+        servers[follower].client_port,
+        "/v2/keys/svc/one?ttl=3",
+        "value=a",
+    );
+    assert!(set["node"]["ttl"].as_i64().is_some());
+    let (status, _, body) = http_form(
+        servers[(leader + 2) % 3].client_port,
+        "GET",
+        "/v2/keys/svc/one?quorum=true",
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let set_at = Instant::now();
+    let two = put(
+        servers[leader].client_port,
+        "/v2/keys/svc/two?ttl=6",
+        "value=b",
+    );
+    let since = two["node"]["modifiedIndex"].as_u64().expect("index") + 1;
+    // The leader changes before either key is due.
+    common::lead_elsewhere(&servers, leader, follower);
+    let first = expiry_index(&servers, "/svc/one", since);
+    assert!(first.iter().all(|i| *i == first[0]), "{first:?}");
+    let second = expiry_index(&servers, "/svc/two", since);
+    assert!(second.iter().all(|i| *i == second[0]), "{second:?}");
+    assert!(second[0] > first[0]);
+    // Not early: the second was due 6 s after it was set.
+    assert!(
+        set_at.elapsed() >= Duration::from_millis(5_900),
+        "{:?}",
+        set_at.elapsed()
+    );
+    for server in &servers {
+        let (status, _, _) = http_form(server.client_port, "GET", "/v2/keys/svc/two", "");
+        assert_eq!(status, 404);
+    }
+}
