@@ -328,8 +328,9 @@ fn parse_args() -> Result<Args, String> {
     if args.conns == 0 {
         args.conns = args.clients.clamp(1, 8);
     }
-    if !["put", "get", "watch", "kubernetes", "fill", "list"].contains(&args.op.as_str()) {
-        return Err("--op is put, get, watch, kubernetes, fill or list".into());
+    if !["put", "get", "watch", "kubernetes", "fill", "list", "v2-set"].contains(&args.op.as_str())
+    {
+        return Err("--op is put, get, watch, kubernetes, fill, list or v2-set".into());
     }
     if args.op == "kubernetes" || args.op == "list" {
         // It reads the answers (revisions, `more`): through tonic's client.
@@ -1449,6 +1450,92 @@ async fn request_loops(
     Ok((latencies, start))
 }
 
+/// `--op v2-set`: etcd's v2 `PUT /v2/keys/load/<key>` with a form body over HTTP/1.1, each
+/// client on its own kept-alive connection (as many curl clients would hold).
+async fn v2_set_loops(args: &Arc<Args>, endpoint: &str) -> Result<(Vec<Duration>, Instant), String> {
+    let addr = endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let budget = args.max_requests / args.clients as u64;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.seconds);
+    let mut tasks = Vec::new();
+    for id in 0..args.clients {
+        let (addr, args) = (addr.clone(), args.clone());
+        tasks.push(tokio::spawn(async move {
+            v2_set_client(&addr, &args, id, deadline, budget).await
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.map_err(|e| e.to_string())??);
+    }
+    Ok((latencies, start))
+}
+
+async fn v2_set_client(
+    addr: &str,
+    args: &Args,
+    id: usize,
+    deadline: Instant,
+    budget: u64,
+) -> Result<Vec<Duration>, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (read, mut write) = stream.into_split();
+    let mut read = tokio::io::BufReader::new(read);
+    let body = format!("value={}", "v".repeat(args.value_size));
+    let mut latencies = Vec::with_capacity(16 * 1024);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (id as u64);
+    let mut line = String::new();
+    let mut n = 0;
+    while n < budget && Instant::now() < deadline {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let request = format!(
+            "PUT /v2/keys/load/k{} HTTP/1.1\r\nHost: {addr}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            state % args.key_space,
+            body.len()
+        );
+        let sent = Instant::now();
+        write
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        line.clear();
+        read.read_line(&mut line).await.map_err(|e| e.to_string())?;
+        let ok = line.starts_with("HTTP/1.1 200") || line.starts_with("HTTP/1.1 201");
+        let mut length = 0;
+        loop {
+            line.clear();
+            read.read_line(&mut line).await.map_err(|e| e.to_string())?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().map_err(|e| format!("{e}"))?;
+                }
+            }
+        }
+        let mut answer = vec![0; length];
+        read.read_exact(&mut answer).await.map_err(|e| e.to_string())?;
+        if ok {
+            latencies.push(sent.elapsed());
+        } else {
+            FAILED.fetch_add(1, Ordering::Relaxed);
+        }
+        n += 1;
+    }
+    Ok(latencies)
+}
+
 /// `start_us latency_us` per request, the start as Unix time in microseconds, sorted by start.
 fn write_latency_log(path: &str, requests: &[(Instant, Duration)]) -> Result<(), String> {
     use std::io::Write;
@@ -1494,7 +1581,11 @@ async fn run(args: Args) -> Result<(), String> {
             });
         }
     }
-    let (mut latencies, start) = request_loops(&args, &endpoints).await?;
+    let (mut latencies, start) = if args.op == "v2-set" {
+        v2_set_loops(&args, endpoints[0]).await?
+    } else {
+        request_loops(&args, &endpoints).await?
+    };
     let elapsed = start.elapsed().as_secs_f64();
     latencies.sort_unstable();
     let kube_line = if kube {
