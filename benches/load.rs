@@ -328,7 +328,16 @@ fn parse_args() -> Result<Args, String> {
     if args.conns == 0 {
         args.conns = args.clients.clamp(1, 8);
     }
-    if !["put", "get", "watch", "kubernetes", "fill", "list", "v2-set"].contains(&args.op.as_str())
+    if ![
+        "put",
+        "get",
+        "watch",
+        "kubernetes",
+        "fill",
+        "list",
+        "v2-set",
+    ]
+    .contains(&args.op.as_str())
     {
         return Err("--op is put, get, watch, kubernetes, fill, list or v2-set".into());
     }
@@ -1452,7 +1461,10 @@ async fn request_loops(
 
 /// `--op v2-set`: etcd's v2 `PUT /v2/keys/load/<key>` with a form body over HTTP/1.1, each
 /// client on its own kept-alive connection (as many curl clients would hold).
-async fn v2_set_loops(args: &Arc<Args>, endpoint: &str) -> Result<(Vec<Duration>, Instant), String> {
+async fn v2_set_loops(
+    args: &Arc<Args>,
+    endpoint: &str,
+) -> Result<(Vec<Duration>, Instant), String> {
     let addr = endpoint
         .trim_start_matches("http://")
         .trim_end_matches('/')
@@ -1525,7 +1537,9 @@ async fn v2_set_client(
             }
         }
         let mut answer = vec![0; length];
-        read.read_exact(&mut answer).await.map_err(|e| e.to_string())?;
+        read.read_exact(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
         if ok {
             latencies.push(sent.elapsed());
         } else {

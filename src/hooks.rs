@@ -32,10 +32,12 @@ pub enum Bug {
     ProxyMissesInvalidation,
     /// The proxy loses the first events of each watcher it creates again after failover.
     ProxyDropsEventAtFailover,
+    /// Each member expires v2 TTL keys by its own clock instead of through the log.
+    V2ExpiresLocally,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 13] = [
+    pub const ALL: [Bug; 14] = [
         Bug::AckBeforeFsync,
         Bug::ApplyBeforeCommit,
         Bug::ServeStaleRead,
@@ -49,6 +51,7 @@ impl Bug {
         Bug::IgnoreFsyncError,
         Bug::ProxyMissesInvalidation,
         Bug::ProxyDropsEventAtFailover,
+        Bug::V2ExpiresLocally,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +69,7 @@ impl Bug {
             Bug::IgnoreFsyncError => "ignore-fsync-error",
             Bug::ProxyMissesInvalidation => "proxy-misses-invalidation",
             Bug::ProxyDropsEventAtFailover => "proxy-drops-event-at-failover",
+            Bug::V2ExpiresLocally => "v2-expires-locally",
         }
     }
 
@@ -91,6 +95,9 @@ impl Bug {
             }
             Bug::ProxyDropsEventAtFailover => {
                 "the proxy loses the first events of each watcher it recreates after failover"
+            }
+            Bug::V2ExpiresLocally => {
+                "each member expires v2 TTL keys by its own clock, not through the log"
             }
         }
     }

@@ -24,5 +24,6 @@ pub mod run;
 pub mod scenario;
 pub mod schedule;
 pub mod trace;
+pub mod v2;
 pub mod watches;
 pub mod workload;

@@ -407,6 +407,21 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
             stop.clone(),
         )));
     }
+    let v2_log = crate::v2::V2Log::default();
+    for client in 1..=2u64 {
+        clients.push(clients_node.spawn(crate::v2::v2_writer(
+            cluster.clone(),
+            v2_log.clone(),
+            200 + client,
+            stop.clone(),
+        )));
+    }
+    clients.push(clients_node.spawn(crate::v2::v2_waiter(
+        cluster.clone(),
+        v2_log.clone(),
+        300,
+        stop.clone(),
+    )));
     let auth_log = crate::auth::AuthLog::default();
     clients.push(clients_node.spawn(crate::auth::admin(cluster.clone(), stop.clone())));
     clients.push(clients_node.spawn(crate::auth::probe(
@@ -499,6 +514,7 @@ async fn simulate(options: RunOptions, recorder: Recorder, history: History) -> 
         verdicts.push(final_proxy_reads(&cluster, &proxy_reads.reads()));
     }
     verdicts.push(final_locks(&cluster, &lock_log.acquired()));
+    verdicts.push(final_v2(&cluster, &v2_log).await);
     verdicts.push(check::auth::check(
         &recorder.lock().auth_entries,
         &auth_log.succeeded(),
@@ -598,6 +614,23 @@ async fn final_durability(cluster: &Cluster, ops: &[Op]) -> Verdict {
 }
 
 /// Judges the lock holders against the history of a converged member.
+/// The v2 stores of every member up at the end, once all are at one index (or 10 s on).
+async fn final_v2(cluster: &Cluster, log: &crate::v2::V2Log) -> Verdict {
+    let mut dumps = Vec::new();
+    for _ in 0..100 {
+        dumps = cluster
+            .up_ids()
+            .into_iter()
+            .filter_map(|id| cluster.kv(id).map(|kv| (id, kv.v2_dump())))
+            .collect::<Vec<(u64, quorumkv::v2::store::V2Dump)>>();
+        if dumps.windows(2).all(|w| w[0].1.index == w[1].1.index) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    check::v2::check(&dumps, &log.ops(), &log.waits())
+}
+
 fn final_locks(cluster: &Cluster, acquired: &[crate::locks::Acquired]) -> Verdict {
     let mut prefix = crate::locks::LOCK_NAME.to_vec();
     prefix.push(b'/');

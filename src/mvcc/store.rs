@@ -513,6 +513,11 @@ impl MvccStore {
         &self.v2
     }
 
+    /// See `V2Store::expire_outside_log` (a planted bug).
+    pub fn v2_expire_outside_log(&mut self, now_ns: i64) {
+        self.v2.expire_outside_log(now_ns);
+    }
+
     /// The v2 events applied since the last call, for the v2 watchers.
     pub fn take_v2_published(&mut self) -> Vec<crate::v2::Event> {
         self.v2.take_published()

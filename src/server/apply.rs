@@ -234,6 +234,7 @@ pub async fn run_apply_loop(
                 // heartbeats and a two-member cluster lost its leader for the whole restore.
                 // Now it runs on a blocking thread, and the store is locked for writing only
                 // for the last, short step; reads meanwhile see the state before the snapshot.
+                let v2_before = apply.lock().v2().index();
                 let (store, images) = (apply.store.clone(), apply.images.clone());
                 // Under the simulator this is an ordinary task (madsim marks it deprecated).
                 #[allow(deprecated)]
@@ -245,6 +246,8 @@ pub async fn run_apply_loop(
                     BackendError::Store(format!("the snapshot restore failed: {e}"))
                 })??;
                 apply.watches.resync_all();
+                let v2_history = apply.lock().v2().history();
+                apply.v2_watchers.catch_up(v2_before, &v2_history);
                 let members = Members::load(&apply.lock())?;
                 apply.publish_members(members);
                 apply.observe_state(index);

@@ -53,6 +53,11 @@ impl KvServer {
         Ok(answer)
     }
 
+    /// This member's whole v2 store (the simulator compares members).
+    pub fn v2_dump(&self) -> crate::v2::store::V2Dump {
+        self.read_store().v2().dump()
+    }
+
     /// The v2 store's index now.
     pub fn v2_index(&self) -> u64 {
         self.read_store().v2().index()
@@ -110,6 +115,13 @@ impl KvServer {
             clock.sleep(V2_SYNC_INTERVAL).await;
             if self.stopped() {
                 return;
+            }
+            if crate::hooks::injected(crate::hooks::Bug::V2ExpiresLocally) {
+                // The planted bug: every member expires keys by its own clock, off the log.
+                let now = clock.unix_nanos();
+                let mut store = self.store().write().unwrap_or_else(|p| p.into_inner());
+                store.v2_expire_outside_log(now);
+                continue;
             }
             let status = self.node().status();
             if status.leader.load(Ordering::Relaxed) != self.member_id() {

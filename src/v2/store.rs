@@ -154,6 +154,15 @@ pub struct V2Store {
     pub stats: V2Stats,
 }
 
+/// The whole store, for comparing members (the simulator's checker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V2Dump {
+    pub index: u64,
+    pub nodes: Vec<(String, Node)>,
+    /// The history, oldest first.
+    pub history: Vec<Event>,
+}
+
 /// The record name of an event.
 fn event_record(index: u64) -> String {
     format!("{EVENT_RECORD_PREFIX}{index:020}")
@@ -188,6 +197,31 @@ impl V2Store {
 
     pub fn index(&self) -> u64 {
         self.index
+    }
+
+    pub fn dump(&self) -> V2Dump {
+        V2Dump {
+            index: self.index,
+            nodes: self
+                .nodes
+                .iter()
+                .map(|(path, node)| (path.clone(), node.clone()))
+                .collect(),
+            history: self.history.iter().cloned().collect(),
+        }
+    }
+
+    /// The history, oldest first.
+    pub fn history(&self) -> Vec<Event> {
+        self.history.iter().cloned().collect()
+    }
+
+    /// Expires keys by a member's own clock, outside the log: only for the simulator's planted
+    /// bug (`Bug::V2ExpiresLocally`), which must make members disagree.
+    pub fn expire_outside_log(&mut self, now_ns: i64) {
+        self.expire(now_ns);
+        self.take_records();
+        self.published.clear();
     }
 
     /// How many keys and directories it holds.
@@ -789,8 +823,10 @@ impl V2Store {
     /// Keeps an applied change's event in the history and for the watchers.
     fn record(&mut self, event: Event) {
         self.new_events.push(event.index());
+        // As the records keep it (a member that loads it from them holds the same).
         self.history.push_back(Event {
             removed: Vec::new(),
+            etcd_index: 0,
             ..event.clone()
         });
         while self.history.len() > HISTORY_EVENTS {

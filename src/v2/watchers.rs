@@ -139,6 +139,45 @@ impl V2Watchers {
         }
     }
 
+    /// After a snapshot restore moved the store from `from` to a later index: tells the waits
+    /// of the events in between, from the restored history (`events`, oldest first). If the
+    /// history no longer reaches back to `from + 1`, every wait ends without an event (its
+    /// client asks again, from the history it can still reach).
+    pub fn catch_up(&self, from: u64, events: &[Event]) {
+        if self.is_empty() {
+            return;
+        }
+        let reaches = events.first().is_none_or(|e| e.index() <= from + 1);
+        if !reaches {
+            let mut by_path = self.lock();
+            self.count.store(0, Ordering::Relaxed);
+            by_path.clear();
+            return;
+        }
+        let gap: Vec<Event> = events
+            .iter()
+            .filter(|e| e.index() > from)
+            .map(|e| {
+                let mut e = e.clone();
+                // A removed directory reaches the waits under it.
+                if matches!(e.action.as_str(), "delete" | "expire")
+                    && e.prev.as_ref().is_some_and(|p| p.dir)
+                {
+                    let under = format!("{}/", e.node.key);
+                    e.removed = self
+                        .lock()
+                        .keys()
+                        .filter(|p| p.starts_with(&under))
+                        .cloned()
+                        .collect();
+                    e.removed.push(e.node.key.clone());
+                }
+                e
+            })
+            .collect();
+        self.publish(&gap);
+    }
+
     fn notify(
         &self,
         by_path: &mut HashMap<String, Vec<Watcher>>,

@@ -10,6 +10,7 @@ pub mod liveness;
 pub mod locks;
 pub mod proxy_reads;
 pub mod raft_safety;
+pub mod v2;
 pub mod watches;
 
 /// One checker's verdict.
