@@ -184,10 +184,9 @@ pub async fn v2_waiter(cluster: Cluster, log: V2Log, client: u64, stop: Arc<Atom
         let event = match (wait.past.into_iter().next(), wait.waiting) {
             (Some(event), _) => Some(event),
             (None, Some(mut waiting)) => {
-                match tokio::time::timeout(CLIENT_TIMEOUT, waiting.events.recv()).await {
-                    Ok(event) => event,
-                    Err(_) => None,
-                }
+                tokio::time::timeout(CLIENT_TIMEOUT, waiting.events.recv())
+                    .await
+                    .unwrap_or_default()
             }
             (None, None) => None,
         };
