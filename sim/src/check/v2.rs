@@ -15,8 +15,7 @@ const NAME: &str = "v2";
 /// The tree a history builds from an empty store.
 fn replay(history: &[Event]) -> Result<BTreeMap<String, Node>, String> {
     let mut tree: BTreeMap<String, Node> = BTreeMap::new();
-    let mut expected = 1;
-    for event in history {
+    for (expected, event) in (1u64..).zip(history) {
         let index = event.index();
         if index != expected {
             return Err(format!(
@@ -24,7 +23,6 @@ fn replay(history: &[Event]) -> Result<BTreeMap<String, Node>, String> {
                 expected - 1
             ));
         }
-        expected += 1;
         let key = event.node.key.clone();
         match event.action.as_str() {
             "set" | "create" | "update" | "compareAndSwap" => {
