@@ -88,7 +88,73 @@ impl Ids {
 struct Clients {
     kv: KvClient<Channel>,
     lease: LeaseClient<Channel>,
+    channel: Channel,
     ids: Ids,
+}
+
+/// A watch on its own stream: its created (or canceled) answer, the events it is sent from its
+/// start revision (answers' boundaries left out), and its answer to a `RequestProgress` sent
+/// once it has caught up.
+async fn watch(to: &Clients, create: WatchCreateRequest) -> Answer {
+    use quorumkv::proto::etcdserverpb::watch_client::WatchClient;
+    use quorumkv::proto::etcdserverpb::watch_request::RequestUnion;
+    let status = |s: tonic::Status| (s.code(), s.message().to_string());
+    let (requests, inbound) = tokio::sync::mpsc::unbounded_channel();
+    let _ = requests.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(create)),
+    });
+    let mut answers = WatchClient::new(to.channel.clone())
+        .watch(tokio_stream_of(inbound))
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut seen = Vec::new();
+    let mut events = Vec::new();
+    loop {
+        let answer = match tokio::time::timeout(Duration::from_secs(3), answers.message()).await {
+            Err(_) => {
+                seen.push("no answer within 3 s".to_string());
+                break;
+            }
+            Ok(Err(e)) => return Err(status(e)),
+            Ok(Ok(None)) => {
+                seen.push("the stream ended".to_string());
+                break;
+            }
+            Ok(Ok(Some(answer))) => answer,
+        };
+        let mut header = answer.header;
+        to.ids.map(&mut header);
+        let revision = header.map_or(0, |h| h.revision);
+        let had_events = !answer.events.is_empty();
+        events.extend(answer.events);
+        if answer.created || answer.canceled || answer.compact_revision != 0 {
+            seen.push(format!(
+                "id={} created={} canceled={} compact_revision={} reason={:?} revision={revision}",
+                answer.watch_id,
+                answer.created,
+                answer.canceled,
+                answer.compact_revision,
+                answer.cancel_reason
+            ));
+            if answer.canceled {
+                break;
+            }
+            if answer.created {
+                // etcd 3.4 answers a progress request only once its watchers have caught up.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = requests.send(WatchRequest {
+                    request_union: Some(RequestUnion::ProgressRequest(
+                        WatchProgressRequest {},
+                    )),
+                });
+            }
+        } else if !had_events {
+            seen.push(format!("progress id={} revision={revision}", answer.watch_id));
+            break;
+        }
+    }
+    Ok(format!("{seen:?} events={events:?}"))
 }
 
 async fn send(to: &mut Clients, request: &Request) -> Answer {
@@ -387,6 +453,33 @@ impl Generator {
         txn
     }
 
+    /// A watch with every option: a key or a range, from now or from a revision (compacted
+    /// ones too), filters, previous values, progress notification, fragments.
+    fn watch_create(&mut self) -> WatchCreateRequest {
+        let key = self.key();
+        let range_end = self.range_end(&key);
+        let start_revision = match self.rng.gen_range(0..4) {
+            0 => 0,
+            1 => self.rng.gen_range(0..=self.compacted.max(1)),
+            _ => self.rng.gen_range(self.compacted.max(1)..=self.revision + 1),
+        };
+        let filters = match self.rng.gen_range(0..4) {
+            0 => vec![0],
+            1 => vec![1],
+            _ => vec![],
+        };
+        WatchCreateRequest {
+            key,
+            range_end,
+            start_revision,
+            progress_notify: self.rng.gen_bool(0.3),
+            filters,
+            prev_kv: self.rng.gen_bool(0.5),
+            watch_id: 0,
+            fragment: self.rng.gen_bool(0.3),
+        }
+    }
+
     fn next(&mut self) -> Request {
         match self.rng.gen_range(0..100) {
             0..=29 => Request::Range(self.range()),
@@ -460,7 +553,8 @@ fn differences(seed: u64, requests: usize, minutes: f64) -> Vec<String> {
             let ids = ids_of(&mut kv).await;
             Clients {
                 kv,
-                lease: LeaseClient::new(channel),
+                lease: LeaseClient::new(channel.clone()),
+                channel,
                 ids,
             }
         };
@@ -471,11 +565,39 @@ fn differences(seed: u64, requests: usize, minutes: f64) -> Vec<String> {
             revision: 1,
             compacted: 0,
         };
+        // Watches come from a generator of their own, so that the KV and lease requests of a
+        // seed stay what they were.
+        let mut watches = Generator {
+            rng: StdRng::seed_from_u64(seed ^ 0x5741_5443_4845_5321),
+            revision: 1,
+            compacted: 0,
+        };
         let deadline = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
         let mut sent = 0;
         // What was sent and what etcd answered, by kind: what the run covered.
         let mut tally = std::collections::BTreeMap::new();
         while sent < requests || Instant::now() < deadline {
+            if watches.rng.gen_bool(0.03) {
+                watches.revision = generator.revision;
+                watches.compacted = generator.compacted;
+                let create = watches.watch_create();
+                let expected = watch(&theirs, create.clone()).await;
+                let got = watch(&mine, create.clone()).await;
+                let outcome = match &expected {
+                    Ok(answer) if answer.contains("canceled=true") => "canceled",
+                    Ok(answer) if answer.contains("events=[]") => "no events",
+                    Ok(_) => "events",
+                    Err(_) => "error",
+                };
+                *tally
+                    .entry(("Watch".to_string(), outcome.to_string()))
+                    .or_insert(0usize) += 1;
+                if expected != got {
+                    found.push(format!(
+                        "watch (seed {seed}): {create:?}\n  etcd 3.4: {expected:?}\n  quorumkv: {got:?}"
+                    ));
+                }
+            }
             let request = generator.next();
             // A quarter of them through each one's JSON gateway.
             let json = generator.rng.gen_bool(0.25);

@@ -593,9 +593,10 @@ impl Broker {
             return;
         };
         let token = client.token.clone();
-        let refused = |watch_id: i64, reason: &str, header: ResponseHeader| WatchResponse {
+        // As etcd 3.4: a watcher it refuses is named -1.
+        let refused = |_watch_id: i64, reason: &str, header: ResponseHeader| WatchResponse {
             header: Some(header),
-            watch_id,
+            watch_id: -1,
             created: true,
             canceled: true,
             cancel_reason: reason.to_string(),

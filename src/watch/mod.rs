@@ -815,9 +815,10 @@ impl WatchHub {
         let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
         let current = store.current_rev();
         let mut state = self.lock();
-        let refused = |watch_id: i64, reason: &str| WatchResponse {
+        // As etcd 3.4: a watcher it refuses is named -1.
+        let refused = |_watch_id: i64, reason: &str| WatchResponse {
             header: Some((self.header)(current)),
-            watch_id,
+            watch_id: -1,
             created: true,
             canceled: true,
             cancel_reason: reason.to_string(),
@@ -1236,13 +1237,13 @@ impl WatchHub {
             let (events, next, encodings) = match found {
                 Ok(found) => found,
                 Err(MvccError::Compacted) => {
+                    // As etcd 3.4 answers it: the compacted revision, no reason, and a header
+                    // without a revision.
                     let canceled = WatchResponse {
-                        header: Some((self.header)(current)),
+                        header: Some((self.header)(0)),
                         watch_id: key.1,
                         canceled: true,
                         compact_revision: compacted,
-                        cancel_reason: "etcdserver: mvcc: required revision has been compacted"
-                            .into(),
                         ..Default::default()
                     };
                     if !matches!(send(&watcher.tx, canceled), Sent::Full) {
