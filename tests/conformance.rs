@@ -144,13 +144,14 @@ async fn watch(to: &Clients, create: WatchCreateRequest) -> Answer {
                 // etcd 3.4 answers a progress request only once its watchers have caught up.
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let _ = requests.send(WatchRequest {
-                    request_union: Some(RequestUnion::ProgressRequest(
-                        WatchProgressRequest {},
-                    )),
+                    request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
                 });
             }
         } else if !had_events {
-            seen.push(format!("progress id={} revision={revision}", answer.watch_id));
+            seen.push(format!(
+                "progress id={} revision={revision}",
+                answer.watch_id
+            ));
             break;
         }
     }
@@ -461,7 +462,9 @@ impl Generator {
         let start_revision = match self.rng.gen_range(0..4) {
             0 => 0,
             1 => self.rng.gen_range(0..=self.compacted.max(1)),
-            _ => self.rng.gen_range(self.compacted.max(1)..=self.revision + 1),
+            _ => self
+                .rng
+                .gen_range(self.compacted.max(1)..=self.revision + 1),
         };
         let filters = match self.rng.gen_range(0..4) {
             0 => vec![0],

@@ -28,7 +28,7 @@ pub struct V2Op {
     pub return_us: u64,
 }
 
-/// A wait a member answered with an event.
+/// A wait a member answered with an event, or one it held until the client gave up.
 #[derive(Clone, Debug)]
 pub struct V2Waited {
     pub client: u64,
@@ -36,7 +36,10 @@ pub struct V2Waited {
     pub path: String,
     pub recursive: bool,
     pub since: u64,
-    pub event: Event,
+    /// `None`: no event came before the client's timeout...
+    pub event: Option<Event>,
+    /// ...though the member had applied up to this index by then.
+    pub gave_up_at: u64,
 }
 
 #[derive(Clone, Default)]

@@ -114,6 +114,7 @@ impl AlarmTable {
                 | Request::LeaseGrant(_)
                 | Request::LeaseRevoke(_) => true,
                 Request::Txn(txn) => txn_writes(txn),
+                Request::V2(v2) => v2.method != "SYNC",
                 _ => false,
             };
             return writes.then_some(Refusal::Corrupt);
@@ -122,6 +123,7 @@ impl AlarmTable {
             let adds_data = match request {
                 Request::Put(_) | Request::LeaseGrant(_) => true,
                 Request::Txn(txn) => txn_puts(txn),
+                Request::V2(v2) => v2.method == "PUT" || v2.method == "POST",
                 _ => false,
             };
             return adds_data.then_some(Refusal::NoSpace);

@@ -16,6 +16,16 @@ use crate::v2::{Event, V2Error};
 /// How often the leader looks for v2 keys due to expire (etcd's SYNC ticker).
 pub const V2_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 
+/// A `stream=true` wait from an old index takes at most this many events from the history...
+pub const STREAM_PAST_EVENTS: usize = crate::v2::watchers::QUEUED_EVENTS;
+/// ...and about this many bytes of them.
+pub const STREAM_PAST_BYTES: usize = 4 << 20;
+
+fn event_bytes(event: &Event) -> usize {
+    let node = |n: &crate::v2::NodeView| n.key.len() + n.value.as_ref().map_or(0, String::len);
+    node(&event.node) + event.prev.as_ref().map_or(0, node)
+}
+
 /// What a `wait=true` request gets: events already in the history, then (unless it was
 /// answered from the history) its registration for the next ones.
 pub struct V2Wait {
@@ -83,10 +93,21 @@ impl KvServer {
         let current = v2.index();
         let since = if since == 0 { current + 1 } else { since };
         let mut past = Vec::new();
+        let mut bytes = 0;
         let mut from = since;
         while let Some(event) = v2.scan(path, recursive, from)? {
             from = event.index() + 1;
+            bytes += event_bytes(&event);
             past.push(event);
+            if stream && (past.len() >= STREAM_PAST_EVENTS || bytes >= STREAM_PAST_BYTES) {
+                // More than a stream may take from the history at once: it gets these and
+                // ends, and its client asks again from the index after the last.
+                return Ok(V2Wait {
+                    start_index: current,
+                    past,
+                    waiting: None,
+                });
+            }
             if !stream {
                 // A wait ends with its first event.
                 return Ok(V2Wait {

@@ -203,7 +203,7 @@ impl Form {
     fn uint(&self, key: &str) -> Result<u64, ()> {
         match self.0.get(key).and_then(|v| v.first()) {
             None => Ok(0),
-            Some(v) => v.parse().map_err(drop),
+            Some(v) => go_uint(v),
         }
     }
 
@@ -216,6 +216,14 @@ impl Form {
             Some(_) => Err(()),
         }
     }
+}
+
+/// Go's `strconv.ParseUint(v, 10, 64)`: digits only (no sign).
+fn go_uint(v: &str) -> Result<u64, ()> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(());
+    }
+    v.parse().map_err(drop)
 }
 
 /// A parsed keys request (etcd's `parseKeyRequest`).
@@ -262,10 +270,7 @@ fn parse_key_request(method: &Method, path: &str, form: &Form) -> Result<KeyRequ
     let no_value = flag("noValueOnSuccess")?;
     let ttl = match form.value("ttl") {
         "" => None,
-        ttl => Some(
-            ttl.parse::<u64>()
-                .map_err(|_| bad(TTL_NAN, r#"invalid value for "ttl""#))?,
-        ),
+        ttl => Some(go_uint(ttl).map_err(|()| bad(TTL_NAN, r#"invalid value for "ttl""#))?),
     };
     let prev_exist = if form.has("prevExist") {
         Some(

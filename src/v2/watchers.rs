@@ -147,12 +147,17 @@ impl V2Watchers {
         if self.is_empty() {
             return;
         }
-        let reaches = events.first().is_none_or(|e| e.index() <= from + 1);
-        if !reaches {
+        if let Some(first) = events.first().map(Event::index) {
+            // Waits that needed events the history no longer holds end; the rest go on.
             let mut by_path = self.lock();
-            self.count.store(0, Ordering::Relaxed);
-            by_path.clear();
-            return;
+            let mut ended = 0;
+            for list in by_path.values_mut() {
+                let before = list.len();
+                list.retain(|w| w.sent + 1 >= first);
+                ended += before - list.len();
+            }
+            by_path.retain(|_, list| !list.is_empty());
+            self.count.fetch_sub(ended as u64, Ordering::Relaxed);
         }
         let gap: Vec<Event> = events
             .iter()

@@ -1392,7 +1392,11 @@ fn mod_rev(event: &Event) -> i64 {
 /// The key's value just before the event's revision, if still in history.
 fn previous(store: &MvccStore, event: &Event) -> Option<crate::proto::mvccpb::KeyValue> {
     let kv = event.kv.as_ref()?;
-    if kv.mod_revision <= 1 {
+    // As etcd: a put that created its key has no previous value, even when a transaction
+    // deleted the key earlier in the same revision.
+    let created = event.r#type == crate::proto::mvccpb::event::EventType::Put as i32
+        && kv.create_revision == kv.mod_revision;
+    if kv.mod_revision <= 1 || created {
         return None;
     }
     let before = RangeRequest {

@@ -191,17 +191,34 @@ pub fn check(dumps: &[(u64, V2Dump)], ops: &[V2Op], waits: &[V2Waited]) -> Verdi
         let first = history
             .iter()
             .find(|e| e.index() >= wait.since && concerns(e, &wait.path, wait.recursive));
+        let Some(event) = &wait.event else {
+            // Held until the client gave up: nothing that concerned it may have applied then.
+            if let Some(first) = first.filter(|e| e.index() <= wait.gave_up_at) {
+                failures.push(format!(
+                    "c{} waiting on n{} at {} from {} got nothing, though {} {} at {} was applied there before it gave up (at {})",
+                    wait.client,
+                    wait.node,
+                    wait.path,
+                    wait.since,
+                    first.action,
+                    first.node.key,
+                    first.index(),
+                    wait.gave_up_at
+                ));
+            }
+            continue;
+        };
         match first {
-            Some(first) if same(first, &wait.event) => {}
+            Some(first) if same(first, event) => {}
             Some(first) => failures.push(format!(
                 "c{} waiting on n{} at {} from {} got {} {} at {}, but the first change was {} {} at {}",
                 wait.client,
                 wait.node,
                 wait.path,
                 wait.since,
-                wait.event.action,
-                wait.event.node.key,
-                wait.event.index(),
+                event.action,
+                event.node.key,
+                event.index(),
                 first.action,
                 first.node.key,
                 first.index()
@@ -211,8 +228,8 @@ pub fn check(dumps: &[(u64, V2Dump)], ops: &[V2Op], waits: &[V2Waited]) -> Verdi
                 wait.client,
                 wait.path,
                 wait.since,
-                wait.event.action,
-                wait.event.index()
+                event.action,
+                event.index()
             )),
         }
     }
