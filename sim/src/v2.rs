@@ -185,26 +185,32 @@ pub async fn v2_waiter(cluster: Cluster, log: V2Log, client: u64, stop: Arc<Atom
             continue; // Cleared from the history: nothing to check.
         };
         let event = match (wait.past.into_iter().next(), wait.waiting) {
-            (Some(event), _) => Some(event),
+            (Some(event), _) => Ok(event),
             (None, Some(mut waiting)) => {
-                tokio::time::timeout(CLIENT_TIMEOUT, waiting.events.recv())
-                    .await
-                    .unwrap_or_default()
+                match tokio::time::timeout(CLIENT_TIMEOUT, waiting.events.recv()).await {
+                    Ok(Some(event)) => Ok(event),
+                    // The member went (a crash, a restore that ended its waits): nothing to check.
+                    Ok(None) => continue,
+                    Err(_) => Err(kv.v2_index()),
+                }
             }
-            (None, None) => None,
+            (None, None) => continue,
         };
-        if let Some(event) = event {
-            log.waits
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(V2Waited {
-                    client,
-                    node,
-                    path,
-                    recursive,
-                    since,
-                    event,
-                });
-        }
+        let (event, gave_up_at) = match event {
+            Ok(event) => (Some(event), 0),
+            Err(index) => (None, index),
+        };
+        log.waits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(V2Waited {
+                client,
+                node,
+                path,
+                recursive,
+                since,
+                event,
+                gave_up_at,
+            });
     }
 }
