@@ -92,6 +92,29 @@ struct Clients {
     ids: Ids,
 }
 
+/// One keep-alive on a stream of its own, and its one answer (the TTL granted; 0 for a lease
+/// that does not exist).
+async fn keep_alive(to: &mut Clients, id: i64) -> Answer {
+    let status = |s: tonic::Status| (s.code(), s.message().to_string());
+    let (requests, inbound) = tokio::sync::mpsc::unbounded_channel();
+    let _ = requests.send(LeaseKeepAliveRequest { id });
+    let mut answers = to
+        .lease
+        .lease_keep_alive(tokio_stream_of(inbound))
+        .await
+        .map_err(status)?
+        .into_inner();
+    match tokio::time::timeout(Duration::from_secs(3), answers.message()).await {
+        Err(_) => Ok("no answer within 3 s".into()),
+        Ok(Err(e)) => Err(status(e)),
+        Ok(Ok(None)) => Ok("the stream ended".into()),
+        Ok(Ok(Some(mut answer))) => {
+            to.ids.map(&mut answer.header);
+            Ok(format!("{answer:?}"))
+        }
+    }
+}
+
 /// A watch on its own stream: its created (or canceled) answer, the events it is sent from its
 /// start revision (answers' boundaries left out), and its answer to a `RequestProgress` sent
 /// once it has caught up.
@@ -598,6 +621,24 @@ fn differences(seed: u64, requests: usize, minutes: f64) -> Vec<String> {
                 if expected != got {
                     found.push(format!(
                         "watch (seed {seed}): {create:?}\n  etcd 3.4: {expected:?}\n  quorumkv: {got:?}"
+                    ));
+                }
+            }
+            if watches.rng.gen_bool(0.02) {
+                let id = watches.lease();
+                let expected = keep_alive(&mut theirs, id).await;
+                let got = keep_alive(&mut mine, id).await;
+                let outcome = match &expected {
+                    Ok(answer) if answer.contains("ttl: 0") => "unknown lease",
+                    Ok(_) => "renewed",
+                    Err(_) => "error",
+                };
+                *tally
+                    .entry(("KeepAlive".to_string(), outcome.to_string()))
+                    .or_insert(0usize) += 1;
+                if expected != got {
+                    found.push(format!(
+                        "keep-alive of {id:#x} (seed {seed})\n  etcd 3.4: {expected:?}\n  quorumkv: {got:?}"
                     ));
                 }
             }
