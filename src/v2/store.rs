@@ -729,12 +729,45 @@ impl V2Store {
                 return Err(V2Error::new(DIR_NOT_EMPTY, path, self.index));
             }
         }
-        let next = self.index + 1;
-        let prev = self.view(&path, &node, false);
+        Ok(self.remove_with_event(path, &node, "delete"))
+    }
+
+    fn compare_and_delete(&mut self, req: &V2Request) -> Result<Event, V2Error> {
+        let path = clean_path(&req.path);
+        let node = self.lookup(&path)?.clone();
+        if node.is_dir() {
+            return Err(V2Error::new(NOT_FILE, path, self.index));
+        }
+        Self::compare(&node, &req.prev_value, req.prev_index)
+            .map_err(|cause| V2Error::new(TEST_FAILED, cause, self.index))?;
+        Ok(self.remove_with_event(path, &node, "compareAndDelete"))
+    }
+
+    /// Removes every key whose expiry time is at or before `now_ns` (a SYNC entry), each at
+    /// its own index, soonest first.
+    fn expire(&mut self, now_ns: i64) {
+        while let Some((at, path)) = self.expiring.first().cloned() {
+            if at > now_ns {
+                break;
+            }
+            let Some(node) = self.nodes.get(&path).cloned() else {
+                self.expiring.remove(&(at, path));
+                continue;
+            };
+            count(&self.stats.expire_count);
+            self.remove_with_event(path, &node, "expire");
+        }
+    }
+
+    /// Removes `node` at `path` (and what is under it) at the next index: the event (`delete`,
+    /// `compareAndDelete`, `expire`), recorded.
+    fn remove_with_event(&mut self, path: String, node: &Node, action: &str) -> Event {
+        self.index += 1;
+        let next = self.index;
+        let prev = self.view(&path, node, false);
         let removed = self.remove(&path);
-        self.index = next;
         let event = Event {
-            action: "delete".into(),
+            action: action.into(),
             node: NodeView {
                 key: path,
                 value: None,
@@ -750,74 +783,7 @@ impl V2Store {
             removed,
         };
         self.record(event.clone());
-        Ok(event)
-    }
-
-    fn compare_and_delete(&mut self, req: &V2Request) -> Result<Event, V2Error> {
-        let path = clean_path(&req.path);
-        let node = self.lookup(&path)?.clone();
-        if node.is_dir() {
-            return Err(V2Error::new(NOT_FILE, path, self.index));
-        }
-        Self::compare(&node, &req.prev_value, req.prev_index)
-            .map_err(|cause| V2Error::new(TEST_FAILED, cause, self.index))?;
-        self.index += 1;
-        let next = self.index;
-        let prev = self.view(&path, &node, false);
-        let removed = self.remove(&path);
-        let event = Event {
-            action: "compareAndDelete".into(),
-            node: NodeView {
-                key: path,
-                value: None,
-                expire: None,
-                nodes: None,
-                modified: next,
-                created: node.created,
-                dir: false,
-            },
-            prev: Some(prev),
-            refresh: false,
-            etcd_index: next,
-            removed,
-        };
-        self.record(event.clone());
-        Ok(event)
-    }
-
-    /// Removes every key whose expiry time is at or before `now_ns` (a SYNC entry), each at
-    /// its own index, soonest first.
-    fn expire(&mut self, now_ns: i64) {
-        while let Some((at, path)) = self.expiring.first().cloned() {
-            if at > now_ns {
-                break;
-            }
-            let Some(node) = self.nodes.get(&path).cloned() else {
-                self.expiring.remove(&(at, path));
-                continue;
-            };
-            self.index += 1;
-            let next = self.index;
-            let prev = self.view(&path, &node, false);
-            let removed = self.remove(&path);
-            count(&self.stats.expire_count);
-            self.record(Event {
-                action: "expire".into(),
-                node: NodeView {
-                    key: path,
-                    value: None,
-                    expire: None,
-                    nodes: None,
-                    modified: next,
-                    created: node.created,
-                    dir: node.is_dir(),
-                },
-                prev: Some(prev),
-                refresh: false,
-                etcd_index: next,
-                removed,
-            });
-        }
+        event
     }
 
     /// Keeps an applied change's event in the history and for the watchers.
