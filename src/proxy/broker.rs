@@ -594,7 +594,7 @@ impl Broker {
         };
         let token = client.token.clone();
         // As etcd 3.4: a watcher it refuses is named -1.
-        let refused = |_watch_id: i64, reason: &str, header: ResponseHeader| WatchResponse {
+        let refused = |reason: &str, header: ResponseHeader| WatchResponse {
             header: Some(header),
             watch_id: -1,
             created: true,
@@ -617,11 +617,7 @@ impl Broker {
             });
         if !create.range_end.is_empty() && create.range_end != [0] && create.key >= create.range_end
         {
-            tx.control(Ok(refused(
-                create.watch_id,
-                crate::watch::EMPTY_RANGE,
-                any_header,
-            )));
+            tx.control(Ok(refused(crate::watch::EMPTY_RANGE, any_header)));
             return;
         }
         let watch_id = match resume {
@@ -630,11 +626,7 @@ impl Broker {
                 if client.watchers.contains_key(&create.watch_id)
                     || client.parked.contains_key(&create.watch_id)
                 {
-                    tx.control(Ok(refused(
-                        create.watch_id,
-                        crate::watch::DUPLICATE_ID,
-                        any_header,
-                    )));
+                    tx.control(Ok(refused(crate::watch::DUPLICATE_ID, any_header)));
                     return;
                 }
                 create.watch_id

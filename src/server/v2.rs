@@ -51,14 +51,13 @@ impl KvServer {
         &self,
         path: &str,
         recursive: bool,
-        sorted: bool,
         quorum: bool,
     ) -> Result<Result<Event, V2Error>, ServerError> {
         if quorum {
             self.linearizable_barrier().await?;
         }
         let store = self.read_store();
-        let answer = store.v2().get(path, recursive, sorted);
+        let answer = store.v2().get(path, recursive);
         store.v2().stats.count(Op::Get, answer.is_ok());
         Ok(answer)
     }

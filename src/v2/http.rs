@@ -252,7 +252,8 @@ fn parse_key_request(method: &Method, path: &str, form: &Form) -> Result<KeyRequ
             .map_err(|()| bad(INVALID_FIELD, &format!(r#"invalid value for "{name}""#)))
     };
     let recursive = flag("recursive")?;
-    let sorted = flag("sorted")?;
+    // Checked as etcd checks it; answers are always sorted.
+    flag("sorted")?;
     let wait = flag("wait")?;
     let dir = flag("dir")?;
     let quorum = flag("quorum")?;
@@ -311,7 +312,6 @@ fn parse_key_request(method: &Method, path: &str, form: &Form) -> Result<KeyRequ
             prev_exist,
             expiration,
             recursive,
-            sorted,
             refresh,
             time: 0,
         },
@@ -393,7 +393,7 @@ async fn keys(
         }
         let req = &request.req;
         server
-            .v2_get(&req.path, req.recursive, req.sorted, request.quorum)
+            .v2_get(&req.path, req.recursive, request.quorum)
             .await
     } else {
         server.v2_write(request.req).await

@@ -353,7 +353,7 @@ impl V2Store {
 
     /// A read (etcd's `Get`): a directory lists its children (theirs too when `recursive`).
     /// Answers are always sorted: etcd's unsorted order is any order.
-    pub fn get(&self, path: &str, recursive: bool, _sorted: bool) -> Result<Event, V2Error> {
+    pub fn get(&self, path: &str, recursive: bool) -> Result<Event, V2Error> {
         let path = clean_path(path);
         let node = self.lookup(&path)?;
         let mut view = self.view(&path, node, false);
@@ -387,12 +387,12 @@ impl V2Store {
         } else {
             format!("{key}/")
         };
-        let skip = since.saturating_sub(start.max(1)) as usize;
         let found = self
             .history
             .iter()
-            .skip(if start == 0 { 0 } else { skip })
-            .filter(|e| e.index() >= since && !e.refresh)
+            // One event per index from `start` on.
+            .skip(since.saturating_sub(start) as usize)
+            .filter(|e| !e.refresh)
             .find(|e| {
                 e.node.key == key
                     || (recursive && e.node.key.starts_with(&under))

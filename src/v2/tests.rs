@@ -43,7 +43,7 @@ fn set_creates_parents_and_answers_the_previous_node() {
     assert_eq!(first.action, "set");
     assert!(first.created());
     assert_eq!((first.node.created, first.node.modified), (1, 1));
-    let dir = store.get("/a", false, false).unwrap();
+    let dir = store.get("/a", false).unwrap();
     assert!(dir.node.dir);
     assert_eq!(dir.node.created, 1, "the parent is made at the same index");
     let second = apply(&mut store, put("/a/b", "2")).unwrap();
@@ -107,7 +107,7 @@ fn compare_and_swap_and_delete_name_what_failed() {
     };
     let ok = apply(&mut store, cad).unwrap();
     assert_eq!(ok.action, "compareAndDelete");
-    assert!(store.get("/k", false, false).is_err());
+    assert!(store.get("/k", false).is_err());
 }
 
 #[test]
@@ -162,7 +162,7 @@ fn hidden_keys_are_left_out_of_listings_but_can_be_read() {
     let mut store = V2Store::default();
     apply(&mut store, put("/d/_hidden", "1")).unwrap();
     apply(&mut store, put("/d/shown", "2")).unwrap();
-    let listing = store.get("/d", true, true).unwrap();
+    let listing = store.get("/d", true).unwrap();
     let keys: Vec<_> = listing
         .node
         .nodes
@@ -171,7 +171,7 @@ fn hidden_keys_are_left_out_of_listings_but_can_be_read() {
         .map(|n| n.key)
         .collect();
     assert_eq!(keys, vec!["/d/shown"]);
-    assert!(store.get("/d/_hidden", false, false).is_ok());
+    assert!(store.get("/d/_hidden", false).is_ok());
 }
 
 #[test]
@@ -191,9 +191,9 @@ fn keys_expire_only_when_a_sync_reaches_their_time() {
     };
     store.take_published();
     assert!(store.apply(&sync(at - 1)).0.unwrap().is_none());
-    assert!(store.get("/t", false, false).is_ok(), "not due yet");
+    assert!(store.get("/t", false).is_ok(), "not due yet");
     store.apply(&sync(at)).0.unwrap();
-    assert!(store.get("/t", false, false).is_err());
+    assert!(store.get("/t", false).is_err());
     let events = store.take_published();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].action, "expire");
@@ -226,12 +226,7 @@ fn the_history_keeps_the_last_thousand_events_and_survives_a_reopen() {
         assert_eq!(found.etcd_index, 1005);
         assert!(store.scan("/h", true, 1006).unwrap().is_none());
         assert_eq!(
-            store
-                .get("/h/k", false, false)
-                .unwrap()
-                .node
-                .value
-                .as_deref(),
+            store.get("/h/k", false).unwrap().node.value.as_deref(),
             Some("1004")
         );
     }

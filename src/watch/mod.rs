@@ -816,7 +816,7 @@ impl WatchHub {
         let current = store.current_rev();
         let mut state = self.lock();
         // As etcd 3.4: a watcher it refuses is named -1.
-        let refused = |_watch_id: i64, reason: &str| WatchResponse {
+        let refused = |reason: &str| WatchResponse {
             header: Some((self.header)(current)),
             watch_id: -1,
             created: true,
@@ -825,11 +825,11 @@ impl WatchHub {
             ..Default::default()
         };
         if !req.range_end.is_empty() && req.range_end != [0] && req.key >= req.range_end {
-            return refused(req.watch_id, EMPTY_RANGE);
+            return refused(EMPTY_RANGE);
         }
         let watch_id = if req.watch_id != 0 {
             if state.watchers.contains_key(&(stream, req.watch_id)) {
-                return refused(req.watch_id, DUPLICATE_ID);
+                return refused(DUPLICATE_ID);
             }
             req.watch_id
         } else {
