@@ -10,6 +10,8 @@
 //! not installed the comparison is skipped, and says so.
 
 mod common;
+#[path = "conformance/services.rs"]
+mod services;
 
 use std::time::{Duration, Instant};
 
@@ -706,6 +708,41 @@ fn kv_answers_match_etcd_3_4_field_by_field() {
     let requests = setting("CONFORMANCE_REQUESTS", 3_000usize);
     let minutes = setting("CONFORMANCE_MINUTES", 0.0f64);
     let found = differences(seed, requests, minutes);
+    assert!(
+        found.is_empty(),
+        "{} differences from etcd 3.4 (the first ones):\n{}",
+        found.len(),
+        found.join("\n")
+    );
+}
+
+/// The Auth, Cluster, Maintenance, Lock and Election services (`services.rs`): the same random
+/// sequence to both, as users with and without tokens, answers compared field by field.
+#[test]
+fn service_answers_match_etcd_3_4_field_by_field() {
+    if !Etcd::available() {
+        eprintln!("SKIPPED: etcd (Debian's etcd-server) is not installed; nothing to compare with");
+        return;
+    }
+    let seed = setting("CONFORMANCE_SEED", 1u64);
+    let requests = setting("CONFORMANCE_SERVICE_REQUESTS", 1_000usize);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start(dir.path());
+    let ours = common::Server::start(dir.path(), &["--name", "default"]);
+    let found = runtime().block_on(async {
+        let mut theirs = services::connect(etcd.endpoint(), etcd.port, etcd.peer_port).await;
+        let mut mine = services::connect(ours.endpoint(), ours.client_port, ours.peer_port).await;
+        let (found, tally) =
+            services::service_differences(seed, requests, &mut theirs, &mut mine).await;
+        eprintln!(
+            "conformance: services, seed {seed}: {requests} requests, {} differences",
+            found.len()
+        );
+        for ((kind, outcome), n) in &tally {
+            eprintln!("  {kind:<20} {n:>6}  {outcome}");
+        }
+        found
+    });
     assert!(
         found.is_empty(),
         "{} differences from etcd 3.4 (the first ones):\n{}",

@@ -186,10 +186,17 @@ fn a_learner_joins_is_promoted_leads_and_a_removed_follower_stops() {
         "{refused}"
     );
     let d_id = d.member_id();
-    let row = member_list(&servers[0].endpoint())
-        .into_iter()
-        .find(|r| r[0] == d_id)
-        .expect("d listed");
+    // Its name is listed once its publish (a proposal of its own, retried) is applied.
+    let d_row = || {
+        member_list(&servers[0].endpoint())
+            .into_iter()
+            .find(|r| r[0] == d_id)
+            .expect("d listed")
+    };
+    wait_until("d's name is published", Duration::from_secs(10), || {
+        d_row()[2] == "d"
+    });
+    let row = d_row();
     assert_eq!((row[2].as_str(), row[5].as_str()), ("d", "true"));
 
     // Promote once in sync (a voter is refused promotion).

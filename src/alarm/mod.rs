@@ -82,7 +82,8 @@ impl AlarmTable {
             alarm: request.alarm,
         }];
         match AlarmAction::try_from(request.action) {
-            Ok(AlarmAction::Activate) if request.alarm != AlarmType::None as i32 => {
+            // As etcd 3.4, NONE too: it is listed (and makes `/health` false), and stops nothing.
+            Ok(AlarmAction::Activate) => {
                 if self.active.insert(key) {
                     let record = (record_name(key.0, key.1), Some(Vec::new()));
                     return (changed, vec![record]);

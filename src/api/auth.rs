@@ -118,9 +118,10 @@ impl Auth for AuthService {
         request: Request<AuthenticateRequest>,
     ) -> Result<Response<AuthenticateResponse>, Status> {
         let req = request.get_ref();
+        let presented = token_of(request.metadata().as_ref());
         let token = self
             .server
-            .authenticate(&req.name, &req.password)
+            .authenticate(&req.name, &req.password, presented)
             .await
             .map_err(to_status)?;
         Ok(Response::new(AuthenticateResponse {

@@ -48,7 +48,8 @@ async fn peer_hash(urls: &[String], revision: i64) -> Option<MemberHash> {
                 .into_inner();
             Some(MemberHash {
                 hash: answer.hash,
-                compact_revision: answer.compact_revision,
+                // -1 is how the API names "never compacted" (etcd's); the store says 0.
+                compact_revision: answer.compact_revision.max(0),
             })
         };
         if let Ok(Some(hash)) = tokio::time::timeout(PEER_TIMEOUT, attempt).await {

@@ -9,7 +9,7 @@ use crate::proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
-use crate::server::KvServer;
+use crate::server::{KvServer, Precheck};
 
 pub struct KvService {
     server: KvServer,
@@ -27,6 +27,10 @@ impl Kv for KvService {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
+        request
+            .get_ref()
+            .precheck(&self.server)
+            .map_err(to_status)?;
         let who = caller(&self.server, &request)?;
         self.server
             .range_as(&who, request.into_inner())
@@ -36,6 +40,10 @@ impl Kv for KvService {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        request
+            .get_ref()
+            .precheck(&self.server)
+            .map_err(to_status)?;
         let who = caller(&self.server, &request)?;
         self.server
             .put_as(&who, request.into_inner())
@@ -48,6 +56,10 @@ impl Kv for KvService {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        request
+            .get_ref()
+            .precheck(&self.server)
+            .map_err(to_status)?;
         let who = caller(&self.server, &request)?;
         self.server
             .delete_range_as(&who, request.into_inner())
@@ -57,6 +69,10 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        request
+            .get_ref()
+            .precheck(&self.server)
+            .map_err(to_status)?;
         let who = caller(&self.server, &request)?;
         self.server
             .txn_as(&who, request.into_inner())
@@ -69,6 +85,10 @@ impl Kv for KvService {
         &self,
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        request
+            .get_ref()
+            .precheck(&self.server)
+            .map_err(to_status)?;
         let who = caller(&self.server, &request)?;
         self.server
             .compact_as(&who, request.into_inner())

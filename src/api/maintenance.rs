@@ -38,11 +38,34 @@ impl MaintenanceService {
 
     /// Everything but Status needs root once auth is on; etcd's refusal here is gRPC `Unknown`
     /// `auth: permission denied`.
-    fn require_root<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let who = caller(&self.server, request)?;
+    /// Alarm's check (GHSA-q8m4-xhhv-38mg: etcd 3.4.23 has none; the fixed releases refuse a
+    /// caller without a token as `etcdserver: user name is empty`). A token it does not know
+    /// is refused as etcd 3.4 refuses it here: `Unknown`, `auth: invalid auth token`.
+    fn require_root_for_alarm<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let who = caller(&self.server, request).map_err(|s| {
+            if s.code() == tonic::Code::Unauthenticated {
+                Status::unknown("auth: invalid auth token")
+            } else {
+                s
+            }
+        })?;
         self.server
             .require_root(&who, AuthError::MaintenanceDenied)
             .map_err(to_status)
+    }
+
+    /// etcd 3.4 answers these refusals with its auth package's errors, which have no gRPC
+    /// code: `Unknown`, `auth: ...` (`auth: invalid auth token`, `auth: user name is empty`).
+    fn require_root<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let as_auth_package = |s: Status| match s.message().strip_prefix("etcdserver: ") {
+            Some(what) => Status::unknown(format!("auth: {what}")),
+            None => s,
+        };
+        let who = caller(&self.server, request).map_err(as_auth_package)?;
+        self.server
+            .require_root(&who, AuthError::MaintenanceDenied)
+            .map_err(to_status)
+            .map_err(as_auth_package)
     }
 
     fn header(&self) -> crate::proto::etcdserverpb::ResponseHeader {
@@ -147,14 +170,15 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
-        self.require_root(&request)?;
+        self.require_root_for_alarm(&request)?;
         let alarms = self
             .server
             .alarm(request.into_inner())
             .await
             .map_err(to_status)?;
+        // etcd 3.4 answers an Alarm request without a header.
         Ok(Response::new(AlarmResponse {
-            header: Some(self.header()),
+            header: None,
             alarms,
         }))
     }
@@ -205,9 +229,8 @@ impl Maintenance for MaintenanceService {
             after_bytes = self.server.status().db_size,
             "defragmented the backend"
         );
-        Ok(Response::new(DefragmentResponse {
-            header: Some(self.header()),
-        }))
+        // etcd 3.4 answers a defragmentation without a header.
+        Ok(Response::new(DefragmentResponse { header: None }))
     }
 
     async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
@@ -232,7 +255,12 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(HashKvResponse {
             header: Some(self.header()),
             hash: hash.hash,
-            compact_revision: hash.compact_revision,
+            // etcd 3.4 names -1 for a store never compacted.
+            compact_revision: if hash.compact_revision == 0 {
+                -1
+            } else {
+                hash.compact_revision
+            },
             hash_revision: hash.hash_revision,
         }))
     }

@@ -55,9 +55,10 @@ pub fn to_status(error: ServerError) -> Status {
         | ServerError::LearnerNotReady
         | ServerError::TooManyLearners
         | ServerError::PeerUrlExists
-        | ServerError::NotEnoughStartedMembers
         | ServerError::Unhealthy
         | ServerError::BadLeaderTransferee => (Code::FailedPrecondition, error.to_string()),
+        // etcd 3.4 has no gRPC code for it.
+        ServerError::NotEnoughStartedMembers => (Code::Unknown, error.to_string()),
         ServerError::Node(e) => match e {
             NodeError::NoLeader | NodeError::Stopped => (Code::Unavailable, e.to_string()),
             NodeError::Raft(_) => (Code::Internal, e.to_string()),

@@ -23,7 +23,7 @@ use super::auth::caller_of;
 use super::grpc_metrics::{kv_method, MethodMetrics, StartCounted};
 use super::status::to_status;
 use super::{ok_trailers, GRPC_ENCODING};
-use crate::server::{KvServer, ServerError};
+use crate::server::{KvServer, Precheck, ServerError};
 
 /// gRPC's length-prefixed message header: a compression flag and a big-endian length.
 pub(crate) const GRPC_HEADER_BYTES: usize = 5;
@@ -278,6 +278,9 @@ async fn answer(
     macro_rules! call {
         ($method:ident) => {{
             let req = Message::decode(payload).ok()?;
+            if let Err(e) = Precheck::precheck(&req, server) {
+                return Some(to_status(e).into_http());
+            }
             match caller_of(server, &parts.headers, &parts.extensions) {
                 Ok(who) => reply(server.$method(&who, req).await),
                 Err(status) => status.into_http(),

@@ -328,16 +328,21 @@ impl AuthState {
                     .get(&req.name)
                     .cloned()
                     .ok_or(AuthError::RoleNotFound)?;
-                match role
+                // As etcd 3.4 keeps them: ordered by key only, a new one after those of its
+                // key; granted again, the first of its key is updated if it has its range end
+                // (so a key granted with two range ends can be listed twice, as in etcd).
+                let at = role
                     .key_permission
-                    .iter_mut()
-                    .find(|p| p.key == perm.key && p.range_end == perm.range_end)
-                {
-                    Some(existing) => existing.perm_type = perm.perm_type,
-                    None => role.key_permission.push(perm),
+                    .partition_point(|p| p.key.as_slice() < perm.key.as_slice());
+                match role.key_permission.get_mut(at) {
+                    Some(first) if first.key == perm.key && first.range_end == perm.range_end => {
+                        first.perm_type = perm.perm_type
+                    }
+                    _ => {
+                        role.key_permission.push(perm);
+                        role.key_permission.sort_by(|a, b| a.key.cmp(&b.key));
+                    }
                 }
-                role.key_permission
-                    .sort_by(|a, b| (&a.key, &a.range_end).cmp(&(&b.key, &b.range_end)));
                 self.put_role(&mut applied, role);
             }
             Change::RoleRevokePermission(req) => {

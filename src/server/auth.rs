@@ -47,8 +47,9 @@ impl KvServer {
         &self.auth
     }
 
-    /// Who a request carrying `token` (if any) runs as. With auth off: nobody, and nothing is
-    /// checked. With it on: the token's user, `InvalidToken` for a token this member does not
+    /// Who a request carrying `token` (if any) runs as. With auth off: nobody, but a token is
+    /// still checked, as etcd 3.4 checks it (its simple tokens all go when auth is disabled,
+    /// so a client that kept one is refused until it drops it). With it on: the token's user, `InvalidToken` for a token this member does not
     /// know (or that expired); a request without one runs as `common_name` (the client
     /// certificate's, with `--client-cert-auth`) or as nobody, refused wherever a user is needed.
     pub fn auth_info(
@@ -58,6 +59,18 @@ impl KvServer {
     ) -> Result<AuthInfo, ServerError> {
         let revision = self.auth.revision();
         if !self.auth.enabled() {
+            if let Some(token) = token {
+                #[cfg(not(madsim))]
+                let known = match &self.config().auth.jwt {
+                    Some(jwt) => jwt.check(token).is_some(),
+                    None => self.tokens.user(token, self.now_ms()).is_some(),
+                };
+                #[cfg(madsim)]
+                let known = self.tokens.user(token, self.now_ms()).is_some();
+                if !known {
+                    return Err(auth_error(AuthError::InvalidToken));
+                }
+            }
             return Ok(AuthInfo {
                 user: String::new(),
                 revision,
@@ -95,6 +108,11 @@ impl KvServer {
     /// May `who` make `request`? (Checked again at apply, with the leases.)
     pub(super) fn authorize(&self, who: &AuthInfo, request: &Request) -> Result<(), ServerError> {
         if who.is_internal() || !self.auth.enabled() {
+            return Ok(());
+        }
+        // What an active alarm refuses is refused with the alarm's error at apply, before
+        // auth is asked, as in etcd 3.4.
+        if self.read_store().alarms().refusal(request).is_some() {
             return Ok(());
         }
         auth::check_request(&self.auth.current(), who, request, None).map_err(auth_error)
@@ -169,7 +187,15 @@ impl KvServer {
     /// Authenticate: the password checked here (bcrypt, on a blocking thread), then a token
     /// issued through the log so that every member knows it. Failures are logged without the
     /// password.
-    pub async fn authenticate(&self, name: &str, password: &str) -> Result<String, ServerError> {
+    /// A new token for `name`, if `password` is its password. A token the request carries
+    /// (`presented`) must be valid too, checked after the password, as etcd 3.4 does: a
+    /// client that kept a stale token is refused until it drops it.
+    pub async fn authenticate(
+        &self,
+        name: &str,
+        password: &str,
+        presented: Option<&str>,
+    ) -> Result<String, ServerError> {
         self.refuse_learner()?;
         let state = self.auth.current();
         if !state.enabled() {
@@ -197,6 +223,9 @@ impl KvServer {
                 "authentication failed: invalid user ID or password"
             );
             return Err(auth_error(AuthError::AuthFailed));
+        }
+        if presented.is_some() {
+            self.auth_info(presented, None)?;
         }
         #[cfg(not(madsim))]
         if let Some(jwt) = &self.config().auth.jwt {

@@ -235,14 +235,16 @@ impl KvServer {
         id: u64,
         peer_urls: Vec<String>,
     ) -> Result<Vec<Member>, ServerError> {
-        if !valid_peer_urls(&peer_urls) {
-            return Err(ServerError::BadMemberUrls);
-        }
         self.leader_progress().await?;
         {
             let members = self.membership.members.borrow();
+            // etcd 3.4 looks for the member first; it takes any URLs, where quorumkv refuses
+            // ones a peer could not be reached at.
             if members.get(id).is_none() {
                 return Err(ServerError::MemberNotFound);
+            }
+            if !valid_peer_urls(&peer_urls) {
+                return Err(ServerError::BadMemberUrls);
             }
             if members.peer_url_owner(&peer_urls, id).is_some() {
                 return Err(ServerError::PeerUrlExists);

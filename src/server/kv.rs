@@ -491,9 +491,50 @@ impl KvServer {
                     let name = crate::proto::etcdserverpb::AlarmType::try_from(a.alarm)
                         .map(|t| t.as_str_name())
                         .unwrap_or("UNKNOWN");
-                    format!("memberID:{} alarm:{name} ", a.member_id)
+                    // etcd prints the alarm in protobuf's text format, which leaves NONE out.
+                    if a.alarm == crate::proto::etcdserverpb::AlarmType::None as i32 {
+                        format!("memberID:{} ", a.member_id)
+                    } else {
+                        format!("memberID:{} alarm:{name} ", a.member_id)
+                    }
                 })
                 .collect(),
         }
+    }
+}
+
+/// A KV request's checks that need no state: made before its caller's token is looked at, as
+/// etcd 3.4 makes them (a malformed put is refused as such, whatever its token).
+pub trait Precheck {
+    fn precheck(&self, server: &KvServer) -> Result<(), ServerError>;
+}
+
+impl Precheck for RangeRequest {
+    fn precheck(&self, _: &KvServer) -> Result<(), ServerError> {
+        Ok(mvcc::check_range(self)?)
+    }
+}
+
+impl Precheck for PutRequest {
+    fn precheck(&self, _: &KvServer) -> Result<(), ServerError> {
+        Ok(mvcc::check_put(self)?)
+    }
+}
+
+impl Precheck for DeleteRangeRequest {
+    fn precheck(&self, _: &KvServer) -> Result<(), ServerError> {
+        Ok(mvcc::check_delete(self)?)
+    }
+}
+
+impl Precheck for TxnRequest {
+    fn precheck(&self, server: &KvServer) -> Result<(), ServerError> {
+        Ok(mvcc::check_txn(self, server.config.max_txn_ops)?)
+    }
+}
+
+impl Precheck for CompactionRequest {
+    fn precheck(&self, _: &KvServer) -> Result<(), ServerError> {
+        Ok(())
     }
 }

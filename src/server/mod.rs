@@ -20,7 +20,7 @@ pub use cluster::valid_peer_urls;
 pub use compactor::{AutoCompaction, Compactor};
 pub use concurrency::{holder_key, prefix, prefix_end};
 pub use error::ServerError;
-pub use kv::{KvServer, ServerConfig, StatusReport};
+pub use kv::{KvServer, Precheck, ServerConfig, StatusReport};
 pub use lease::LeaseClock;
 pub use maintenance::{Unhealthy, DEFAULT_QUOTA_BACKEND_BYTES, MAX_SUGGESTED_QUOTA_BACKEND_BYTES};
 pub use start::{start_member, MemberConfig, RunningMember, StartError, SNAPSHOT_CATCH_UP_ENTRIES};

@@ -211,6 +211,7 @@ impl Drop for Server {
 pub struct Etcd {
     child: Child,
     pub port: u16,
+    pub peer_port: u16,
 }
 
 impl Etcd {
@@ -228,9 +229,9 @@ impl Etcd {
 
     /// `start` with more of etcd's flags (`--enable-v2`).
     pub fn start_with(root: &Path, extra: &[&str]) -> Etcd {
-        let (port, peer) = (free_port(), free_port());
+        let (port, peer_port) = (free_port(), free_port());
         let client = format!("http://127.0.0.1:{port}");
-        let peer = format!("http://127.0.0.1:{peer}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
         let child = Command::new("etcd")
             .args(["--data-dir", &root.join("etcd").display().to_string()])
             .args([
@@ -252,7 +253,11 @@ impl Etcd {
             .stderr(Stdio::null())
             .spawn()
             .expect("start etcd");
-        let etcd = Etcd { child, port };
+        let etcd = Etcd {
+            child,
+            port,
+            peer_port,
+        };
         wait_until("etcd serves", Duration::from_secs(20), || {
             etcdctl(&etcd.endpoint(), &["endpoint", "health"])
                 .status
