@@ -84,6 +84,12 @@ impl Lock for LockService {
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
+        // The key is looked at before who asks, as etcd 3.4's does.
+        if request.get_ref().key.is_empty() {
+            return Err(to_status(ServerError::Mvcc(
+                crate::mvcc::MvccError::EmptyKey,
+            )));
+        }
         let who = caller(&self.server, &request).map_err(unknown)?;
         self.server
             .authorize_range(&who, &request.get_ref().key, &[], Access::Write)

@@ -122,6 +122,10 @@ impl Ord for MemberHash {
     }
 }
 
+/// Tries at raising CORRUPT after a failed initial check, and the pause between them.
+const RAISE_ATTEMPTS: u32 = 10;
+const RAISE_RETRY: Duration = Duration::from_millis(300);
+
 async fn raise_corrupt(server: &KvServer, member_id: u64) -> Result<(), ServerError> {
     server
         .alarm(AlarmRequest {
@@ -180,7 +184,17 @@ pub async fn initial_check(server: &KvServer) -> Result<(), String> {
                 peer_hash = peer.hash,
                 "initial corruption check: this member's data differs from its peer's"
             );
-            let _ = raise_corrupt(server, server.member_id()).await;
+            // A member that has just started may not know its leader yet: a few tries.
+            for attempt in 1..=RAISE_ATTEMPTS {
+                match raise_corrupt(server, server.member_id()).await {
+                    Ok(()) => break,
+                    Err(e) if attempt == RAISE_ATTEMPTS => tracing::error!(
+                        error = %e,
+                        "initial corruption check: cannot raise the CORRUPT alarm"
+                    ),
+                    Err(_) => tokio::time::sleep(RAISE_RETRY).await,
+                }
+            }
             return Err(format!(
                 "member {:x} found data inconsistency with peers at revision {}: restore its data dir from a snapshot or remove the member and add it back",
                 server.member_id(),

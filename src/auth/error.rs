@@ -18,6 +18,10 @@ pub enum AuthError {
     RoleNotFound,
     #[error("etcdserver: authentication failed, invalid user ID or password")]
     AuthFailed,
+    /// A password given for a user added with `--no-password` (etcd's auth package words it,
+    /// gRPC `Unknown`).
+    #[error("auth: authentication failed, password was given for no password user")]
+    NoPasswordUser,
     #[error("etcdserver: permission denied")]
     PermissionDenied,
     /// What etcd's Maintenance service answers a user who is not root (gRPC `Unknown`).
@@ -59,7 +63,7 @@ impl AuthError {
             | AuthError::PermissionNotGiven
             | AuthError::PasswordEmpty => Code::InvalidArgument,
             AuthError::PermissionDenied => Code::PermissionDenied,
-            AuthError::MaintenanceDenied => Code::Unknown,
+            AuthError::MaintenanceDenied | AuthError::NoPasswordUser => Code::Unknown,
             AuthError::InvalidToken => Code::Unauthenticated,
             AuthError::UserAlreadyExists
             | AuthError::UserNotFound

@@ -201,6 +201,9 @@ impl KvServer {
         if !state.enabled() {
             return Err(auth_error(AuthError::NotEnabled));
         }
+        let no_password_user = state
+            .user(name)
+            .is_some_and(|u| u.options.as_ref().is_some_and(|o| o.no_password));
         let hash = state
             .user(name)
             .filter(|u| !u.options.as_ref().is_some_and(|o| o.no_password))
@@ -222,7 +225,11 @@ impl KvServer {
                 user = name,
                 "authentication failed: invalid user ID or password"
             );
-            return Err(auth_error(AuthError::AuthFailed));
+            return Err(auth_error(if no_password_user {
+                AuthError::NoPasswordUser
+            } else {
+                AuthError::AuthFailed
+            }));
         }
         if presented.is_some() {
             self.auth_info(presented, None)?;
@@ -249,6 +256,13 @@ impl KvServer {
         who: &AuthInfo,
         mut change: Change,
     ) -> Result<AuthApplied, ServerError> {
+        // Who asks is checked first, as etcd 3.4 checks it (at apply) before the request.
+        self.authorize(
+            who,
+            &Request::Auth(AuthChange {
+                change: Some(change.clone()),
+            }),
+        )?;
         match &mut change {
             Change::UserAdd(req) => {
                 let no_password = req.options.as_ref().is_some_and(|o| o.no_password);
@@ -275,7 +289,6 @@ impl KvServer {
         let request = Request::Auth(AuthChange {
             change: Some(change),
         });
-        self.authorize(who, &request)?;
         match self.propose_as(who, request).await? {
             (ApplyOutcome::Auth(applied), _) => Ok(applied),
             _ => unreachable!("an auth change applies as one"),
@@ -316,8 +329,16 @@ impl KvServer {
         Ok((state.enabled(), state.revision()))
     }
 
+    /// Root, or (as etcd 3.4 lets them) the user asking about itself: a caller without a
+    /// user is "itself" to the user named "", which is then not found.
     pub async fn user_get(&self, who: &AuthInfo, name: &str) -> Result<UserInfo, ServerError> {
-        let state = self.auth_read(who).await?;
+        if let Err(e) = self.require_root(who, AuthError::PermissionDenied) {
+            if name != who.user {
+                return Err(e);
+            }
+        }
+        self.linearizable_barrier().await?;
+        let state = self.auth.current();
         let user = state
             .user(name)
             .ok_or(AuthError::UserNotFound)
@@ -336,7 +357,19 @@ impl KvServer {
         who: &AuthInfo,
         role: &str,
     ) -> Result<Vec<Permission>, ServerError> {
-        let state = self.auth_read(who).await?;
+        // Root, or (as etcd 3.4 lets them) a user asking about a role it has.
+        if let Err(e) = self.require_root(who, AuthError::PermissionDenied) {
+            let has_role = self
+                .auth
+                .current()
+                .user(&who.user)
+                .is_some_and(|u| u.roles.iter().any(|r| r == role));
+            if !has_role {
+                return Err(e);
+            }
+        }
+        self.linearizable_barrier().await?;
+        let state = self.auth.current();
         state
             .permissions(role)
             .ok_or(AuthError::RoleNotFound)

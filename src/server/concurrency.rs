@@ -53,6 +53,43 @@ fn created_at(key: &[u8], rev: i64) -> Compare {
     }
 }
 
+/// A holder's key that goes if its Lock or Campaign is abandoned while it waits (its client
+/// went away): etcd's recipes take the key back then (`Unlock`, `Resign`), so a candidate
+/// that gave up does not stay in line. They do it through etcd's own client, without the
+/// caller's token, which auth refuses once it is on: then the key stays until its lease ends,
+/// in etcd 3.4 and here alike.
+struct Abandoned {
+    server: Option<KvServer>,
+    key: Vec<u8>,
+}
+
+impl Abandoned {
+    fn new(server: &KvServer, key: &[u8]) -> Self {
+        Abandoned {
+            server: Some(server.clone()),
+            key: key.to_vec(),
+        }
+    }
+
+    /// The key stays.
+    fn keep(mut self) {
+        self.server = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take().filter(|s| !s.auth_view().enabled()) {
+            let key = std::mem::take(&mut self.key);
+            tokio::spawn(async move {
+                if let Err(e) = server.unlock(&key).await {
+                    tracing::debug!(error = %e, "cannot take back an abandoned holder's key");
+                }
+            });
+        }
+    }
+}
+
 /// A watch stream that is closed when dropped (a waiting client may go away at any point).
 struct Watching<'a> {
     hub: &'a WatchHub,
@@ -66,14 +103,14 @@ impl Drop for Watching<'_> {
 }
 
 impl KvServer {
-    /// Puts `key` on `lease` with `value` unless it exists; its creation revision, and the
-    /// revision the store was at.
+    /// Puts `key` on `lease` with `value` unless it exists: the key as it is (its creation
+    /// revision), and the header of that transaction.
     async fn enqueue(
         &self,
         key: &[u8],
         lease: i64,
         value: &[u8],
-    ) -> Result<(KeyValue, i64), ServerError> {
+    ) -> Result<(KeyValue, ResponseHeader), ServerError> {
         let resp = self
             .txn(TxnRequest {
                 compare: vec![created_at(key, 0)],
@@ -93,7 +130,8 @@ impl KvServer {
                 }],
             })
             .await?;
-        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+        let header = resp.header.unwrap_or_default();
+        let revision = header.revision;
         if resp.succeeded {
             let created = KeyValue {
                 key: key.to_vec(),
@@ -103,7 +141,7 @@ impl KvServer {
                 version: 1,
                 lease,
             };
-            return Ok((created, revision));
+            return Ok((created, header));
         }
         let existing = resp.responses.into_iter().find_map(|r| match r.response {
             Some(response_op::Response::ResponseRange(range)) => range.kvs.into_iter().next(),
@@ -111,7 +149,7 @@ impl KvServer {
         });
         // Deleted between the compare and now cannot happen inside one txn.
         existing
-            .map(|kv| (kv, revision))
+            .map(|kv| (kv, header))
             .ok_or(ServerError::Mvcc(MvccError::KeyNotFound))
     }
 
@@ -206,7 +244,10 @@ impl KvServer {
     ) -> Result<(ResponseHeader, Vec<u8>), ServerError> {
         let key = holder_key(name, lease);
         let (mine, _) = self.enqueue(&key, lease, b"").await?;
+        // Abandoned, or the wait failed: the key goes, as etcd's mutex unlocks then.
+        let abandoned = Abandoned::new(self, &key);
         self.wait_turn(name, mine.create_revision).await?;
+        abandoned.keep();
         Ok((self.still_held(&key).await?, key))
     }
 
@@ -229,19 +270,27 @@ impl KvServer {
         value: &[u8],
     ) -> Result<(ResponseHeader, LeaderKey), ServerError> {
         let key = holder_key(name, lease);
-        let (mine, _) = self.enqueue(&key, lease, value).await?;
+        let (mine, header) = self.enqueue(&key, lease, value).await?;
         let leader = LeaderKey {
             name: name.to_vec(),
             key: key.clone(),
             rev: mine.create_revision,
             lease,
         };
+        // Abandoned, or its proclamation failed: the key goes, as etcd's election resigns then.
+        let abandoned = Abandoned::new(self, &key);
         if mine.value != value {
             // Campaigning again with a new value: proclaim it.
             self.proclaim(&leader, value).await?;
         }
-        self.wait_turn(name, mine.create_revision).await?;
-        Ok((self.still_held(&key).await?, leader))
+        let waited = self.wait_turn(name, mine.create_revision).await;
+        // A wait that failed (not abandoned) leaves the key, as etcd's does.
+        abandoned.keep();
+        waited?;
+        self.still_held(&key).await?;
+        // As etcd's recipe answers: the header of the campaign's own transaction (not of the
+        // proclamation or the wait after it).
+        Ok((header, leader))
     }
 
     /// `v3election.Proclaim`: the leader's new value; refused unless `leader` still leads.
