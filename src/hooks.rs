@@ -34,10 +34,12 @@ pub enum Bug {
     ProxyDropsEventAtFailover,
     /// Each member expires v2 TTL keys by its own clock instead of through the log.
     V2ExpiresLocally,
+    /// A v2 wait on a directory (`recursive=true`) is not woken by a change below it.
+    V2WaitMissesRecursive,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 14] = [
+    pub const ALL: [Bug; 15] = [
         Bug::AckBeforeFsync,
         Bug::ApplyBeforeCommit,
         Bug::ServeStaleRead,
@@ -52,6 +54,7 @@ impl Bug {
         Bug::ProxyMissesInvalidation,
         Bug::ProxyDropsEventAtFailover,
         Bug::V2ExpiresLocally,
+        Bug::V2WaitMissesRecursive,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +73,7 @@ impl Bug {
             Bug::ProxyMissesInvalidation => "proxy-misses-invalidation",
             Bug::ProxyDropsEventAtFailover => "proxy-drops-event-at-failover",
             Bug::V2ExpiresLocally => "v2-expires-locally",
+            Bug::V2WaitMissesRecursive => "v2-wait-misses-recursive",
         }
     }
 
@@ -98,6 +102,9 @@ impl Bug {
             }
             Bug::V2ExpiresLocally => {
                 "each member expires v2 TTL keys by its own clock, not through the log"
+            }
+            Bug::V2WaitMissesRecursive => {
+                "a v2 wait on a directory is not woken by a change below it"
             }
         }
     }

@@ -725,7 +725,7 @@ fn service_answers_match_etcd_3_4_field_by_field() {
         return;
     }
     let seed = setting("CONFORMANCE_SEED", 1u64);
-    let requests = setting("CONFORMANCE_SERVICE_REQUESTS", 1_000usize);
+    let requests = setting("CONFORMANCE_SERVICE_REQUESTS", 600usize);
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start(dir.path());
     let ours = common::Server::start(dir.path(), &["--name", "default"]);

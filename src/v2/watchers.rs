@@ -129,9 +129,12 @@ impl V2Watchers {
                 self.notify(&mut by_path, path, event, true);
             }
             let key = &event.node.key;
-            self.notify(&mut by_path, "/", event, false);
-            for (end, _) in key.match_indices('/').skip(1) {
-                self.notify(&mut by_path, &key[..end], event, false);
+            // The planted bug leaves out the directories above the key.
+            if !crate::hooks::injected(crate::hooks::Bug::V2WaitMissesRecursive) {
+                self.notify(&mut by_path, "/", event, false);
+                for (end, _) in key.match_indices('/').skip(1) {
+                    self.notify(&mut by_path, &key[..end], event, false);
+                }
             }
             if key != "/" {
                 self.notify(&mut by_path, key, event, false);
