@@ -36,8 +36,6 @@ impl MaintenanceService {
         MaintenanceService { server }
     }
 
-    /// Everything but Status needs root once auth is on; etcd's refusal here is gRPC `Unknown`
-    /// `auth: permission denied`.
     /// Alarm's check (GHSA-q8m4-xhhv-38mg: etcd 3.4.23 has none; the fixed releases refuse a
     /// caller without a token as `etcdserver: user name is empty`). A token it does not know
     /// is refused as etcd 3.4 refuses it here: `Unknown`, `auth: invalid auth token`.
@@ -54,8 +52,9 @@ impl MaintenanceService {
             .map_err(to_status)
     }
 
-    /// etcd 3.4 answers these refusals with its auth package's errors, which have no gRPC
-    /// code: `Unknown`, `auth: ...` (`auth: invalid auth token`, `auth: user name is empty`).
+    /// Everything but Status and Alarm needs root once auth is on. etcd 3.4 answers these
+    /// refusals with its auth package's errors, which have no gRPC code: `Unknown`, `auth: ...`
+    /// (`auth: permission denied`, `auth: invalid auth token`, `auth: user name is empty`).
     fn require_root<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let as_auth_package = |s: Status| match s.message().strip_prefix("etcdserver: ") {
             Some(what) => Status::unknown(format!("auth: {what}")),

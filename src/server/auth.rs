@@ -49,9 +49,10 @@ impl KvServer {
 
     /// Who a request carrying `token` (if any) runs as. With auth off: nobody, but a token is
     /// still checked, as etcd 3.4 checks it (its simple tokens all go when auth is disabled,
-    /// so a client that kept one is refused until it drops it). With it on: the token's user, `InvalidToken` for a token this member does not
-    /// know (or that expired); a request without one runs as `common_name` (the client
-    /// certificate's, with `--client-cert-auth`) or as nobody, refused wherever a user is needed.
+    /// so a client that kept one is refused until it drops it). With it on: the token's user,
+    /// `InvalidToken` for a token this member does not know (or that expired); a request
+    /// without one runs as `common_name` (the client certificate's, with `--client-cert-auth`)
+    /// or as nobody, refused wherever a user is needed.
     pub fn auth_info(
         &self,
         token: Option<&str>,
@@ -186,10 +187,9 @@ impl KvServer {
 
     /// Authenticate: the password checked here (bcrypt, on a blocking thread), then a token
     /// issued through the log so that every member knows it. Failures are logged without the
-    /// password.
-    /// A new token for `name`, if `password` is its password. A token the request carries
-    /// (`presented`) must be valid too, checked after the password, as etcd 3.4 does: a
-    /// client that kept a stale token is refused until it drops it.
+    /// password. A token the request carries (`presented`) must be valid too, checked after
+    /// the password, as etcd 3.4 does: a client that kept a stale token is refused until it
+    /// drops it.
     pub async fn authenticate(
         &self,
         name: &str,
