@@ -10,6 +10,8 @@
 //! not installed the comparison is skipped, and says so.
 
 mod common;
+#[path = "conformance/progress.rs"]
+mod progress;
 #[path = "conformance/services.rs"]
 mod services;
 
@@ -749,6 +751,30 @@ fn service_answers_match_etcd_3_4_field_by_field() {
         found.len(),
         found.join("\n")
     );
+}
+
+/// Periodic progress notifications (`progress.rs`): the same streams and writes on both, with
+/// a 1 s interval; what each stream was sent is compared.
+#[test]
+fn progress_notifications_match_etcd_3_4() {
+    if !Etcd::available() {
+        eprintln!("SKIPPED: etcd (Debian's etcd-server) is not installed; nothing to compare with");
+        return;
+    }
+    let interval = ["--experimental-watch-progress-notify-interval", progress::INTERVAL];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = Etcd::start_with(dir.path(), &interval);
+    let ours = common::Server::start(dir.path(), &interval);
+    let (expected, got) = runtime().block_on(async {
+        (
+            progress::scenario(etcd.endpoint()).await,
+            progress::scenario(ours.endpoint()).await,
+        )
+    });
+    for (i, (e, g)) in expected.iter().zip(&got).enumerate() {
+        eprintln!("stream {i}:\n  etcd 3.4: {e:?}\n  quorumkv: {g:?}");
+    }
+    assert_eq!(got, expected);
 }
 
 /// The case a client library's tests met: a watch from the revision a put in a transaction

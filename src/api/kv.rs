@@ -33,7 +33,7 @@ impl Kv for KvService {
             .map_err(to_status)?;
         let who = caller(&self.server, &request)?;
         self.server
-            .range_as(&who, request.into_inner())
+            .range_checked(&who, request.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)
@@ -46,7 +46,7 @@ impl Kv for KvService {
             .map_err(to_status)?;
         let who = caller(&self.server, &request)?;
         self.server
-            .put_as(&who, request.into_inner())
+            .put_checked(&who, request.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)
@@ -62,7 +62,7 @@ impl Kv for KvService {
             .map_err(to_status)?;
         let who = caller(&self.server, &request)?;
         self.server
-            .delete_range_as(&who, request.into_inner())
+            .delete_range_checked(&who, request.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)
@@ -75,7 +75,7 @@ impl Kv for KvService {
             .map_err(to_status)?;
         let who = caller(&self.server, &request)?;
         self.server
-            .txn_as(&who, request.into_inner())
+            .txn_checked(&who, request.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)

@@ -288,10 +288,10 @@ async fn answer(
         }};
     }
     Some(match method {
-        Method::Range => call!(range_as),
-        Method::Put => call!(put_as),
-        Method::DeleteRange => call!(delete_range_as),
-        Method::Txn => call!(txn_as),
+        Method::Range => call!(range_checked),
+        Method::Put => call!(put_checked),
+        Method::DeleteRange => call!(delete_range_checked),
+        Method::Txn => call!(txn_checked),
         Method::Compact => call!(compact_as),
     })
 }

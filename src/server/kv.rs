@@ -267,7 +267,17 @@ impl KvServer {
         who: &AuthInfo,
         req: RangeRequest,
     ) -> Result<RangeResponse, ServerError> {
-        mvcc::check_range(&req)?;
+        req.precheck(self)?;
+        self.range_checked(who, req).await
+    }
+
+    /// `range_as` for a request whose `Precheck` the caller has made (the API makes it
+    /// before it looks at the token).
+    pub async fn range_checked(
+        &self,
+        who: &AuthInfo,
+        req: RangeRequest,
+    ) -> Result<RangeResponse, ServerError> {
         METRICS.mvcc_range.inc();
         if !req.serializable {
             self.linearizable_barrier().await?;
@@ -288,7 +298,17 @@ impl KvServer {
         who: &AuthInfo,
         req: PutRequest,
     ) -> Result<PutResponse, ServerError> {
-        mvcc::check_put(&req)?;
+        req.precheck(self)?;
+        self.put_checked(who, req).await
+    }
+
+    /// `put_as` for a request whose `Precheck` the caller has made (the API makes it
+    /// before it looks at the token).
+    pub async fn put_checked(
+        &self,
+        who: &AuthInfo,
+        req: PutRequest,
+    ) -> Result<PutResponse, ServerError> {
         let request = Request::Put(req);
         self.authorize(who, &request)?;
         if let Request::Put(req) = &request {
@@ -316,7 +336,17 @@ impl KvServer {
         who: &AuthInfo,
         req: DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse, ServerError> {
-        mvcc::check_delete(&req)?;
+        req.precheck(self)?;
+        self.delete_range_checked(who, req).await
+    }
+
+    /// `delete_range_as` for a request whose `Precheck` the caller has made (the API makes it
+    /// before it looks at the token).
+    pub async fn delete_range_checked(
+        &self,
+        who: &AuthInfo,
+        req: DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, ServerError> {
         let request = Request::DeleteRange(req);
         self.authorize(who, &request)?;
         METRICS.mvcc_delete.inc();
@@ -338,7 +368,17 @@ impl KvServer {
         who: &AuthInfo,
         req: TxnRequest,
     ) -> Result<TxnResponse, ServerError> {
-        mvcc::check_txn(&req, self.config.max_txn_ops)?;
+        req.precheck(self)?;
+        self.txn_checked(who, req).await
+    }
+
+    /// `txn_as` for a request whose `Precheck` the caller has made (the API makes it
+    /// before it looks at the token).
+    pub async fn txn_checked(
+        &self,
+        who: &AuthInfo,
+        req: TxnRequest,
+    ) -> Result<TxnResponse, ServerError> {
         let request = Request::Txn(req);
         self.authorize(who, &request)?;
         METRICS.mvcc_txn.inc();

@@ -406,6 +406,9 @@ struct Watcher {
     prev_kv: bool,
     fragment: bool,
     progress_notify: bool,
+    /// A progress notification goes out at its stream's next tick: no events were sent to it
+    /// since the last tick (etcd elides the notification after an update).
+    progress_due: bool,
     /// The first revision whose events it has not been sent.
     next_rev: i64,
     synced: bool,
@@ -581,9 +584,27 @@ struct HubState {
     synced_next: i64,
     /// Whether some watcher may be ready and not synced: a catch-up pass is due.
     maybe_unsynced: bool,
+    /// Each open stream's next progress tick (clock ms). As etcd's, a stream's ticks start
+    /// when it opens, every interval plus a jitter of up to a tenth of it, fixed per stream.
+    ticks: HashMap<u64, u64>,
+    /// The earliest of `ticks` (0: look).
+    earliest_tick_ms: u64,
+    /// `--experimental-watch-progress-notify-interval`, in ms (0 until `run` sets it).
+    progress_interval_ms: u64,
 }
 
 impl HubState {
+    /// The time between a stream's ticks: the interval plus its jitter (from the stream's
+    /// id, so that a simulated run stays deterministic).
+    fn tick_period_ms(&self, stream: u64) -> u64 {
+        let interval = match self.progress_interval_ms {
+            0 => PROGRESS_NOTIFY_INTERVAL.as_millis() as u64,
+            ms => ms,
+        };
+        let jitter = (interval / 10).max(1);
+        interval + stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) % jitter
+    }
+
     /// Watchers were added or removed.
     fn changed(&mut self) {
         self.index = None;
@@ -769,9 +790,14 @@ impl WatchHub {
     pub fn open_stream(&self) -> (u64, WatchSender, WatchReceiver) {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let bytes = Arc::new(AtomicUsize::new(0));
+        let now = self.clock.now_ms();
         let mut state = self.lock();
         state.next_stream += 1;
         state.open_streams += 1;
+        let stream = state.next_stream;
+        let tick = now + state.tick_period_ms(stream);
+        state.ticks.insert(stream, tick);
+        state.earliest_tick_ms = state.earliest_tick_ms.min(tick);
         let rx = WatchReceiver {
             rx,
             bytes: bytes.clone(),
@@ -784,6 +810,7 @@ impl WatchHub {
         let mut state = self.lock();
         state.watchers.retain(|(s, _), _| *s != stream);
         state.changed();
+        state.ticks.remove(&stream);
         state.open_streams = state.open_streams.saturating_sub(1);
         drop(state);
         self.update_publishing();
@@ -848,6 +875,7 @@ impl WatchHub {
                 prev_kv: req.prev_kv,
                 fragment: req.fragment,
                 progress_notify: req.progress_notify,
+                progress_due: req.progress_notify,
                 next_rev: if req.start_revision > 0 {
                     req.start_revision
                 } else {
@@ -1091,6 +1119,7 @@ impl WatchHub {
             match sent {
                 Sent::Yes => {
                     watcher.next_rev = outcome.next;
+                    watcher.progress_due &= outcome.chosen.is_empty();
                     if outcome.gap {
                         watcher.synced = false;
                         fell_behind = true;
@@ -1281,6 +1310,7 @@ impl WatchHub {
                 Sent::Yes => {
                     watcher.next_rev = *next;
                     watcher.synced = *next > current;
+                    watcher.progress_due &= chosen.is_empty();
                 }
                 Sent::Full => {}
                 Sent::Closed => done.push(*key),
@@ -1301,23 +1331,53 @@ impl WatchHub {
         }
     }
 
-    /// Sends each synced watcher that asked for them an empty response naming the current
-    /// revision (it has seen every event up to it).
+    /// At each stream's tick, as etcd 3.4: each of its watchers that asked for progress
+    /// notifications and was sent no events since the last tick is sent an empty response
+    /// naming the current revision, if it is synced (it has seen every event up to it).
     fn notify_progress(&self) {
+        let now = self.clock.now_ms();
+        if self.lock().earliest_tick_ms > now {
+            return;
+        }
         self.deliver_pending();
-        let state = self.lock();
-        for ((_, watch_id), watcher) in state.watchers.iter() {
-            if watcher.progress_notify && watcher.synced {
-                let _ = send(
-                    &watcher.tx,
-                    WatchResponse {
-                        header: Some((self.header)(
-                            effective_next(watcher, state.synced_next) - 1,
-                        )),
-                        watch_id: *watch_id,
-                        ..Default::default()
-                    },
-                );
+        let mut state = self.lock();
+        let due: Vec<u64> = state
+            .ticks
+            .iter()
+            .filter(|(_, &at)| at <= now)
+            .map(|(&stream, _)| stream)
+            .collect();
+        for stream in &due {
+            let period = state.tick_period_ms(*stream);
+            if let Some(at) = state.ticks.get_mut(stream) {
+                // A tick missed is dropped, as Go's ticker drops it.
+                *at += period;
+                if *at <= now {
+                    *at = now + period;
+                }
+            }
+        }
+        state.earliest_tick_ms = state.ticks.values().copied().min().unwrap_or(u64::MAX);
+        let synced_next = state.synced_next;
+        for stream in due {
+            for ((_, watch_id), watcher) in state
+                .watchers
+                .range_mut((stream, i64::MIN)..=(stream, i64::MAX))
+            {
+                if !watcher.progress_notify {
+                    continue;
+                }
+                if watcher.progress_due && watcher.synced {
+                    let _ = send(
+                        &watcher.tx,
+                        WatchResponse {
+                            header: Some((self.header)(effective_next(watcher, synced_next) - 1)),
+                            watch_id: *watch_id,
+                            ..Default::default()
+                        },
+                    );
+                }
+                watcher.progress_due = true;
             }
         }
     }
@@ -1326,7 +1386,19 @@ impl WatchHub {
     /// progress notifications, until `stopped` says the member stopped.
     pub async fn run(self, stopped: impl Fn() -> bool, progress_interval: Duration) {
         let progress_interval = progress_interval.max(MIN_PROGRESS_NOTIFY_INTERVAL);
-        let mut next_progress_ms = self.clock.now_ms() + progress_interval.as_millis() as u64;
+        {
+            let mut state = self.lock();
+            state.progress_interval_ms = progress_interval.as_millis() as u64;
+            // Streams opened before this (none in a member, which starts this first) tick
+            // from now.
+            let now = self.clock.now_ms();
+            let streams: Vec<u64> = state.ticks.keys().copied().collect();
+            for stream in streams {
+                let tick = now + state.tick_period_ms(stream);
+                state.ticks.insert(stream, tick);
+            }
+            state.earliest_tick_ms = state.ticks.values().copied().min().unwrap_or(u64::MAX);
+        }
         while !stopped() {
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -1336,10 +1408,7 @@ impl WatchHub {
             self.catch_up();
             // Give writers a turn between passes of a long catch-up.
             tokio::task::yield_now().await;
-            if self.clock.now_ms() >= next_progress_ms {
-                self.notify_progress();
-                next_progress_ms = self.clock.now_ms() + progress_interval.as_millis() as u64;
-            }
+            self.notify_progress();
         }
     }
 }
