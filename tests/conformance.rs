@@ -761,7 +761,10 @@ fn progress_notifications_match_etcd_3_4() {
         eprintln!("SKIPPED: etcd (Debian's etcd-server) is not installed; nothing to compare with");
         return;
     }
-    let interval = ["--experimental-watch-progress-notify-interval", progress::INTERVAL];
+    let interval = [
+        "--experimental-watch-progress-notify-interval",
+        progress::INTERVAL,
+    ];
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start_with(dir.path(), &interval);
     let ours = common::Server::start(dir.path(), &interval);

@@ -6,7 +6,7 @@ mod cluster;
 mod coalesce;
 mod concurrency;
 pub mod corruption;
-mod forward;
+pub(crate) mod forward;
 mod gateway;
 mod grpc_metrics;
 mod h2fix;

@@ -39,9 +39,9 @@ pub fn routes(server: KvServer) -> Router {
         .route("/v2/keys", any(keys))
         .route("/v2/keys/", any(keys))
         .route("/v2/keys/{*path}", any(keys))
-        .route("/v2/members", get(members))
-        .route("/v2/members/", get(members))
-        .route("/v2/members/leader", get(members_leader))
+        .route("/v2/members", any(super::members::root))
+        .route("/v2/members/", any(super::members::root))
+        .route("/v2/members/{id}", any(super::members::one))
         .route("/v2/machines", get(machines))
         .route("/v2/stats/self", get(stats_self))
         .route("/v2/stats/leader", get(stats_leader))
@@ -57,7 +57,7 @@ fn now_ns() -> i64 {
 }
 
 /// The headers etcd puts on every keys answer it reads.
-fn common_headers(server: &KvServer, headers: &mut HeaderMap) {
+pub(super) fn common_headers(server: &KvServer, headers: &mut HeaderMap) {
     cors_headers(headers);
     if let Ok(id) = HeaderValue::from_str(&format!("{:x}", server.config().cluster_id)) {
         headers.insert("x-etcd-cluster-id", id);
@@ -65,7 +65,7 @@ fn common_headers(server: &KvServer, headers: &mut HeaderMap) {
 }
 
 /// The headers etcd puts on every keys answer.
-fn cors_headers(headers: &mut HeaderMap) {
+pub(super) fn cors_headers(headers: &mut HeaderMap) {
     for (name, value) in [
         (
             "access-control-allow-headers",
@@ -458,40 +458,6 @@ async fn wait(server: KvServer, request: KeyRequest) -> Response {
 
 fn json(body: String) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
-}
-
-fn member_json(m: &crate::proto::etcdserverpb::Member) -> serde_json::Value {
-    serde_json::json!({
-        "id": format!("{:x}", m.id),
-        "name": m.name,
-        "peerURLs": m.peer_ur_ls,
-        "clientURLs": m.client_ur_ls,
-    })
-}
-
-async fn members(State(server): State<KvServer>) -> Response {
-    let mut members = server.members();
-    members.sort_by_key(|m| m.id);
-    let list: Vec<_> = members.iter().map(member_json).collect();
-    json(serde_json::json!({ "members": list }).to_string())
-}
-
-/// `/v2/members/leader`: the leader as a member (`etcdctl member list` marks it).
-async fn members_leader(State(server): State<KvServer>) -> Response {
-    let leader = server.node().status().leader.load(Ordering::Relaxed);
-    match server
-        .members()
-        .iter()
-        .find(|m| m.id == leader && leader != 0)
-    {
-        Some(member) => json(member_json(member).to_string()),
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::CONTENT_TYPE, "application/json")],
-            "{\"message\":\"During election\"}",
-        )
-            .into_response(),
-    }
 }
 
 async fn machines(State(server): State<KvServer>) -> Response {

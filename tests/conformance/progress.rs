@@ -45,7 +45,10 @@ fn watch(key: &str, progress_notify: bool) -> WatchCreateRequest {
     }
 }
 
-async fn put(kv: &mut quorumkv::proto::etcdserverpb::kv_client::KvClient<Channel>, key: &str) -> i64 {
+async fn put(
+    kv: &mut quorumkv::proto::etcdserverpb::kv_client::KvClient<Channel>,
+    key: &str,
+) -> i64 {
     kv.put(PutRequest {
         key: key.as_bytes().to_vec(),
         value: b"v".to_vec(),
