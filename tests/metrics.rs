@@ -241,3 +241,43 @@ fn metrics_report_each_memory_part_and_its_bound() {
         "the raft log has a bound"
     );
 }
+
+/// The v2 tree (`--enable-v2`) is a memory part of its own, and its records count in the
+/// backend's size in use as they are written.
+#[test]
+fn v2_writes_show_in_their_memory_part_and_in_the_size_in_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = common::Server::start(dir.path(), &["--enable-v2"]);
+    let gauge = |scrape: &Scrape, name: &str| {
+        number(name, samples(scrape, name).first().expect("the gauge"))
+    };
+    let before = scrape(server.client_port);
+    let v2_before = memory_part(&before, "quorumkv_memory_bytes", "v2");
+    let in_use_before = gauge(&before, "etcd_mvcc_db_total_size_in_use_in_bytes");
+    let value = "v".repeat(1000);
+    for i in 0..100 {
+        let (status, _, body) = common::http_form(
+            server.client_port,
+            "PUT",
+            &format!("/v2/keys/dir/k{i}"),
+            &format!("value={value}"),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    let after = scrape(server.client_port);
+    let v2_after = memory_part(&after, "quorumkv_memory_bytes", "v2");
+    let in_use_after = gauge(&after, "etcd_mvcc_db_total_size_in_use_in_bytes");
+    // Each set is a node record and an event record, both holding the value.
+    assert!(
+        v2_after - v2_before >= 100.0 * 2000.0,
+        "{v2_before} -> {v2_after}"
+    );
+    assert!(
+        in_use_after - in_use_before >= 100.0 * 2000.0,
+        "{in_use_before} -> {in_use_after}"
+    );
+    assert_eq!(
+        memory_part(&after, "quorumkv_memory_limit_bytes", "v2"),
+        0.0
+    );
+}

@@ -53,6 +53,9 @@ pub struct MvccStore {
     /// Bytes the backend's keys and values take (runs exactly; metadata as of opening):
     /// `Status.db_size_in_use`.
     pub(super) in_use_bytes: u64,
+    /// The v2 tree's records' share of `meta_bytes_at_open`: since then the tree counts its own
+    /// (`in_use_bytes()`).
+    pub(super) v2_bytes_at_open: u64,
     /// The metadata's share of `in_use_bytes` (measured at opening): the rest is runs.
     meta_bytes_at_open: u64,
 }
@@ -412,6 +415,7 @@ impl MvccStore {
             v2: crate::v2::V2Store::default(),
             in_use_bytes,
             meta_bytes_at_open: 0,
+            v2_bytes_at_open: 0,
         };
         let meta_end = [super::revision::META_PREFIX + 1];
         store.backend.scan(
@@ -447,6 +451,7 @@ impl MvccStore {
             sub: -1,
             reason,
         })?;
+        store.v2_bytes_at_open = store.v2.record_bytes();
         store.leases =
             LeaseTable::load(store.records(LEASE_RECORD_PREFIX)?, key_lease).map_err(|e| {
                 MvccError::Corrupt {
@@ -505,7 +510,7 @@ impl MvccStore {
     /// Bytes the backend's keys and values take: the runs of revisions exactly, the metadata
     /// (leases, members, alarms) as of opening.
     pub fn in_use_bytes(&self) -> u64 {
-        self.in_use_bytes
+        (self.in_use_bytes + self.v2.record_bytes()).saturating_sub(self.v2_bytes_at_open)
     }
 
     /// The v2 keys API's tree.

@@ -178,9 +178,14 @@ impl KvServer {
             .db_total_size_in_use_bytes
             .set(status.db_size_in_use);
         METRICS.current_revision.set(status.revision);
-        let (keys, compact_rev, index_bytes) = {
+        let (keys, compact_rev, index_bytes, v2_bytes) = {
             let store = self.read_store();
-            (store.key_count(), store.compact_rev(), store.index_bytes())
+            (
+                store.key_count(),
+                store.compact_rev(),
+                store.index_bytes(),
+                store.v2().memory_bytes(),
+            )
         };
         METRICS.keys_total.set(keys as i64);
         METRICS.compact_revision.set(compact_rev);
@@ -202,6 +207,9 @@ impl KvServer {
             ),
             // Bounded through the backend's quota: every revision it holds is in the backend.
             ("key_index", index_bytes as u64, 0),
+            // The v2 tree and its history (`--enable-v2`): each node and event is a backend
+            // record too, so the quota bounds it as well.
+            ("v2", v2_bytes, 0),
             (
                 "watch_queues",
                 self.watches().memory_bytes() as u64,

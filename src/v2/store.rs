@@ -6,7 +6,7 @@
 //! for a node, `v2e/<index>` for the last `HISTORY_EVENTS` events), staged with the entry's
 //! other writes, so that a restart or a snapshot finds the same tree and the same history.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -152,7 +152,15 @@ pub struct V2Store {
     /// Events for the watchers, taken by the apply loop.
     published: Vec<Event>,
     pub stats: V2Stats,
+    /// Each backend record's bytes (its key, with the backend's prefix byte, and its value),
+    /// by record name, and their sum: the tree's share of `db_size_in_use`.
+    record_sizes: HashMap<String, usize>,
+    record_bytes: u64,
 }
+
+/// Memory a node or an event costs beyond its record's bytes, about: the map entries, the
+/// structs, the path held twice (the tree and `record_sizes`).
+const ENTRY_OVERHEAD_BYTES: u64 = 160;
 
 /// The whole store, for comparing members (the simulator's checker).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +191,7 @@ impl V2Store {
             if let Some(expire) = node.expire {
                 store.expiring.insert((expire, path.clone()));
             }
+            store.account(&name, Some(&value));
             store.nodes.insert(path, node);
         }
         // Record names sort by index.
@@ -190,6 +199,7 @@ impl V2Store {
             let event: Event = serde_json::from_slice(&value)
                 .map_err(|e| format!("v2 event record {name}: {e}"))?;
             store.index = store.index.max(event.index());
+            store.account(&name, Some(&value));
             store.history.push_back(event);
         }
         Ok(store)
@@ -803,6 +813,28 @@ impl V2Store {
         self.published.push(event);
     }
 
+    /// The record `name` now holds `value` (none: it is deleted): its bytes counted again.
+    fn account(&mut self, name: &str, value: Option<&[u8]>) {
+        let old = match value {
+            Some(value) => self
+                .record_sizes
+                .insert(name.to_string(), 1 + name.len() + value.len()),
+            None => self.record_sizes.remove(name),
+        };
+        self.record_bytes = self.record_bytes - old.unwrap_or(0) as u64
+            + value.map_or(0, |v| 1 + name.len() + v.len()) as u64;
+    }
+
+    /// The bytes of the tree's records in the backend.
+    pub fn record_bytes(&self) -> u64 {
+        self.record_bytes
+    }
+
+    /// The tree and its history in memory, about (`quorumkv_memory_bytes{part="v2"}`).
+    pub fn memory_bytes(&self) -> u64 {
+        self.record_bytes + (self.record_sizes.len() as u64) * ENTRY_OVERHEAD_BYTES
+    }
+
     /// The records the last applied request changed.
     fn take_records(&mut self) -> Records {
         let mut records = Records::new();
@@ -823,6 +855,9 @@ impl V2Store {
                     Some(serde_json::to_vec(event).unwrap_or_default()),
                 ));
             }
+        }
+        for (name, value) in &records {
+            self.account(name, value.as_deref());
         }
         records
     }

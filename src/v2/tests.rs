@@ -276,3 +276,36 @@ fn answers_are_written_as_etcd_writes_them() {
         "{\"errorCode\":100,\"message\":\"Key not found\",\"cause\":\"/x\",\"index\":3}\n"
     );
 }
+
+/// The tree counts the bytes of its records as it writes them: the sum of what the records
+/// written so far hold, and what a store rebuilt from them counts.
+#[test]
+fn record_bytes_are_the_bytes_of_the_records_written() {
+    let mut store = V2Store::default();
+    let mut records = std::collections::BTreeMap::new();
+    let mut requests = vec![put("/a/b", "1"), put("/a/c", &"v".repeat(300))];
+    requests.extend((0..1010).map(|i| put("/h/k", &i.to_string())));
+    requests.push(V2Request {
+        method: "DELETE".into(),
+        path: "/a".into(),
+        recursive: true,
+        ..Default::default()
+    });
+    for req in requests {
+        let (answer, written) = store.apply(&req);
+        answer.expect("applied");
+        for (name, value) in written {
+            match value {
+                Some(v) => records.insert(name, v),
+                None => records.remove(&name),
+            };
+        }
+        let sum: u64 = records
+            .iter()
+            .map(|(name, value)| (1 + name.len() + value.len()) as u64)
+            .sum();
+        assert_eq!(store.record_bytes(), sum);
+    }
+    assert_eq!(reopened(&records).record_bytes(), store.record_bytes());
+    assert!(store.memory_bytes() > store.record_bytes());
+}
