@@ -387,8 +387,13 @@ fn whole<'a>(
 
 /// The sled batch that carries out `batch` on `tree` as it is now: large values split into
 /// pieces, and the pieces of values overwritten or deleted removed.
+///
+/// While no key of the tree is stored in pieces (no value was ever over `PIECE_BYTES`, the
+/// common case), no key is looked up: one probe of the pieces' range per batch instead of a
+/// read per write. (Batches are applied one at a time, so none adds pieces meanwhile.)
 fn sled_batch(tree: &sled::Tree, batch: WriteBatch) -> Result<sled::Batch, BackendError> {
-    pieces_batch(Some(tree), batch, &mut HashMap::new())
+    let has_pieces = !matches!(tree.scan_prefix(PIECES_PREFIX).next(), None);
+    pieces_batch(has_pieces.then_some(tree), batch, &mut HashMap::new())
 }
 
 /// `sled_batch`, knowing from `pieces_now` the pieces of every key written earlier (by this
