@@ -16,6 +16,7 @@ pub mod event;
 /// Not part of the simulated build (the simulator drives `server` directly).
 #[cfg(not(madsim))]
 pub mod http;
+#[cfg(not(madsim))]
 mod members;
 pub mod store;
 pub mod watchers;
