@@ -22,6 +22,10 @@ use crate::network::SimNetwork;
 use crate::recorder::Recorder;
 use crate::trace::EventKind;
 
+/// The members' `--experimental-watch-progress-notify-interval`: short, so that the watch
+/// sessions (0.5 to 4 s) get periodic progress notifications for the checker to check.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Timing and sizes of every member (etcd's defaults where they matter for timing).
 #[derive(Debug, Clone)]
 pub struct MemberSettings {
@@ -190,7 +194,7 @@ impl Cluster {
             member.incarnation += 1;
             let config = MemberConfig {
                 auth: Default::default(),
-                watch_progress_notify_interval: quorumkv::watch::PROGRESS_NOTIFY_INTERVAL,
+                watch_progress_notify_interval: PROGRESS_INTERVAL,
                 quota_backend_bytes: 0,
                 member_id: id,
                 cluster_id: 0x51_4b_56,

@@ -46,7 +46,8 @@ pub struct Session {
     pub start_rev: i64,
     pub start_us: u64,
     pub responses: Vec<Vec<Change>>,
-    /// Answers to `RequestProgress`: (responses with events received before it, its revision).
+    /// Answers to `RequestProgress`, and periodic progress notifications: (responses with
+    /// events received before it, its revision).
     pub progress: Vec<(usize, i64)>,
 }
 
@@ -93,6 +94,9 @@ pub async fn watch_client(cluster: Cluster, log: WatchLog, watcher: u64, stop: A
                 key: WATCHED_START.to_vec(),
                 range_end: WATCHED_END.to_vec(),
                 start_revision: next_rev,
+                // Periodic progress notifications (`PROGRESS_INTERVAL`), checked like answers
+                // to `RequestProgress`.
+                progress_notify: true,
                 ..Default::default()
             },
         );
@@ -120,7 +124,10 @@ pub async fn watch_client(cluster: Cluster, log: WatchLog, watcher: u64, stop: A
                         if let Some(last) = changes.last() {
                             next_rev = next_rev.max(last.revision + 1);
                         }
-                        if !changes.is_empty() {
+                        if changes.is_empty() {
+                            let revision = response.header.map_or(0, |h| h.revision);
+                            session.progress.push((session.responses.len(), revision));
+                        } else {
                             session.responses.push(changes);
                         }
                     }
