@@ -566,11 +566,24 @@ fn unkeep(txn: &mut TxnRequest) {
     }
 }
 
-/// Sends `requests` random requests (or for `minutes`) of `seed` to both; the differences.
-fn differences(seed: u64, requests: usize, minutes: f64) -> Vec<String> {
+/// etcd 3.4 and quorumkv, each a fresh single member started with `args` (and quorumkv named
+/// as etcd names its member), in one temporary directory; `None`, said, where etcd is not
+/// installed.
+fn side_by_side(args: &[&str]) -> Option<(tempfile::TempDir, Etcd, common::Server)> {
+    if !Etcd::available() {
+        eprintln!("SKIPPED: etcd (Debian's etcd-server) is not installed; nothing to compare with");
+        return None;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(dir.path());
-    let ours = common::Server::start(dir.path(), &["--name", "default"]);
+    let etcd = Etcd::start_with(dir.path(), args);
+    let ours = common::Server::start(dir.path(), &[&["--name", "default"], args].concat());
+    Some((dir, etcd, ours))
+}
+
+/// Sends `requests` random requests (or for `minutes`) of `seed` to both; the differences
+/// (`None` where etcd is not installed).
+fn differences(seed: u64, requests: usize, minutes: f64) -> Option<Vec<String>> {
+    let (_dir, etcd, ours) = side_by_side(&[])?;
     let mut found = Vec::new();
     runtime().block_on(async {
         let connect = |endpoint: String| async move {
@@ -690,7 +703,7 @@ fn differences(seed: u64, requests: usize, minutes: f64) -> Vec<String> {
             eprintln!("  {kind:<16} {n:>6}  {outcome}");
         }
     });
-    found
+    Some(found)
 }
 
 fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -702,14 +715,12 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 #[test]
 fn kv_answers_match_etcd_3_4_field_by_field() {
-    if !Etcd::available() {
-        eprintln!("SKIPPED: etcd (Debian's etcd-server) is not installed; nothing to compare with");
-        return;
-    }
     let seed = setting("CONFORMANCE_SEED", 1u64);
     let requests = setting("CONFORMANCE_REQUESTS", 3_000usize);
     let minutes = setting("CONFORMANCE_MINUTES", 0.0f64);
-    let found = differences(seed, requests, minutes);
+    let Some(found) = differences(seed, requests, minutes) else {
+        return;
+    };
     assert!(
         found.is_empty(),
         "{} differences from etcd 3.4 (the first ones):\n{}",
@@ -722,15 +733,11 @@ fn kv_answers_match_etcd_3_4_field_by_field() {
 /// sequence to both, as users with and without tokens, answers compared field by field.
 #[test]
 fn service_answers_match_etcd_3_4_field_by_field() {
-    if !Etcd::available() {
-        eprintln!("SKIPPED: etcd (Debian's etcd-server) is not installed; nothing to compare with");
-        return;
-    }
     let seed = setting("CONFORMANCE_SEED", 1u64);
     let requests = setting("CONFORMANCE_SERVICE_REQUESTS", 600usize);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start(dir.path());
-    let ours = common::Server::start(dir.path(), &["--name", "default"]);
+    let Some((_dir, etcd, ours)) = side_by_side(&[]) else {
+        return;
+    };
     let found = runtime().block_on(async {
         let mut theirs = services::connect(etcd.endpoint(), etcd.port, etcd.peer_port).await;
         let mut mine = services::connect(ours.endpoint(), ours.client_port, ours.peer_port).await;
@@ -757,17 +764,13 @@ fn service_answers_match_etcd_3_4_field_by_field() {
 /// a 1 s interval; what each stream was sent is compared.
 #[test]
 fn progress_notifications_match_etcd_3_4() {
-    if !Etcd::available() {
-        eprintln!("SKIPPED: etcd (Debian's etcd-server) is not installed; nothing to compare with");
-        return;
-    }
     let interval = [
         "--experimental-watch-progress-notify-interval",
         progress::INTERVAL,
     ];
-    let dir = tempfile::tempdir().expect("tempdir");
-    let etcd = Etcd::start_with(dir.path(), &interval);
-    let ours = common::Server::start(dir.path(), &interval);
+    let Some((_dir, etcd, ours)) = side_by_side(&interval) else {
+        return;
+    };
     let (expected, got) = runtime().block_on(async {
         (
             progress::scenario(etcd.endpoint()).await,

@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::{http_form, Etcd, Server};
@@ -228,13 +227,10 @@ fn indexes_in(cause: &str, base: u64) -> String {
     out
 }
 
-fn quorumkv_answers(root: &Path) -> Vec<Value> {
-    let server = Server::start(root, &["--enable-v2"]);
-    answers(server.client_port)
-}
-
-#[test]
-fn v2_keys_answer_as_etcd_3_4_answered() {
+/// With `V2_RECORD_FIXTURES` set, records what etcd 3.4 (`--enable-v2`) answers into
+/// `fixtures`; otherwise compares quorumkv's answers with the recorded ones, one by one.
+/// `answers` is given the member's client and peer ports.
+fn compare_with_recorded(fixtures: &str, answers: impl Fn(u16, u16) -> Vec<Value>) {
     let dir = tempfile::tempdir().expect("tempdir");
     if std::env::var("V2_RECORD_FIXTURES").is_ok() {
         assert!(
@@ -242,14 +238,15 @@ fn v2_keys_answer_as_etcd_3_4_answered() {
             "recording needs etcd 3.4 (Debian's etcd-server)"
         );
         let etcd = Etcd::start_with(dir.path(), &["--enable-v2"]);
-        let recorded = answers(etcd.port);
+        let recorded = answers(etcd.port, etcd.peer_port);
         let text = serde_json::to_string_pretty(&recorded).expect("json") + "\n";
-        std::fs::write(FIXTURES, text).expect("write the fixtures");
+        std::fs::write(fixtures, text).expect("write the fixtures");
         return;
     }
-    let text = std::fs::read_to_string(FIXTURES).expect("the recorded fixtures");
+    let text = std::fs::read_to_string(fixtures).expect("the recorded fixtures");
     let expected: Vec<Value> = serde_json::from_str(&text).expect("fixtures are JSON");
-    let ours = quorumkv_answers(dir.path());
+    let server = Server::start(dir.path(), &["--enable-v2"]);
+    let ours = answers(server.client_port, server.peer_port);
     assert_eq!(
         expected.len(),
         ours.len(),
@@ -257,15 +254,14 @@ fn v2_keys_answer_as_etcd_3_4_answered() {
     );
     let mut differences = Vec::new();
     for (theirs, ours) in expected.iter().zip(&ours) {
-        assert_eq!(
-            theirs["request"], ours["request"],
-            "fixtures recorded for other steps: record them again"
-        );
+        for name in ["request", "command"] {
+            assert_eq!(
+                theirs[name], ours[name],
+                "fixtures recorded for other steps: record them again"
+            );
+        }
         if theirs != ours {
-            differences.push(format!(
-                "{}\n  etcd:     {theirs}\n  quorumkv: {ours}",
-                theirs["request"]
-            ));
+            differences.push(format!("etcd:     {theirs}\nquorumkv: {ours}"));
         }
     }
     assert!(
@@ -275,6 +271,11 @@ fn v2_keys_answer_as_etcd_3_4_answered() {
         expected.len(),
         differences.join("\n")
     );
+}
+
+#[test]
+fn v2_keys_answer_as_etcd_3_4_answered() {
+    compare_with_recorded(FIXTURES, |port, _| answers(port));
 }
 
 const ETCDCTL_FIXTURES: &str = "tests/fixtures/v2_etcdctl_etcd_3.4.json";
@@ -419,36 +420,9 @@ fn etcdctl_v2_commands_answer_as_with_etcd_3_4() {
         eprintln!("skipped: etcdctl is not installed (ci/test installs it)");
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    if std::env::var("V2_RECORD_FIXTURES").is_ok() {
-        let etcd = Etcd::start_with(dir.path(), &["--enable-v2"]);
-        let recorded = etcdctl_answers(etcd.port, &first_member_id(etcd.port));
-        let text = serde_json::to_string_pretty(&recorded).expect("json") + "\n";
-        std::fs::write(ETCDCTL_FIXTURES, text).expect("write the fixtures");
-        return;
-    }
-    let text = std::fs::read_to_string(ETCDCTL_FIXTURES).expect("the recorded fixtures");
-    let expected: Vec<Value> = serde_json::from_str(&text).expect("fixtures are JSON");
-    let server = Server::start(dir.path(), &["--enable-v2"]);
-    let ours = etcdctl_answers(server.client_port, &first_member_id(server.client_port));
-    let differences: Vec<String> = expected
-        .iter()
-        .zip(&ours)
-        .filter(|(theirs, ours)| theirs != ours)
-        .map(|(theirs, ours)| format!("etcd:     {theirs}\nquorumkv: {ours}"))
-        .collect();
-    assert_eq!(
-        expected.len(),
-        ours.len(),
-        "fixtures recorded for other commands"
-    );
-    assert!(
-        differences.is_empty(),
-        "{} of {} commands differ:\n{}",
-        differences.len(),
-        expected.len(),
-        differences.join("\n")
-    );
+    compare_with_recorded(ETCDCTL_FIXTURES, |port, _| {
+        etcdctl_answers(port, &first_member_id(port))
+    });
 }
 
 const MEMBER_FIXTURES: &str = "tests/fixtures/v2_members_etcd_3.4.json";
@@ -631,43 +605,5 @@ fn member_answers(port: u16, peer_port: u16) -> Vec<Value> {
 
 #[test]
 fn v2_member_changes_answer_as_etcd_3_4_answered() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    if std::env::var("V2_RECORD_FIXTURES").is_ok() {
-        assert!(
-            Etcd::available(),
-            "recording needs etcd 3.4 (Debian's etcd-server)"
-        );
-        let etcd = Etcd::start_with(dir.path(), &["--enable-v2"]);
-        let recorded = member_answers(etcd.port, etcd.peer_port);
-        let text = serde_json::to_string_pretty(&recorded).expect("json") + "\n";
-        std::fs::write(MEMBER_FIXTURES, text).expect("write the fixtures");
-        return;
-    }
-    let text = std::fs::read_to_string(MEMBER_FIXTURES).expect("the recorded fixtures");
-    let expected: Vec<Value> = serde_json::from_str(&text).expect("fixtures are JSON");
-    let server = Server::start(dir.path(), &["--enable-v2"]);
-    let ours = member_answers(server.client_port, server.peer_port);
-    assert_eq!(
-        expected.len(),
-        ours.len(),
-        "fixtures recorded for other steps"
-    );
-    let differences: Vec<String> = expected
-        .iter()
-        .zip(&ours)
-        .filter(|(theirs, ours)| theirs != ours)
-        .map(|(theirs, ours)| {
-            format!(
-                "{}\n  etcd:     {theirs}\n  quorumkv: {ours}",
-                theirs["request"]
-            )
-        })
-        .collect();
-    assert!(
-        differences.is_empty(),
-        "{} of {} answers differ from etcd 3.4's:\n{}",
-        differences.len(),
-        expected.len(),
-        differences.join("\n")
-    );
+    compare_with_recorded(MEMBER_FIXTURES, member_answers);
 }
