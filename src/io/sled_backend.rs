@@ -392,7 +392,7 @@ fn whole<'a>(
 /// common case), no key is looked up: one probe of the pieces' range per batch instead of a
 /// read per write. (Batches are applied one at a time, so none adds pieces meanwhile.)
 fn sled_batch(tree: &sled::Tree, batch: WriteBatch) -> Result<sled::Batch, BackendError> {
-    let has_pieces = !matches!(tree.scan_prefix(PIECES_PREFIX).next(), None);
+    let has_pieces = tree.scan_prefix(PIECES_PREFIX).next().is_some();
     pieces_batch(has_pieces.then_some(tree), batch, &mut HashMap::new())
 }
 
