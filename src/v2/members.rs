@@ -91,7 +91,8 @@ fn server_error(server: &KvServer, e: ServerError, id: &str) -> Response {
             "quorumkv's peers take http and https URLs only",
         ),
         e => {
-            tracing::warn!(error = %e, "v2 member change failed");
+            // Remote input can cause it at will: not a warning.
+            tracing::debug!(error = %e, "v2 member change failed");
             error(
                 server,
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -220,6 +221,13 @@ enum Change {
 /// Makes the change here if this member leads, or through the leader's Cluster service (as
 /// the v3 API forwards it): the added member, if one was added.
 async fn change(server: &KvServer, change: Change) -> Result<Option<Member>, ServerError> {
+    // With auth on, a member change needs root, and the v2 API carries no v3 user: etcd 3.4
+    // refuses every one (500), whatever credentials come with it.
+    if server.auth_view().enabled() {
+        return Err(crate::server::auth_error(
+            crate::auth::AuthError::PermissionDenied,
+        ));
+    }
     let local = match &change {
         Change::Add(urls) => server
             .member_add(urls.clone(), false)
@@ -229,7 +237,11 @@ async fn change(server: &KvServer, change: Change) -> Result<Option<Member>, Ser
         Change::Update(id, urls) => server.member_update(*id, urls.clone()).await.map(|_| None),
     };
     match local {
-        Err(ServerError::NotLeader) => on_leader(server, change).await,
+        Err(ServerError::NotLeader) => {
+            tokio::time::timeout(server.config().request_timeout, on_leader(server, change))
+                .await
+                .unwrap_or(Err(ServerError::Timeout))
+        }
         other => other,
     }
 }
@@ -338,9 +350,11 @@ fn peer_urls(headers: &HeaderMap, body: &[u8]) -> Result<Vec<String>, (StatusCod
     if urls.is_empty() {
         return Err(bad("no valid URLs given".into()));
     }
-    for url in &urls {
-        check_url(url).map_err(bad)?;
-    }
+    let mut urls = urls
+        .iter()
+        .map(|url| check_url(url))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad)?;
     urls.sort();
     Ok(urls)
 }
@@ -379,20 +393,26 @@ fn json_error(body: &[u8], e: &serde_json::Error) -> String {
     }
 }
 
-/// etcd's URL check for a member's peer URLs: a scheme of http, https, unix or unixs, an
-/// address of the form host:port, and no path.
-fn check_url(url: &str) -> Result<(), String> {
+/// etcd's URL check for a member's peer URLs: a scheme of http, https, unix or unixs (in
+/// any case), an address of the form host:port, and no path. The URL as etcd keeps it: without
+/// surrounding spaces, its scheme in lower case.
+fn check_url(url: &str) -> Result<String, String> {
+    let url = url.trim();
     let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (scheme, rest),
-        None => ("", url),
+        Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
+        None => (String::new(), url),
     };
-    if !matches!(scheme, "http" | "https" | "unix" | "unixs") {
+    if !matches!(scheme.as_str(), "http" | "https" | "unix" | "unixs") {
         return Err(format!(
             "URL scheme must be http, https, unix, or unixs: {url}"
         ));
     }
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (host, path) = rest.split_at(end);
+    let (authority, path) = rest.split_at(end);
+    // Whatever comes before an `@` is user information, not the address.
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     let host_port = match host.strip_prefix('[') {
         Some(v6) => v6
             .split_once(']')
@@ -408,7 +428,7 @@ fn check_url(url: &str) -> Result<(), String> {
     if !path.is_empty() {
         return Err(format!("URL must not contain a path: {url}"));
     }
-    Ok(())
+    Ok(format!("{scheme}://{rest}"))
 }
 
 #[cfg(test)]
@@ -483,6 +503,11 @@ mod tests {
         assert_eq!(
             peer_urls(&json, br#"{"peerURLs":["https://[::1]:2380"]}"#),
             Ok(vec!["https://[::1]:2380".to_string()])
+        );
+        // As Go's URL parser reads them: spaces around, a scheme in capitals, user information.
+        assert_eq!(
+            peer_urls(&json, br#"{"peerURLs":[" HTTP://a:1 ","http://u:p@b:2"]}"#),
+            Ok(vec!["http://a:1".to_string(), "http://u:p@b:2".to_string()])
         );
     }
 }

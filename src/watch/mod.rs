@@ -587,13 +587,24 @@ struct HubState {
     /// Each open stream's next progress tick (clock ms). As etcd's, a stream's ticks start
     /// when it opens, every interval plus a jitter of up to a tenth of it, fixed per stream.
     ticks: HashMap<u64, u64>,
-    /// The earliest of `ticks` (0: look).
-    earliest_tick_ms: u64,
+    /// The same, by time: (tick, stream).
+    tick_order: BTreeSet<(u64, u64)>,
     /// `--experimental-watch-progress-notify-interval`, in ms (0 until `run` sets it).
     progress_interval_ms: u64,
 }
 
 impl HubState {
+    /// Sets (or with `None` removes) a stream's next tick.
+    fn set_tick(&mut self, stream: u64, at: Option<u64>) {
+        if let Some(old) = self.ticks.remove(&stream) {
+            self.tick_order.remove(&(old, stream));
+        }
+        if let Some(at) = at {
+            self.ticks.insert(stream, at);
+            self.tick_order.insert((at, stream));
+        }
+    }
+
     /// The time between a stream's ticks: the interval plus its jitter (from the stream's
     /// id, so that a simulated run stays deterministic).
     fn tick_period_ms(&self, stream: u64) -> u64 {
@@ -796,8 +807,7 @@ impl WatchHub {
         state.open_streams += 1;
         let stream = state.next_stream;
         let tick = now + state.tick_period_ms(stream);
-        state.ticks.insert(stream, tick);
-        state.earliest_tick_ms = state.earliest_tick_ms.min(tick);
+        state.set_tick(stream, Some(tick));
         let rx = WatchReceiver {
             rx,
             bytes: bytes.clone(),
@@ -810,7 +820,7 @@ impl WatchHub {
         let mut state = self.lock();
         state.watchers.retain(|(s, _), _| *s != stream);
         state.changed();
-        state.ticks.remove(&stream);
+        state.set_tick(stream, None);
         state.open_streams = state.open_streams.saturating_sub(1);
         drop(state);
         self.update_publishing();
@@ -1336,28 +1346,27 @@ impl WatchHub {
     /// naming the current revision, if it is synced (it has seen every event up to it).
     fn notify_progress(&self) {
         let now = self.clock.now_ms();
-        if self.lock().earliest_tick_ms > now {
+        let is_due = |state: &HubState| state.tick_order.first().is_some_and(|(at, _)| *at <= now);
+        if !is_due(&self.lock()) {
             return;
         }
         self.deliver_pending();
         let mut state = self.lock();
-        let due: Vec<u64> = state
-            .ticks
-            .iter()
-            .filter(|(_, &at)| at <= now)
-            .map(|(&stream, _)| stream)
-            .collect();
-        for stream in &due {
-            let period = state.tick_period_ms(*stream);
-            if let Some(at) = state.ticks.get_mut(stream) {
-                // A tick missed is dropped, as Go's ticker drops it.
-                *at += period;
-                if *at <= now {
-                    *at = now + period;
-                }
-            }
+        let mut due = Vec::new();
+        while is_due(&state) {
+            let Some((at, stream)) = state.tick_order.first().copied() else {
+                break;
+            };
+            // A tick missed is dropped, as Go's ticker drops it.
+            let period = state.tick_period_ms(stream);
+            let next = if at + period <= now {
+                now + period
+            } else {
+                at + period
+            };
+            state.set_tick(stream, Some(next));
+            due.push(stream);
         }
-        state.earliest_tick_ms = state.ticks.values().copied().min().unwrap_or(u64::MAX);
         let synced_next = state.synced_next;
         for stream in due {
             for ((_, watch_id), watcher) in state
@@ -1395,9 +1404,8 @@ impl WatchHub {
             let streams: Vec<u64> = state.ticks.keys().copied().collect();
             for stream in streams {
                 let tick = now + state.tick_period_ms(stream);
-                state.ticks.insert(stream, tick);
+                state.set_tick(stream, Some(tick));
             }
-            state.earliest_tick_ms = state.ticks.values().copied().min().unwrap_or(u64::MAX);
         }
         while !stopped() {
             tokio::select! {
