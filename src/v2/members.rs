@@ -278,10 +278,14 @@ async fn on_leader(server: &KvServer, change: Change) -> Result<Option<Member>, 
     };
     // The leader's refusal, back as the error it was made from (the rest answer 500).
     answer.map_err(|status| {
-        [ServerError::PeerUrlExists, ServerError::MemberNotFound]
-            .into_iter()
-            .find(|e| e.to_string() == status.message())
-            .unwrap_or(ServerError::NotLeader)
+        [
+            ServerError::PeerUrlExists,
+            ServerError::MemberNotFound,
+            ServerError::BadMemberUrls,
+        ]
+        .into_iter()
+        .find(|e| e.to_string() == status.message())
+        .unwrap_or(ServerError::NotLeader)
     })
 }
 
