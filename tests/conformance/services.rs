@@ -36,6 +36,10 @@ const ROLES: &[&str] = &["root", "reader", "writer"];
 const PASSWORDS: &[&str] = &["pw1", "pw2"];
 /// Leases for locks and elections, granted (or not) by the sequence itself.
 const SERVICE_LEASES: &[i64] = &[0x200, 0x201, 0x202];
+/// Their TTL: a day, so that none expires within a run. Expiry is decided by each server's
+/// own clock, so the two would expire a lease a little apart, and the requests sent in between
+/// would see different revisions (seed 7 did, 60 s into a 3,000-request run).
+const SERVICE_LEASE_TTL: i64 = 86_400;
 const LOCKS: &[&[u8]] = &[b"lock1", b"lock2"];
 const ELECTIONS: &[&[u8]] = &[b"elect1", b"elect2"];
 /// How long a lock or a campaign that waits for another holder is given before it is dropped.
@@ -496,6 +500,7 @@ impl ServiceGenerator {
                 rng: StdRng::seed_from_u64(seed ^ 0x4b56_4153_5553_4552),
                 revision: 1,
                 compacted: 0,
+                physical: true,
             },
         }
     }
@@ -632,7 +637,7 @@ impl ServiceGenerator {
             52..=53 => Request::DeleteRange(self.kv.delete()),
             54..=56 => Request::Grant(LeaseGrantRequest {
                 id: self.pick(SERVICE_LEASES),
-                ttl: 60,
+                ttl: SERVICE_LEASE_TTL,
             }),
             57 => Request::Revoke(LeaseRevokeRequest {
                 id: self.pick(SERVICE_LEASES),
@@ -787,6 +792,7 @@ pub(super) async fn service_differences(
     let mut auth = false;
     // Every request and both answers, to follow a difference back to where the two parted.
     let trace = std::env::var_os("CONFORMANCE_TRACE").is_some();
+    let started = std::time::Instant::now();
     for sent in 1..=requests {
         let (request, who) = generator.next(revision, theirs.added.len().min(mine.added.len()));
         // NOSPACE and CORRUPT are raised for the next requests only: while either is active,
@@ -827,7 +833,8 @@ pub(super) async fn service_differences(
         let auth_before = auth;
         if trace {
             eprintln!(
-                "{sent} as {who:?}: {request:?}\n  etcd 3.4: {expected:?}\n  quorumkv: {got:?}"
+                "{sent} as {who:?} at {:.1} s: {request:?}\n  etcd 3.4: {expected:?}\n  quorumkv: {got:?}",
+                started.elapsed().as_secs_f64()
             );
         }
         match (&request, &expected) {
@@ -855,7 +862,7 @@ pub(super) async fn service_differences(
                     }
                     (Request::Revoke(revoke), Ok(_)) => Some(Request::Grant(LeaseGrantRequest {
                         id: revoke.id,
-                        ttl: 60,
+                        ttl: SERVICE_LEASE_TTL,
                     })),
                     // A raised NOSPACE or CORRUPT was cleared by its own sequence.
                     (Request::Alarm(AlarmAction::Activate, AlarmType::None, member), _) => Some(
@@ -874,7 +881,10 @@ pub(super) async fn service_differences(
                     _ => None,
                 };
                 if let Some(undo) = undo {
-                    let _ = theirs.send(&undo, As::Nobody).await;
+                    let answer = theirs.send(&undo, As::Nobody).await;
+                    if trace {
+                        eprintln!("  undone in etcd 3.4: {undo:?}: {answer:?}");
+                    }
                 }
                 continue;
             }
