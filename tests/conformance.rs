@@ -673,6 +673,9 @@ fn differences(seed: u64, requests: usize, minutes: f64) -> Option<Vec<String>> 
                 *tally
                     .entry(("KeepAlive".to_string(), outcome.to_string()))
                     .or_insert(0usize) += 1;
+                if trace {
+                    eprintln!("keep-alive of {id:#x}\n  etcd 3.4: {expected:?}\n  quorumkv: {got:?}");
+                }
                 if expected != got {
                     found.push(format!(
                         "keep-alive of {id:#x} (seed {seed})\n  etcd 3.4: {expected:?}\n  quorumkv: {got:?}"
