@@ -746,7 +746,10 @@ impl V2Store {
         let path = clean_path(&req.path);
         let node = self.lookup(&path)?.clone();
         if node.is_dir() {
-            return Err(V2Error::new(NOT_FILE, path, self.index));
+            // etcd names the node by its path in its store (the keys under `/1`) and trims
+            // that prefix from the cause: the root's is empty, and left out.
+            let cause = if path == "/" { String::new() } else { path };
+            return Err(V2Error::new(NOT_FILE, cause, self.index));
         }
         Self::compare(&node, &req.prev_value, req.prev_index)
             .map_err(|cause| V2Error::new(TEST_FAILED, cause, self.index))?;

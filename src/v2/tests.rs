@@ -309,3 +309,21 @@ fn record_bytes_are_the_bytes_of_the_records_written() {
     assert_eq!(reopened(&records).record_bytes(), store.record_bytes());
     assert!(store.memory_bytes() > store.record_bytes());
 }
+
+#[test]
+fn a_compare_and_delete_of_a_directory_names_it_but_the_root_by_no_cause() {
+    let mut store = V2Store::default();
+    apply(&mut store, put("/a/b", "1")).unwrap();
+    let cad = |path: &str| V2Request {
+        method: "DELETE".into(),
+        path: path.into(),
+        prev_value: "1".into(),
+        ..Default::default()
+    };
+    let e = apply(&mut store, cad("/a")).unwrap_err();
+    assert_eq!((e.code, e.cause.as_str()), (NOT_FILE, "/a"));
+    // etcd 3.4 trims its keys' prefix from the cause: nothing is left of the root's.
+    let e = apply(&mut store, cad("/")).unwrap_err();
+    assert_eq!((e.code, e.cause.as_str()), (NOT_FILE, ""));
+    assert!(!e.to_json().contains("cause"), "{}", e.to_json());
+}
