@@ -735,18 +735,11 @@ fn differences(seed: u64, requests: usize, minutes: f64) -> Option<Vec<String>> 
     Some(found)
 }
 
-fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[test]
 fn kv_answers_match_etcd_3_4_field_by_field() {
-    let seed = setting("CONFORMANCE_SEED", 1u64);
-    let requests = setting("CONFORMANCE_REQUESTS", 3_000usize);
-    let minutes = setting("CONFORMANCE_MINUTES", 0.0f64);
+    let seed = common::setting("CONFORMANCE_SEED", 1u64);
+    let requests = common::setting("CONFORMANCE_REQUESTS", 3_000usize);
+    let minutes = common::setting("CONFORMANCE_MINUTES", 0.0f64);
     let Some(found) = differences(seed, requests, minutes) else {
         return;
     };
@@ -762,8 +755,8 @@ fn kv_answers_match_etcd_3_4_field_by_field() {
 /// sequence to both, as users with and without tokens, answers compared field by field.
 #[test]
 fn service_answers_match_etcd_3_4_field_by_field() {
-    let seed = setting("CONFORMANCE_SEED", 1u64);
-    let requests = setting("CONFORMANCE_SERVICE_REQUESTS", 600usize);
+    let seed = common::setting("CONFORMANCE_SEED", 1u64);
+    let requests = common::setting("CONFORMANCE_SERVICE_REQUESTS", 600usize);
     let Some((_dir, etcd, ours)) = side_by_side(&[]) else {
         return;
     };

@@ -404,14 +404,8 @@ fn v2_random_requests_answer_as_etcd_3_4() {
         eprintln!("SKIPPED: etcd 3.4 (Debian's etcd-server) is needed");
         return;
     }
-    let setting = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let seed = setting("V2_CONFORMANCE_SEED", 1);
-    let requests = setting("V2_CONFORMANCE_REQUESTS", 1500);
+    let seed = common::setting("V2_CONFORMANCE_SEED", 1u64);
+    let requests = common::setting("V2_CONFORMANCE_REQUESTS", 1500u64);
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start_with(dir.path(), &["--enable-v2"]);
     let server = Server::start(dir.path(), &["--enable-v2"]);

@@ -747,7 +747,9 @@ impl V2Store {
         let node = self.lookup(&path)?.clone();
         if node.is_dir() {
             // etcd names the node by its path in its store (the keys under `/1`) and trims
-            // that prefix from the cause: the root's is empty, and left out.
+            // that prefix from the cause: the root's is empty, and left out. Every other
+            // request on the root is refused before (`Root is read only`, cause "/" in etcd
+            // too), so this is the one cause that can name the root.
             let cause = if path == "/" { String::new() } else { path };
             return Err(V2Error::new(NOT_FILE, cause, self.index));
         }

@@ -592,3 +592,12 @@ pub fn http_request(
     };
     (status, headers, body)
 }
+
+/// The environment variable `name` parsed, or `default` when it is unset or does not parse
+/// (the seeds and lengths of the differential runs).
+pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
