@@ -36,10 +36,12 @@ pub enum Bug {
     V2ExpiresLocally,
     /// A v2 wait on a directory (`recursive=true`) is not woken by a change below it.
     V2WaitMissesRecursive,
+    /// A v2 checkpoint leaves out the tree's last node (in path order).
+    V2CheckpointLosesNode,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 15] = [
+    pub const ALL: [Bug; 16] = [
         Bug::AckBeforeFsync,
         Bug::ApplyBeforeCommit,
         Bug::ServeStaleRead,
@@ -55,6 +57,7 @@ impl Bug {
         Bug::ProxyDropsEventAtFailover,
         Bug::V2ExpiresLocally,
         Bug::V2WaitMissesRecursive,
+        Bug::V2CheckpointLosesNode,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +77,7 @@ impl Bug {
             Bug::ProxyDropsEventAtFailover => "proxy-drops-event-at-failover",
             Bug::V2ExpiresLocally => "v2-expires-locally",
             Bug::V2WaitMissesRecursive => "v2-wait-misses-recursive",
+            Bug::V2CheckpointLosesNode => "v2-checkpoint-loses-node",
         }
     }
 
@@ -106,6 +110,7 @@ impl Bug {
             Bug::V2WaitMissesRecursive => {
                 "a v2 wait on a directory is not woken by a change below it"
             }
+            Bug::V2CheckpointLosesNode => "a v2 checkpoint leaves out the tree's last node",
         }
     }
 

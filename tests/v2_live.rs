@@ -223,6 +223,53 @@ fn the_tree_and_its_history_survive_a_restart() {
     assert_eq!(json_of(&body)["errorCode"], 401);
 }
 
+/// More than `CHECKPOINT_MIN_BYTES` of sets: the journal is folded into a checkpoint on the
+/// way, more sets journal after it, and a member killed with SIGKILL comes back with every
+/// acknowledged set, its index and its history.
+#[test]
+fn the_tree_survives_a_crash_after_a_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(dir.path(), &["--enable-v2"]);
+    let port = server.client_port;
+    let value = |i: usize| format!("{i:05}").repeat((64 << 10) / 5);
+    // 200 sets of 64 KiB: 12.5 MiB of journal, a checkpoint at 8 MiB.
+    for i in 0..200 {
+        put(
+            port,
+            &format!("/v2/keys/c/k{}", i % 150),
+            &format!("value={}", value(i)),
+        );
+    }
+    for i in 0..20 {
+        put(port, "/v2/keys/c/small", &format!("value={i}"));
+    }
+    let (_, _, before) = http_form(port, "GET", "/v2/keys/c?recursive=true", "");
+    server.kill9();
+    server.spawn();
+    server.wait_ready();
+    let (status, headers, after) = http_form(port, "GET", "/v2/keys/c?recursive=true", "");
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers
+            .iter()
+            .find(|(k, _)| k == "x-etcd-index")
+            .map(|(_, v)| v.as_str()),
+        Some("220")
+    );
+    assert!(before == after, "the tree differs after the crash");
+    let listing = json_of(&after);
+    let nodes = listing["node"]["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 151);
+    assert_eq!(nodes[0]["value"].as_str(), Some(value(150).as_str()));
+    // The history from before the checkpoint is still there.
+    let (status, _, body) = http_form(port, "GET", "/v2/keys/c/k3?wait=true&waitIndex=2", "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        json_of(&body)["node"]["value"].as_str(),
+        Some(value(3).as_str())
+    );
+}
+
 /// The index every member reports for `path`'s expiry, once each has applied it.
 fn expiry_index(servers: &[Server], path: &str, since: u64) -> Vec<u64> {
     servers

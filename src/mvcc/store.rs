@@ -442,10 +442,13 @@ impl MvccStore {
                     reason,
                 })?;
         store.auth = Arc::new(crate::auth::AuthView::new(auth));
-        store.v2 = crate::v2::V2Store::from_records(
-            store.records(crate::v2::NODE_RECORD_PREFIX)?,
-            store.records(crate::v2::EVENT_RECORD_PREFIX)?,
-        )
+        store.v2 = crate::v2::V2Store::from_records(crate::v2::V2Records {
+            chunks: store.records(crate::v2::CHUNK_RECORD_PREFIX)?,
+            history: store.records(crate::v2::HISTORY_RECORD_PREFIX)?,
+            nodes: store.records(crate::v2::NODE_RECORD_PREFIX)?,
+            events: store.records(crate::v2::EVENT_RECORD_PREFIX)?,
+            journal: store.records(crate::v2::JOURNAL_RECORD_PREFIX)?,
+        })
         .map_err(|reason| MvccError::Corrupt {
             main: -1,
             sub: -1,
@@ -566,7 +569,11 @@ impl MvccStore {
     /// `Ok` when every applied write is in the backend (nothing staged or on its way): what
     /// reads of the backend alone (hashes, backups) need.
     pub(super) fn require_flushed(&self) -> Result<(), MvccError> {
-        if self.staged.is_empty() && self.staged_runs.is_empty() && self.writing_values.is_empty() {
+        if self.staged.is_empty()
+            && self.staged_runs.is_empty()
+            && self.writing_values.is_empty()
+            && self.v2.unwritten() == 0
+        {
             return Ok(());
         }
         Err(MvccError::Backend(crate::io::BackendError::Store(
@@ -574,9 +581,10 @@ impl MvccStore {
         )))
     }
 
-    /// Backend writes staged and not yet handed to the backend (each revision's record counts).
+    /// Backend writes staged and not yet handed to the backend (each revision's record and
+    /// each journaled v2 request counts).
     pub fn staged_ops(&self) -> usize {
-        self.staged.ops.len() + self.staged_values.len()
+        self.staged.ops.len() + self.staged_values.len() + self.v2.unwritten()
     }
 
     /// Stages the records of one applied entry (encoded by `push_record`, `last` the newest):
@@ -609,10 +617,16 @@ impl MvccStore {
             self.writing_values.is_empty(),
             "a staged batch is still being written"
         );
-        if self.staged.is_empty() && self.staged_runs.is_empty() {
+        if self.staged.is_empty() && self.staged_runs.is_empty() && self.v2.unwritten() == 0 {
             return None;
         }
         let mut batch = std::mem::take(&mut self.staged);
+        for (name, value) in self.v2.take_batch_records(self.consistent_index) {
+            match value {
+                Some(value) => batch.put(meta_key(&name), value),
+                None => batch.delete(meta_key(&name)),
+            }
+        }
         for (last, run) in self.staged_runs.drain(..) {
             self.in_use_bytes += (super::revision::RUN_KEY_LEN + run.len()) as u64;
             batch.put(run_key(last), run);

@@ -164,16 +164,8 @@ impl MvccStore {
                 }
                 return Ok(ApplyOutcome::Auth(applied));
             }
-            Request::V2(req) => {
-                let (answer, records) = self.v2.apply(req);
-                for (name, value) in records {
-                    match value {
-                        Some(value) => pending.batch.put(meta_key(&name), value),
-                        None => pending.batch.delete(meta_key(&name)),
-                    }
-                }
-                ApplyOutcome::V2(answer)
-            }
+            // Journaled by the tree, written with the next batch (`take_staged`).
+            Request::V2(req) => ApplyOutcome::V2(self.v2.apply(req)),
             Request::MemberAttributes(_) | Request::MemberPeerUrls(_) => {
                 return Err(MvccError::NotKeyValue)
             }

@@ -2,8 +2,9 @@
 //! compare-and-swap, in-order keys and waits, kept beside the v3 store and changed only through
 //! the raft log.
 //!
-//! - `store`: the tree, applied deterministically from log entries; every node and the last
-//!   1,000 events are backend records, so restarts and snapshots carry them.
+//! - `store`: the tree, applied deterministically from log entries; kept in the backend as a
+//!   checkpoint (every node and the last 1,000 events) and a journal of the requests applied
+//!   since, so restarts and snapshots carry them.
 //! - `event`: what an operation answers, and its JSON as etcd writes it.
 //! - `watchers`: `wait=true` requests, woken by the events the apply loop publishes.
 //! - `http`: `/v2/keys`, `/v2/members`, `/v2/machines`, `/v2/stats/*` on the client port.
@@ -25,10 +26,16 @@ pub mod watchers;
 mod tests;
 
 pub use event::{Event, NodeView};
-pub use store::V2Store;
+pub use store::{V2Records, V2Store};
 pub use watchers::V2Watchers;
 
-/// The record names of the v2 store in the backend's meta space.
+/// The record names of the v2 store in the backend's meta space (see `store`): a
+/// checkpoint's nodes and history, the journal after it, and the checkpoint as older data
+/// dirs kept it.
+pub const CHUNK_RECORD_PREFIX: &str = "v2c/";
+pub const HISTORY_RECORD_PREFIX: &str = "v2h/";
+pub const HISTORY_RECORD: &str = "v2h/history";
+pub const JOURNAL_RECORD_PREFIX: &str = "v2j/";
 pub const NODE_RECORD_PREFIX: &str = "v2k/";
 pub const EVENT_RECORD_PREFIX: &str = "v2e/";
 

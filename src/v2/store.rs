@@ -2,17 +2,34 @@
 //! clock is read here (a key's expiry time and a SYNC's time come in the entry).
 //!
 //! Nodes are kept in one map by path (`/a/b`), the root implicit; a directory's children are
-//! the paths one segment under it. Each change is written back as backend records (`v2k/<path>`
-//! for a node, `v2e/<index>` for the last `HISTORY_EVENTS` events), staged with the entry's
-//! other writes, so that a restart or a snapshot finds the same tree and the same history.
+//! the paths one segment under it. The tree lives in memory and reaches the backend two ways:
+//! - a **checkpoint**: the whole tree at some index, its nodes in path order in records of
+//!   about `CHUNK_BYTES` (`v2c/<n>`), and its history (the last `HISTORY_EVENTS` events, one
+//!   record `v2h/`);
+//! - a **journal** after it: the requests applied since, that changed the tree, as written in
+//!   their log entries, one record (`v2j/<consistent index>`) per backend batch, staged with
+//!   the batch's other writes.
+//!
+//! Loading replays the journal onto the checkpoint: applying is deterministic, so a restart or
+//! a snapshot finds the same tree and the same history. Once the journal holds as many bytes
+//! as the checkpoint (and at least `CHECKPOINT_MIN_BYTES`), a new checkpoint replaces the old
+//! one and the journal in one batch. A set thus costs a part of one record per batch, and the
+//! checkpoints a few large records, written about as often as the tree's size in journal has
+//! been written: a handful of backend writes where a record per node and per event made three
+//! a set. (Older data dirs kept a record per node, `v2k/<path>`, and per event,
+//! `v2e/<index>`: they load as a checkpoint, and the next checkpoint replaces them.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use super::event::{Event, NodeView};
-use super::{clean_path, V2Error, EVENT_RECORD_PREFIX, HISTORY_EVENTS, NODE_RECORD_PREFIX};
+use super::{
+    clean_path, V2Error, CHUNK_RECORD_PREFIX, HISTORY_EVENTS, HISTORY_RECORD,
+    JOURNAL_RECORD_PREFIX, NODE_RECORD_PREFIX,
+};
 use super::{
     DIR_NOT_EMPTY, EVENT_INDEX_CLEARED, KEY_NOT_FOUND, NODE_EXIST, NOT_DIR, NOT_FILE,
     ROOT_READ_ONLY, TEST_FAILED,
@@ -60,6 +77,26 @@ struct NewNode<'a> {
 
 /// Backend records to write (`Some`) or remove (`None`), by name.
 pub type Records = Vec<(String, Option<Vec<u8>>)>;
+
+/// The journal is folded into a checkpoint once it holds at least this many bytes (and as
+/// many as the checkpoint's records): a bound on what a load replays, about 10 ms a MiB. The
+/// simulator's runs write little, so there it is 4 KiB, for their restarts and snapshots to
+/// load checkpoints followed by journals.
+pub const CHECKPOINT_MIN_BYTES: u64 = if cfg!(madsim) { 4 << 10 } else { 8 << 20 };
+
+/// A checkpoint's nodes are written in records of about this many bytes.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// The journal's size that calls for a checkpoint, at least (`CHECKPOINT_MIN_BYTES`; less in
+/// tests).
+#[derive(Debug, Clone, Copy)]
+struct CheckpointBytes(u64);
+
+impl Default for CheckpointBytes {
+    fn default() -> Self {
+        CheckpointBytes(CHECKPOINT_MIN_BYTES)
+    }
+}
 
 /// Counts for `/v2/stats/store`, since this member started.
 #[derive(Debug, Default)]
@@ -145,21 +182,27 @@ pub struct V2Store {
     expiring: BTreeSet<(i64, String)>,
     /// The last `HISTORY_EVENTS` events, oldest first, one per index.
     history: VecDeque<Event>,
-    /// Paths changed by the entry being applied, and the events it made: its records.
-    touched: BTreeSet<String>,
-    new_events: Vec<u64>,
-    dropped_events: Vec<u64>,
+    /// The requests applied since the last batch that changed the tree, each length-delimited:
+    /// the next journal record.
+    journal: Vec<u8>,
+    /// How many requests `journal` holds.
+    journal_requests: usize,
+    /// The journal records in the backend (oldest first) and their bytes.
+    journal_records: Vec<String>,
+    journal_bytes: u64,
+    checkpoint_bytes: CheckpointBytes,
     /// Events for the watchers, taken by the apply loop.
     published: Vec<Event>,
     pub stats: V2Stats,
-    /// Each backend record's bytes (its key, with the backend's prefix byte, and its value),
-    /// by record name, and their sum: the tree's share of `db_size_in_use`.
+    /// Each checkpoint record's bytes (its key, with the backend's prefix byte, and its
+    /// value), by record name, and their sum; with `journal_bytes`, the tree's share of
+    /// `db_size_in_use`. A checkpoint replaces every record named here.
     record_sizes: HashMap<String, usize>,
     record_bytes: u64,
 }
 
-/// Memory a node or an event costs beyond its record's bytes, about: the map entries, the
-/// structs, the path held twice (the tree and `record_sizes`).
+/// Memory a node or an event costs beyond its path and values, about: the map entries, the
+/// structs, the path held again in `record_sizes`.
 const ENTRY_OVERHEAD_BYTES: u64 = 160;
 
 /// The whole store, for comparing members (the simulator's checker).
@@ -171,28 +214,145 @@ pub struct V2Dump {
     pub history: Vec<Event>,
 }
 
-/// The record name of an event.
-fn event_record(index: u64) -> String {
-    format!("{EVENT_RECORD_PREFIX}{index:020}")
+/// The backend records of the tree, by kind, as (name, value), each kind in name order.
+#[derive(Debug, Default)]
+pub struct V2Records {
+    /// The checkpoint: its nodes (in path order) and its history.
+    pub chunks: Vec<(String, Vec<u8>)>,
+    pub history: Vec<(String, Vec<u8>)>,
+    /// The checkpoint as older data dirs keep it: a record per node, a record per event.
+    pub nodes: Vec<(String, Vec<u8>)>,
+    pub events: Vec<(String, Vec<u8>)>,
+    /// In the order they were written.
+    pub journal: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads what `encode_node` wrote.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.bytes.len() < n {
+            return Err("the record ends inside a node".into());
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(word))
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        let mut len = [0u8; 4];
+        len.copy_from_slice(self.take(4)?);
+        let bytes = self.take(u32::from_le_bytes(len) as usize)?;
+        String::from_utf8(bytes.to_vec()).map_err(|e| e.to_string())
+    }
+
+    fn flag(&mut self) -> Result<bool, String> {
+        match self.take(1)?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(format!("bad flag {other}")),
+        }
+    }
+
+    fn node(&mut self) -> Result<(String, Node), String> {
+        let path = self.string()?;
+        let created = self.u64()?;
+        let modified = self.u64()?;
+        let expire = if self.flag()? {
+            Some(self.u64()? as i64)
+        } else {
+            None
+        };
+        let value = if self.flag()? {
+            Some(self.string()?)
+        } else {
+            None
+        };
+        let node = Node {
+            created,
+            modified,
+            value,
+            expire,
+        };
+        Ok((path, node))
+    }
+}
+
+fn push_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A node as a checkpoint's chunk holds it: its path, its indexes, its expiry and its value.
+fn encode_node(out: &mut Vec<u8>, path: &str, node: &Node) {
+    push_string(out, path);
+    out.extend_from_slice(&node.created.to_le_bytes());
+    out.extend_from_slice(&node.modified.to_le_bytes());
+    match node.expire {
+        Some(at) => {
+            out.push(1);
+            out.extend_from_slice(&at.to_le_bytes());
+        }
+        None => out.push(0),
+    }
+    match &node.value {
+        Some(value) => {
+            out.push(1);
+            push_string(out, value);
+        }
+        None => out.push(0),
+    }
 }
 
 impl V2Store {
-    /// The store kept in `nodes` and `events` records (name without its prefix, value).
-    pub fn from_records(
-        nodes: Vec<(String, Vec<u8>)>,
-        events: Vec<(String, Vec<u8>)>,
-    ) -> Result<Self, String> {
+    /// The store its records keep: the checkpoint's nodes and events, then the journal
+    /// replayed onto them.
+    pub fn from_records(records: V2Records) -> Result<Self, String> {
+        let V2Records {
+            chunks,
+            history,
+            nodes,
+            events,
+            journal,
+        } = records;
         let mut store = V2Store::default();
+        for (name, value) in chunks {
+            let mut reader = Reader { bytes: &value };
+            while !reader.bytes.is_empty() {
+                let (path, node) = reader
+                    .node()
+                    .map_err(|e| format!("v2 checkpoint record {name}: {e}"))?;
+                store.load_node(path, node);
+            }
+            store.account(&name, Some(&value));
+        }
+        for (name, value) in history {
+            let mut reader = Reader { bytes: &value };
+            while !reader.bytes.is_empty() {
+                let event: Event = reader
+                    .string()
+                    .and_then(|json| serde_json::from_str(&json).map_err(|e| e.to_string()))
+                    .map_err(|e| format!("v2 history record {name}: {e}"))?;
+                store.index = store.index.max(event.index());
+                store.history.push_back(event);
+            }
+            store.account(&name, Some(&value));
+        }
         for (name, value) in nodes {
             let path = name[NODE_RECORD_PREFIX.len().min(name.len())..].to_string();
             let node: Node = serde_json::from_slice(&value)
                 .map_err(|e| format!("v2 node record {name}: {e}"))?;
-            store.index = store.index.max(node.modified).max(node.created);
-            if let Some(expire) = node.expire {
-                store.expiring.insert((expire, path.clone()));
-            }
+            store.load_node(path, node);
             store.account(&name, Some(&value));
-            store.nodes.insert(path, node);
         }
         // Record names sort by index.
         for (name, value) in events {
@@ -202,7 +362,39 @@ impl V2Store {
             store.account(&name, Some(&value));
             store.history.push_back(event);
         }
+        for (name, value) in journal {
+            let mut requests = value.as_slice();
+            while !requests.is_empty() {
+                let req = V2Request::decode_length_delimited(&mut requests)
+                    .map_err(|e| format!("v2 journal record {name}: {e}"))?;
+                // Its answer was given when it was first applied.
+                let _ = store.apply_request(&req);
+            }
+            store.journal_bytes += (1 + name.len() + value.len()) as u64;
+            store.journal_records.push(name);
+        }
+        // Replaying is not serving: nothing to publish, nothing counted.
+        store.published.clear();
+        store.stats = V2Stats::default();
         Ok(store)
+    }
+
+    /// A node of a checkpoint, as it was.
+    fn load_node(&mut self, path: String, node: Node) {
+        self.index = self.index.max(node.modified).max(node.created);
+        if let Some(expire) = node.expire {
+            self.expiring.insert((expire, path.clone()));
+        }
+        self.nodes.insert(path, node);
+    }
+
+    /// A store that checkpoints once its journal holds `bytes` (tests).
+    #[cfg(test)]
+    pub fn with_checkpoint_bytes(bytes: u64) -> Self {
+        V2Store {
+            checkpoint_bytes: CheckpointBytes(bytes),
+            ..V2Store::default()
+        }
     }
 
     pub fn index(&self) -> u64 {
@@ -230,7 +422,6 @@ impl V2Store {
     /// bug (`Bug::V2ExpiresLocally`), which must make members disagree.
     pub fn expire_outside_log(&mut self, now_ns: i64) {
         self.expire(now_ns);
-        self.take_records();
         self.published.clear();
     }
 
@@ -253,11 +444,49 @@ impl V2Store {
         std::mem::take(&mut self.published)
     }
 
-    /// Applies a log entry's request: its answer (`None` for a SYNC), and the records it
-    /// changed.
-    pub fn apply(&mut self, req: &V2Request) -> (Result<Option<Event>, V2Error>, Records) {
+    /// Applies a log entry's request: its answer (`None` for a SYNC). A request that changed
+    /// the tree (every change takes an index) joins the journal.
+    pub fn apply(&mut self, req: &V2Request) -> Result<Option<Event>, V2Error> {
+        let before = self.index;
         let answer = self.apply_request(req);
-        (answer, self.take_records())
+        if self.index != before {
+            // Writing to a Vec cannot fail.
+            let _ = req.encode_length_delimited(&mut self.journal);
+            self.journal_requests += 1;
+        }
+        answer
+    }
+
+    /// How many applied requests the backend does not hold yet.
+    pub fn unwritten(&self) -> usize {
+        self.journal_requests
+    }
+
+    /// The records to write with a backend batch that ends at raft index `consistent_index`:
+    /// the journal of the requests applied since the last batch, or, once the journal is as
+    /// large as the checkpoint, a new checkpoint and the old journal's removal. None when
+    /// nothing changed.
+    pub fn take_batch_records(&mut self, consistent_index: u64) -> Records {
+        if self.journal.is_empty() {
+            return Records::new();
+        }
+        let journal = std::mem::take(&mut self.journal);
+        self.journal_requests = 0;
+        let name = format!("{JOURNAL_RECORD_PREFIX}{consistent_index:020}");
+        let journal_bytes = self.journal_bytes + (1 + name.len() + journal.len()) as u64;
+        if journal_bytes < self.checkpoint_bytes.0.max(self.record_bytes) {
+            self.journal_bytes = journal_bytes;
+            self.journal_records.push(name.clone());
+            return vec![(name, Some(journal))];
+        }
+        let mut records = self.take_records();
+        records.extend(
+            std::mem::take(&mut self.journal_records)
+                .into_iter()
+                .map(|name| (name, None)),
+        );
+        self.journal_bytes = 0;
+        records
     }
 
     fn apply_request(&mut self, req: &V2Request) -> Result<Option<Event>, V2Error> {
@@ -443,7 +672,6 @@ impl V2Store {
                             expire: None,
                         },
                     );
-                    self.touched.insert(here.to_string());
                 }
             }
         }
@@ -481,7 +709,6 @@ impl V2Store {
                     self.expiring.remove(&(at, p.clone()));
                 }
             }
-            self.touched.insert(p.clone());
         }
         doomed
     }
@@ -540,7 +767,6 @@ impl V2Store {
         let view = self.view(&path, &node, false);
         self.nodes.insert(path.clone(), node);
         self.set_expiry(&path, expire);
-        self.touched.insert(path.clone());
         self.index = next;
         Ok(Event {
             action: action.into(),
@@ -636,7 +862,6 @@ impl V2Store {
             }
         }
         self.set_expiry(&path, expire);
-        self.touched.insert(path.clone());
         self.index = next;
         let event = Event {
             action: "update".into(),
@@ -698,7 +923,6 @@ impl V2Store {
             stored.modified = next;
         }
         self.set_expiry(&path, expire);
-        self.touched.insert(path.clone());
         let event = Event {
             action: "compareAndSwap".into(),
             node: NodeView {
@@ -803,7 +1027,6 @@ impl V2Store {
 
     /// Keeps an applied change's event in the history and for the watchers.
     fn record(&mut self, event: Event) {
-        self.new_events.push(event.index());
         // As the records keep it (a member that loads it from them holds the same).
         self.history.push_back(Event {
             removed: Vec::new(),
@@ -811,9 +1034,7 @@ impl V2Store {
             ..event.clone()
         });
         while self.history.len() > HISTORY_EVENTS {
-            if let Some(old) = self.history.pop_front() {
-                self.dropped_events.push(old.index());
-            }
+            self.history.pop_front();
         }
         self.published.push(event);
     }
@@ -830,36 +1051,69 @@ impl V2Store {
             + value.map_or(0, |v| 1 + name.len() + v.len()) as u64;
     }
 
-    /// The bytes of the tree's records in the backend.
+    /// The bytes of the tree's records in the backend: its checkpoint and its journal.
     pub fn record_bytes(&self) -> u64 {
-        self.record_bytes
+        self.record_bytes + self.journal_bytes
     }
 
-    /// The tree and its history in memory, about (`quorumkv_memory_bytes{part="v2"}`).
+    /// The tree and its history in memory, about (`quorumkv_memory_bytes{part="v2"}`): paths
+    /// and values, and a fixed overhead for each node and event. It walks the tree.
     pub fn memory_bytes(&self) -> u64 {
-        self.record_bytes + (self.record_sizes.len() as u64) * ENTRY_OVERHEAD_BYTES
+        let view = |n: &NodeView| n.key.len() + n.value.as_ref().map_or(0, String::len);
+        let nodes: usize = self
+            .nodes
+            .iter()
+            .map(|(path, node)| 2 * path.len() + node.value.as_ref().map_or(0, String::len))
+            .sum();
+        let events: usize = self
+            .history
+            .iter()
+            .map(|e| view(&e.node) + e.prev.as_ref().map_or(0, view))
+            .sum();
+        let entries = (self.nodes.len() + self.history.len()) as u64;
+        (nodes + events + self.journal.len()) as u64 + entries * ENTRY_OVERHEAD_BYTES
     }
 
-    /// The records the last applied request changed.
+    /// A checkpoint of the tree as it is now: the records that replace the last one's.
     fn take_records(&mut self) -> Records {
-        let mut records = Records::new();
-        for path in std::mem::take(&mut self.touched) {
-            let value = self
-                .nodes
-                .get(&path)
-                .map(|node| serde_json::to_vec(node).unwrap_or_default());
-            records.push((format!("{NODE_RECORD_PREFIX}{path}"), value));
-        }
-        for index in std::mem::take(&mut self.dropped_events) {
-            records.push((event_record(index), None));
-        }
-        for index in std::mem::take(&mut self.new_events) {
-            if let Some(event) = self.history.iter().rev().find(|e| e.index() == index) {
-                records.push((
-                    event_record(index),
-                    Some(serde_json::to_vec(event).unwrap_or_default()),
-                ));
+        let mut records: Records = self
+            .record_sizes
+            .keys()
+            .map(|name| (name.clone(), None))
+            .collect();
+        let mut chunk = Vec::new();
+        let mut chunks = 0;
+        let mut push_chunk = |records: &mut Records, chunk: &mut Vec<u8>| {
+            let name = format!("{CHUNK_RECORD_PREFIX}{chunks:08}");
+            records.push((name, Some(std::mem::take(chunk))));
+            chunks += 1;
+        };
+        // The planted bug leaves out the last node.
+        let lost = usize::from(crate::hooks::injected(
+            crate::hooks::Bug::V2CheckpointLosesNode,
+        ));
+        for (path, node) in self
+            .nodes
+            .iter()
+            .take(self.nodes.len().saturating_sub(lost))
+        {
+            encode_node(&mut chunk, path, node);
+            if chunk.len() >= CHUNK_BYTES {
+                push_chunk(&mut records, &mut chunk);
             }
+        }
+        if !chunk.is_empty() {
+            push_chunk(&mut records, &mut chunk);
+        }
+        if !self.history.is_empty() {
+            let mut history = Vec::new();
+            for event in &self.history {
+                push_string(
+                    &mut history,
+                    &serde_json::to_string(event).unwrap_or_default(),
+                );
+            }
+            records.push((HISTORY_RECORD.to_string(), Some(history)));
         }
         for (name, value) in &records {
             self.account(name, value.as_deref());

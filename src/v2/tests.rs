@@ -12,11 +12,24 @@ fn put(path: &str, value: &str) -> V2Request {
 }
 
 fn apply(store: &mut V2Store, req: V2Request) -> Result<Event, V2Error> {
-    store.apply(&req).0.map(|e| e.expect("an event"))
+    store.apply(&req).map(|e| e.expect("an event"))
 }
 
-/// The store rebuilt from the records every apply so far wrote.
-fn reopened(records: &std::collections::BTreeMap<String, Vec<u8>>) -> V2Store {
+type RecordMap = std::collections::BTreeMap<String, Vec<u8>>;
+
+/// Writes the store's next batch records (the batch ending at raft index `index`) to `records`,
+/// as the backend would.
+fn write_batch(store: &mut V2Store, index: u64, records: &mut RecordMap) {
+    for (name, value) in store.take_batch_records(index) {
+        match value {
+            Some(v) => records.insert(name, v),
+            None => records.remove(&name),
+        };
+    }
+}
+
+/// The store rebuilt from the records every batch so far wrote.
+fn reopened(records: &RecordMap) -> V2Store {
     let pick = |prefix: &str| {
         records
             .iter()
@@ -24,7 +37,14 @@ fn reopened(records: &std::collections::BTreeMap<String, Vec<u8>>) -> V2Store {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     };
-    V2Store::from_records(pick(NODE_RECORD_PREFIX), pick(EVENT_RECORD_PREFIX)).expect("records")
+    V2Store::from_records(V2Records {
+        chunks: pick(CHUNK_RECORD_PREFIX),
+        history: pick(HISTORY_RECORD_PREFIX),
+        nodes: pick(NODE_RECORD_PREFIX),
+        events: pick(EVENT_RECORD_PREFIX),
+        journal: pick(JOURNAL_RECORD_PREFIX),
+    })
+    .expect("records")
 }
 
 #[test]
@@ -190,9 +210,9 @@ fn keys_expire_only_when_a_sync_reaches_their_time() {
         ..Default::default()
     };
     store.take_published();
-    assert!(store.apply(&sync(at - 1)).0.unwrap().is_none());
+    assert!(store.apply(&sync(at - 1)).unwrap().is_none());
     assert!(store.get("/t", false).is_ok(), "not due yet");
-    store.apply(&sync(at)).0.unwrap();
+    store.apply(&sync(at)).unwrap();
     assert!(store.get("/t", false).is_err());
     let events = store.take_published();
     assert_eq!(events.len(), 1);
@@ -203,17 +223,11 @@ fn keys_expire_only_when_a_sync_reaches_their_time() {
 
 #[test]
 fn the_history_keeps_the_last_thousand_events_and_survives_a_reopen() {
-    let mut store = V2Store::default();
-    let mut records = std::collections::BTreeMap::new();
+    let mut store = V2Store::with_checkpoint_bytes(1024);
+    let mut records = RecordMap::new();
     for i in 0..1005 {
-        let (answer, written) = store.apply(&put("/h/k", &i.to_string()));
-        answer.unwrap();
-        for (name, value) in written {
-            match value {
-                Some(v) => records.insert(name, v),
-                None => records.remove(&name),
-            };
-        }
+        store.apply(&put("/h/k", &i.to_string())).unwrap();
+        write_batch(&mut store, i + 1, &mut records);
     }
     for store in [&store, &reopened(&records)] {
         assert_eq!(store.index(), 1005);
@@ -230,12 +244,9 @@ fn the_history_keeps_the_last_thousand_events_and_survives_a_reopen() {
             Some("1004")
         );
     }
-    assert_eq!(
-        records
-            .keys()
-            .filter(|k| k.starts_with(EVENT_RECORD_PREFIX))
-            .count(),
-        HISTORY_EVENTS
+    assert!(
+        records.contains_key(HISTORY_RECORD),
+        "no checkpoint was written"
     );
 }
 
@@ -278,11 +289,11 @@ fn answers_are_written_as_etcd_writes_them() {
 }
 
 /// The tree counts the bytes of its records as it writes them: the sum of what the records
-/// written so far hold, and what a store rebuilt from them counts.
+/// written so far hold (journal and checkpoints), and what a store rebuilt from them counts.
 #[test]
 fn record_bytes_are_the_bytes_of_the_records_written() {
-    let mut store = V2Store::default();
-    let mut records = std::collections::BTreeMap::new();
+    let mut store = V2Store::with_checkpoint_bytes(4096);
+    let mut records = RecordMap::new();
     let mut requests = vec![put("/a/b", "1"), put("/a/c", &"v".repeat(300))];
     requests.extend((0..1010).map(|i| put("/h/k", &i.to_string())));
     requests.push(V2Request {
@@ -291,14 +302,10 @@ fn record_bytes_are_the_bytes_of_the_records_written() {
         recursive: true,
         ..Default::default()
     });
-    for req in requests {
-        let (answer, written) = store.apply(&req);
-        answer.expect("applied");
-        for (name, value) in written {
-            match value {
-                Some(v) => records.insert(name, v),
-                None => records.remove(&name),
-            };
+    for (i, req) in requests.into_iter().enumerate() {
+        store.apply(&req).expect("applied");
+        if i % 3 == 0 {
+            write_batch(&mut store, i as u64 + 1, &mut records);
         }
         let sum: u64 = records
             .iter()
@@ -306,8 +313,182 @@ fn record_bytes_are_the_bytes_of_the_records_written() {
             .sum();
         assert_eq!(store.record_bytes(), sum);
     }
+    write_batch(&mut store, 2000, &mut records);
     assert_eq!(reopened(&records).record_bytes(), store.record_bytes());
-    assert!(store.memory_bytes() > store.record_bytes());
+    assert!(store.memory_bytes() > 1010 * 4, "{}", store.memory_bytes());
+}
+
+/// A mix of every kind of change, written in batches of changing sizes, some of them
+/// checkpoints: the store rebuilt from the records after any batch is the store that wrote
+/// them, tree and history, and has nothing to publish.
+#[test]
+fn the_journal_replayed_onto_the_checkpoint_gives_the_same_tree_and_history() {
+    let mut store = V2Store::with_checkpoint_bytes(2048);
+    let mut records = RecordMap::new();
+    let base: i64 = 1_700_000_000_000_000_000;
+    let (mut checkpoints, mut journaled) = (0, 0);
+    for i in 0..1500u64 {
+        let key = format!("/d{}/k{}", i % 3, i % 17);
+        let req = match i % 7 {
+            0 => V2Request {
+                expiration: base + (i as i64) * 10,
+                ..put(&key, "ttl")
+            },
+            1 => V2Request {
+                method: "POST".into(),
+                path: "/queue".into(),
+                val: format!("job{i}"),
+                ..Default::default()
+            },
+            2 => V2Request {
+                method: "SYNC".into(),
+                time: base + (i as i64) * 10 - 200,
+                ..Default::default()
+            },
+            3 => V2Request {
+                method: "DELETE".into(),
+                path: format!("/d{}", i % 3),
+                recursive: true,
+                ..Default::default()
+            },
+            4 => V2Request {
+                prev_value: "ttl".into(),
+                ..put(&key, "swapped")
+            },
+            _ => put(&key, &"v".repeat((i % 50) as usize)),
+        };
+        let _ = store.apply(&req);
+        if i % 5 == 4 {
+            let batch = store.take_batch_records(i + 1);
+            if batch
+                .iter()
+                .any(|(name, v)| name.starts_with(JOURNAL_RECORD_PREFIX) && v.is_none())
+            {
+                checkpoints += 1;
+            } else if !batch.is_empty() {
+                journaled += 1;
+            }
+            for (name, value) in batch {
+                match value {
+                    Some(v) => records.insert(name, v),
+                    None => records.remove(&name),
+                };
+            }
+            let mut loaded = reopened(&records);
+            assert_eq!(loaded.dump(), store.dump(), "after entry {i}");
+            assert!(loaded.take_published().is_empty());
+            assert_eq!(loaded.record_bytes(), store.record_bytes());
+        }
+    }
+    assert!(
+        checkpoints >= 2 && journaled >= 10,
+        "{checkpoints} checkpoints, {journaled} journal records"
+    );
+}
+
+/// The journal never grows past its bound (as many bytes as the checkpoint, at least the
+/// minimum) and one batch: a checkpoint replaces it and the checkpoint before.
+#[test]
+fn a_checkpoint_replaces_the_journal_and_the_last_checkpoint() {
+    let mut store = V2Store::with_checkpoint_bytes(8192);
+    let mut records = RecordMap::new();
+    let mut checkpoints = 0;
+    for i in 0..3000u64 {
+        store
+            .apply(&put(&format!("/k{}", i % 40), &i.to_string()))
+            .expect("set");
+        let batch = store.take_batch_records(i + 1);
+        checkpoints += usize::from(batch.iter().any(|(name, _)| name == HISTORY_RECORD));
+        for (name, value) in batch {
+            match value {
+                Some(v) => records.insert(name, v),
+                None => records.remove(&name),
+            };
+        }
+        let bytes = |journal: bool| -> usize {
+            records
+                .iter()
+                .filter(|(name, _)| name.starts_with(JOURNAL_RECORD_PREFIX) == journal)
+                .map(|(name, value)| 1 + name.len() + value.len())
+                .sum()
+        };
+        let (journal, checkpoint) = (bytes(true), bytes(false));
+        assert!(
+            journal < checkpoint.max(8192) + 100,
+            "journal of {journal} bytes, checkpoint of {checkpoint}"
+        );
+    }
+    assert!(checkpoints >= 2, "{checkpoints} checkpoints");
+    // One checkpoint's records: a chunk of nodes and the history.
+    let kinds: Vec<&str> = records
+        .keys()
+        .filter(|name| !name.starts_with(JOURNAL_RECORD_PREFIX))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        kinds,
+        [&format!("{CHUNK_RECORD_PREFIX}00000000"), HISTORY_RECORD]
+    );
+    assert_eq!(reopened(&records).dump(), store.dump());
+}
+
+/// A checkpoint larger than `CHUNK_BYTES` is written in several records, and loads back.
+#[test]
+fn a_large_checkpoint_is_written_in_chunks() {
+    let mut store = V2Store::with_checkpoint_bytes(1);
+    let value = "v".repeat(64 << 10);
+    for i in 0..40 {
+        store
+            .apply(&put(&format!("/big/k{i:02}"), &value))
+            .expect("set");
+    }
+    let mut records = RecordMap::new();
+    write_batch(&mut store, 40, &mut records);
+    let chunks = records
+        .keys()
+        .filter(|name| name.starts_with(CHUNK_RECORD_PREFIX))
+        .count();
+    assert_eq!(chunks, 3, "{:?}", records.keys().collect::<Vec<_>>());
+    assert_eq!(reopened(&records).dump(), store.dump());
+}
+
+/// A data dir of an older quorumkv keeps a record per node and per event: it loads, and the
+/// next checkpoint replaces those records.
+#[test]
+fn records_of_the_older_layout_load_and_the_next_checkpoint_replaces_them() {
+    let mut old = RecordMap::new();
+    old.insert(
+        format!("{NODE_RECORD_PREFIX}/a"),
+        br#"{"c":1,"m":1}"#.to_vec(),
+    );
+    old.insert(
+        format!("{NODE_RECORD_PREFIX}/a/b"),
+        br#"{"c":2,"m":2,"v":"x"}"#.to_vec(),
+    );
+    let mut writer = V2Store::default();
+    apply(&mut writer, put("/a/b", "x")).unwrap();
+    let event = serde_json::to_vec(&writer.history()[0]).unwrap();
+    old.insert(format!("{EVENT_RECORD_PREFIX}{:020}", 1), event);
+    let mut store = reopened(&old);
+    assert_eq!(
+        store.get("/a/b", false).unwrap().node.value.as_deref(),
+        Some("x")
+    );
+    assert_eq!(store.index(), 2);
+    assert_eq!(store.history().len(), 1);
+    let mut records = old.clone();
+    apply(&mut store, put("/a/c", "y")).unwrap();
+    // Past the default minimum: checkpoint now.
+    store.apply(&put("/pad", &"p".repeat(9 << 20))).unwrap();
+    write_batch(&mut store, 3, &mut records);
+    assert!(
+        records
+            .keys()
+            .all(|name| name.starts_with(CHUNK_RECORD_PREFIX) || name == HISTORY_RECORD),
+        "{:?}",
+        records.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(reopened(&records).dump(), store.dump());
 }
 
 #[test]
