@@ -756,17 +756,23 @@ impl V2Store {
                 return Err(V2Error::new(NOT_FILE, path, current));
             }
             prev = Some(self.view(&path, existing, false));
-            self.remove(&path);
+            // A file has nothing under it: replacing it is taking its expiry off the list (the
+            // insert below replaces the node itself).
+            if let Some(at) = existing.expire {
+                self.expiring.remove(&(at, path.clone()));
+            }
         }
         let node = Node {
             created: next,
             modified: next,
             value: (!dir).then(|| value.to_string()),
-            expire: None,
+            expire,
         };
         let view = self.view(&path, &node, false);
+        if let Some(at) = expire {
+            self.expiring.insert((at, path.clone()));
+        }
         self.nodes.insert(path.clone(), node);
-        self.set_expiry(&path, expire);
         self.index = next;
         Ok(Event {
             action: action.into(),
