@@ -368,6 +368,18 @@ fn three_members_add_update_and_remove_a_member_through_v2_members_and_etcdctl_v
     });
     let leader = common::leader(&servers).expect("a leader");
     let follower = servers[(leader + 1) % 3].client_port;
+    // As etcd, a member is only added once the members there have started (published their
+    // client URLs) and the leader hears from them: wait for that, as an operator would.
+    wait_until("every member started", Duration::from_secs(10), || {
+        let (status, _, body) = http_form(follower, "GET", "/v2/members", "");
+        status == 200
+            && json_of(&body)["members"].as_array().is_some_and(|members| {
+                members.len() == 3
+                    && members
+                        .iter()
+                        .all(|m| m["clientURLs"].as_array().is_some_and(|u| !u.is_empty()))
+            })
+    });
     let json = Some("application/json");
     // Added through a follower: forwarded to the leader, as etcd proposes it from any member.
     let (status, _, body) = common::http_request(

@@ -7,8 +7,8 @@
 //!   about `CHUNK_BYTES` (`v2c/<n>`), and its history (the last `HISTORY_EVENTS` events, one
 //!   record `v2h/`);
 //! - a **journal** after it: the requests applied since, that changed the tree, as written in
-//!   their log entries, one record (`v2j/<consistent index>`) per backend batch, staged with
-//!   the batch's other writes.
+//!   their log entries, in records of at most about `CHUNK_BYTES` (`v2j/<consistent index>-<n>`)
+//!   written with each backend batch, staged with the batch's other writes.
 //!
 //! Loading replays the journal onto the checkpoint: applying is deterministic, so a restart or
 //! a snapshot finds the same tree and the same history. Once the journal holds as many bytes
@@ -79,12 +79,13 @@ struct NewNode<'a> {
 pub type Records = Vec<(String, Option<Vec<u8>>)>;
 
 /// The journal is folded into a checkpoint once it holds at least this many bytes (and as
-/// many as the checkpoint's records): a bound on what a load replays, about 10 ms a MiB. The
+/// many as the checkpoint's records): a bound on what a load replays. The
 /// simulator's runs write little, so there it is 4 KiB, for their restarts and snapshots to
 /// load checkpoints followed by journals.
 pub const CHECKPOINT_MIN_BYTES: u64 = if cfg!(madsim) { 4 << 10 } else { 8 << 20 };
 
-/// A checkpoint's nodes are written in records of about this many bytes.
+/// A checkpoint's nodes, and a batch's journal, are written in records of about this many
+/// bytes (a single larger request makes a larger record).
 pub const CHUNK_BYTES: usize = 1 << 20;
 
 /// The journal's size that calls for a checkpoint, at least (`CHECKPOINT_MIN_BYTES`; less in
@@ -183,8 +184,8 @@ pub struct V2Store {
     /// The last `HISTORY_EVENTS` events, oldest first, one per index.
     history: VecDeque<Event>,
     /// The requests applied since the last batch that changed the tree, each length-delimited:
-    /// the next journal record.
-    journal: Vec<u8>,
+    /// the next journal records, a new one begun once one holds `CHUNK_BYTES`.
+    journal: Vec<Vec<u8>>,
     /// How many requests `journal` holds.
     journal_requests: usize,
     /// The journal records in the backend (oldest first) and their bytes.
@@ -450,8 +451,17 @@ impl V2Store {
         let before = self.index;
         let answer = self.apply_request(req);
         if self.index != before {
-            // Writing to a Vec cannot fail.
-            let _ = req.encode_length_delimited(&mut self.journal);
+            if self
+                .journal
+                .last()
+                .is_none_or(|piece| piece.len() >= CHUNK_BYTES)
+            {
+                self.journal.push(Vec::new());
+            }
+            if let Some(piece) = self.journal.last_mut() {
+                // Writing to a Vec cannot fail.
+                let _ = req.encode_length_delimited(piece);
+            }
             self.journal_requests += 1;
         }
         answer
@@ -470,14 +480,26 @@ impl V2Store {
         if self.journal.is_empty() {
             return Records::new();
         }
-        let journal = std::mem::take(&mut self.journal);
         self.journal_requests = 0;
-        let name = format!("{JOURNAL_RECORD_PREFIX}{consistent_index:020}");
-        let journal_bytes = self.journal_bytes + (1 + name.len() + journal.len()) as u64;
+        // Names sort in the order the pieces were written.
+        let pieces: Records = std::mem::take(&mut self.journal)
+            .into_iter()
+            .enumerate()
+            .map(|(n, piece)| {
+                let name = format!("{JOURNAL_RECORD_PREFIX}{consistent_index:020}-{n:06}");
+                (name, Some(piece))
+            })
+            .collect();
+        let added: usize = pieces
+            .iter()
+            .map(|(name, piece)| 1 + name.len() + piece.as_ref().map_or(0, Vec::len))
+            .sum();
+        let journal_bytes = self.journal_bytes + added as u64;
         if journal_bytes < self.checkpoint_bytes.0.max(self.record_bytes) {
             self.journal_bytes = journal_bytes;
-            self.journal_records.push(name.clone());
-            return vec![(name, Some(journal))];
+            self.journal_records
+                .extend(pieces.iter().map(|(name, _)| name.clone()));
+            return pieces;
         }
         let mut records = self.take_records();
         records.extend(
@@ -1077,7 +1099,8 @@ impl V2Store {
             .map(|e| view(&e.node) + e.prev.as_ref().map_or(0, view))
             .sum();
         let entries = (self.nodes.len() + self.history.len()) as u64;
-        (nodes + events + self.journal.len()) as u64 + entries * ENTRY_OVERHEAD_BYTES
+        let journal: usize = self.journal.iter().map(Vec::len).sum();
+        (nodes + events + journal) as u64 + entries * ENTRY_OVERHEAD_BYTES
     }
 
     /// A checkpoint of the tree as it is now: the records that replace the last one's.

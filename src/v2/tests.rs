@@ -452,6 +452,28 @@ fn a_large_checkpoint_is_written_in_chunks() {
     assert_eq!(reopened(&records).dump(), store.dump());
 }
 
+/// A batch's journal larger than `CHUNK_BYTES` is written in several records, in order.
+#[test]
+fn a_large_journal_is_written_in_pieces() {
+    let mut store = V2Store::default();
+    let value = "v".repeat(64 << 10);
+    for i in 0..40 {
+        store
+            .apply(&put(&format!("/big/k{}", i % 7), &format!("{i}{value}")))
+            .expect("set");
+    }
+    let mut records = RecordMap::new();
+    write_batch(&mut store, 40, &mut records);
+    let pieces: Vec<&String> = records
+        .keys()
+        .filter(|name| name.starts_with(JOURNAL_RECORD_PREFIX))
+        .collect();
+    assert_eq!(pieces.len(), 3, "{pieces:?}");
+    assert_eq!(records.len(), 3, "a journal only: no checkpoint yet");
+    assert!(records.values().all(|v| v.len() < (1 << 20) + (65 << 10)));
+    assert_eq!(reopened(&records).dump(), store.dump());
+}
+
 /// A data dir of an older quorumkv keeps a record per node and per event: it loads, and the
 /// next checkpoint replaces those records.
 #[test]
