@@ -21,11 +21,6 @@ pub const STREAM_PAST_EVENTS: usize = crate::v2::watchers::QUEUED_EVENTS;
 /// ...and about this many bytes of them.
 pub const STREAM_PAST_BYTES: usize = 4 << 20;
 
-fn event_bytes(event: &Event) -> usize {
-    let node = |n: &crate::v2::NodeView| n.key.len() + n.value.as_ref().map_or(0, String::len);
-    node(&event.node) + event.prev.as_ref().map_or(0, node)
-}
-
 /// What a `wait=true` request gets: events already in the history, then (unless it was
 /// answered from the history) its registration for the next ones.
 pub struct V2Wait {
@@ -96,7 +91,7 @@ impl KvServer {
         let mut from = since;
         while let Some(event) = v2.scan(path, recursive, from)? {
             from = event.index() + 1;
-            bytes += event_bytes(&event);
+            bytes += event.value_bytes();
             past.push(event);
             if stream && (past.len() >= STREAM_PAST_EVENTS || bytes >= STREAM_PAST_BYTES) {
                 // More than a stream may take from the history at once: it gets these and

@@ -47,6 +47,13 @@ impl Event {
         self.node.modified
     }
 
+    /// The bytes of its keys and values (its node's and its previous node's), about what it
+    /// holds in memory beyond its structs.
+    pub fn value_bytes(&self) -> usize {
+        let node = |n: &NodeView| n.key.len() + n.value.as_ref().map_or(0, String::len);
+        node(&self.node) + self.prev.as_ref().map_or(0, node)
+    }
+
     /// Did it create its node (HTTP 201)?
     pub fn created(&self) -> bool {
         self.action == "create" || (self.action == "set" && self.prev.is_none())

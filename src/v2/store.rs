@@ -202,8 +202,8 @@ pub struct V2Store {
     record_bytes: u64,
 }
 
-/// Memory a node or an event costs beyond its path and values, about: the map entries, the
-/// structs, the path held again in `record_sizes`.
+/// Memory a node or an event costs beyond its path and values, about: the map entries and
+/// the structs.
 const ENTRY_OVERHEAD_BYTES: u64 = 160;
 
 /// The whole store, for comparing members (the simulator's checker).
@@ -1087,17 +1087,12 @@ impl V2Store {
     /// The tree and its history in memory, about (`quorumkv_memory_bytes{part="v2"}`): paths
     /// and values, and a fixed overhead for each node and event. It walks the tree.
     pub fn memory_bytes(&self) -> u64 {
-        let view = |n: &NodeView| n.key.len() + n.value.as_ref().map_or(0, String::len);
         let nodes: usize = self
             .nodes
             .iter()
-            .map(|(path, node)| 2 * path.len() + node.value.as_ref().map_or(0, String::len))
+            .map(|(path, node)| path.len() + node.value.as_ref().map_or(0, String::len))
             .sum();
-        let events: usize = self
-            .history
-            .iter()
-            .map(|e| view(&e.node) + e.prev.as_ref().map_or(0, view))
-            .sum();
+        let events: usize = self.history.iter().map(Event::value_bytes).sum();
         let entries = (self.nodes.len() + self.history.len()) as u64;
         let journal: usize = self.journal.iter().map(Vec::len).sum();
         (nodes + events + journal) as u64 + entries * ENTRY_OVERHEAD_BYTES
